@@ -1,0 +1,3 @@
+//! The `snapvmm` binary.
+
+fn main() {}

@@ -1,0 +1,781 @@
+//! An open qcow2 layer: the read, write, zero, discard and flush paths.
+//!
+//! Concurrency model:
+//! - The active L1 table is an array of atomics; L2 slices live in a sharded cache whose
+//!   entries are atomics too. A read or an in-place write takes only a per-cluster stripe lock
+//!   (shared) and a shard lock for the cache lookup: no global lock on a cache hit.
+//! - Anything that changes a guest cluster's mapping (allocation, copy-on-write, zeroing,
+//!   discard) holds that cluster's stripe lock exclusively, so overlapping writes to one
+//!   cluster are ordered and a reader never follows a mapping being replaced.
+//! - The refcounts, the allocator and the list of deferred frees sit under one metadata
+//!   mutex, taken only to allocate, to free and to write metadata back.
+//!
+//! Crash safety (DESIGN.md §3): metadata reaches the disk only in `writeback`, in the order
+//! refcount blocks → fsync → L2 slices → fsync → L1 → fsync. A cluster whose last reference
+//! was dropped is freed only after that, so a crash can leak clusters but never leaves a
+//! referenced cluster with refcount 0.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::cache::{L2Cache, Slice};
+use super::compress::decompress;
+use super::entry::{decode_l1, decode_l2, Mapping, OFLAG_COPIED, OFLAG_ZERO};
+use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::refcount::Refcounts;
+use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
+use crate::error::{Error, Result};
+use crate::file::ImageFile;
+use crate::open::OpenOptions;
+use crate::ImageFormat;
+
+/// Stripe locks serialising mapping changes per guest cluster; a power of two.
+const STRIPES: usize = 1024;
+/// Bytes per L2 cache slice (QEMU's default `l2-cache-entry-size`).
+const L2_SLICE_BYTES: u64 = 4096;
+/// Guest bytes the default L2 cache covers.
+const DEFAULT_L2_COVERAGE: u64 = 8 << 30;
+/// Default refcount cache size.
+const DEFAULT_REFCOUNT_CACHE: usize = 256 << 10;
+
+/// State changed only under the metadata lock.
+struct Meta {
+    header: Header,
+    refcounts: Refcounts,
+    /// Host extents whose reference was dropped by a mapping change not yet durable.
+    pending_frees: Vec<(u64, u64)>,
+    /// 512-byte sectors of the L1 table holding changed entries.
+    l1_dirty: BTreeSet<u64>,
+}
+
+/// One open qcow2 layer with its backing chain below it.
+pub struct Qcow2Image {
+    file: ImageFile,
+    path: PathBuf,
+    read_only: bool,
+    version: u32,
+    cluster_bits: u32,
+    cluster_size: u64,
+    size: u64,
+    l2_entries: u64,
+    slice_entries: u64,
+    compression: header::CompressionType,
+    /// Static header facts for `info`.
+    info: ImageInfo,
+    l1: Box<[AtomicU64]>,
+    l1_offset: u64,
+    l2_cache: L2Cache,
+    l2_capacity: usize,
+    meta: Mutex<Meta>,
+    stripes: Box<[RwLock<()>]>,
+    backing: Option<Arc<dyn BlockDevice>>,
+    /// Index of the bottom layer of the chain, counting this one as 0.
+    bottom_depth: u32,
+    /// Slices dirtied since the last writeback; a writeback runs when it exceeds the cache.
+    dirtied: AtomicUsize,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("cluster_size", &self.cluster_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_header(file: &ImageFile) -> Result<Header> {
+    let file_len = file.len()?;
+    let mut first = vec![0u8; 4096.min(file_len as usize).max(header::V2_HEADER_LEN as usize)];
+    file.read_at(&mut first, 0)?;
+    let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+    if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits)
+        && (1u64 << cluster_bits) > first.len() as u64
+    {
+        let want = (1u64 << cluster_bits).min(file_len.max(first.len() as u64));
+        first.resize(want as usize, 0);
+        file.read_at(&mut first, 0)?;
+    }
+    Header::parse(file.path(), &first, file_len)
+}
+
+impl Qcow2Image {
+    /// Opens one qcow2 layer; `open_backing` opens the backing file named in the header
+    /// (called with the stored name and format) when `options.open_backing` is set.
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        options: &OpenOptions,
+        open_backing: impl FnOnce(&str, Option<ImageFormat>) -> Result<Arc<dyn BlockDevice>>,
+    ) -> Result<Self> {
+        let probe = ImageFile::open(path, true, false)?;
+        let mut hdr = read_header(&probe)?;
+        drop(probe);
+        let mut read_only = read_only;
+        if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+            tracing::warn!(path = %path.display(), "image is marked corrupt: opening read-only");
+            read_only = true;
+        }
+        let file = ImageFile::open(path, read_only, options.direct)?;
+        let file_len = file.len()?;
+        if !read_only && hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
+            tracing::info!(path = %path.display(), "dirty bit set: rebuilding refcounts");
+            super::check::rebuild_refcounts(&file, &mut hdr)?;
+        }
+        if !read_only && hdr.autoclear_features != 0 {
+            // Auto-clear bits promise consistency of structures (bitmaps) snapvmm does not
+            // maintain: clear them before the first write, as QEMU does.
+            hdr.autoclear_features = 0;
+            write_header(&file, &mut hdr)?;
+            file.sync()?;
+        }
+        let cluster_size = hdr.cluster_size();
+        // Load and validate the active L1 table.
+        let mut raw = vec![0u8; hdr.l1_size as usize * 8];
+        file.read_at(&mut raw, hdr.l1_table_offset)?;
+        let mut l1 = Vec::with_capacity(hdr.l1_size as usize);
+        for (i, chunk) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+            let (offset, _) = decode_l1(e, cluster_size)
+                .map_err(|err| Error::invalid(path, format!("L1 entry {i}: {}", err.0)))?;
+            if offset != 0 && offset.checked_add(cluster_size).is_none_or(|end| end > file_len) {
+                return Err(Error::invalid(
+                    path,
+                    format!("L1 entry {i}: L2 table at {offset:#x} lies past the end of the file"),
+                ));
+            }
+            if offset != 0 && offset < cluster_size {
+                return Err(Error::invalid(
+                    path,
+                    format!("L1 entry {i}: L2 table overlaps the header"),
+                ));
+            }
+            l1.push(AtomicU64::new(e));
+        }
+        let refcount_cache = options
+            .refcount_cache_bytes
+            .unwrap_or(DEFAULT_REFCOUNT_CACHE);
+        let refcounts = Refcounts::load(&file, &hdr, refcount_cache)?;
+
+        let backing = match (&hdr.backing_file, options.open_backing) {
+            (Some(name), true) => {
+                let fmt = match hdr.backing_format.as_deref() {
+                    None => None,
+                    Some(f) => Some(f.parse::<ImageFormat>().map_err(|_| {
+                        Error::unsupported(path, format!("backing format '{f}'"))
+                    })?),
+                };
+                Some(open_backing(name, fmt)?)
+            }
+            _ => None,
+        };
+        let bottom_depth = match &backing {
+            None => 0,
+            Some(b) => {
+                let mut depth = 1;
+                let mut layer = b.backing();
+                while let Some(l) = layer {
+                    depth += 1;
+                    layer = l.backing();
+                }
+                depth
+            }
+        };
+        let slice_bytes = L2_SLICE_BYTES.min(cluster_size);
+        let l2_bytes = options.l2_cache_bytes.unwrap_or_else(|| {
+            // 8 bytes of L2 per cluster of data.
+            (DEFAULT_L2_COVERAGE / cluster_size * 8) as usize
+        });
+        let l2_capacity = (l2_bytes as u64 / slice_bytes).max(16) as usize;
+        let info = ImageInfo {
+            format: Some(ImageFormat::Qcow2),
+            filename: path.display().to_string(),
+            virtual_size: hdr.size,
+            cluster_size: Some(cluster_size),
+            backing_filename: hdr.backing_file.clone(),
+            backing_format: hdr.backing_format.clone(),
+            compat: Some(if hdr.version >= 3 { "1.1" } else { "0.10" }.into()),
+            lazy_refcounts: hdr.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+            refcount_bits: Some(hdr.refcount_bits()),
+            corrupt: hdr.incompatible_features & INCOMPAT_CORRUPT != 0,
+            compression_type: Some(
+                match hdr.compression_type {
+                    header::CompressionType::Zlib => "zlib",
+                    header::CompressionType::Zstd => "zstd",
+                }
+                .into(),
+            ),
+            snapshot_count: hdr.nb_snapshots,
+        };
+        Ok(Qcow2Image {
+            path: path.to_path_buf(),
+            read_only,
+            version: hdr.version,
+            cluster_bits: hdr.cluster_bits,
+            cluster_size,
+            size: hdr.size,
+            l2_entries: hdr.l2_entries(),
+            slice_entries: slice_bytes / 8,
+            compression: hdr.compression_type,
+            info,
+            l1: l1.into_boxed_slice(),
+            l1_offset: hdr.l1_table_offset,
+            l2_cache: L2Cache::new(l2_capacity),
+            l2_capacity,
+            meta: Mutex::new(Meta {
+                header: hdr,
+                refcounts,
+                pending_frees: Vec::new(),
+                l1_dirty: BTreeSet::new(),
+            }),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            backing,
+            bottom_depth,
+            dirtied: AtomicUsize::new(0),
+            file,
+        })
+    }
+
+    /// Opens a qcow2 image with its backing chain, as [`crate::open`] does.
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        let read_only = options.read_only;
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(c) = std::fs::canonicalize(path) {
+            seen.insert(c);
+        }
+        Qcow2Image::open_with(path, read_only, options, |name, fmt| {
+            let backing = crate::open::resolve_backing_path(path, name);
+            crate::open::open_layer(&backing, fmt, options, true, 1, &mut seen)
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &ImageFile {
+        &self.file
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta.lock().header.clone()
+    }
+
+    fn stripe(&self, guest_cluster: u64) -> &RwLock<()> {
+        &self.stripes[guest_cluster as usize & (STRIPES - 1)]
+    }
+
+    fn invalid(&self, reason: impl Into<String>) -> Error {
+        Error::invalid(&self.path, reason)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The L2 slice holding entry `index` of the table at `l2_offset`, and the entry's
+    /// position inside it.
+    fn l2_slice(&self, l2_offset: u64, index: u64) -> Result<(Arc<Slice>, usize)> {
+        let slice_no = index / self.slice_entries;
+        let slice_offset = l2_offset + slice_no * self.slice_entries * 8;
+        let slice = self.l2_cache.get_or_load(slice_offset, || {
+            let mut raw = vec![0u8; (self.slice_entries * 8) as usize];
+            self.file.read_at(&mut raw, slice_offset)?;
+            Ok::<_, Error>(Slice::from_bytes(slice_offset, &raw))
+        })?;
+        Ok((slice, (index % self.slice_entries) as usize))
+    }
+
+    fn l1_entry(&self, guest_cluster: u64) -> Result<(u64, bool)> {
+        let index = guest_cluster / self.l2_entries;
+        let entry = self
+            .l1
+            .get(index as usize)
+            .ok_or_else(|| self.invalid(format!("guest cluster {guest_cluster} beyond the L1 table")))?
+            .load(Ordering::Acquire);
+        decode_l1(entry, self.cluster_size)
+            .map_err(|e| self.invalid(format!("L1 entry {index}: {}", e.0)))
+    }
+
+    fn decode(&self, entry: u64, guest_cluster: u64) -> Result<Mapping> {
+        decode_l2(entry, self.cluster_bits, self.version).map_err(|e| {
+            self.invalid(format!(
+                "L2 entry for guest offset {:#x}: {}",
+                guest_cluster << self.cluster_bits,
+                e.0
+            ))
+        })
+    }
+
+    /// What guest cluster `guest_cluster` maps to in this layer.
+    fn lookup(&self, guest_cluster: u64) -> Result<Mapping> {
+        let (l2_offset, _) = self.l1_entry(guest_cluster)?;
+        if l2_offset == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        let (slice, index) = self.l2_slice(l2_offset, guest_cluster % self.l2_entries)?;
+        self.decode(slice.get(index), guest_cluster)
+    }
+
+    /// Reads guest bytes that this layer does not hold: from the backing chain, zeroes past
+    /// its end or without one.
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) if offset < b.size() => {
+                let n = (b.size() - offset).min(buf.len() as u64) as usize;
+                b.read_at(&mut buf[..n], offset)?;
+                buf[n..].fill(0);
+                Ok(())
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_compressed(&self, extent: super::entry::CompressedExtent) -> Result<Vec<u8>> {
+        let file_len = self.file.len()?;
+        if extent.offset >= file_len {
+            return Err(self.invalid(format!(
+                "compressed cluster at {:#x} lies past the end of the file",
+                extent.offset
+            )));
+        }
+        let len = extent.len.min(file_len - extent.offset) as usize;
+        let mut packed = vec![0u8; len];
+        self.file.read_at(&mut packed, extent.offset)?;
+        let mut out = vec![0u8; self.cluster_size as usize];
+        if !decompress(self.compression, &packed, &mut out) {
+            return Err(self.invalid(format!(
+                "compressed cluster at {:#x} does not decompress",
+                extent.offset
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Reads part of one guest cluster.
+    fn read_in_cluster(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let guest_cluster = offset >> self.cluster_bits;
+        let in_cluster = offset & (self.cluster_size - 1);
+        let _shared = self.stripe(guest_cluster).read();
+        match self.lookup(guest_cluster)? {
+            Mapping::Data { host, .. } => self.file.read_at(buf, host + in_cluster),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => self.read_below(buf, offset),
+            Mapping::Compressed(extent) => {
+                let data = self.read_compressed(extent)?;
+                let start = in_cluster as usize;
+                buf.copy_from_slice(&data[start..start + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Splits `[offset, offset+len)` at cluster boundaries.
+    fn clusters(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let n = (cs - (at & (cs - 1))).min(end - at);
+            let item = (at, n);
+            at += n;
+            Some(item)
+        })
+    }
+
+    /// Allocates `count` clusters, rewriting the header if the refcount table moved.
+    fn allocate(&self, meta: &mut Meta, count: u64) -> Result<u64> {
+        let offset = meta.refcounts.allocate(&self.file, count)?;
+        if meta.refcounts.table_moved {
+            meta.header.refcount_table_offset = meta.refcounts.table_offset;
+            meta.header.refcount_table_clusters = meta.refcounts.table_clusters;
+            write_header(&self.file, &mut meta.header)?;
+            self.file.sync()?;
+            meta.refcounts.release_old_table(&self.file)?;
+        }
+        Ok(offset)
+    }
+
+    /// The L2 slice and index for `guest_cluster`, with the L2 table allocated and owned by
+    /// the active L1 (COPIED) so that its entries may be changed. Caller holds the cluster's
+    /// stripe lock exclusively.
+    fn l2_for_write(&self, guest_cluster: u64) -> Result<(Arc<Slice>, usize)> {
+        let index = guest_cluster % self.l2_entries;
+        let (l2_offset, copied) = self.l1_entry(guest_cluster)?;
+        if l2_offset != 0 && copied {
+            return self.l2_slice(l2_offset, index);
+        }
+        let mut meta = self.meta.lock();
+        // Another cluster's writer may have allocated the table meanwhile.
+        let (l2_offset, copied) = self.l1_entry(guest_cluster)?;
+        if l2_offset != 0 && copied {
+            drop(meta);
+            return self.l2_slice(l2_offset, index);
+        }
+        let new_offset = self.allocate(&mut meta, 1)?;
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        if l2_offset != 0 {
+            // Copy-on-write of an L2 table shared with an internal snapshot. Shared tables
+            // are never changed in place, so the file holds their current contents.
+            self.file.read_at(&mut raw, l2_offset)?;
+        }
+        // The new table is on disk before the L1 entry that points at it can be written.
+        self.file.write_at(&raw, new_offset)?;
+        let slice_bytes = (self.slice_entries * 8) as usize;
+        for (k, chunk) in raw.chunks_exact(slice_bytes).enumerate() {
+            self.l2_cache
+                .insert(Slice::from_bytes(new_offset + (k * slice_bytes) as u64, chunk));
+        }
+        let l1_index = guest_cluster / self.l2_entries;
+        self.l1[l1_index as usize].store(new_offset | OFLAG_COPIED, Ordering::Release);
+        meta.l1_dirty.insert(l1_index * 8 / 512);
+        if l2_offset != 0 {
+            meta.pending_frees.push((l2_offset, self.cluster_size));
+        }
+        drop(meta);
+        self.l2_slice(new_offset, index)
+    }
+
+    fn defer_free(&self, mapping: Mapping) {
+        if let Some(extent) = mapping.host_extent(self.cluster_size) {
+            self.meta.lock().pending_frees.push(extent);
+        }
+    }
+
+    fn note_dirty(&self) -> Result<()> {
+        let n = self.dirtied.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.l2_capacity {
+            self.writeback()?;
+        }
+        Ok(())
+    }
+
+    /// Writes part of one guest cluster.
+    fn write_in_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
+        let guest_cluster = offset >> self.cluster_bits;
+        let in_cluster = offset & (self.cluster_size - 1);
+        {
+            let _shared = self.stripe(guest_cluster).read();
+            if let Mapping::Data { host, copied: true } = self.lookup(guest_cluster)? {
+                return self.file.write_at(data, host + in_cluster);
+            }
+        }
+        let _exclusive = self.stripe(guest_cluster).write();
+        let (slice, index) = self.l2_for_write(guest_cluster)?;
+        let old = self.decode(slice.get(index), guest_cluster)?;
+        if let Mapping::Data { host, copied: true } = old {
+            return self.file.write_at(data, host + in_cluster);
+        }
+        // A preallocated zero cluster we own can take the data in place of a new one.
+        let (target, reuse) = match old {
+            Mapping::Zero {
+                host: Some(h),
+                copied: true,
+            } => (h, true),
+            _ => {
+                let mut meta = self.meta.lock();
+                (self.allocate(&mut meta, 1)?, false)
+            }
+        };
+        if data.len() as u64 == self.cluster_size {
+            self.file.write_at(data, target)?;
+        } else {
+            let cluster_start = guest_cluster << self.cluster_bits;
+            let mut full = vec![0u8; self.cluster_size as usize];
+            let head = in_cluster as usize;
+            let tail = head + data.len();
+            // Copy-on-write reads only the parts the write does not cover.
+            match old {
+                Mapping::Data { host, .. } => {
+                    self.file.read_at(&mut full[..head], host)?;
+                    self.file.read_at(&mut full[tail..], host + tail as u64)?;
+                }
+                Mapping::Compressed(extent) => full = self.read_compressed(extent)?,
+                Mapping::Zero { .. } => {}
+                Mapping::Unallocated => {
+                    if self.backing.is_some() {
+                        self.read_below(&mut full[..head], cluster_start)?;
+                        self.read_below(&mut full[tail..], cluster_start + tail as u64)?;
+                    }
+                }
+            }
+            full[head..tail].copy_from_slice(data);
+            self.file.write_at(&full, target)?;
+        }
+        slice.set(index, target | OFLAG_COPIED);
+        if !reuse {
+            self.defer_free(old);
+        }
+        self.note_dirty()
+    }
+
+    /// Makes whole guest cluster `guest_cluster` unallocated or zero-flagged (`entry` is the
+    /// new L2 entry, 0 or `OFLAG_ZERO`).
+    fn unmap_cluster(&self, guest_cluster: u64, entry: u64) -> Result<()> {
+        let _exclusive = self.stripe(guest_cluster).write();
+        let (l2_offset, _) = self.l1_entry(guest_cluster)?;
+        if l2_offset == 0 && entry == 0 {
+            return Ok(());
+        }
+        let current = self.lookup(guest_cluster)?;
+        let done = match current {
+            Mapping::Unallocated => entry == 0,
+            Mapping::Zero { host: None, .. } => entry == OFLAG_ZERO,
+            _ => false,
+        };
+        if done {
+            return Ok(());
+        }
+        let (slice, index) = self.l2_for_write(guest_cluster)?;
+        let old = self.decode(slice.get(index), guest_cluster)?;
+        slice.set(index, entry);
+        self.defer_free(old);
+        self.note_dirty()
+    }
+
+    /// Shared body of `write_zeroes` and `discard`.
+    fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        // What a whole unmapped cluster becomes: unallocated reads as zero without a backing
+        // file; with one, version 3 has the zero flag; version 2 can only fall through to
+        // the backing file (allowed for discard) or store zeroes.
+        let unmapped_entry = if self.backing.is_none() {
+            Some(0)
+        } else if self.version >= 3 {
+            Some(OFLAG_ZERO)
+        } else if discard {
+            Some(0)
+        } else {
+            None
+        };
+        let ranges: Vec<(u64, u64)> = self.clusters(offset, len).collect();
+        let mut zeroes: Vec<u8> = Vec::new();
+        for (at, n) in ranges {
+            let in_cluster = at & (self.cluster_size - 1);
+            let whole = in_cluster == 0 && (n == self.cluster_size || at + n == self.size);
+            match (whole, unmapped_entry) {
+                (true, Some(entry)) => self.unmap_cluster(at >> self.cluster_bits, entry)?,
+                _ if discard => {}
+                _ => {
+                    zeroes.resize(n as usize, 0);
+                    self.write_in_cluster(&zeroes[..n as usize], at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes dirty metadata back in crash-safe order, then applies deferred frees.
+    fn writeback(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock();
+        self.dirtied.store(0, Ordering::Relaxed);
+        // 1. Refcount blocks (covering every cluster any dirty L2 entry can point at), and
+        //    the data written so far, reach the disk.
+        meta.refcounts.flush(&self.file)?;
+        self.file.sync()?;
+        // 2. L2 slices.
+        let dirty = self.l2_cache.dirty_slices();
+        for slice in &dirty {
+            let raw = slice.take_for_writeback();
+            if let Err(e) = self.file.write_at(&raw, slice.offset) {
+                slice.mark_dirty();
+                return Err(e);
+            }
+        }
+        if !dirty.is_empty() {
+            self.file.sync()?;
+        }
+        // 3. L1 sectors.
+        if !meta.l1_dirty.is_empty() {
+            let sectors: Vec<u64> = std::mem::take(&mut meta.l1_dirty).into_iter().collect();
+            for sector in sectors {
+                let first = (sector * 64) as usize;
+                let last = (first + 64).min(self.l1.len());
+                let mut raw = Vec::with_capacity(512);
+                for e in &self.l1[first..last] {
+                    raw.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
+                }
+                self.file.write_at(&raw, self.l1_offset + sector * 512)?;
+            }
+            self.file.sync()?;
+        }
+        // 4. Only now may references dropped by those mappings be released.
+        let frees = std::mem::take(&mut meta.pending_frees);
+        for (offset, len) in frees {
+            meta.refcounts.update_range(&self.file, offset, len, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes until nothing is pending, so the file on disk has no leaks (used on close).
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.writeback()?;
+        // Frees applied by the first pass are written by the second.
+        self.writeback()
+    }
+
+    fn status_of(&self, mapping: &Mapping) -> (Allocation, bool) {
+        match mapping {
+            Mapping::Data { .. } => (Allocation::Data, false),
+            Mapping::Compressed(_) => (Allocation::Data, true),
+            Mapping::Zero { .. } => (Allocation::Zero, false),
+            Mapping::Unallocated => (Allocation::Unallocated, false),
+        }
+    }
+}
+
+/// Writes the header (with its extensions and backing name) into the first cluster.
+pub(crate) fn write_header(file: &ImageFile, header: &mut Header) -> Result<()> {
+    let buf = header.serialize()?;
+    let used = buf.iter().rposition(|&b| b != 0).map_or(512, |p| p + 1);
+    let len = used.div_ceil(512) * 512;
+    file.write_at(&buf[..len.min(buf.len())], 0)
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(path = %self.path.display(), error = %e, "flush on close failed");
+        }
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let mut done = 0usize;
+        for (at, n) in self.clusters(offset, buf.len() as u64) {
+            self.read_in_cluster(&mut buf[done..done + n as usize], at)?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        let mut done = 0usize;
+        for (at, n) in self.clusters(offset, buf.len() as u64) {
+            self.write_in_cluster(&buf[done..done + n as usize], at)?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, false)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.writeback()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(offset, len, self.size)?;
+        let mut status = BlockStatus {
+            len: 0,
+            allocation: Allocation::Unallocated,
+            depth: self.bottom_depth,
+            offset: None,
+            compressed: false,
+        };
+        if len == 0 {
+            return Ok(status);
+        }
+        let mut first: Option<Mapping> = None;
+        for (at, n) in self.clusters(offset, len) {
+            let mapping = self.lookup(at >> self.cluster_bits)?;
+            let in_cluster = at & (self.cluster_size - 1);
+            match first {
+                None => {
+                    let (allocation, compressed) = self.status_of(&mapping);
+                    status.allocation = allocation;
+                    status.compressed = compressed;
+                    status.depth = 0;
+                    status.offset = match mapping {
+                        Mapping::Data { host, .. } => Some(host + in_cluster),
+                        _ => None,
+                    };
+                    first = Some(mapping);
+                }
+                Some(prev) => {
+                    let same = match (prev, mapping) {
+                        (Mapping::Data { .. }, Mapping::Data { host, .. }) => {
+                            status.offset.map(|o| o + status.len) == Some(host + in_cluster)
+                        }
+                        (a, b) => self.status_of(&a) == self.status_of(&b) && !matches!(a, Mapping::Data { .. }),
+                    };
+                    if !same {
+                        break;
+                    }
+                }
+            }
+            status.len += n;
+        }
+        if status.allocation == Allocation::Unallocated {
+            match &self.backing {
+                Some(b) if offset < b.size() => {
+                    let n = status.len.min(b.size() - offset);
+                    let mut below = b.block_status(offset, n)?;
+                    below.depth += 1;
+                    return Ok(below);
+                }
+                _ => status.depth = self.bottom_depth,
+            }
+        }
+        Ok(status)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn info(&self) -> ImageInfo {
+        self.info.clone()
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing.clone()
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,15 @@
+//! qcow2 images: header, tables, caches, allocator, checker and creation.
+
+pub mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod entry;
+pub mod header;
+mod image;
+pub mod refcount;
+
+pub use check::{check, CheckReport, RepairMode};
+pub use create::{create, CreateOptions};
+pub use header::{CompressionType, Header};
+pub use image::Qcow2Image;

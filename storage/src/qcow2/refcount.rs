@@ -1,0 +1,434 @@
+//! Refcount table, a slice cache of refcount blocks, and the cluster allocator.
+//!
+//! Everything here runs under the image's metadata lock. Refcount increments may reach the
+//! disk at any time (a crash then leaks at worst); decrements are only ever applied after the
+//! mapping that dropped the reference is durable (see `Qcow2Image::writeback`), so whatever is
+//! cached is always safe to write.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::header::Header;
+use crate::error::{Error, Result};
+use crate::file::ImageFile;
+
+/// Bytes of refcount block kept per cache slice.
+const SLICE_BYTES: u64 = 4096;
+
+struct RefSlice {
+    data: Vec<u8>,
+    dirty: bool,
+}
+
+/// Refcount state of one open image.
+pub struct Refcounts {
+    cluster_bits: u32,
+    refcount_order: u32,
+    /// Host offsets of refcount blocks, indexed by block number; 0 = no block.
+    pub table: Vec<u64>,
+    /// Where the refcount table lives.
+    pub table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub table_clusters: u32,
+    slices: HashMap<u64, RefSlice>,
+    order: VecDeque<u64>,
+    capacity: usize,
+    slice_bytes: u64,
+    /// Lowest cluster index that may be free.
+    free_cursor: u64,
+    /// One past the highest cluster index known to be in use or inside the file.
+    pub end_cluster: u64,
+    /// The refcount table was moved; the header must be rewritten (done by the caller).
+    pub table_moved: bool,
+    /// The table the last move replaced, freed once the header names the new one.
+    pending_old_table: Option<(u64, u64)>,
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by `header`.
+    pub fn load(file: &ImageFile, header: &Header, cache_bytes: usize) -> Result<Self> {
+        let cs = header.cluster_size();
+        let entries = header.refcount_table_clusters as u64 * cs / 8;
+        let mut raw = vec![0u8; (entries * 8) as usize];
+        file.read_at(&mut raw, header.refcount_table_offset)?;
+        let file_len = file.len()?;
+        let mut table = Vec::with_capacity(entries as usize);
+        for (i, chunk) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+            if e & 0x1ff != 0 || e % cs != 0 {
+                return Err(Error::invalid(
+                    file.path(),
+                    format!("refcount table entry {i} ({e:#x}) is not cluster aligned"),
+                ));
+            }
+            if e != 0 && e + cs > file_len {
+                return Err(Error::invalid(
+                    file.path(),
+                    format!("refcount block {i} at {e:#x} lies past the end of the file"),
+                ));
+            }
+            table.push(e);
+        }
+        let slice_bytes = SLICE_BYTES.min(cs);
+        Ok(Refcounts {
+            cluster_bits: header.cluster_bits,
+            refcount_order: header.refcount_order,
+            table,
+            table_offset: header.refcount_table_offset,
+            table_clusters: header.refcount_table_clusters,
+            slices: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: (cache_bytes as u64 / slice_bytes).max(4) as usize,
+            slice_bytes,
+            free_cursor: 0,
+            end_cluster: file_len.div_ceil(cs),
+            table_moved: false,
+            pending_old_table: None,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount entries per refcount block.
+    pub fn entries_per_block(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.refcount_order
+    }
+
+    fn max_refcount(&self) -> u64 {
+        let bits = 1u32 << self.refcount_order;
+        if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
+    }
+
+    /// Byte position of entry `index` inside a block, and the slice holding it.
+    fn locate(&self, cluster: u64) -> Option<(u64, usize, u32)> {
+        let per_block = self.entries_per_block();
+        let block = cluster / per_block;
+        let block_offset = *self.table.get(block as usize)?;
+        if block_offset == 0 {
+            return None;
+        }
+        let index = cluster % per_block;
+        let bit = index << self.refcount_order;
+        let byte = bit / 8;
+        let slice_start = block_offset + byte / self.slice_bytes * self.slice_bytes;
+        Some((slice_start, (byte % self.slice_bytes) as usize, (bit % 8) as u32))
+    }
+
+    fn slice(&mut self, file: &ImageFile, offset: u64) -> Result<&mut RefSlice> {
+        if !self.slices.contains_key(&offset) {
+            self.evict(file)?;
+            let mut data = vec![0u8; self.slice_bytes as usize];
+            file.read_at(&mut data, offset)?;
+            self.slices.insert(offset, RefSlice { data, dirty: false });
+            self.order.push_back(offset);
+        }
+        Ok(self.slices.get_mut(&offset).expect("just inserted"))
+    }
+
+    fn evict(&mut self, file: &ImageFile) -> Result<()> {
+        while self.slices.len() >= self.capacity {
+            let Some(victim) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.slices.remove(&victim) {
+                if s.dirty {
+                    file.write_at(&s.data, victim)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_entry(&self, data: &[u8], byte: usize, bit: u32) -> u64 {
+        match self.refcount_order {
+            0..=2 => {
+                let width = 1u32 << self.refcount_order;
+                ((data[byte] >> bit) as u64) & ((1u64 << width) - 1)
+            }
+            3 => data[byte] as u64,
+            4 => u16::from_be_bytes([data[byte], data[byte + 1]]) as u64,
+            5 => u32::from_be_bytes(data[byte..byte + 4].try_into().expect("4")) as u64,
+            _ => u64::from_be_bytes(data[byte..byte + 8].try_into().expect("8")),
+        }
+    }
+
+    fn write_entry(order: u32, data: &mut [u8], byte: usize, bit: u32, value: u64) {
+        match order {
+            0..=2 => {
+                let width = 1u32 << order;
+                let mask = (((1u16 << width) - 1) as u8) << bit;
+                data[byte] = (data[byte] & !mask) | (((value as u8) << bit) & mask);
+            }
+            3 => data[byte] = value as u8,
+            4 => data[byte..byte + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+            5 => data[byte..byte + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+            _ => data[byte..byte + 8].copy_from_slice(&value.to_be_bytes()),
+        }
+    }
+
+    /// The refcount of cluster index `cluster` (0 when no block covers it).
+    pub fn get(&mut self, file: &ImageFile, cluster: u64) -> Result<u64> {
+        let Some((slice, byte, bit)) = self.locate(cluster) else {
+            return Ok(0);
+        };
+        let s = self.slice(file, slice)?;
+        let data = std::mem::take(&mut s.data);
+        let v = self.read_entry(&data, byte, bit);
+        self.slices.get_mut(&slice).expect("cached").data = data;
+        Ok(v)
+    }
+
+    fn set(&mut self, file: &ImageFile, cluster: u64, value: u64) -> Result<()> {
+        let (slice, byte, bit) = self.locate(cluster).ok_or_else(|| {
+            Error::invalid(
+                file.path(),
+                format!("no refcount block covers cluster {cluster}"),
+            )
+        })?;
+        let order = self.refcount_order;
+        let s = self.slice(file, slice)?;
+        Self::write_entry(order, &mut s.data, byte, bit, value);
+        s.dirty = true;
+        Ok(())
+    }
+
+    /// Adds `delta` (+1 or -1) to the refcount of every cluster touched by the byte range.
+    pub fn update_range(&mut self, file: &ImageFile, offset: u64, len: u64, delta: i64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for cluster in first..=last {
+            self.update(file, cluster, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to one cluster's refcount, refusing overflow and underflow.
+    pub fn update(&mut self, file: &ImageFile, cluster: u64, delta: i64) -> Result<()> {
+        let current = self.get(file, cluster)?;
+        let new = if delta >= 0 {
+            current
+                .checked_add(delta as u64)
+                .filter(|&v| v <= self.max_refcount())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        file.path(),
+                        format!(
+                            "refcount of cluster {cluster} would exceed {} (refcount_bits {})",
+                            self.max_refcount(),
+                            1 << self.refcount_order
+                        ),
+                    )
+                })?
+        } else {
+            current.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                Error::invalid(
+                    file.path(),
+                    format!("refcount of cluster {cluster} would drop below 0"),
+                )
+            })?
+        };
+        self.set(file, cluster, new)?;
+        if new == 0 && cluster < self.free_cursor {
+            self.free_cursor = cluster;
+        }
+        Ok(())
+    }
+
+    /// Allocates `count` contiguous clusters with refcount 1 and returns the host offset of
+    /// the first. Refcount blocks and the refcount table grow as needed.
+    pub fn allocate(&mut self, file: &ImageFile, count: u64) -> Result<u64> {
+        let count = count.max(1);
+        loop {
+            let start = self.find_free_run(file, count)?;
+            if self.ensure_blocks(file, start, count)? {
+                // A new refcount block took the run's first free cluster: search again.
+                continue;
+            }
+            for c in start..start + count {
+                self.update(file, c, 1)?;
+            }
+            if start == self.free_cursor {
+                self.free_cursor = start + count;
+            }
+            self.end_cluster = self.end_cluster.max(start + count);
+            return Ok(start << self.cluster_bits);
+        }
+    }
+
+    fn find_free_run(&mut self, file: &ImageFile, count: u64) -> Result<u64> {
+        let mut start = self.free_cursor.max(1);
+        let mut c = start;
+        // The header cluster is never free; clusters beyond every block count as free.
+        let limit = (super::header::MAX_REFCOUNT_TABLE_BYTES / 8) * self.entries_per_block();
+        while c - start < count {
+            if c >= limit {
+                return Err(Error::NoSpace {
+                    path: file.path().to_path_buf(),
+                    reason: "the refcount table cannot describe more clusters".into(),
+                });
+            }
+            if self.get(file, c)? != 0 {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        if count == 1 {
+            self.free_cursor = start;
+        }
+        Ok(start)
+    }
+
+    /// Creates refcount blocks for the run `[start, start+count)` where missing. A new block
+    /// is placed at the first cluster of the run inside its own range, so it describes
+    /// itself. Returns true if a block was created (the run is then no longer free).
+    fn ensure_blocks(&mut self, file: &ImageFile, start: u64, count: u64) -> Result<bool> {
+        let per_block = self.entries_per_block();
+        let first_block = start / per_block;
+        let last_block = (start + count - 1) / per_block;
+        for block in first_block..=last_block {
+            let missing = self.table.get(block as usize).is_none_or(|&o| o == 0);
+            if !missing {
+                continue;
+            }
+            if block as usize >= self.table.len() {
+                self.grow_table(file, block + 1)?;
+                return Ok(true);
+            }
+            let at = start.max(block * per_block);
+            let cs = self.cluster_size();
+            let mut data = vec![0u8; cs as usize];
+            let index = at % per_block;
+            let bit = index << self.refcount_order;
+            Self::write_entry(self.refcount_order, &mut data, (bit / 8) as usize, (bit % 8) as u32, 1);
+            file.write_at(&data, at * cs)?;
+            self.table[block as usize] = at * cs;
+            self.write_table_entry(file, block)?;
+            self.end_cluster = self.end_cluster.max(at + 1);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn write_table_entry(&self, file: &ImageFile, block: u64) -> Result<()> {
+        // The block itself is written first; the table entry pointing at it may follow at once
+        // because the new block only counts itself (a crash leaves a leak at worst).
+        let e = self.table[block as usize].to_be_bytes();
+        file.write_at(&e, self.table_offset + block * 8)
+    }
+
+    /// Moves the refcount table to the end of the file with room for at least `min_entries`
+    /// blocks, creating blocks that describe the new table and themselves.
+    fn grow_table(&mut self, file: &ImageFile, min_entries: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let per_block = self.entries_per_block();
+        let entries_per_cluster = cs / 8;
+        let mut new_entries = min_entries.max(self.table.len() as u64 * 2).max(1);
+        let start = self.end_cluster.max(self.table_offset / cs + self.table_clusters as u64);
+        let (table_clusters, new_blocks) = loop {
+            let table_clusters = new_entries.div_ceil(entries_per_cluster);
+            // Blocks to cover [start, start + table_clusters + k) where missing.
+            let mut k = 0u64;
+            loop {
+                let end = start + table_clusters + k;
+                let needed = (start / per_block..=(end - 1) / per_block)
+                    .filter(|&b| self.table.get(b as usize).is_none_or(|&o| o == 0))
+                    .count() as u64;
+                if needed == k {
+                    break;
+                }
+                k = needed;
+            }
+            let end = start + table_clusters + k;
+            let max_block = (end - 1) / per_block;
+            if max_block < new_entries {
+                let blocks: Vec<u64> = (start / per_block..=max_block)
+                    .filter(|&b| self.table.get(b as usize).is_none_or(|&o| o == 0))
+                    .collect();
+                break (table_clusters, blocks);
+            }
+            new_entries = max_block + 1;
+        };
+        if table_clusters * cs > super::header::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::NoSpace {
+                path: file.path().to_path_buf(),
+                reason: "refcount table would exceed 8 MiB".into(),
+            });
+        }
+        let mut table = self.table.clone();
+        table.resize((table_clusters * entries_per_cluster) as usize, 0);
+        // New blocks go right after the new table.
+        let blocks_at = start + table_clusters;
+        for (i, &b) in new_blocks.iter().enumerate() {
+            table[b as usize] = (blocks_at + i as u64) * cs;
+        }
+        let used_end = blocks_at + new_blocks.len() as u64;
+        for (i, &b) in new_blocks.iter().enumerate() {
+            let mut data = vec![0u8; cs as usize];
+            let range = b * per_block..(b + 1) * per_block;
+            for c in start.max(range.start)..used_end.min(range.end) {
+                let bit = (c % per_block) << self.refcount_order;
+                Self::write_entry(self.refcount_order, &mut data, (bit / 8) as usize, (bit % 8) as u32, 1);
+            }
+            file.write_at(&data, (blocks_at + i as u64) * cs)?;
+        }
+        let old_offset = self.table_offset;
+        let old_clusters = self.table_clusters as u64;
+        self.table = table;
+        self.table_offset = start * cs;
+        self.table_clusters = table_clusters as u32;
+        self.end_cluster = self.end_cluster.max(used_end);
+        // Clusters of the new table inside already existing blocks get their refcount there.
+        for c in start..used_end {
+            if self.get(file, c)? == 0 {
+                self.set(file, c, 1)?;
+            }
+        }
+        let mut raw = vec![0u8; (table_clusters * cs) as usize];
+        for (i, e) in self.table.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.flush(file)?;
+        file.write_at(&raw, self.table_offset)?;
+        file.sync()?;
+        self.table_moved = true;
+        // The caller rewrites the header, syncs, then calls `release_old_table`.
+        self.pending_old_table = Some((old_offset, old_clusters));
+        Ok(())
+    }
+
+    /// After the header naming the moved table is durable: drops the old table's clusters.
+    pub fn release_old_table(&mut self, file: &ImageFile) -> Result<()> {
+        self.table_moved = false;
+        if let Some((offset, clusters)) = self.pending_old_table.take() {
+            let cs = self.cluster_size();
+            self.update_range(file, offset, clusters * cs, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount slice (no sync).
+    pub fn flush(&mut self, file: &ImageFile) -> Result<bool> {
+        let mut wrote = false;
+        for (offset, slice) in self.slices.iter_mut() {
+            if slice.dirty {
+                file.write_at(&slice.data, *offset)?;
+                slice.dirty = false;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// Whether any refcount slice is waiting to be written.
+    pub fn is_dirty(&self) -> bool {
+        self.slices.values().any(|s| s.dirty)
+    }
+}

@@ -1,0 +1,126 @@
+//! Raw images: the file is the disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
+use crate::error::{Error, Result};
+use crate::file::ImageFile;
+use crate::ImageFormat;
+
+/// A raw image file. Its virtual size is the file's length at open.
+#[derive(Debug)]
+pub struct RawImage {
+    file: ImageFile,
+    size: u64,
+}
+
+impl RawImage {
+    /// Opens a raw image.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
+        let file = ImageFile::open(path, read_only, direct)?;
+        let size = file.len()?;
+        Ok(RawImage { file, size })
+    }
+
+    /// Creates a raw image of `size` bytes (sparse).
+    pub fn create(path: &Path, size: u64) -> Result<()> {
+        let file = ImageFile::create(path)?;
+        file.set_len(size)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.file.read_only() {
+            return Err(Error::ReadOnly {
+                path: self.file.path().to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file.write_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Punching keeps the file sparse; fall back to writing zeroes where the file system
+        // cannot punch.
+        if self.file.punch_hole(offset, len).is_ok() {
+            return Ok(());
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.file.write_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        // A raw file has no clusters: discard leaves data as it is, which the trait allows
+        // for partial ranges and keeps the contract "discard never changes what is read" on
+        // file systems without hole punching.
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.file.read_only() {
+            return Ok(());
+        }
+        self.file.sync()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(offset, len, self.size)?;
+        Ok(BlockStatus {
+            len,
+            allocation: Allocation::Data,
+            depth: 0,
+            offset: Some(offset),
+            compressed: false,
+        })
+    }
+
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+
+    fn info(&self) -> ImageInfo {
+        ImageInfo {
+            format: Some(ImageFormat::Raw),
+            filename: self.file.path().display().to_string(),
+            virtual_size: self.size,
+            ..ImageInfo::default()
+        }
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
