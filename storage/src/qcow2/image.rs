@@ -27,6 +27,7 @@ use super::compress::decompress;
 use super::entry::{decode_l1, decode_l2, Mapping, OFLAG_COPIED, OFLAG_ZERO};
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::refcount::Refcounts;
+use super::snapshot::{parse_table, SnapshotEntry, MAX_TABLE_BYTES};
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -43,40 +44,44 @@ const DEFAULT_L2_COVERAGE: u64 = 8 << 30;
 const DEFAULT_REFCOUNT_CACHE: usize = 256 << 10;
 
 /// State changed only under the metadata lock.
-struct Meta {
-    header: Header,
-    refcounts: Refcounts,
+pub(super) struct Meta {
+    pub(super) header: Header,
+    pub(super) refcounts: Refcounts,
     /// Host extents whose reference was dropped by a mapping change not yet durable.
-    pending_frees: Vec<(u64, u64)>,
+    pub(super) pending_frees: Vec<(u64, u64)>,
     /// 512-byte sectors of the L1 table holding changed entries.
-    l1_dirty: BTreeSet<u64>,
+    pub(super) l1_dirty: BTreeSet<u64>,
 }
 
 /// One open qcow2 layer with its backing chain below it.
 pub struct Qcow2Image {
-    file: ImageFile,
-    path: PathBuf,
-    read_only: bool,
-    version: u32,
-    cluster_bits: u32,
-    cluster_size: u64,
-    size: u64,
-    l2_entries: u64,
-    slice_entries: u64,
-    compression: header::CompressionType,
+    pub(super) file: ImageFile,
+    pub(super) path: PathBuf,
+    pub(super) read_only: bool,
+    pub(super) version: u32,
+    pub(super) cluster_bits: u32,
+    pub(super) cluster_size: u64,
+    pub(super) size: u64,
+    pub(super) l2_entries: u64,
+    pub(super) slice_entries: u64,
+    pub(super) compression: header::CompressionType,
     /// Static header facts for `info`.
-    info: ImageInfo,
-    l1: Box<[AtomicU64]>,
-    l1_offset: u64,
-    l2_cache: L2Cache,
-    l2_capacity: usize,
-    meta: Mutex<Meta>,
-    stripes: Box<[RwLock<()>]>,
-    backing: Option<Arc<dyn BlockDevice>>,
+    pub(super) info: ImageInfo,
+    pub(super) l1: Box<[AtomicU64]>,
+    pub(super) l1_offset: u64,
+    pub(super) l2_cache: L2Cache,
+    pub(super) l2_capacity: usize,
+    pub(super) meta: Mutex<Meta>,
+    pub(super) stripes: Box<[RwLock<()>]>,
+    pub(super) backing: Option<Arc<dyn BlockDevice>>,
     /// Index of the bottom layer of the chain, counting this one as 0.
-    bottom_depth: u32,
+    pub(super) bottom_depth: u32,
     /// Slices dirtied since the last writeback; a writeback runs when it exceeds the cache.
-    dirtied: AtomicUsize,
+    pub(super) dirtied: AtomicUsize,
+    /// The internal snapshot table.
+    pub(super) snapshots: Vec<SnapshotEntry>,
+    /// Bytes the snapshot table occupies on disk.
+    pub(super) snapshot_table_bytes: u64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -123,7 +128,8 @@ impl Qcow2Image {
         }
         let file = ImageFile::open(path, read_only, options.direct)?;
         let file_len = file.len()?;
-        if !read_only && hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
+        let was_dirty = !read_only && hdr.incompatible_features & INCOMPAT_DIRTY != 0;
+        if was_dirty {
             tracing::info!(path = %path.display(), "dirty bit set: rebuilding refcounts");
             super::check::rebuild_refcounts(&file, &mut hdr)?;
         }
@@ -161,6 +167,7 @@ impl Qcow2Image {
             .refcount_cache_bytes
             .unwrap_or(DEFAULT_REFCOUNT_CACHE);
         let refcounts = Refcounts::load(&file, &hdr, refcount_cache)?;
+        let (snapshots, snapshot_table_bytes) = load_snapshots(&file, &hdr, file_len)?;
 
         let backing = match (&hdr.backing_file, options.open_backing) {
             (Some(name), true) => {
@@ -212,7 +219,7 @@ impl Qcow2Image {
             ),
             snapshot_count: hdr.nb_snapshots,
         };
-        Ok(Qcow2Image {
+        let mut image = Qcow2Image {
             path: path.to_path_buf(),
             read_only,
             version: hdr.version,
@@ -237,8 +244,15 @@ impl Qcow2Image {
             backing,
             bottom_depth,
             dirtied: AtomicUsize::new(0),
+            snapshots,
+            snapshot_table_bytes,
             file,
-        })
+        };
+        if was_dirty {
+            // Rebuilt refcounts may disagree with COPIED flags written before the crash.
+            image.fix_copied_flags()?;
+        }
+        Ok(image)
     }
 
     /// Opens a qcow2 image with its backing chain, as [`crate::open`] does.
@@ -269,15 +283,15 @@ impl Qcow2Image {
         self.meta.lock().header.clone()
     }
 
-    fn stripe(&self, guest_cluster: u64) -> &RwLock<()> {
+    pub(super) fn stripe(&self, guest_cluster: u64) -> &RwLock<()> {
         &self.stripes[guest_cluster as usize & (STRIPES - 1)]
     }
 
-    fn invalid(&self, reason: impl Into<String>) -> Error {
+    pub(super) fn invalid(&self, reason: impl Into<String>) -> Error {
         Error::invalid(&self.path, reason)
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(super) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
@@ -288,7 +302,7 @@ impl Qcow2Image {
 
     /// The L2 slice holding entry `index` of the table at `l2_offset`, and the entry's
     /// position inside it.
-    fn l2_slice(&self, l2_offset: u64, index: u64) -> Result<(Arc<Slice>, usize)> {
+    pub(super) fn l2_slice(&self, l2_offset: u64, index: u64) -> Result<(Arc<Slice>, usize)> {
         let slice_no = index / self.slice_entries;
         let slice_offset = l2_offset + slice_no * self.slice_entries * 8;
         let slice = self.l2_cache.get_or_load(slice_offset, || {
@@ -299,7 +313,7 @@ impl Qcow2Image {
         Ok((slice, (index % self.slice_entries) as usize))
     }
 
-    fn l1_entry(&self, guest_cluster: u64) -> Result<(u64, bool)> {
+    pub(super) fn l1_entry(&self, guest_cluster: u64) -> Result<(u64, bool)> {
         let index = guest_cluster / self.l2_entries;
         let entry = self
             .l1
@@ -310,7 +324,7 @@ impl Qcow2Image {
             .map_err(|e| self.invalid(format!("L1 entry {index}: {}", e.0)))
     }
 
-    fn decode(&self, entry: u64, guest_cluster: u64) -> Result<Mapping> {
+    pub(super) fn decode(&self, entry: u64, guest_cluster: u64) -> Result<Mapping> {
         decode_l2(entry, self.cluster_bits, self.version).map_err(|e| {
             self.invalid(format!(
                 "L2 entry for guest offset {:#x}: {}",
@@ -321,7 +335,7 @@ impl Qcow2Image {
     }
 
     /// What guest cluster `guest_cluster` maps to in this layer.
-    fn lookup(&self, guest_cluster: u64) -> Result<Mapping> {
+    pub(super) fn lookup(&self, guest_cluster: u64) -> Result<Mapping> {
         let (l2_offset, _) = self.l1_entry(guest_cluster)?;
         if l2_offset == 0 {
             return Ok(Mapping::Unallocated);
@@ -332,7 +346,7 @@ impl Qcow2Image {
 
     /// Reads guest bytes that this layer does not hold: from the backing chain, zeroes past
     /// its end or without one.
-    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(super) fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match &self.backing {
             Some(b) if offset < b.size() => {
                 let n = (b.size() - offset).min(buf.len() as u64) as usize;
@@ -347,7 +361,7 @@ impl Qcow2Image {
         }
     }
 
-    fn read_compressed(&self, extent: super::entry::CompressedExtent) -> Result<Vec<u8>> {
+    pub(super) fn read_compressed(&self, extent: super::entry::CompressedExtent) -> Result<Vec<u8>> {
         let file_len = self.file.len()?;
         if extent.offset >= file_len {
             return Err(self.invalid(format!(
@@ -369,7 +383,7 @@ impl Qcow2Image {
     }
 
     /// Reads part of one guest cluster.
-    fn read_in_cluster(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(super) fn read_in_cluster(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let guest_cluster = offset >> self.cluster_bits;
         let in_cluster = offset & (self.cluster_size - 1);
         let _shared = self.stripe(guest_cluster).read();
@@ -390,7 +404,7 @@ impl Qcow2Image {
     }
 
     /// Splits `[offset, offset+len)` at cluster boundaries.
-    fn clusters(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub(super) fn clusters(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let cs = self.cluster_size;
         let end = offset + len;
         let mut at = offset;
@@ -406,7 +420,7 @@ impl Qcow2Image {
     }
 
     /// Allocates `count` clusters, rewriting the header if the refcount table moved.
-    fn allocate(&self, meta: &mut Meta, count: u64) -> Result<u64> {
+    pub(super) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<u64> {
         let offset = meta.refcounts.allocate(&self.file, count)?;
         if meta.refcounts.table_moved {
             meta.header.refcount_table_offset = meta.refcounts.table_offset;
@@ -421,7 +435,7 @@ impl Qcow2Image {
     /// The L2 slice and index for `guest_cluster`, with the L2 table allocated and owned by
     /// the active L1 (COPIED) so that its entries may be changed. Caller holds the cluster's
     /// stripe lock exclusively.
-    fn l2_for_write(&self, guest_cluster: u64) -> Result<(Arc<Slice>, usize)> {
+    pub(super) fn l2_for_write(&self, guest_cluster: u64) -> Result<(Arc<Slice>, usize)> {
         let index = guest_cluster % self.l2_entries;
         let (l2_offset, copied) = self.l1_entry(guest_cluster)?;
         if l2_offset != 0 && copied {
@@ -458,13 +472,13 @@ impl Qcow2Image {
         self.l2_slice(new_offset, index)
     }
 
-    fn defer_free(&self, mapping: Mapping) {
+    pub(super) fn defer_free(&self, mapping: Mapping) {
         if let Some(extent) = mapping.host_extent(self.cluster_size) {
             self.meta.lock().pending_frees.push(extent);
         }
     }
 
-    fn note_dirty(&self) -> Result<()> {
+    pub(super) fn note_dirty(&self) -> Result<()> {
         let n = self.dirtied.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.l2_capacity {
             self.writeback()?;
@@ -473,7 +487,7 @@ impl Qcow2Image {
     }
 
     /// Writes part of one guest cluster.
-    fn write_in_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
+    pub(super) fn write_in_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
         let guest_cluster = offset >> self.cluster_bits;
         let in_cluster = offset & (self.cluster_size - 1);
         {
@@ -533,7 +547,7 @@ impl Qcow2Image {
 
     /// Makes whole guest cluster `guest_cluster` unallocated or zero-flagged (`entry` is the
     /// new L2 entry, 0 or `OFLAG_ZERO`).
-    fn unmap_cluster(&self, guest_cluster: u64, entry: u64) -> Result<()> {
+    pub(super) fn unmap_cluster(&self, guest_cluster: u64, entry: u64) -> Result<()> {
         let _exclusive = self.stripe(guest_cluster).write();
         let (l2_offset, _) = self.l1_entry(guest_cluster)?;
         if l2_offset == 0 && entry == 0 {
@@ -556,7 +570,7 @@ impl Qcow2Image {
     }
 
     /// Shared body of `write_zeroes` and `discard`.
-    fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+    pub(super) fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
         // What a whole unmapped cluster becomes: unallocated reads as zero without a backing
@@ -589,7 +603,7 @@ impl Qcow2Image {
     }
 
     /// Writes dirty metadata back in crash-safe order, then applies deferred frees.
-    fn writeback(&self) -> Result<()> {
+    pub(super) fn writeback(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
@@ -649,6 +663,35 @@ impl Qcow2Image {
             Mapping::Compressed(_) => (Allocation::Data, true),
             Mapping::Zero { .. } => (Allocation::Zero, false),
             Mapping::Unallocated => (Allocation::Unallocated, false),
+        }
+    }
+}
+
+/// Reads and parses the snapshot table named by the header.
+fn load_snapshots(
+    file: &ImageFile,
+    hdr: &Header,
+    file_len: u64,
+) -> Result<(Vec<SnapshotEntry>, u64)> {
+    if hdr.nb_snapshots == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    // Read the table in growing chunks: its length is only known once parsed.
+    let max = MAX_TABLE_BYTES.min(file_len.saturating_sub(hdr.snapshots_offset));
+    let mut want = (hdr.nb_snapshots as u64 * 64).min(max).max(4096.min(max));
+    loop {
+        let mut raw = vec![0u8; want as usize];
+        file.read_at(&mut raw, hdr.snapshots_offset)?;
+        match parse_table(
+            file.path(),
+            &raw,
+            hdr.nb_snapshots,
+            hdr.size,
+            hdr.cluster_size(),
+        ) {
+            Ok((entries, len)) => return Ok((entries, len as u64)),
+            Err(e) if want >= max => return Err(e),
+            Err(_) => want = (want * 2).min(max),
         }
     }
 }

@@ -8,6 +8,8 @@ pub mod entry;
 pub mod header;
 mod image;
 pub mod refcount;
+pub mod snapshot;
+mod snapshot_ops;
 
 pub use check::{check, CheckReport, RepairMode};
 pub use create::{create, CreateOptions};

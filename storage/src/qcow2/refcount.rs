@@ -242,6 +242,58 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Adds `delta` to the refcount of every cluster index in `clusters` (sorted, repeats
+    /// allowed), touching each cached refcount slice once per run: the batched path used by
+    /// snapshot operations, which update every cluster of an image at once.
+    pub fn update_sorted(&mut self, file: &ImageFile, clusters: &[u64], delta: i64) -> Result<()> {
+        let max = self.max_refcount();
+        let order = self.refcount_order;
+        let mut i = 0;
+        while i < clusters.len() {
+            let cluster = clusters[i];
+            let Some((slice_offset, _, _)) = self.locate(cluster) else {
+                return Err(Error::invalid(
+                    file.path(),
+                    format!("no refcount block covers cluster {cluster}"),
+                ));
+            };
+            self.slice(file, slice_offset)?;
+            let mut slice = self.slices.remove(&slice_offset).expect("cached");
+            let mut result = Ok(());
+            while i < clusters.len() {
+                let c = clusters[i];
+                let Some((o, byte, bit)) = self.locate(c) else {
+                    break;
+                };
+                if o != slice_offset {
+                    break;
+                }
+                let current = self.read_entry(&slice.data, byte, bit);
+                let new = if delta >= 0 {
+                    current.checked_add(delta as u64).filter(|&v| v <= max)
+                } else {
+                    current.checked_sub(delta.unsigned_abs())
+                };
+                let Some(new) = new else {
+                    result = Err(Error::invalid(
+                        file.path(),
+                        format!("refcount of cluster {c} would leave 0..={max} (at {current}, adding {delta})"),
+                    ));
+                    break;
+                };
+                Self::write_entry(order, &mut slice.data, byte, bit, new);
+                slice.dirty = true;
+                if new == 0 && c < self.free_cursor {
+                    self.free_cursor = c;
+                }
+                i += 1;
+            }
+            self.slices.insert(slice_offset, slice);
+            result?;
+        }
+        Ok(())
+    }
+
     /// Allocates `count` contiguous clusters with refcount 1 and returns the host offset of
     /// the first. Refcount blocks and the refcount table grow as needed.
     pub fn allocate(&mut self, file: &ImageFile, count: u64) -> Result<u64> {
