@@ -213,7 +213,11 @@ impl Header {
                     1 => CompressionType::Zstd,
                     t => return Err(Error::unsupported(path, format!("compression type {t}"))),
                 };
-                h.unknown_header_bytes = buf[105..h.header_length as usize].to_vec();
+                // Bytes 105..112 are padding; anything past 112 belongs to a newer QEMU.
+                if h.header_length > V3_HEADER_LEN {
+                    h.unknown_header_bytes =
+                        buf[V3_HEADER_LEN as usize..h.header_length as usize].to_vec();
+                }
             }
         }
         if h.refcount_order > 6 {
@@ -474,8 +478,8 @@ impl Header {
                 CompressionType::Zstd => 1,
             };
             let extra = &self.unknown_header_bytes;
-            let n = extra.len().min(header_len - 105);
-            body[105..105 + n].copy_from_slice(&extra[..n]);
+            let n = extra.len().min(header_len - V3_HEADER_LEN as usize);
+            body[V3_HEADER_LEN as usize..V3_HEADER_LEN as usize + n].copy_from_slice(&extra[..n]);
         }
         buf[..header_len].copy_from_slice(&body);
         buf[header_len..name_at].copy_from_slice(&ext);

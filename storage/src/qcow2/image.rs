@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -36,6 +36,8 @@ use crate::ImageFormat;
 
 /// Stripe locks serialising mapping changes per guest cluster; a power of two.
 const STRIPES: usize = 1024;
+/// Most clusters one batched read covers: bounds the stripe locks held at once.
+const MAX_BATCH_CLUSTERS: u64 = 32;
 /// Bytes per L2 cache slice (QEMU's default `l2-cache-entry-size`).
 const L2_SLICE_BYTES: u64 = 4096;
 /// Guest bytes the default L2 cache covers.
@@ -78,6 +80,8 @@ pub struct Qcow2Image {
     pub(super) bottom_depth: u32,
     /// Slices dirtied since the last writeback; a writeback runs when it exceeds the cache.
     pub(super) dirtied: AtomicUsize,
+    /// Data may have been written since the last sync.
+    pub(super) unsynced: AtomicBool,
     /// The internal snapshot table.
     pub(super) snapshots: Vec<SnapshotEntry>,
     /// Bytes the snapshot table occupies on disk.
@@ -244,6 +248,7 @@ impl Qcow2Image {
             backing,
             bottom_depth,
             dirtied: AtomicUsize::new(0),
+            unsynced: AtomicBool::new(false),
             snapshots,
             snapshot_table_bytes,
             file,
@@ -403,6 +408,87 @@ impl Qcow2Image {
         }
     }
 
+    /// Reads up to [`MAX_BATCH_CLUSTERS`] clusters, merging neighbouring clusters that are
+    /// contiguous in the file (or all in the backing file) into one request each.
+    pub(super) fn read_batch(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + buf.len() as u64 - 1) >> self.cluster_bits;
+        if first == last {
+            return self.read_in_cluster(buf, offset);
+        }
+        // Shared stripe locks taken in ascending order: writers hold at most one stripe at a
+        // time, so this cannot deadlock.
+        let mut stripes: Vec<usize> = (first..=last)
+            .map(|c| c as usize & (STRIPES - 1))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _shared: Vec<_> = stripes.iter().map(|&i| self.stripes[i].read()).collect();
+
+        /// A run of buffer bytes served by one request.
+        enum Run {
+            Host { host: u64 },
+            Below { guest: u64 },
+        }
+        let mut pending: Option<(Run, usize, usize)> = None;
+        let flush = |pending: &mut Option<(Run, usize, usize)>, buf: &mut [u8]| -> Result<()> {
+            match pending.take() {
+                Some((Run::Host { host }, start, len)) => {
+                    self.file.read_at(&mut buf[start..start + len], host)
+                }
+                Some((Run::Below { guest }, start, len)) => {
+                    self.read_below(&mut buf[start..start + len], guest)
+                }
+                None => Ok(()),
+            }
+        };
+        let mut done = 0usize;
+        for (at, n) in self.clusters(offset, buf.len() as u64) {
+            let n = n as usize;
+            let in_cluster = at & (self.cluster_size - 1);
+            match self.lookup(at >> self.cluster_bits)? {
+                Mapping::Data { host, .. } => {
+                    let host = host + in_cluster;
+                    let extends = matches!(
+                        &pending,
+                        Some((Run::Host { host: h }, start, len)) if h + *len as u64 == host && start + len == done
+                    );
+                    if extends {
+                        if let Some((_, _, len)) = pending.as_mut() {
+                            *len += n;
+                        }
+                    } else {
+                        flush(&mut pending, buf)?;
+                        pending = Some((Run::Host { host }, done, n));
+                    }
+                }
+                Mapping::Unallocated => {
+                    let extends = matches!(&pending, Some((Run::Below { .. }, _, _)));
+                    if extends {
+                        if let Some((_, _, len)) = pending.as_mut() {
+                            *len += n;
+                        }
+                    } else {
+                        flush(&mut pending, buf)?;
+                        pending = Some((Run::Below { guest: at }, done, n));
+                    }
+                }
+                Mapping::Zero { .. } => {
+                    flush(&mut pending, buf)?;
+                    buf[done..done + n].fill(0);
+                }
+                Mapping::Compressed(extent) => {
+                    flush(&mut pending, buf)?;
+                    let data = self.read_compressed(extent)?;
+                    let start = in_cluster as usize;
+                    buf[done..done + n].copy_from_slice(&data[start..start + n]);
+                }
+            }
+            done += n;
+        }
+        flush(&mut pending, buf)
+    }
+
     /// Splits `[offset, offset+len)` at cluster boundaries.
     pub(super) fn clusters(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let cs = self.cluster_size;
@@ -488,6 +574,14 @@ impl Qcow2Image {
 
     /// Writes part of one guest cluster.
     pub(super) fn write_in_cluster(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.write_in_cluster_unsynced(data, offset)?;
+        // Marked after the data is written and before the write is acknowledged, so a
+        // flush that starts after the acknowledgement always syncs it.
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_in_cluster_unsynced(&self, data: &[u8], offset: u64) -> Result<()> {
         let guest_cluster = offset >> self.cluster_bits;
         let in_cluster = offset & (self.cluster_size - 1);
         {
@@ -609,11 +703,23 @@ impl Qcow2Image {
         }
         let mut meta = self.meta.lock();
         self.dirtied.store(0, Ordering::Relaxed);
+        let data_written = self.unsynced.swap(false, Ordering::AcqRel);
+        let dirty_slices = self.l2_cache.dirty_slices();
+        if !data_written
+            && dirty_slices.is_empty()
+            && meta.l1_dirty.is_empty()
+            && meta.pending_frees.is_empty()
+            && !meta.refcounts.is_dirty()
+        {
+            // Nothing since the last barrier: skip the fsyncs.
+            return Ok(());
+        }
         // 1. Refcount blocks (covering every cluster any dirty L2 entry can point at), and
         //    the data written so far, reach the disk.
         meta.refcounts.flush(&self.file)?;
         self.file.sync()?;
-        // 2. L2 slices.
+        // 2. L2 slices (collected again: writers may have dirtied more meanwhile).
+        drop(dirty_slices);
         let dirty = self.l2_cache.dirty_slices();
         for slice in &dirty {
             let raw = slice.take_for_writeback();
@@ -719,10 +825,15 @@ impl BlockDevice for Qcow2Image {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
+        let batch = MAX_BATCH_CLUSTERS * self.cluster_size;
         let mut done = 0usize;
-        for (at, n) in self.clusters(offset, buf.len() as u64) {
-            self.read_in_cluster(&mut buf[done..done + n as usize], at)?;
-            done += n as usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            // Batches end on cluster boundaries so each covers whole clusters but the ends.
+            let limit = batch - (at & (self.cluster_size - 1));
+            let n = (buf.len() - done).min(limit as usize);
+            self.read_batch(&mut buf[done..done + n], at)?;
+            done += n;
         }
         Ok(())
     }

@@ -144,10 +144,10 @@ impl Refcounts {
         Ok(())
     }
 
-    fn read_entry(&self, data: &[u8], byte: usize, bit: u32) -> u64 {
-        match self.refcount_order {
+    fn decode_entry(order: u32, data: &[u8], byte: usize, bit: u32) -> u64 {
+        match order {
             0..=2 => {
-                let width = 1u32 << self.refcount_order;
+                let width = 1u32 << order;
                 ((data[byte] >> bit) as u64) & ((1u64 << width) - 1)
             }
             3 => data[byte] as u64,
@@ -176,11 +176,30 @@ impl Refcounts {
         let Some((slice, byte, bit)) = self.locate(cluster) else {
             return Ok(0);
         };
+        let order = self.refcount_order;
         let s = self.slice(file, slice)?;
-        let data = std::mem::take(&mut s.data);
-        let v = self.read_entry(&data, byte, bit);
-        self.slices.get_mut(&slice).expect("cached").data = data;
-        Ok(v)
+        Ok(Self::decode_entry(order, &s.data, byte, bit))
+    }
+
+    /// Refcounts of many clusters at once (in any order; sorted input touches each slice
+    /// once per run).
+    pub fn get_many(&mut self, file: &ImageFile, clusters: &[u64]) -> Result<Vec<u64>> {
+        let order = self.refcount_order;
+        let mut out = Vec::with_capacity(clusters.len());
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for &cluster in clusters {
+            let Some((slice, byte, bit)) = self.locate(cluster) else {
+                out.push(0);
+                continue;
+            };
+            if current.as_ref().is_none_or(|(o, _)| *o != slice) {
+                let data = self.slice(file, slice)?.data.clone();
+                current = Some((slice, data));
+            }
+            let (_, data) = current.as_ref().expect("loaded");
+            out.push(Self::decode_entry(order, data, byte, bit));
+        }
+        Ok(out)
     }
 
     fn set(&mut self, file: &ImageFile, cluster: u64, value: u64) -> Result<()> {
@@ -268,7 +287,7 @@ impl Refcounts {
                 if o != slice_offset {
                     break;
                 }
-                let current = self.read_entry(&slice.data, byte, bit);
+                let current = Self::decode_entry(order, &slice.data, byte, bit);
                 let new = if delta >= 0 {
                     current.checked_add(delta as u64).filter(|&v| v <= max)
                 } else {

@@ -172,22 +172,32 @@ impl Qcow2Image {
             let owned = self.refcount(l2)? == 1;
             new_l1[i] = if owned { l2 | OFLAG_COPIED } else { l2 };
             let table = self.read_table(l2, self.l2_entries)?;
-            let mut new_table = table.clone();
-            for (j, &entry) in table.iter().enumerate() {
+            let mut hosts = Vec::with_capacity(table.len());
+            for &entry in &table {
                 let mapping = decode_l2(entry, self.cluster_bits, self.version)
                     .map_err(|err| self.invalid(format!("L2 table {l2:#x}: {}", err.0)))?;
-                let host = match mapping {
-                    Mapping::Data { host, .. } => host,
-                    Mapping::Zero { host: Some(h), .. } => h,
-                    _ => continue,
-                };
+                hosts.push(match mapping {
+                    Mapping::Data { host, .. } => Some(host >> self.cluster_bits),
+                    Mapping::Zero { host: Some(h), .. } => Some(h >> self.cluster_bits),
+                    _ => None,
+                });
+            }
+            let wanted: Vec<u64> = hosts.iter().flatten().copied().collect();
+            let counts = self.meta.get_mut().refcounts.get_many(&self.file, &wanted)?;
+            let mut counts = counts.into_iter();
+            let mut new_table = table.clone();
+            for (j, host) in hosts.iter().enumerate() {
+                if host.is_none() {
+                    continue;
+                }
                 // A shared table's entries never carry COPIED: their clusters are reached
                 // through every owner of the table.
-                let copied = owned && self.refcount(host)? == 1;
+                let count = counts.next();
+                let copied = owned && count == Some(1);
                 new_table[j] = if copied {
-                    entry | OFLAG_COPIED
+                    table[j] | OFLAG_COPIED
                 } else {
-                    entry & !OFLAG_COPIED
+                    table[j] & !OFLAG_COPIED
                 };
             }
             if new_table != table {
