@@ -1,3 +1,66 @@
-//! The `snapvmm` binary.
+//! The `snapvmm` binary: one executable with a subcommand per job.
+//!
+//! Today it carries the image tool (`snapvmm img ...`, qemu-img's verbs on snapvmm's own
+//! storage engine). The VMM's `run`, `restore`, `ctl` and `vhost-user-blk` subcommands join
+//! the [`Command`] enum as their layers land.
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod img;
+
+/// Command line of the `snapvmm` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "snapvmm",
+    version,
+    about = "A snapshot-centred KVM micro-VMM",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The top-level subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect, check, convert and exercise disk images (qemu-img's verbs).
+    Img(img::ImgArgs),
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`snapvmm img map big.qcow2 | head`), as C tools such as
+    // qemu-img do, instead of panicking in `println!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Usage errors exit 1, as qemu-img's do: clap's default status 2 would read as
+            // "corruptions found" to a script driving `snapvmm img check`. The message gets
+            // the same "snapvmm img: error:" prefix as every other error of the tool.
+            let prefix = match std::env::args().nth(1).as_deref() {
+                Some("img") => "snapvmm img",
+                _ => "snapvmm",
+            };
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("{prefix}: error: {text}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match cli.command {
+        Command::Img(args) => img::main(args),
+    };
+    ExitCode::from(code)
+}

@@ -42,7 +42,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// A request reaching past the end of the device.
-    #[error("request at offset {offset} length {len} is beyond the end of the device ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of the device ({size} bytes)"
+    )]
     OutOfRange {
         /// First byte of the request.
         offset: u64,

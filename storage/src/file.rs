@@ -66,9 +66,7 @@ impl ImageFile {
         if direct {
             options.custom_flags(libc::O_DIRECT);
         }
-        let file = options
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
+        let file = options.open(path).map_err(|e| Error::io(path, "open", e))?;
         Ok(ImageFile {
             file,
             path: path.to_path_buf(),

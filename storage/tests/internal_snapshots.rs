@@ -113,13 +113,19 @@ fn snapvmm_snapshots_work_in_qemu() {
 
     let copy = dir.path().join("b.qcow2");
     std::fs::copy(&path, &copy).unwrap();
-    run(Command::new("qemu-img").args(["snapshot", "-a", "one"]).arg(&copy));
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-a", "one"])
+        .arg(&copy));
     qemu_verify(&copy, 1, 0, 300_000);
-    run(Command::new("qemu-img").args(["snapshot", "-a", "two"]).arg(&copy));
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-a", "two"])
+        .arg(&copy));
     qemu_verify(&copy, 1, 0, 50_000);
     qemu_verify(&copy, 2, 50_000, 100_000);
     qemu_verify(&copy, 1, 150_000, 150_000);
-    run(Command::new("qemu-img").args(["snapshot", "-d", "one"]).arg(&copy));
+    run(Command::new("qemu-img")
+        .args(["snapshot", "-d", "one"])
+        .arg(&copy));
     assert_clean(&copy);
 }
 
@@ -171,7 +177,9 @@ fn vm_state_is_stored_as_qemu_does() {
         let mut image = open_qcow2(&path);
         image.write_at(&[9u8; 4096], 0).unwrap();
         image.write_vm_state(&state[..1_000_000], 0).unwrap();
-        image.write_vm_state(&state[1_000_000..], 1_000_000).unwrap();
+        image
+            .write_vm_state(&state[1_000_000..], 1_000_000)
+            .unwrap();
         image
             .create_snapshot("with-state", 1_000_000_000, state.len() as u64)
             .unwrap();
@@ -190,7 +198,9 @@ fn vm_state_is_stored_as_qemu_does() {
     qemu_verify(&path, 9, 0, 4096);
     let image = open_qcow2(&path);
     let mut back = vec![0u8; 4096];
-    image.read_vm_state("with-state", &mut back, 4_000_000).unwrap();
+    image
+        .read_vm_state("with-state", &mut back, 4_000_000)
+        .unwrap();
     assert_eq!(&back[..], &state[4_000_000..4_004_096]);
 }
 
@@ -203,7 +213,9 @@ fn snapshots_are_independent() {
     let path = new_image(dir.path(), "i.qcow2", 8 << 20, 4096, 3);
     let mut image = open_qcow2(&path);
     for i in 1..=5u8 {
-        image.write_at(&vec![i; 64 << 10], (i as u64) * 4096).unwrap();
+        image
+            .write_at(&vec![i; 64 << 10], (i as u64) * 4096)
+            .unwrap();
         image.create_snapshot(&format!("s{i}"), 0, 0).unwrap();
     }
     for i in 2..=4 {
@@ -235,7 +247,11 @@ fn snapshots_are_independent() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { cluster: u8, len_blocks: u8, pattern: u8 },
+    Write {
+        cluster: u8,
+        len_blocks: u8,
+        pattern: u8,
+    },
     Create,
     Apply(u8),
     Delete(u8),
@@ -489,7 +505,9 @@ fn crash_during_snapshot_operations() {
         if version == 2 {
             let (code, _) = qemu_check(&path);
             if code != 0 {
-                run(Command::new("qemu-img").args(["check", "-q", "-r", "all"]).arg(&path));
+                run(Command::new("qemu-img")
+                    .args(["check", "-q", "-r", "all"])
+                    .arg(&path));
             }
         }
         let (code, text) = qemu_check(&path);
@@ -515,7 +533,11 @@ fn crash_during_snapshot_operations() {
         let expected = matching[0];
         for (name, data) in &expected.snaps {
             image.apply_snapshot(name).unwrap();
-            assert_eq!(&read_clusters(&image), data, "trial {trial}: snapshot {name}");
+            assert_eq!(
+                &read_clusters(&image),
+                data,
+                "trial {trial}: snapshot {name}"
+            );
         }
         drop(image);
         let (code, text) = qemu_check(&path);

@@ -5,11 +5,13 @@
 //! miss cheap. Entries are atomics so that readers on any thread see a consistent entry while a
 //! writer updates another one; a slice that is dirty or in use is never evicted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+
+use super::offset_map::OffsetMap;
 
 /// Number of shards; a power of two.
 const SHARDS: usize = 64;
@@ -75,7 +77,7 @@ impl Slice {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<u64, Arc<Slice>>,
+    map: OffsetMap<Arc<Slice>>,
     order: VecDeque<u64>,
 }
 

@@ -64,7 +64,10 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     }
     let cluster_bits = cs.trailing_zeros();
     if !matches!(options.version, 2 | 3) {
-        return Err(arg(format!("compat: unsupported version {}", options.version)));
+        return Err(arg(format!(
+            "compat: unsupported version {}",
+            options.version
+        )));
     }
     let rb = options.refcount_bits;
     if !rb.is_power_of_two() || rb > 64 {
@@ -94,7 +97,9 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         Some(s) => s,
         None => {
             let Some(name) = &options.backing_file else {
-                return Err(arg("size: an image size is needed when there is no backing file".into()));
+                return Err(arg(
+                    "size: an image size is needed when there is no backing file".into(),
+                ));
             };
             let backing = crate::open::resolve_backing_path(path, name);
             let opts = crate::OpenOptions {
@@ -105,6 +110,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             crate::open(&backing, &opts)?.size()
         }
     };
+    // QEMU sees whole 512-byte sectors only; a tail would be invisible to it.
+    let size = size.div_ceil(512) * 512;
     let refcount_order = rb.trailing_zeros();
     let l2_entries = cs / 8;
     let l1_size = size.div_ceil(cs * l2_entries);

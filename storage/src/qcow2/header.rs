@@ -233,8 +233,7 @@ impl Header {
         h.parse_extensions(path, buf)?;
         if h.backing_file_offset != 0 {
             let end = h.backing_file_offset + h.backing_file_size as u64;
-            if h.backing_file_size > MAX_BACKING_NAME || end > cluster_size.min(buf.len() as u64)
-            {
+            if h.backing_file_size > MAX_BACKING_NAME || end > cluster_size.min(buf.len() as u64) {
                 return Err(bad(format!(
                     "backing file name at {:#x} length {} lies outside the first cluster",
                     h.backing_file_offset, h.backing_file_size
@@ -266,7 +265,10 @@ impl Header {
             return Err(Error::unsupported(path, "external data file"));
         }
         if self.incompatible_features & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::unsupported(path, "extended L2 entries (subclusters)"));
+            return Err(Error::unsupported(
+                path,
+                "extended L2 entries (subclusters)",
+            ));
         }
         let zstd = self.compression_type == CompressionType::Zstd;
         if zstd != (self.incompatible_features & INCOMPAT_COMPRESSION != 0) {
@@ -353,13 +355,15 @@ impl Header {
         }
         let regions = [
             ("l1_table_offset", self.l1_table_offset, l1_bytes),
-            ("refcount_table_offset", self.refcount_table_offset, rt_bytes),
+            (
+                "refcount_table_offset",
+                self.refcount_table_offset,
+                rt_bytes,
+            ),
         ];
         for (name, offset, len) in regions {
             if offset % cs != 0 {
-                return Err(bad(format!(
-                    "{name} {offset:#x} is not cluster aligned"
-                )));
+                return Err(bad(format!("{name} {offset:#x} is not cluster aligned")));
             }
             if len > 0 && offset == 0 {
                 return Err(bad(format!("{name} is 0: the table overlaps the header")));
@@ -430,7 +434,12 @@ impl Header {
         for e in &self.other_extensions {
             push_ext(e.kind, &e.data);
         }
-        if self.version == 3 && !self.other_extensions.iter().any(|e| e.kind == EXT_FEATURE_TABLE) {
+        if self.version == 3
+            && !self
+                .other_extensions
+                .iter()
+                .any(|e| e.kind == EXT_FEATURE_TABLE)
+        {
             push_ext(EXT_FEATURE_TABLE, &feature_table());
         }
         push_ext(EXT_END, &[]);

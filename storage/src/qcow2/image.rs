@@ -43,7 +43,7 @@ const L2_SLICE_BYTES: u64 = 4096;
 /// Guest bytes the default L2 cache covers.
 const DEFAULT_L2_COVERAGE: u64 = 8 << 30;
 /// Default refcount cache size.
-const DEFAULT_REFCOUNT_CACHE: usize = 256 << 10;
+const DEFAULT_REFCOUNT_CACHE: usize = 1 << 20;
 
 /// State changed only under the metadata lock.
 pub(super) struct Meta {
@@ -100,7 +100,11 @@ impl std::fmt::Debug for Qcow2Image {
 
 fn read_header(file: &ImageFile) -> Result<Header> {
     let file_len = file.len()?;
-    let mut first = vec![0u8; 4096.min(file_len as usize).max(header::V2_HEADER_LEN as usize)];
+    let mut first = vec![
+        0u8;
+        4096.min(file_len as usize)
+            .max(header::V2_HEADER_LEN as usize)
+    ];
     file.read_at(&mut first, 0)?;
     let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
     if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits)
@@ -153,7 +157,11 @@ impl Qcow2Image {
             let e = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
             let (offset, _) = decode_l1(e, cluster_size)
                 .map_err(|err| Error::invalid(path, format!("L1 entry {i}: {}", err.0)))?;
-            if offset != 0 && offset.checked_add(cluster_size).is_none_or(|end| end > file_len) {
+            if offset != 0
+                && offset
+                    .checked_add(cluster_size)
+                    .is_none_or(|end| end > file_len)
+            {
                 return Err(Error::invalid(
                     path,
                     format!("L1 entry {i}: L2 table at {offset:#x} lies past the end of the file"),
@@ -175,12 +183,13 @@ impl Qcow2Image {
 
         let backing = match (&hdr.backing_file, options.open_backing) {
             (Some(name), true) => {
-                let fmt = match hdr.backing_format.as_deref() {
-                    None => None,
-                    Some(f) => Some(f.parse::<ImageFormat>().map_err(|_| {
-                        Error::unsupported(path, format!("backing format '{f}'"))
-                    })?),
-                };
+                let fmt =
+                    match hdr.backing_format.as_deref() {
+                        None => None,
+                        Some(f) => Some(f.parse::<ImageFormat>().map_err(|_| {
+                            Error::unsupported(path, format!("backing format '{f}'"))
+                        })?),
+                    };
                 Some(open_backing(name, fmt)?)
             }
             _ => None,
@@ -323,7 +332,9 @@ impl Qcow2Image {
         let entry = self
             .l1
             .get(index as usize)
-            .ok_or_else(|| self.invalid(format!("guest cluster {guest_cluster} beyond the L1 table")))?
+            .ok_or_else(|| {
+                self.invalid(format!("guest cluster {guest_cluster} beyond the L1 table"))
+            })?
             .load(Ordering::Acquire);
         decode_l1(entry, self.cluster_size)
             .map_err(|e| self.invalid(format!("L1 entry {index}: {}", e.0)))
@@ -366,7 +377,10 @@ impl Qcow2Image {
         }
     }
 
-    pub(super) fn read_compressed(&self, extent: super::entry::CompressedExtent) -> Result<Vec<u8>> {
+    pub(super) fn read_compressed(
+        &self,
+        extent: super::entry::CompressedExtent,
+    ) -> Result<Vec<u8>> {
         let file_len = self.file.len()?;
         if extent.offset >= file_len {
             return Err(self.invalid(format!(
@@ -418,9 +432,7 @@ impl Qcow2Image {
         }
         // Shared stripe locks taken in ascending order: writers hold at most one stripe at a
         // time, so this cannot deadlock.
-        let mut stripes: Vec<usize> = (first..=last)
-            .map(|c| c as usize & (STRIPES - 1))
-            .collect();
+        let mut stripes: Vec<usize> = (first..=last).map(|c| c as usize & (STRIPES - 1)).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let _shared: Vec<_> = stripes.iter().map(|&i| self.stripes[i].read()).collect();
@@ -545,8 +557,10 @@ impl Qcow2Image {
         self.file.write_at(&raw, new_offset)?;
         let slice_bytes = (self.slice_entries * 8) as usize;
         for (k, chunk) in raw.chunks_exact(slice_bytes).enumerate() {
-            self.l2_cache
-                .insert(Slice::from_bytes(new_offset + (k * slice_bytes) as u64, chunk));
+            self.l2_cache.insert(Slice::from_bytes(
+                new_offset + (k * slice_bytes) as u64,
+                chunk,
+            ));
         }
         let l1_index = guest_cluster / self.l2_entries;
         self.l1[l1_index as usize].store(new_offset | OFLAG_COPIED, Ordering::Release);
@@ -874,8 +888,20 @@ impl BlockDevice for Qcow2Image {
             return Ok(status);
         }
         let mut first: Option<Mapping> = None;
+        let per_table = self.cluster_size * self.l2_entries;
+        let mut skip_until = 0u64;
         for (at, n) in self.clusters(offset, len) {
+            if at < skip_until {
+                status.len += n;
+                continue;
+            }
             let mapping = self.lookup(at >> self.cluster_bits)?;
+            if self.l1_entry(at >> self.cluster_bits)?.0 == 0
+                && matches!(first, None | Some(Mapping::Unallocated))
+            {
+                // No L2 table: the whole range it would map is unallocated here.
+                skip_until = (at / per_table + 1) * per_table;
+            }
             let in_cluster = at & (self.cluster_size - 1);
             match first {
                 None => {
@@ -885,16 +911,26 @@ impl BlockDevice for Qcow2Image {
                     status.depth = 0;
                     status.offset = match mapping {
                         Mapping::Data { host, .. } => Some(host + in_cluster),
+                        Mapping::Zero { host: Some(h), .. } => Some(h + in_cluster),
                         _ => None,
                     };
                     first = Some(mapping);
                 }
                 Some(prev) => {
                     let same = match (prev, mapping) {
-                        (Mapping::Data { .. }, Mapping::Data { host, .. }) => {
-                            status.offset.map(|o| o + status.len) == Some(host + in_cluster)
+                        (Mapping::Data { .. }, Mapping::Data { host, .. })
+                        | (
+                            Mapping::Zero { host: Some(_), .. },
+                            Mapping::Zero {
+                                host: Some(host), ..
+                            },
+                        ) => status.offset.map(|o| o + status.len) == Some(host + in_cluster),
+                        (Mapping::Zero { host: Some(_), .. }, _)
+                        | (_, Mapping::Zero { host: Some(_), .. }) => false,
+                        (a, b) => {
+                            self.status_of(&a) == self.status_of(&b)
+                                && !matches!(a, Mapping::Data { .. })
                         }
-                        (a, b) => self.status_of(&a) == self.status_of(&b) && !matches!(a, Mapping::Data { .. }),
                     };
                     if !same {
                         break;

@@ -7,6 +7,7 @@ pub mod create;
 pub mod entry;
 pub mod header;
 mod image;
+mod offset_map;
 pub mod refcount;
 pub mod snapshot;
 mod snapshot_ops;

@@ -5,7 +5,9 @@
 //! mapping that dropped the reference is durable (see `Qcow2Image::writeback`), so whatever is
 //! cached is always safe to write.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::offset_map::OffsetMap;
 
 use super::header::Header;
 use crate::error::{Error, Result};
@@ -29,7 +31,7 @@ pub struct Refcounts {
     pub table_offset: u64,
     /// Clusters the refcount table occupies.
     pub table_clusters: u32,
-    slices: HashMap<u64, RefSlice>,
+    slices: OffsetMap<RefSlice>,
     order: VecDeque<u64>,
     capacity: usize,
     slice_bytes: u64,
@@ -75,7 +77,7 @@ impl Refcounts {
             table,
             table_offset: header.refcount_table_offset,
             table_clusters: header.refcount_table_clusters,
-            slices: HashMap::new(),
+            slices: OffsetMap::default(),
             order: VecDeque::new(),
             capacity: (cache_bytes as u64 / slice_bytes).max(4) as usize,
             slice_bytes,
@@ -116,18 +118,29 @@ impl Refcounts {
         let bit = index << self.refcount_order;
         let byte = bit / 8;
         let slice_start = block_offset + byte / self.slice_bytes * self.slice_bytes;
-        Some((slice_start, (byte % self.slice_bytes) as usize, (bit % 8) as u32))
+        Some((
+            slice_start,
+            (byte % self.slice_bytes) as usize,
+            (bit % 8) as u32,
+        ))
     }
 
     fn slice(&mut self, file: &ImageFile, offset: u64) -> Result<&mut RefSlice> {
         if !self.slices.contains_key(&offset) {
+            self.load_slice(file, offset)?;
+        }
+        Ok(self.slices.get_mut(&offset).expect("just inserted"))
+    }
+
+    fn load_slice(&mut self, file: &ImageFile, offset: u64) -> Result<()> {
+        {
             self.evict(file)?;
             let mut data = vec![0u8; self.slice_bytes as usize];
             file.read_at(&mut data, offset)?;
             self.slices.insert(offset, RefSlice { data, dirty: false });
             self.order.push_back(offset);
         }
-        Ok(self.slices.get_mut(&offset).expect("just inserted"))
+        Ok(())
     }
 
     fn evict(&mut self, file: &ImageFile) -> Result<()> {
@@ -217,7 +230,13 @@ impl Refcounts {
     }
 
     /// Adds `delta` (+1 or -1) to the refcount of every cluster touched by the byte range.
-    pub fn update_range(&mut self, file: &ImageFile, offset: u64, len: u64, delta: i64) -> Result<()> {
+    pub fn update_range(
+        &mut self,
+        file: &ImageFile,
+        offset: u64,
+        len: u64,
+        delta: i64,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -339,6 +358,7 @@ impl Refcounts {
         let mut c = start;
         // The header cluster is never free; clusters beyond every block count as free.
         let limit = (super::header::MAX_REFCOUNT_TABLE_BYTES / 8) * self.entries_per_block();
+        let order = self.refcount_order;
         while c - start < count {
             if c >= limit {
                 return Err(Error::NoSpace {
@@ -346,10 +366,28 @@ impl Refcounts {
                     reason: "the refcount table cannot describe more clusters".into(),
                 });
             }
-            if self.get(file, c)? != 0 {
-                start = c + 1;
+            match self.locate(c) {
+                None => c += 1,
+                Some((slice_offset, _, _)) => {
+                    // Scan the rest of this slice without further lookups.
+                    let per_slice = (self.slice_bytes * 8) >> order;
+                    let slice_end = c - c % per_slice + per_slice;
+                    let slice = self.slice(file, slice_offset)?;
+                    while c < slice_end && c - start < count {
+                        let bit = (c % per_slice) << order;
+                        let value = Self::decode_entry(
+                            order,
+                            &slice.data,
+                            (bit / 8) as usize,
+                            (bit % 8) as u32,
+                        );
+                        if value != 0 {
+                            start = c + 1;
+                        }
+                        c += 1;
+                    }
+                }
             }
-            c += 1;
         }
         if count == 1 {
             self.free_cursor = start;
@@ -378,7 +416,13 @@ impl Refcounts {
             let mut data = vec![0u8; cs as usize];
             let index = at % per_block;
             let bit = index << self.refcount_order;
-            Self::write_entry(self.refcount_order, &mut data, (bit / 8) as usize, (bit % 8) as u32, 1);
+            Self::write_entry(
+                self.refcount_order,
+                &mut data,
+                (bit / 8) as usize,
+                (bit % 8) as u32,
+                1,
+            );
             file.write_at(&data, at * cs)?;
             self.table[block as usize] = at * cs;
             self.write_table_entry(file, block)?;
@@ -402,7 +446,9 @@ impl Refcounts {
         let per_block = self.entries_per_block();
         let entries_per_cluster = cs / 8;
         let mut new_entries = min_entries.max(self.table.len() as u64 * 2).max(1);
-        let start = self.end_cluster.max(self.table_offset / cs + self.table_clusters as u64);
+        let start = self
+            .end_cluster
+            .max(self.table_offset / cs + self.table_clusters as u64);
         let (table_clusters, new_blocks) = loop {
             let table_clusters = new_entries.div_ceil(entries_per_cluster);
             // Blocks to cover [start, start + table_clusters + k) where missing.
@@ -446,7 +492,13 @@ impl Refcounts {
             let range = b * per_block..(b + 1) * per_block;
             for c in start.max(range.start)..used_end.min(range.end) {
                 let bit = (c % per_block) << self.refcount_order;
-                Self::write_entry(self.refcount_order, &mut data, (bit / 8) as usize, (bit % 8) as u32, 1);
+                Self::write_entry(
+                    self.refcount_order,
+                    &mut data,
+                    (bit / 8) as usize,
+                    (bit % 8) as u32,
+                    1,
+                );
             }
             file.write_at(&data, (blocks_at + i as u64) * cs)?;
         }

@@ -95,7 +95,10 @@ pub fn parse_table(
             ));
         }
         if l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
-            return Err(bad(i, format!("l1_size {l1_size} exceeds the 32 MiB limit")));
+            return Err(bad(
+                i,
+                format!("l1_size {l1_size} exceeds the 32 MiB limit"),
+            ));
         }
         let extra = &buf[extra_at..strings_at];
         let mut vm_state_size = be32(buf, at + 32) as u64;

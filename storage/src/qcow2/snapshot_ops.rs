@@ -32,9 +32,10 @@ struct References {
 }
 
 impl References {
-    fn all_sorted(mut self) -> Vec<u64> {
+    /// Every referenced cluster. Not sorted: the batched refcount update only needs
+    /// neighbours to share slices, which table order already gives.
+    fn all(mut self) -> Vec<u64> {
         self.l2_tables.append(&mut self.data);
-        self.l2_tables.sort_unstable();
         self.l2_tables
     }
 }
@@ -106,13 +107,10 @@ impl Qcow2Image {
         (entries * 8).div_ceil(self.cluster_size).max(1)
     }
 
-    /// Walks an L1 table (read from the file: the caller has settled the image).
-    fn references(&self, l1: &[u64]) -> Result<References> {
-        let mut refs = References {
-            l2_tables: Vec::new(),
-            data: Vec::new(),
-        };
+    /// The L2 table offsets an L1 table references, validated.
+    fn l2_tables(&self, l1: &[u64]) -> Result<Vec<u64>> {
         let file_len = self.file.len()?;
+        let mut tables = Vec::new();
         for (i, &e) in l1.iter().enumerate() {
             let (l2, _) = decode_l1(e, self.cluster_size)
                 .map_err(|err| self.invalid(format!("L1 entry {i}: {}", err.0)))?;
@@ -122,7 +120,19 @@ impl Qcow2Image {
             if l2 + self.cluster_size > file_len {
                 return Err(self.invalid(format!("L2 table {l2:#x} lies past the end of the file")));
             }
-            refs.l2_tables.push(l2 >> self.cluster_bits);
+            tables.push(l2);
+        }
+        Ok(tables)
+    }
+
+    /// The references held through `tables` (one count per listed table): the tables
+    /// themselves and every cluster they map. Read from the file: the caller has settled.
+    fn references_of(&self, tables: &[u64]) -> Result<References> {
+        let mut refs = References {
+            l2_tables: tables.iter().map(|t| t >> self.cluster_bits).collect(),
+            data: Vec::new(),
+        };
+        for &l2 in tables {
             for entry in self.read_table(l2, self.l2_entries)? {
                 let mapping = decode_l2(entry, self.cluster_bits, self.version)
                     .map_err(|err| self.invalid(format!("L2 table {l2:#x}: {}", err.0)))?;
@@ -134,6 +144,34 @@ impl Qcow2Image {
             }
         }
         Ok(refs)
+    }
+
+    /// Walks an L1 table (read from the file: the caller has settled the image).
+    fn references(&self, l1: &[u64]) -> Result<References> {
+        self.references_of(&self.l2_tables(l1)?)
+    }
+
+    /// Clears COPIED in the active L1 and every table it references: after a snapshot
+    /// shares them all, no refcount is 1. Each table is written at most once.
+    fn clear_copied_flags(&mut self) -> Result<()> {
+        let l1: Vec<u64> = self.l1.iter().map(|e| e.load(Ordering::Acquire)).collect();
+        for l2 in self.l2_tables(&l1)? {
+            let table = self.read_table(l2, self.l2_entries)?;
+            if table.iter().any(|e| e & OFLAG_COPIED != 0) {
+                let cleared: Vec<u64> = table.iter().map(|e| e & !OFLAG_COPIED).collect();
+                self.write_table(l2, &cleared)?;
+            }
+        }
+        let cleared: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+        if cleared != l1 {
+            self.write_table(self.l1_offset, &cleared)?;
+            for (slot, e) in self.l1.iter().zip(&cleared) {
+                slot.store(*e, Ordering::Release);
+            }
+        }
+        self.file.sync()?;
+        self.l2_cache = L2Cache::new(self.l2_capacity);
+        Ok(())
     }
 
     fn update_refcounts(&mut self, clusters: &[u64], delta: i64) -> Result<()> {
@@ -183,7 +221,11 @@ impl Qcow2Image {
                 });
             }
             let wanted: Vec<u64> = hosts.iter().flatten().copied().collect();
-            let counts = self.meta.get_mut().refcounts.get_many(&self.file, &wanted)?;
+            let counts = self
+                .meta
+                .get_mut()
+                .refcounts
+                .get_many(&self.file, &wanted)?;
             let mut counts = counts.into_iter();
             let mut new_table = table.clone();
             for (j, host) in hosts.iter().enumerate() {
@@ -262,7 +304,9 @@ impl Qcow2Image {
     ) -> Result<SnapshotEntry> {
         self.writable()?;
         if name.is_empty() {
-            return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
         }
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(Error::InvalidArgument(format!(
@@ -282,7 +326,7 @@ impl Qcow2Image {
         self.write_table(l1_offset, &snapshot_l1)?;
 
         // 2. One more reference on every L2 table and cluster it reaches, batched.
-        let refs = self.references(&l1)?.all_sorted();
+        let refs = self.references(&l1)?.all();
         self.update_refcounts(&refs, 1)?;
         self.flush_refcounts()?;
 
@@ -315,7 +359,7 @@ impl Qcow2Image {
         self.commit_table(entries)?;
 
         // 4. The active tables now share everything: COPIED goes.
-        self.fix_copied_flags()?;
+        self.clear_copied_flags()?;
 
         // 5. The VM state belongs to the snapshot alone; keeping it in the active layer would
         //    only force copies on the next snapshot (QEMU drops it too).
@@ -343,9 +387,9 @@ impl Qcow2Image {
     /// snapshot was taken, and the disk size returns to the snapshot's.
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.writable()?;
-        let index = self.find_snapshot(id_or_name).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot '{id_or_name}' not found"))
-        })?;
+        let index = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
         let snapshot = self.snapshots[index].clone();
         self.settle()?;
         self.set_dirty(true)?;
@@ -362,10 +406,17 @@ impl Qcow2Image {
         }
         new_l1.resize(new_len as usize, 0);
         let old_l1: Vec<u64> = self.l1.iter().map(|e| e.load(Ordering::Acquire)).collect();
-        let old_refs = self.references(&old_l1)?.all_sorted();
+        // A table referenced by both the old and the new active L1 keeps its count, and so
+        // does every cluster it maps: only the tables that differ are walked.
+        let mut old_tables = self.l2_tables(&old_l1)?;
+        let mut new_tables = self.l2_tables(&new_l1)?;
+        old_tables.sort_unstable();
+        new_tables.sort_unstable();
+        let (only_old, only_new) = multiset_difference(&old_tables, &new_tables);
+        let old_refs = self.references_of(&only_old)?.all();
 
         // References of the snapshot's tables are added first.
-        let new_refs = self.references(&new_l1)?.all_sorted();
+        let new_refs = self.references_of(&only_new)?.all();
         self.update_refcounts(&new_refs, 1)?;
         let new_offset = self.allocate_now(self.l1_clusters(new_len))?;
         self.write_table(new_offset, &new_l1)?;
@@ -399,14 +450,14 @@ impl Qcow2Image {
     /// Deletes snapshot `id_or_name`, releasing every cluster only it referenced.
     pub fn delete_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.writable()?;
-        let index = self.find_snapshot(id_or_name).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot '{id_or_name}' not found"))
-        })?;
+        let index = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
         let snapshot = self.snapshots[index].clone();
         self.settle()?;
         self.set_dirty(true)?;
         let l1 = self.read_table(snapshot.l1_table_offset, snapshot.l1_size as u64)?;
-        let refs = self.references(&l1)?.all_sorted();
+        let refs = self.references(&l1)?.all();
 
         // Commit: the entry leaves the table first, so a crash can only leak.
         let mut entries = self.snapshots.clone();
@@ -481,9 +532,9 @@ impl Qcow2Image {
 
     /// Reads `buf.len()` bytes at byte `pos` of snapshot `id_or_name`'s VM state (loadvm).
     pub fn read_vm_state(&self, id_or_name: &str, buf: &mut [u8], pos: u64) -> Result<()> {
-        let index = self.find_snapshot(id_or_name).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot '{id_or_name}' not found"))
-        })?;
+        let index = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
         let snapshot = &self.snapshots[index];
         let end = pos.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > snapshot.vm_state_size) {
@@ -522,11 +573,57 @@ impl Qcow2Image {
                 Mapping::Data { host, .. } => self.file.read_at(out, host + in_cluster)?,
                 Mapping::Compressed(extent) => {
                     let data = self.read_compressed(extent)?;
-                    out.copy_from_slice(&data[in_cluster as usize..in_cluster as usize + out.len()]);
+                    out.copy_from_slice(
+                        &data[in_cluster as usize..in_cluster as usize + out.len()],
+                    );
                 }
                 Mapping::Zero { .. } | Mapping::Unallocated => out.fill(0),
             }
         }
         Ok(())
+    }
+}
+
+/// Elements of `a` not matched in `b`, and of `b` not matched in `a` (both sorted).
+fn multiset_difference(a: &[u64], b: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (Some(_), Some(y)) => {
+                only_b.push(*y);
+                j += 1;
+            }
+            (Some(x), None) => {
+                only_a.push(*x);
+                i += 1;
+            }
+            (None, Some(y)) => {
+                only_b.push(*y);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (only_a, only_b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::multiset_difference;
+
+    #[test]
+    fn multiset_difference_counts_repeats() {
+        let (a, b) = multiset_difference(&[1, 2, 2, 5], &[2, 3, 5, 5]);
+        assert_eq!(a, [1, 2]);
+        assert_eq!(b, [3, 5]);
     }
 }
