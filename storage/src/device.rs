@@ -104,6 +104,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// The file this layer lives in.
     fn path(&self) -> &Path;
+
+    /// This layer as a qcow2 image, for operations only qcow2 has (snapshots, backing
+    /// pointer changes).
+    fn as_qcow2(&self) -> Option<&crate::qcow2::Qcow2Image> {
+        None
+    }
 }
 
 /// Checks that `offset..offset+len` lies within a device of `size` bytes.

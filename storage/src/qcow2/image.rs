@@ -59,7 +59,8 @@ pub(super) struct Meta {
 pub struct Qcow2Image {
     pub(super) file: ImageFile,
     pub(super) path: PathBuf,
-    pub(super) read_only: bool,
+    /// Writes refused; set for good once a layer becomes a backing file.
+    pub(super) read_only: AtomicBool,
     pub(super) version: u32,
     pub(super) cluster_bits: u32,
     pub(super) cluster_size: u64,
@@ -75,9 +76,8 @@ pub struct Qcow2Image {
     pub(super) l2_capacity: usize,
     pub(super) meta: Mutex<Meta>,
     pub(super) stripes: Box<[RwLock<()>]>,
-    pub(super) backing: Option<Arc<dyn BlockDevice>>,
-    /// Index of the bottom layer of the chain, counting this one as 0.
-    pub(super) bottom_depth: u32,
+    /// The layer below; replaced when a stream or commit rewrites the backing pointer.
+    pub(super) backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     /// Slices dirtied since the last writeback; a writeback runs when it exceeds the cache.
     pub(super) dirtied: AtomicUsize,
     /// Data may have been written since the last sync.
@@ -194,18 +194,6 @@ impl Qcow2Image {
             }
             _ => None,
         };
-        let bottom_depth = match &backing {
-            None => 0,
-            Some(b) => {
-                let mut depth = 1;
-                let mut layer = b.backing();
-                while let Some(l) = layer {
-                    depth += 1;
-                    layer = l.backing();
-                }
-                depth
-            }
-        };
         let slice_bytes = L2_SLICE_BYTES.min(cluster_size);
         let l2_bytes = options.l2_cache_bytes.unwrap_or_else(|| {
             // 8 bytes of L2 per cluster of data.
@@ -234,7 +222,7 @@ impl Qcow2Image {
         };
         let mut image = Qcow2Image {
             path: path.to_path_buf(),
-            read_only,
+            read_only: AtomicBool::new(read_only),
             version: hdr.version,
             cluster_bits: hdr.cluster_bits,
             cluster_size,
@@ -254,8 +242,7 @@ impl Qcow2Image {
                 l1_dirty: BTreeSet::new(),
             }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            backing,
-            bottom_depth,
+            backing: RwLock::new(backing),
             dirtied: AtomicUsize::new(0),
             unsynced: AtomicBool::new(false),
             snapshots,
@@ -282,6 +269,63 @@ impl Qcow2Image {
         })
     }
 
+    /// Index of the bottom layer of the chain, counting this one as 0.
+    fn bottom_depth(&self) -> u32 {
+        let mut depth = 0;
+        let mut layer = self.backing();
+        while let Some(l) = layer {
+            depth += 1;
+            layer = l.backing();
+        }
+        depth
+    }
+
+    /// Whether writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Flushes and then refuses every further write: the layer is becoming the backing file
+    /// of a new overlay (a live external snapshot). Cannot be undone on this handle.
+    pub fn make_read_only(&self) -> Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.close()?;
+        self.read_only.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rewrites the backing file pointer in the header (name and backing-format extension;
+    /// `None` makes the image standalone) and, when `device` is given, serves reads of
+    /// unallocated clusters from it from now on. The caller guarantees the new backing
+    /// chain reads the same data where this layer is unallocated (stream and commit do);
+    /// metadata and data are flushed before the header changes, and the header is synced.
+    pub fn set_backing(
+        &self,
+        name: Option<&str>,
+        format: Option<ImageFormat>,
+        device: Option<Arc<dyn BlockDevice>>,
+    ) -> Result<()> {
+        self.writable()?;
+        self.writeback()?;
+        {
+            let mut meta = self.meta.lock();
+            meta.header.backing_file = name.map(str::to_string);
+            meta.header.backing_format = name.and(format).map(|f| f.name().to_string());
+            write_header(&self.file, &mut meta.header)?;
+            self.file.sync()?;
+        }
+        *self.backing.write() = device;
+        Ok(())
+    }
+
+    /// Replaces the in-memory backing device without touching the file (after the header
+    /// already names it, e.g. when reopening a chain read-only).
+    pub fn replace_backing_device(&self, device: Option<Arc<dyn BlockDevice>>) {
+        *self.backing.write() = device;
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &ImageFile {
         &self.file
@@ -306,7 +350,7 @@ impl Qcow2Image {
     }
 
     pub(super) fn writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
             });
@@ -363,7 +407,8 @@ impl Qcow2Image {
     /// Reads guest bytes that this layer does not hold: from the backing chain, zeroes past
     /// its end or without one.
     pub(super) fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match &self.backing {
+        let backing = self.backing.read();
+        match &*backing {
             Some(b) if offset < b.size() => {
                 let n = (b.size() - offset).min(buf.len() as u64) as usize;
                 b.read_at(&mut buf[..n], offset)?;
@@ -637,7 +682,7 @@ impl Qcow2Image {
                 Mapping::Compressed(extent) => full = self.read_compressed(extent)?,
                 Mapping::Zero { .. } => {}
                 Mapping::Unallocated => {
-                    if self.backing.is_some() {
+                    if self.backing.read().is_some() {
                         self.read_below(&mut full[..head], cluster_start)?;
                         self.read_below(&mut full[tail..], cluster_start + tail as u64)?;
                     }
@@ -684,7 +729,7 @@ impl Qcow2Image {
         // What a whole unmapped cluster becomes: unallocated reads as zero without a backing
         // file; with one, version 3 has the zero flag; version 2 can only fall through to
         // the backing file (allowed for discard) or store zeroes.
-        let unmapped_entry = if self.backing.is_none() {
+        let unmapped_entry = if self.backing.read().is_none() {
             Some(0)
         } else if self.version >= 3 {
             Some(OFLAG_ZERO)
@@ -712,7 +757,7 @@ impl Qcow2Image {
 
     /// Writes dirty metadata back in crash-safe order, then applies deferred frees.
     pub(super) fn writeback(&self) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         let mut meta = self.meta.lock();
@@ -769,7 +814,7 @@ impl Qcow2Image {
 
     /// Flushes until nothing is pending, so the file on disk has no leaks (used on close).
     pub fn close(&self) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         self.writeback()?;
@@ -880,7 +925,7 @@ impl BlockDevice for Qcow2Image {
         let mut status = BlockStatus {
             len: 0,
             allocation: Allocation::Unallocated,
-            depth: self.bottom_depth,
+            depth: 0,
             offset: None,
             compressed: false,
         };
@@ -940,21 +985,21 @@ impl BlockDevice for Qcow2Image {
             status.len += n;
         }
         if status.allocation == Allocation::Unallocated {
-            match &self.backing {
+            match &*self.backing.read() {
                 Some(b) if offset < b.size() => {
                     let n = status.len.min(b.size() - offset);
                     let mut below = b.block_status(offset, n)?;
                     below.depth += 1;
                     return Ok(below);
                 }
-                _ => status.depth = self.bottom_depth,
+                _ => status.depth = self.bottom_depth(),
             }
         }
         Ok(status)
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.is_read_only()
     }
 
     fn info(&self) -> ImageInfo {
@@ -962,7 +1007,11 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.backing.clone()
+        self.backing.read().clone()
+    }
+
+    fn as_qcow2(&self) -> Option<&Qcow2Image> {
+        Some(self)
     }
 
     fn path(&self) -> &Path {
