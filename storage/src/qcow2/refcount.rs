@@ -107,21 +107,23 @@ impl Refcounts {
     }
 
     /// Byte position of entry `index` inside a block, and the slice holding it.
+    #[inline]
     fn locate(&self, cluster: u64) -> Option<(u64, usize, u32)> {
-        let per_block = self.entries_per_block();
-        let block = cluster / per_block;
-        let block_offset = *self.table.get(block as usize)?;
+        // Every size here is a power of two: shifts and masks, no divisions (this runs once
+        // per cluster when a snapshot operation walks a whole image).
+        let block_shift = self.cluster_bits + 3 - self.refcount_order;
+        let block_offset = *self.table.get((cluster >> block_shift) as usize)?;
         if block_offset == 0 {
             return None;
         }
-        let index = cluster % per_block;
+        let index = cluster & ((1u64 << block_shift) - 1);
         let bit = index << self.refcount_order;
-        let byte = bit / 8;
-        let slice_start = block_offset + byte / self.slice_bytes * self.slice_bytes;
+        let byte = bit >> 3;
+        let slice_mask = self.slice_bytes - 1;
         Some((
-            slice_start,
-            (byte % self.slice_bytes) as usize,
-            (bit % 8) as u32,
+            block_offset + (byte & !slice_mask),
+            (byte & slice_mask) as usize,
+            (bit & 7) as u32,
         ))
     }
 
@@ -157,6 +159,7 @@ impl Refcounts {
         Ok(())
     }
 
+    #[inline]
     fn decode_entry(order: u32, data: &[u8], byte: usize, bit: u32) -> u64 {
         match order {
             0..=2 => {
@@ -170,6 +173,7 @@ impl Refcounts {
         }
     }
 
+    #[inline]
     fn write_entry(order: u32, data: &mut [u8], byte: usize, bit: u32, value: u64) {
         match order {
             0..=2 => {
@@ -199,18 +203,24 @@ impl Refcounts {
     pub fn get_many(&mut self, file: &ImageFile, clusters: &[u64]) -> Result<Vec<u64>> {
         let order = self.refcount_order;
         let mut out = Vec::with_capacity(clusters.len());
+        let per_slice = (self.slice_bytes * 8) >> order;
+        // (first cluster the slice covers, its bytes)
         let mut current: Option<(u64, Vec<u8>)> = None;
         for &cluster in clusters {
-            let Some((slice, byte, bit)) = self.locate(cluster) else {
-                out.push(0);
-                continue;
-            };
-            if current.as_ref().is_none_or(|(o, _)| *o != slice) {
+            let slice_first = cluster & !(per_slice - 1);
+            if current
+                .as_ref()
+                .is_none_or(|(first, _)| *first != slice_first)
+            {
+                let Some((slice, _, _)) = self.locate(cluster) else {
+                    out.push(0);
+                    continue;
+                };
                 let data = self.slice(file, slice)?.data.clone();
-                current = Some((slice, data));
+                current = Some((slice_first, data));
             }
             let (_, data) = current.as_ref().expect("loaded");
-            out.push(Self::decode_entry(order, data, byte, bit));
+            out.push(read_packed(order, data, (cluster - slice_first) as usize));
         }
         Ok(out)
     }
@@ -298,15 +308,16 @@ impl Refcounts {
             self.slice(file, slice_offset)?;
             let mut slice = self.slices.remove(&slice_offset).expect("cached");
             let mut result = Ok(());
+            // The slice holds an aligned run of `per_slice` clusters' entries.
+            let per_slice = (self.slice_bytes * 8) >> order;
+            let slice_first = cluster & !(per_slice - 1);
             while i < clusters.len() {
                 let c = clusters[i];
-                let Some((o, byte, bit)) = self.locate(c) else {
-                    break;
-                };
-                if o != slice_offset {
+                if c < slice_first || c >= slice_first + per_slice {
                     break;
                 }
-                let current = Self::decode_entry(order, &slice.data, byte, bit);
+                let index = (c - slice_first) as usize;
+                let current = read_packed(order, &slice.data, index);
                 let new = if delta >= 0 {
                     current.checked_add(delta as u64).filter(|&v| v <= max)
                 } else {
@@ -319,7 +330,7 @@ impl Refcounts {
                     ));
                     break;
                 };
-                Self::write_entry(order, &mut slice.data, byte, bit, new);
+                write_packed(order, &mut slice.data, index, new);
                 slice.dirty = true;
                 if new == 0 && c < self.free_cursor {
                     self.free_cursor = c;
@@ -554,4 +565,26 @@ impl Refcounts {
     pub fn is_dirty(&self) -> bool {
         self.slices.values().any(|s| s.dirty)
     }
+}
+
+/// Entry `index` of a refcount slice. 16-bit refcounts (the default) get a direct path:
+/// snapshot operations call this once per cluster of the image.
+#[inline]
+fn read_packed(order: u32, data: &[u8], index: usize) -> u64 {
+    if order == 4 {
+        return u16::from_be_bytes([data[2 * index], data[2 * index + 1]]) as u64;
+    }
+    let bit = index << order;
+    Refcounts::decode_entry(order, data, bit >> 3, (bit & 7) as u32)
+}
+
+/// Stores entry `index` of a refcount slice.
+#[inline]
+fn write_packed(order: u32, data: &mut [u8], index: usize, value: u64) {
+    if order == 4 {
+        data[2 * index..2 * index + 2].copy_from_slice(&(value as u16).to_be_bytes());
+        return;
+    }
+    let bit = index << order;
+    Refcounts::write_entry(order, data, bit >> 3, (bit & 7) as u32, value);
 }

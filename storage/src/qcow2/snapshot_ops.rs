@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::cache::L2Cache;
-use super::entry::{decode_l1, decode_l2, Mapping, OFLAG_COPIED};
+use super::entry::{
+    decode_l1, decode_l2, Mapping, L2_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
 use super::header::INCOMPAT_DIRTY;
 use super::image::{write_header, Qcow2Image};
 use super::snapshot::{serialize_table, SnapshotEntry, MAX_SNAPSHOTS};
@@ -134,6 +137,15 @@ impl Qcow2Image {
         };
         for &l2 in tables {
             for entry in self.read_table(l2, self.l2_entries)? {
+                // Fast path for the common plain entry; anything unusual is fully decoded
+                // (and validated) below.
+                if entry & (OFLAG_COMPRESSED | L2_RESERVED | OFLAG_ZERO) == 0 {
+                    let host = entry & OFFSET_MASK;
+                    if host != 0 && host & (self.cluster_size - 1) == 0 {
+                        refs.data.push(host >> self.cluster_bits);
+                        continue;
+                    }
+                }
                 let mapping = decode_l2(entry, self.cluster_bits, self.version)
                     .map_err(|err| self.invalid(format!("L2 table {l2:#x}: {}", err.0)))?;
                 if let Some((offset, len)) = mapping.host_extent(self.cluster_size) {
@@ -212,6 +224,13 @@ impl Qcow2Image {
             let table = self.read_table(l2, self.l2_entries)?;
             let mut hosts = Vec::with_capacity(table.len());
             for &entry in &table {
+                if entry & (OFLAG_COMPRESSED | L2_RESERVED | OFLAG_ZERO) == 0 {
+                    let host = entry & OFFSET_MASK;
+                    if host != 0 && host & (self.cluster_size - 1) == 0 {
+                        hosts.push(Some(host >> self.cluster_bits));
+                        continue;
+                    }
+                }
                 let mapping = decode_l2(entry, self.cluster_bits, self.version)
                     .map_err(|err| self.invalid(format!("L2 table {l2:#x}: {}", err.0)))?;
                 hosts.push(match mapping {
