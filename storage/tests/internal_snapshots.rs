@@ -475,7 +475,8 @@ fn crash_during_snapshot_operations() {
         let out = child.wait_with_output().unwrap();
         let acked = String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.strip_prefix("ack ")?.trim().parse::<usize>().ok())
+            // The first ack shares its line with libtest's "test ... " prefix.
+            .filter_map(|l| l.rsplit("ack ").next()?.trim().parse::<usize>().ok())
             .max();
         // States the image may hold: after the last acked step, after the next step's write,
         // or after the whole next step.
@@ -527,7 +528,10 @@ fn crash_during_snapshot_operations() {
         );
         assert!(
             candidates.iter().any(|m| m.active == active),
-            "trial {trial}: active data matches no allowed state"
+            "trial {trial}: active data {active:?} matches no allowed state (acked {acked:?}, v{version}):\n before {:?}\n written {:?}\n after {:?}",
+            before.active,
+            written.active,
+            after.active
         );
         let mut image = open_qcow2(&path);
         let expected = matching[0];
@@ -540,7 +544,11 @@ fn crash_during_snapshot_operations() {
             );
         }
         drop(image);
+        // Leaks from the crash may remain (allowed); corruption may not.
         let (code, text) = qemu_check(&path);
-        assert_eq!(code, 0, "trial {trial}: check after applies: {text}");
+        assert!(
+            code == 0 || code == 3,
+            "trial {trial}: check after applies: {text}"
+        );
     }
 }
