@@ -142,7 +142,10 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
         slot.get_or_insert(message);
     };
     let worker = |device: &Arc<dyn BlockDevice>| {
-        let mut buf = vec![args.pattern; args.size as usize];
+        // Aligned like QEMU's request buffers, so `-t none` needs no bounce copy.
+        let mut aligned = storage::file::AlignedBuf::new(args.size as usize);
+        aligned.fill(args.pattern);
+        let buf = &mut aligned[..args.size as usize];
         while !stop.load(Ordering::Relaxed) {
             let index = next.fetch_add(1, Ordering::Relaxed);
             if index >= args.count {

@@ -20,14 +20,37 @@ pub struct ImageFile {
     read_only: bool,
 }
 
-/// A heap buffer aligned for `O_DIRECT`.
-struct AlignedBuf {
+/// A zeroed heap buffer aligned for `O_DIRECT`: I/O from one goes straight to the device
+/// without a bounce copy.
+pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
+// SAFETY: the buffer owns its allocation exclusively, like a `Vec<u8>`.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `len` bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    /// A zeroed buffer of at least `len` bytes (rounded up to [`DIRECT_ALIGN`]).
+    pub fn new(len: usize) -> Self {
+        let len = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         let len = len.max(DIRECT_ALIGN);
         let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).expect("layout");
         // SAFETY: the layout has a non-zero size; a null return is handled below.
