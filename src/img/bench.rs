@@ -153,7 +153,7 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
             }
             let offset = request_offset(args.offset, step, index, image_size);
             let result = if args.write {
-                device.write_at(&buf, offset).and_then(|()| {
+                device.write_at(buf, offset).and_then(|()| {
                     if args.cache.write_through() {
                         device.flush()
                     } else {
@@ -161,7 +161,7 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
                     }
                 })
             } else {
-                device.read_at(&mut buf, offset)
+                device.read_at(buf, offset)
             };
             if let Err(e) = result {
                 fail(format!("failed request at offset {offset}: {e}"));

@@ -4,6 +4,9 @@ use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use parking_lot::lock_api::RawMutex as _;
+use parking_lot::RawMutex;
+
 use crate::error::{Error, Result};
 
 /// Memory and offset alignment used for `O_DIRECT` transfers. 4 KiB suits every logical block
@@ -12,12 +15,66 @@ pub const DIRECT_ALIGN: usize = 4096;
 
 /// An open image file. All I/O is positional (`pread`/`pwrite`), so one `ImageFile` is shared
 /// by every thread without a lock.
-#[derive(Debug)]
 pub struct ImageFile {
     file: File,
     path: PathBuf,
     direct: bool,
     read_only: bool,
+    /// With `O_DIRECT`, a write that does not cover whole 4 KiB blocks is a read-modify-write
+    /// of the blocks around it; any write touching a block holds that block's stripe so an
+    /// RMW never puts back stale bytes over a neighbour's concurrent write.
+    block_locks: [RawMutex; BLOCK_STRIPES],
+}
+
+impl std::fmt::Debug for ImageFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageFile")
+            .field("path", &self.path)
+            .field("direct", &self.direct)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// Stripes of `ImageFile::block_locks`: one bit each in a `u64` mask.
+const BLOCK_STRIPES: usize = 64;
+
+/// Holds the block stripes of one direct write, released on drop.
+struct BlockGuard<'a> {
+    locks: &'a [RawMutex; BLOCK_STRIPES],
+    mask: u64,
+}
+
+impl<'a> BlockGuard<'a> {
+    /// Locks the stripes of every 4 KiB block in `offset..offset+len`, in ascending stripe
+    /// order so two writers can never wait on each other in a cycle.
+    fn lock(locks: &'a [RawMutex; BLOCK_STRIPES], offset: u64, len: usize) -> Self {
+        let align = DIRECT_ALIGN as u64;
+        let first = offset / align;
+        let last = (offset + len.max(1) as u64 - 1) / align;
+        let mask = if last - first >= BLOCK_STRIPES as u64 {
+            u64::MAX
+        } else {
+            (first..=last).fold(0u64, |m, b| m | 1 << (b % BLOCK_STRIPES as u64))
+        };
+        for (i, lock) in locks.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                lock.lock();
+            }
+        }
+        BlockGuard { locks, mask }
+    }
+}
+
+impl Drop for BlockGuard<'_> {
+    fn drop(&mut self) {
+        for (i, lock) in self.locks.iter().enumerate() {
+            if self.mask & (1 << i) != 0 {
+                // SAFETY: this guard locked exactly the stripes in `mask`, once each.
+                unsafe { lock.unlock() };
+            }
+        }
+    }
 }
 
 /// A zeroed heap buffer aligned for `O_DIRECT`: I/O from one goes straight to the device
@@ -95,6 +152,7 @@ impl ImageFile {
             path: path.to_path_buf(),
             direct,
             read_only,
+            block_locks: [const { RawMutex::INIT }; BLOCK_STRIPES],
         })
     }
 
@@ -112,6 +170,7 @@ impl ImageFile {
             path: path.to_path_buf(),
             direct: false,
             read_only: false,
+            block_locks: [const { RawMutex::INIT }; BLOCK_STRIPES],
         })
     }
 
@@ -166,9 +225,17 @@ impl ImageFile {
 
     /// Writes all of `buf` at `offset`, growing the file as needed.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.direct && !is_aligned(buf, offset) {
-            return self.write_bounced(buf, offset);
+        if self.direct {
+            let _blocks = BlockGuard::lock(&self.block_locks, offset, buf.len());
+            if !is_aligned(buf, offset) {
+                return self.write_bounced(buf, offset);
+            }
+            return self.write_plain(buf, offset);
         }
+        self.write_plain(buf, offset)
+    }
+
+    fn write_plain(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io(
                 &self.path,
@@ -195,10 +262,8 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Read-modify-write of the aligned blocks around an unaligned write. Callers never issue
-    /// two unaligned writes that share a 4 KiB block concurrently: metadata writes are
-    /// serialised by the image's metadata lock and data writes cover whole clusters or are
-    /// serialised by the cluster lock.
+    /// Read-modify-write of the aligned blocks around an unaligned write; the caller holds
+    /// the blocks' stripes.
     fn write_bounced(&self, buf: &[u8], offset: u64) -> Result<()> {
         let (start, span) = Self::aligned_span(buf.len(), offset);
         let mut bounce = AlignedBuf::new(span);
@@ -208,7 +273,7 @@ impl ImageFile {
             self.read_at(bounce, start)?;
         }
         bounce[skip..skip + buf.len()].copy_from_slice(buf);
-        self.write_at(bounce, start)
+        self.write_plain(bounce, start)
     }
 
     /// `fdatasync`: every completed write is durable when this returns.

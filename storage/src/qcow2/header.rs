@@ -232,13 +232,17 @@ impl Header {
         }
         h.parse_extensions(path, buf)?;
         if h.backing_file_offset != 0 {
-            let end = h.backing_file_offset + h.backing_file_size as u64;
-            if h.backing_file_size > MAX_BACKING_NAME || end > cluster_size.min(buf.len() as u64) {
+            let limit = cluster_size.min(buf.len() as u64);
+            let end = h
+                .backing_file_offset
+                .checked_add(h.backing_file_size as u64)
+                .filter(|&end| end <= limit && h.backing_file_size <= MAX_BACKING_NAME);
+            let Some(end) = end else {
                 return Err(bad(format!(
                     "backing file name at {:#x} length {} lies outside the first cluster",
                     h.backing_file_offset, h.backing_file_size
                 )));
-            }
+            };
             let name = &buf[h.backing_file_offset as usize..end as usize];
             let name = String::from_utf8(name.to_vec())
                 .map_err(|_| bad("backing file name is not UTF-8".into()))?;

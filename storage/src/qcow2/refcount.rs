@@ -62,7 +62,7 @@ impl Refcounts {
                     format!("refcount table entry {i} ({e:#x}) is not cluster aligned"),
                 ));
             }
-            if e != 0 && e + cs > file_len {
+            if e != 0 && e.checked_add(cs).is_none_or(|end| end > file_len) {
                 return Err(Error::invalid(
                     file.path(),
                     format!("refcount block {i} at {e:#x} lies past the end of the file"),
