@@ -694,7 +694,6 @@ fn bad_mapping_entries_fail_reads() {
 /// a guest write overwrite that metadata; QEMU refuses such writes ("Preventing invalid
 /// write on metadata") and marks the image corrupt.
 #[test]
-#[ignore = "engine bug: no metadata overlap check, a guest write through a crafted L2 entry overwrites the refcount table"]
 fn guest_writes_never_overwrite_metadata() {
     if !need_qemu("guest_writes_never_overwrite_metadata") {
         return;

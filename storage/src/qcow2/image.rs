@@ -26,6 +26,7 @@ use super::cache::{L2Cache, Slice};
 use super::compress::decompress;
 use super::entry::{decode_l1, decode_l2, Mapping, OFLAG_COPIED, OFLAG_ZERO};
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::overlap::MetadataMap;
 use super::refcount::Refcounts;
 use super::snapshot::{parse_table, SnapshotEntry, MAX_TABLE_BYTES};
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
@@ -84,6 +85,9 @@ pub struct Qcow2Image {
     pub(super) unsynced: AtomicBool,
     /// The internal snapshot table.
     pub(super) snapshots: Vec<SnapshotEntry>,
+    /// Host clusters holding metadata (shared with the refcount state, which keeps it
+    /// current); data writes never land on one.
+    pub(super) metadata: Arc<MetadataMap>,
     /// Bytes the snapshot table occupies on disk.
     pub(super) snapshot_table_bytes: u64,
 }
@@ -180,6 +184,16 @@ impl Qcow2Image {
             .unwrap_or(DEFAULT_REFCOUNT_CACHE);
         let refcounts = Refcounts::load(&file, &hdr, refcount_cache)?;
         let (snapshots, snapshot_table_bytes) = load_snapshots(&file, &hdr, file_len)?;
+        let metadata = refcounts.metadata.clone();
+        mark_metadata(
+            &file,
+            &hdr,
+            &l1,
+            &refcounts.table,
+            &snapshots,
+            snapshot_table_bytes,
+            &metadata,
+        )?;
 
         let backing = match (&hdr.backing_file, options.open_backing) {
             (Some(name), true) => {
@@ -247,6 +261,7 @@ impl Qcow2Image {
             unsynced: AtomicBool::new(false),
             snapshots,
             snapshot_table_bytes,
+            metadata,
             file,
         };
         if was_dirty {
@@ -592,6 +607,7 @@ impl Qcow2Image {
             return self.l2_slice(l2_offset, index);
         }
         let new_offset = self.allocate(&mut meta, 1)?;
+        self.metadata.insert(new_offset >> self.cluster_bits, 1);
         let mut raw = vec![0u8; self.cluster_size as usize];
         if l2_offset != 0 {
             // Copy-on-write of an L2 table shared with an internal snapshot. Shared tables
@@ -615,6 +631,27 @@ impl Qcow2Image {
         }
         drop(meta);
         self.l2_slice(new_offset, index)
+    }
+
+    /// Refuses a data write into a metadata cluster (a corrupt or crafted L2 entry) and marks
+    /// the image corrupt and read-only, as QEMU does.
+    fn check_data_target(&self, host: u64) -> Result<()> {
+        if !self.metadata.contains(host >> self.cluster_bits) {
+            return Ok(());
+        }
+        tracing::error!(
+            path = %self.path.display(),
+            host,
+            "preventing a data write on metadata: marking the image corrupt"
+        );
+        self.read_only.store(true, Ordering::Release);
+        let mut meta = self.meta.lock();
+        meta.header.incompatible_features |= INCOMPAT_CORRUPT;
+        write_header(&self.file, &mut meta.header)?;
+        self.file.sync()?;
+        Err(self.invalid(format!(
+            "a data write to host offset {host:#x} would overwrite metadata: image marked corrupt"
+        )))
     }
 
     pub(super) fn defer_free(&self, mapping: Mapping) {
@@ -646,6 +683,7 @@ impl Qcow2Image {
         {
             let _shared = self.stripe(guest_cluster).read();
             if let Mapping::Data { host, copied: true } = self.lookup(guest_cluster)? {
+                self.check_data_target(host)?;
                 return self.file.write_at(data, host + in_cluster);
             }
         }
@@ -653,6 +691,7 @@ impl Qcow2Image {
         let (slice, index) = self.l2_for_write(guest_cluster)?;
         let old = self.decode(slice.get(index), guest_cluster)?;
         if let Mapping::Data { host, copied: true } = old {
+            self.check_data_target(host)?;
             return self.file.write_at(data, host + in_cluster);
         }
         // A preallocated zero cluster we own can take the data in place of a new one.
@@ -660,7 +699,10 @@ impl Qcow2Image {
             Mapping::Zero {
                 host: Some(h),
                 copied: true,
-            } => (h, true),
+            } => {
+                self.check_data_target(h)?;
+                (h, true)
+            }
             _ => {
                 let mut meta = self.meta.lock();
                 (self.allocate(&mut meta, 1)?, false)
@@ -830,6 +872,58 @@ impl Qcow2Image {
             Mapping::Unallocated => (Allocation::Unallocated, false),
         }
     }
+}
+
+/// Records every metadata cluster of a freshly opened image: header, active L1 and its L2
+/// tables, refcount table and blocks, snapshot table, and every snapshot's L1 and L2 tables.
+fn mark_metadata(
+    file: &ImageFile,
+    hdr: &Header,
+    l1: &[AtomicU64],
+    refcount_table: &[u64],
+    snapshots: &[SnapshotEntry],
+    snapshot_table_bytes: u64,
+    map: &MetadataMap,
+) -> Result<()> {
+    let cs = hdr.cluster_size();
+    let bits = hdr.cluster_bits;
+    let clusters = |bytes: u64| bytes.div_ceil(cs).max(1);
+    map.insert(0, 1);
+    map.insert(
+        hdr.l1_table_offset >> bits,
+        clusters(hdr.l1_size as u64 * 8),
+    );
+    map.insert(
+        hdr.refcount_table_offset >> bits,
+        hdr.refcount_table_clusters as u64,
+    );
+    for &block in refcount_table.iter().filter(|&&b| b != 0) {
+        map.insert(block >> bits, 1);
+    }
+    let mark_l1 = |entries: &mut dyn Iterator<Item = u64>| {
+        for e in entries {
+            let l2 = e & super::entry::OFFSET_MASK;
+            if l2 != 0 {
+                map.insert(l2 >> bits, 1);
+            }
+        }
+    };
+    mark_l1(&mut l1.iter().map(|e| e.load(Ordering::Relaxed)));
+    if snapshot_table_bytes > 0 {
+        map.insert(hdr.snapshots_offset >> bits, clusters(snapshot_table_bytes));
+    }
+    for snapshot in snapshots {
+        let bytes = snapshot.l1_size as u64 * 8;
+        map.insert(snapshot.l1_table_offset >> bits, clusters(bytes));
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_at(&mut raw, snapshot.l1_table_offset)?;
+        mark_l1(
+            &mut raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
+        );
+    }
+    Ok(())
 }
 
 /// Reads and parses the snapshot table named by the header.

@@ -9,7 +9,10 @@ use std::collections::VecDeque;
 
 use super::offset_map::OffsetMap;
 
+use std::sync::Arc;
+
 use super::header::Header;
+use super::overlap::MetadataMap;
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
 
@@ -43,6 +46,9 @@ pub struct Refcounts {
     pub table_moved: bool,
     /// The table the last move replaced, freed once the header names the new one.
     pending_old_table: Option<(u64, u64)>,
+    /// Host clusters holding metadata: kept up to date as refcount structures move, and
+    /// never handed out by the allocator even when a corrupt image gives them refcount 0.
+    pub metadata: Arc<MetadataMap>,
 }
 
 impl Refcounts {
@@ -85,6 +91,7 @@ impl Refcounts {
             end_cluster: file_len.div_ceil(cs),
             table_moved: false,
             pending_old_table: None,
+            metadata: Arc::new(MetadataMap::default()),
         })
     }
 
@@ -284,8 +291,11 @@ impl Refcounts {
             })?
         };
         self.set(file, cluster, new)?;
-        if new == 0 && cluster < self.free_cursor {
-            self.free_cursor = cluster;
+        if new == 0 {
+            self.metadata.remove(cluster);
+            if cluster < self.free_cursor {
+                self.free_cursor = cluster;
+            }
         }
         Ok(())
     }
@@ -332,8 +342,11 @@ impl Refcounts {
                 };
                 write_packed(order, &mut slice.data, index, new);
                 slice.dirty = true;
-                if new == 0 && c < self.free_cursor {
-                    self.free_cursor = c;
+                if new == 0 {
+                    self.metadata.remove(c);
+                    if c < self.free_cursor {
+                        self.free_cursor = c;
+                    }
                 }
                 i += 1;
             }
@@ -370,6 +383,7 @@ impl Refcounts {
         // The header cluster is never free; clusters beyond every block count as free.
         let limit = (super::header::MAX_REFCOUNT_TABLE_BYTES / 8) * self.entries_per_block();
         let order = self.refcount_order;
+        let metadata = self.metadata.clone();
         while c - start < count {
             if c >= limit {
                 return Err(Error::NoSpace {
@@ -378,7 +392,12 @@ impl Refcounts {
                 });
             }
             match self.locate(c) {
-                None => c += 1,
+                None => {
+                    if metadata.contains(c) {
+                        start = c + 1;
+                    }
+                    c += 1;
+                }
                 Some((slice_offset, _, _)) => {
                     // Scan the rest of this slice without further lookups.
                     let per_slice = (self.slice_bytes * 8) >> order;
@@ -392,7 +411,7 @@ impl Refcounts {
                             (bit / 8) as usize,
                             (bit % 8) as u32,
                         );
-                        if value != 0 {
+                        if value != 0 || metadata.contains(c) {
                             start = c + 1;
                         }
                         c += 1;
@@ -436,6 +455,7 @@ impl Refcounts {
             );
             file.write_at(&data, at * cs)?;
             self.table[block as usize] = at * cs;
+            self.metadata.insert(at, 1);
             self.write_table_entry(file, block)?;
             self.end_cluster = self.end_cluster.max(at + 1);
             return Ok(true);
@@ -515,6 +535,7 @@ impl Refcounts {
         }
         let old_offset = self.table_offset;
         let old_clusters = self.table_clusters as u64;
+        self.metadata.insert(start, used_end - start);
         self.table = table;
         self.table_offset = start * cs;
         self.table_clusters = table_clusters as u32;

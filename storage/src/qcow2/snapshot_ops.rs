@@ -191,9 +191,11 @@ impl Qcow2Image {
         meta.refcounts.update_sorted(&self.file, clusters, delta)
     }
 
+    /// Allocates `count` clusters for metadata (L1 tables, snapshot tables).
     fn allocate_now(&mut self, count: u64) -> Result<u64> {
         let mut meta = self.meta.lock();
         let offset = self.allocate(&mut meta, count)?;
+        self.metadata.insert(offset >> self.cluster_bits, count);
         Ok(offset)
     }
 
