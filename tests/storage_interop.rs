@@ -926,7 +926,6 @@ fn images_with_persistent_bitmaps_stay_consistent() {
 /// would need to drop the extension and free those clusters, or keep the bit and mark the
 /// bitmaps in-use, to leave no leak.
 #[test]
-#[ignore = "engine bug: clearing the bitmaps autoclear bit leaks the bitmap clusters (qemu-img check: 3 leaks)"]
 fn images_with_persistent_bitmaps_leave_no_leak() {
     if !need_qemu("images_with_persistent_bitmaps_leave_no_leak") {
         return;

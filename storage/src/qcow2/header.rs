@@ -42,6 +42,8 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Header extension: feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: persistent dirty bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Header extension: full disk encryption header pointer.
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Header extension: external data file name.

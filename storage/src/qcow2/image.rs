@@ -146,11 +146,24 @@ impl Qcow2Image {
             super::check::rebuild_refcounts(&file, &mut hdr)?;
         }
         if !read_only && hdr.autoclear_features != 0 {
-            // Auto-clear bits promise consistency of structures (bitmaps) snapvmm does not
-            // maintain: clear them before the first write, as QEMU does.
+            // Auto-clear bits promise consistency of structures (persistent bitmaps) that
+            // snapvmm does not maintain: clear them before the first write, as QEMU does.
+            // Without the bit QEMU ignores the bitmaps extension, so drop it too and free the
+            // clusters the bitmaps held (a leak check does exactly that) instead of leaving
+            // them leaked.
+            let had_bitmaps = hdr
+                .other_extensions
+                .iter()
+                .any(|e| e.kind == header::EXT_BITMAPS);
+            hdr.other_extensions
+                .retain(|e| e.kind != header::EXT_BITMAPS);
             hdr.autoclear_features = 0;
             write_header(&file, &mut hdr)?;
             file.sync()?;
+            if had_bitmaps {
+                super::check::check(path, super::check::RepairMode::Leaks)?;
+                hdr = read_header(&file)?;
+            }
         }
         let cluster_size = hdr.cluster_size();
         // Load and validate the active L1 table.
