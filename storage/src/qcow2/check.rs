@@ -19,7 +19,8 @@ use super::entry::{
     decode_l2, L1_RESERVED, L2_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use super::header::{
-    self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
+    self, be16, be32, be64, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -252,21 +253,7 @@ fn check_pass(file: &ImageFile, fix: RepairMode) -> Result<(CheckReport, bool)> 
 /// header is therefore validated as if the file were unbounded; only offsets QEMU cannot
 /// even represent are refused.
 fn read_header(file: &ImageFile) -> Result<Header> {
-    let file_len = file.len()?;
-    let mut first = vec![
-        0u8;
-        4096.min(file_len as usize)
-            .max(header::V2_HEADER_LEN as usize)
-    ];
-    file.read_at(&mut first, 0)?;
-    let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
-    if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits)
-        && (1u64 << cluster_bits) > first.len() as u64
-    {
-        let want = (1u64 << cluster_bits).min(file_len.max(first.len() as u64));
-        first.resize(want as usize, 0);
-        file.read_at(&mut first, 0)?;
-    }
+    let first = header::read_first_cluster(file)?;
     let h = Header::parse(file.path(), &first, u64::MAX)?;
     let tables = [
         (
@@ -289,18 +276,6 @@ fn read_header(file: &ImageFile) -> Result<Header> {
         }
     }
     Ok(h)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Reads `buf.len()` bytes at `offset` of a file of `file_len` bytes; whatever lies past the

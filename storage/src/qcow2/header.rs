@@ -116,12 +116,36 @@ pub struct Header {
     pub other_extensions: Vec<Extension>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian `u16` at byte `at` of `b`.
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Big-endian `u32` at byte `at` of `b`.
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+/// Big-endian `u64` at byte `at` of `b`.
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads the bytes a header parse needs: the first cluster (or the whole file when shorter),
+/// found by peeking at `cluster_bits` first.
+pub(crate) fn read_first_cluster(file: &crate::file::ImageFile) -> Result<Vec<u8>> {
+    let file_len = file.len()?;
+    let mut first = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
+    file.read_at(&mut first, 0)?;
+    let cluster_bits = be32(&first, 20);
+    if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
+        && (1u64 << cluster_bits) > first.len() as u64
+    {
+        let want = (1u64 << cluster_bits).min(file_len.max(first.len() as u64));
+        first.resize(want as usize, 0);
+        file.read_at(&mut first, 0)?;
+    }
+    Ok(first)
 }
 
 impl Header {

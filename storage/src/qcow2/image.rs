@@ -103,22 +103,8 @@ impl std::fmt::Debug for Qcow2Image {
 }
 
 fn read_header(file: &ImageFile) -> Result<Header> {
-    let file_len = file.len()?;
-    let mut first = vec![
-        0u8;
-        4096.min(file_len as usize)
-            .max(header::V2_HEADER_LEN as usize)
-    ];
-    file.read_at(&mut first, 0)?;
-    let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
-    if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits)
-        && (1u64 << cluster_bits) > first.len() as u64
-    {
-        let want = (1u64 << cluster_bits).min(file_len.max(first.len() as u64));
-        first.resize(want as usize, 0);
-        file.read_at(&mut first, 0)?;
-    }
-    Header::parse(file.path(), &first, file_len)
+    let first = header::read_first_cluster(file)?;
+    Header::parse(file.path(), &first, file.len()?)
 }
 
 impl Qcow2Image {

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use super::header::{be16, be32, be64};
 use crate::error::{Error, Result};
 
 /// Fixed part of a table entry.
@@ -44,18 +45,6 @@ pub struct SnapshotEntry {
     pub icount: i64,
     /// Extra data bytes past the ones known here, preserved.
     pub extra_unknown: Vec<u8>,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Parses `count` entries from `buf` (the table as read from the file). `disk_size` fills in
