@@ -14,6 +14,7 @@ use storage::{BlockDevice, ImageFormat, OpenOptions};
 pub mod bench;
 pub mod chain;
 pub mod check;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod error;
@@ -22,6 +23,8 @@ pub mod io;
 pub mod map;
 pub mod options;
 pub mod output;
+pub mod progress;
+pub mod rebase;
 pub mod size;
 pub mod snapshot;
 
@@ -54,6 +57,10 @@ pub enum Verb {
     Bench(bench::BenchArgs),
     /// List, create, apply or delete internal snapshots (qemu-img snapshot).
     Snapshot(snapshot::SnapshotArgs),
+    /// Merge an image's data into its backing file (qemu-img commit).
+    Commit(commit::CommitArgs),
+    /// Change an image's backing file, keeping its contents (qemu-img rebase).
+    Rebase(rebase::RebaseArgs),
 }
 
 /// Runs one verb and turns its outcome into the process exit status: the verb's own status
@@ -68,6 +75,8 @@ pub fn main(args: ImgArgs) -> u8 {
         Verb::Io(a) => io::run(a),
         Verb::Bench(a) => bench::run(a),
         Verb::Snapshot(a) => snapshot::run(a),
+        Verb::Commit(a) => commit::run(a),
+        Verb::Rebase(a) => rebase::run(a),
     };
     match result {
         Ok(code) => code,

@@ -18,12 +18,14 @@
 pub mod device;
 pub mod error;
 pub mod file;
+pub mod live;
 pub mod open;
 pub mod qcow2;
 pub mod raw;
 
 pub use device::{Allocation, BlockDevice, BlockStatus, ImageInfo};
 pub use error::{Error, Result};
+pub use live::LiveDisk;
 pub use open::{open, probe_format, OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
 
 /// The image formats snapvmm reads and writes.

@@ -1,0 +1,263 @@
+//! External snapshots of a set of live disks, all or none (virsh `snapshot-create-as
+//! --disk-only --atomic`).
+//!
+//! 1. Outside the critical section: claim every disk, create each overlay file (qcow2,
+//!    backing = the disk's current top, backing format recorded), open it on top of the
+//!    live top, and flush every top.
+//! 2. Critical section, all disks quiesced (locked in a fixed order): run the caller's hook
+//!    (a memory checkpoint sees exactly these disk contents), switch every disk to its
+//!    overlay. Any failure up to here puts every disk back on its old top and removes every
+//!    file step 1 created.
+//! 3. Resume, then seal every old top: flush it and make it read-only. Until that is done,
+//!    a guest flush on the disk flushes the old top too, so a flush acknowledged after the
+//!    switch still covers writes made before it.
+//!
+//! The stall the guest sees is step 2: the hook and pointer swaps, no I/O at all. It does
+//! not depend on the size of the disks or of their caches.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use storage::live::{DiskClaim, LiveDisk};
+use storage::qcow2::{CreateOptions, Qcow2Image};
+use storage::{BlockDevice, OpenOptions};
+
+use crate::chain::{self, BackingPath};
+use crate::error::{Error, HookError, Result};
+
+/// One disk of a snapshot and where its new overlay goes.
+#[derive(Debug, Clone)]
+pub struct DiskOverlay {
+    /// The disk to switch.
+    pub disk: Arc<LiveDisk>,
+    /// The overlay file to create; it must not exist.
+    pub overlay: PathBuf,
+    /// How the overlay names the disk's current top.
+    pub backing_path: BackingPath,
+    /// The overlay's cluster size; `None` takes the current top's (64 KiB for raw).
+    pub cluster_size: Option<u64>,
+}
+
+impl DiskOverlay {
+    /// An overlay at `overlay` for `disk`, naming its backing file by absolute path.
+    pub fn new(disk: &Arc<LiveDisk>, overlay: impl Into<PathBuf>) -> Self {
+        DiskOverlay {
+            disk: disk.clone(),
+            overlay: overlay.into(),
+            backing_path: BackingPath::Absolute,
+            cluster_size: None,
+        }
+    }
+
+    /// The same, naming the backing file `how`.
+    pub fn backing_path(mut self, how: BackingPath) -> Self {
+        self.backing_path = how;
+        self
+    }
+}
+
+/// What a successful snapshot did.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// How long guest requests were held back: draining the requests in flight, the hook
+    /// and the switch.
+    pub quiesced_for: Duration,
+    /// For each disk, in the order given: the old top, now read-only.
+    pub old_tops: Vec<PathBuf>,
+}
+
+/// Takes an external snapshot of every disk in `overlays` at one instant.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # fn demo(vda: Arc<storage::LiveDisk>, vdb: Arc<storage::LiveDisk>) -> snapshot::Result<()> {
+/// use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
+/// external_snapshot(&[
+///     DiskOverlay::new(&vda, "/vm/vda.snap1.qcow2"),
+///     DiskOverlay::new(&vdb, "/vm/vdb.snap1.qcow2"),
+/// ])?;
+/// # Ok(()) }
+/// ```
+pub fn external_snapshot(overlays: &[DiskOverlay]) -> Result<SnapshotReport> {
+    external_snapshot_with(overlays, || Ok(()))
+}
+
+/// Like [`external_snapshot`], and runs `hook` while every disk is quiesced (no request in
+/// flight), before any is switched: what the hook records (a memory checkpoint) matches the disks'
+/// contents exactly. A failing hook rolls the snapshot back.
+pub fn external_snapshot_with(
+    overlays: &[DiskOverlay],
+    hook: impl FnOnce() -> std::result::Result<(), HookError>,
+) -> Result<SnapshotReport> {
+    if overlays.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a snapshot needs at least one disk".into(),
+        ));
+    }
+    for (i, a) in overlays.iter().enumerate() {
+        for b in &overlays[i + 1..] {
+            if Arc::ptr_eq(&a.disk, &b.disk) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {} appears twice in one snapshot",
+                    a.disk.name()
+                )));
+            }
+            if a.overlay == b.overlay {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: two disks would share this overlay",
+                    a.overlay.display()
+                )));
+            }
+        }
+    }
+    let claims = overlays
+        .iter()
+        .map(|o| o.disk.claim("snapshot"))
+        .collect::<std::result::Result<Vec<DiskClaim>, _>>()?;
+    let mut prepared = Prepared::default();
+    let result = prepare(overlays, &mut prepared).and_then(|()| switch(overlays, &prepared, hook));
+    if result.is_err() {
+        prepared.remove_files();
+    }
+    drop(claims);
+    result
+}
+
+/// Files created and overlays opened by step 1, undone on failure.
+#[derive(Default)]
+struct Prepared {
+    created: Vec<PathBuf>,
+    overlays: Vec<Arc<dyn BlockDevice>>,
+    old_tops: Vec<Arc<dyn BlockDevice>>,
+}
+
+impl Prepared {
+    fn remove_files(&mut self) {
+        // Handles first: dropping an overlay flushes it, which must not recreate the file.
+        self.overlays.clear();
+        for path in self.created.drain(..) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "removing a rolled-back overlay failed");
+            }
+        }
+    }
+}
+
+/// Step 1: create and open every overlay, and flush every top.
+fn prepare(overlays: &[DiskOverlay], prepared: &mut Prepared) -> Result<()> {
+    for spec in overlays {
+        let old_top = spec.disk.top();
+        let path = &spec.overlay;
+        if path.symlink_metadata().is_ok() {
+            return Err(Error::Exists { path: path.clone() });
+        }
+        let format = chain::format_of(&*old_top);
+        let options = CreateOptions {
+            size: Some(spec.disk.size()),
+            cluster_size: spec
+                .cluster_size
+                .or_else(|| old_top.as_qcow2().map(|i| i.cluster_size()))
+                .unwrap_or(CreateOptions::default().cluster_size),
+            backing_file: Some(spec.backing_path.name_for(path, old_top.path())?),
+            backing_format: Some(format),
+            ..CreateOptions::default()
+        };
+        // Recorded before creating: a half-written file is removed on rollback too.
+        prepared.created.push(path.clone());
+        storage::qcow2::create(path, &options)?;
+        sync_parent(path);
+        let backing = old_top.clone();
+        let overlay = Qcow2Image::open_with(path, false, &OpenOptions::default(), |_, _| {
+            Ok(backing.clone())
+        })?;
+        if overlay.size() != spec.disk.size() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: overlay size {} differs from disk {}'s {}",
+                path.display(),
+                overlay.size(),
+                spec.disk.name(),
+                spec.disk.size()
+            )));
+        }
+        prepared.overlays.push(Arc::new(overlay));
+        // Flushed now, outside the critical section, so that the requests in flight when
+        // the switch drains them rarely have metadata write-back of their own to finish.
+        old_top.flush()?;
+        prepared.old_tops.push(old_top);
+    }
+    Ok(())
+}
+
+/// Makes a new directory entry durable (power loss, not just a crash of this process).
+fn sync_parent(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "fsync of directory failed");
+    }
+}
+
+/// Step 2: the critical section.
+fn switch(
+    overlays: &[DiskOverlay],
+    prepared: &Prepared,
+    hook: impl FnOnce() -> std::result::Result<(), HookError>,
+) -> Result<SnapshotReport> {
+    let disks: Vec<&LiveDisk> = overlays.iter().map(|o| &*o.disk).collect();
+    // The stall starts when new requests begin to wait: draining is part of it.
+    let started = Instant::now();
+    let mut guards = LiveDisk::quiesce_all(&disks);
+    for (guard, old_top) in guards.iter().zip(&prepared.old_tops) {
+        if !Arc::ptr_eq(guard.top(), old_top) {
+            return Err(Error::InvalidArgument(format!(
+                "disk {}: its top changed while the snapshot was prepared",
+                guard.disk().name()
+            )));
+        }
+    }
+    hook().map_err(Error::Hook)?;
+    // Nothing below can fail: the switch is pointer swaps. The old tops' flush happens after
+    // the guest resumes; until then a guest flush covers them too (`retire`).
+    for ((guard, overlay), old_top) in guards
+        .iter_mut()
+        .zip(&prepared.overlays)
+        .zip(&prepared.old_tops)
+    {
+        guard.replace_top(overlay.clone())?;
+        guard.retire(old_top.clone());
+    }
+    let quiesced_for = started.elapsed();
+    drop(guards);
+    // Seal every old top: flushed and read-only, as a backing file must be. A failure here
+    // cannot be rolled back (the guest has written to the overlays): it is reported, and
+    // the disk keeps flushing the old top on every guest flush until sealing succeeds.
+    let mut sealed = Ok(());
+    for (spec, old_top) in overlays.iter().zip(&prepared.old_tops) {
+        if let Err(e) = seal_in_place(old_top) {
+            tracing::error!(disk = spec.disk.name(), error = %e, "flushing the old top failed");
+            sealed = sealed.and(Err(e));
+        }
+        spec.disk.prune_retired();
+    }
+    sealed?;
+    Ok(SnapshotReport {
+        quiesced_for,
+        old_tops: prepared
+            .old_tops
+            .iter()
+            .map(|t| t.path().to_path_buf())
+            .collect(),
+    })
+}
+
+/// Makes the old top read-only in place. Raw tops have no read-only switch: nothing writes
+/// them once the overlay is the top, and they were flushed above.
+fn seal_in_place(old_top: &Arc<dyn BlockDevice>) -> Result<()> {
+    match old_top.as_qcow2() {
+        Some(image) => Ok(image.make_read_only()?),
+        None => Ok(old_top.flush()?),
+    }
+}
