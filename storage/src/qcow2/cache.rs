@@ -47,11 +47,12 @@ impl Slice {
         self.entries[index].load(Ordering::Acquire)
     }
 
-    /// Stores entry `index` and marks the slice dirty. The entry is stored before the dirty
-    /// mark so that a concurrent writeback either sees the new entry or leaves the slice dirty.
-    pub fn set(&self, index: usize, value: u64) {
+    /// Stores entry `index` and marks the slice dirty; returns whether the slice was clean
+    /// before. The entry is stored before the dirty mark so that a concurrent writeback
+    /// either sees the new entry or leaves the slice dirty.
+    pub fn set(&self, index: usize, value: u64) -> bool {
         self.entries[index].store(value, Ordering::Release);
-        self.dirty.store(true, Ordering::Release);
+        !self.dirty.swap(true, Ordering::AcqRel)
     }
 
     /// Whether the slice holds changes not yet written.

@@ -659,7 +659,13 @@ impl Qcow2Image {
         }
     }
 
-    pub(super) fn note_dirty(&self) -> Result<()> {
+    /// Counts a slice that just turned dirty (`newly`); dirty slices are pinned in the
+    /// cache, so once more of them exist than the cache holds, write them back. Counting
+    /// transitions, not entry updates, keeps this fsync-heavy path off the steady state.
+    pub(super) fn note_dirty(&self, newly: bool) -> Result<()> {
+        if !newly {
+            return Ok(());
+        }
         let n = self.dirtied.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.l2_capacity {
             self.writeback()?;
@@ -732,11 +738,11 @@ impl Qcow2Image {
             full[head..tail].copy_from_slice(data);
             self.file.write_at(&full, target)?;
         }
-        slice.set(index, target | OFLAG_COPIED);
+        let newly = slice.set(index, target | OFLAG_COPIED);
         if !reuse {
             self.defer_free(old);
         }
-        self.note_dirty()
+        self.note_dirty(newly)
     }
 
     /// Makes whole guest cluster `guest_cluster` unallocated or zero-flagged (`entry` is the
@@ -758,9 +764,9 @@ impl Qcow2Image {
         }
         let (slice, index) = self.l2_for_write(guest_cluster)?;
         let old = self.decode(slice.get(index), guest_cluster)?;
-        slice.set(index, entry);
+        let newly = slice.set(index, entry);
         self.defer_free(old);
-        self.note_dirty()
+        self.note_dirty(newly)
     }
 
     /// Shared body of `write_zeroes` and `discard`.

@@ -60,7 +60,7 @@ impl Qcow2Image {
             return Ok(false);
         }
         let (slice, index) = self.l2_for_write(guest_cluster)?;
-        match fill {
+        let newly = match fill {
             Fill::Zeroes if self.version >= 3 => slice.set(index, OFLAG_ZERO),
             _ => {
                 let target = {
@@ -80,13 +80,14 @@ impl Qcow2Image {
                     }
                     Fill::Zeroes => self.file.write_at(&vec![0u8; cs as usize], target)?,
                 }
-                slice.set(index, target | OFLAG_COPIED);
+                let newly = slice.set(index, target | OFLAG_COPIED);
                 // As in the write path: marked before the caller can rely on the fill, so
                 // the next flush syncs it.
                 self.unsynced.store(true, Ordering::Release);
+                newly
             }
-        }
-        self.note_dirty()?;
+        };
+        self.note_dirty(newly)?;
         Ok(true)
     }
 
