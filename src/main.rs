@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod img;
+mod run;
 
 /// Command line of the `snapvmm` binary.
 #[derive(Debug, Parser)]
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Create, inspect, check, convert and exercise disk images (qemu-img's verbs).
     Img(img::ImgArgs),
+    /// Boot a VM: the built-in micro-guest or a Linux kernel, with virtio-blk disks.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Img(args) => img::main(args),
+        Command::Run(args) => run::main(args),
     };
     ExitCode::from(code)
 }

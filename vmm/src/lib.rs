@@ -1,6 +1,37 @@
-//! The snapvmm KVM micro-VMM: vCPUs, guest memory, devices and the API server.
+//! The snapvmm KVM micro-VMM: guest memory, vCPUs, boot, devices.
 //!
-//! The VMM is built in a later step; for now this crate only ties the layers together so the
-//! workspace's dependency direction (storage ← snapshot ← vmm ← binary) is fixed from the start.
+//! ```no_run
+//! use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
+//! let mut config = VmConfig::new(BootSource::MicroGuest { workload: Workload::WriteVerify, seed: 1 });
+//! config.disks.push(DiskConfig::new("disk.qcow2"));
+//! let reason = vmm::run(&config)?;
+//! assert!(reason.is_clean());
+//! # Ok::<(), vmm::Error>(())
+//! ```
+//!
+//! Layout, one module per concern (Firecracker style; each device's saved state will sit in
+//! a `persist.rs` beside it):
+//! - [`memory`]: guest RAM with a dirty bitmap for the VMM's own writes;
+//! - [`vm`], [`vcpu`], [`arch`]: KVM objects, CPUID, MSRs, registers, LAPIC, page tables;
+//! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
+//! - [`guest`]: the micro-guest built from `vmm/guest/` and its boot info;
+//! - [`builder`]: assembling a VM from a [`config::VmConfig`] and running it.
 
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod exit;
+pub mod guest;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{run, AttachedDisk, Vmm};
+pub use error::{Error, Result};
+pub use exit::{ExitHandle, ExitReason};
 pub use snapshot;
+pub use storage;
+pub use vm::check_kvm;
+pub use vm_memory;

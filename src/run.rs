@@ -1,0 +1,271 @@
+//! `snapvmm run`: boot a VM from command-line flags or a TOML config file.
+//!
+//! ```text
+//! snapvmm run --guest builtin:write-verify --vcpus 2 --disk path=a.qcow2 --disk path=b.raw,readonly=on
+//! snapvmm run --config vm.toml
+//! ```
+//!
+//! The config file uses the flags' names as keys; flags given on the command line win:
+//!
+//! ```toml
+//! guest = "builtin:io-loop"
+//! vcpus = 2
+//! memory = 256
+//! disk = ["path=a.qcow2", "path=b.qcow2,id=data"]
+//! serial = "console.log"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload};
+use vmm::ExitReason;
+
+/// Arguments of `snapvmm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run the built-in micro-guest: builtin:counter, builtin:write-verify or builtin:io-loop.
+    #[arg(long, value_name = "builtin:WORKLOAD", conflicts_with = "kernel")]
+    guest: Option<String>,
+    /// Boot a Linux bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u8>,
+    /// Guest RAM in MiB [default: 128].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// A disk: path=FILE[,format=qcow2|raw][,readonly=on][,id=NAME][,queues=N]; repeatable.
+    /// Disks are named vda, vdb, ... in order unless given an id.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Serial console destination: stdout, null, or a file [default: stdout].
+    #[arg(long, value_name = "FILE|stdout")]
+    serial: Option<String>,
+    /// Seed of the micro-guest's data pattern [default: 1].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Serve the REST API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Read settings from a TOML file (keys named after the flags).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+}
+
+/// The TOML config file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    guest: Option<String>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    vcpus: Option<u8>,
+    memory: Option<u64>,
+    #[serde(default)]
+    disk: Vec<String>,
+    serial: Option<String>,
+    seed: Option<u64>,
+    api_socket: Option<PathBuf>,
+}
+
+fn read_config_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Merges flags over the config file into a VM configuration.
+fn build_config(args: RunArgs) -> Result<VmConfig, String> {
+    let file = match &args.config {
+        Some(path) => read_config_file(path)?,
+        None => FileConfig::default(),
+    };
+    // Paths in the config file are relative to the file, as in most VMM configs.
+    let base = args
+        .config
+        .as_deref()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let rebase = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+    let guest = args.guest.or(file.guest);
+    let kernel = args.kernel.or(file.kernel.map(rebase));
+    let boot = match (guest, kernel) {
+        (Some(_), Some(_)) => return Err("--guest and --kernel exclude each other".into()),
+        (Some(guest), None) => {
+            let name = guest
+                .strip_prefix("builtin:")
+                .ok_or_else(|| format!("--guest {guest:?}: expected builtin:WORKLOAD"))?;
+            let workload: Workload = name.parse().map_err(|e: vmm::Error| e.to_string())?;
+            BootSource::MicroGuest {
+                workload,
+                seed: args.seed.or(file.seed).unwrap_or(1),
+            }
+        }
+        (None, Some(kernel)) => BootSource::Linux {
+            kernel,
+            initrd: args.initrd.or(file.initrd.map(rebase)),
+            cmdline: args
+                .cmdline
+                .or(file.cmdline)
+                .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+        },
+        (None, None) => return Err("give --guest builtin:WORKLOAD or --kernel PATH".into()),
+    };
+    let mut config = VmConfig::new(boot);
+    if let Some(vcpus) = args.vcpus.or(file.vcpus) {
+        config.vcpus = vcpus;
+    }
+    if let Some(memory) = args.memory.or(file.memory) {
+        config.memory_mib = memory;
+    }
+    let from_file = args.disk.is_empty();
+    let specs = if from_file { file.disk } else { args.disk };
+    for spec in specs {
+        let mut disk: DiskConfig = spec.parse().map_err(|e: vmm::Error| e.to_string())?;
+        if from_file {
+            disk.path = rebase(disk.path);
+        }
+        config.disks.push(disk);
+    }
+    let mut names = std::collections::HashSet::new();
+    for index in 0..config.disks.len() {
+        let name = config.disk_name(index);
+        if !names.insert(name.clone()) {
+            return Err(format!("two disks are named {name}"));
+        }
+    }
+    if let Some(serial) = args.serial.or(file.serial) {
+        config.serial = serial.parse().map_err(|e: vmm::Error| e.to_string())?;
+    }
+    if args.api_socket.or(file.api_socket).is_some() {
+        return Err("--api-socket is not implemented yet".into());
+    }
+    Ok(config)
+}
+
+/// Runs `snapvmm run`; returns the process exit status.
+pub fn main(args: RunArgs) -> u8 {
+    init_logging();
+    let config = match build_config(args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("snapvmm run: error: {message}");
+            return 1;
+        }
+    };
+    if let SerialOutput::File(path) = &config.serial {
+        tracing::info!("serial console in {}", path.display());
+    }
+    match vmm::run(&config) {
+        Ok(reason) if reason.is_clean() => {
+            tracing::info!("VM ended: {reason:?}");
+            0
+        }
+        Ok(ExitReason::Error(message)) => {
+            eprintln!("snapvmm run: VM failed: {message}");
+            1
+        }
+        Ok(reason) => {
+            eprintln!("snapvmm run: VM ended abnormally: {reason:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("snapvmm run: error: {e}");
+            1
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `SNAPVMM_LOG` (e.g. `debug`, `vmm=trace`; default `warn`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVMM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<VmConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        build_config(cli.run)
+    }
+
+    #[test]
+    fn flags_build_a_config() {
+        let config = parse(&[
+            "--guest",
+            "builtin:write-verify",
+            "--vcpus",
+            "2",
+            "--disk",
+            "path=a.qcow2",
+            "--disk",
+            "path=b.raw,format=raw,readonly=on,id=data",
+            "--serial",
+            "out.log",
+        ])
+        .unwrap();
+        assert_eq!(config.vcpus, 2);
+        assert_eq!(config.disks.len(), 2);
+        assert_eq!(config.disk_name(0), "vda");
+        assert_eq!(config.disk_name(1), "data");
+        assert_eq!(config.serial, SerialOutput::File("out.log".into()));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(parse(&["--guest", "counter"]).is_err());
+        assert!(parse(&["--guest", "builtin:nope"]).is_err());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&[
+            "--guest",
+            "builtin:counter",
+            "--disk",
+            "path=a,id=x",
+            "--disk",
+            "path=b,id=x"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn config_file_paths_are_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "guest = \"builtin:io-loop\"\nvcpus = 2\nmemory = 64\ndisk = [\"path=a.qcow2\"]\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap(), "--vcpus", "3"]).unwrap();
+        assert_eq!(config.vcpus, 3, "flags win over the file");
+        assert_eq!(config.memory_mib, 64);
+        assert_eq!(config.disks[0].path, dir.path().join("a.qcow2"));
+        std::fs::write(&path, "colour = 1\n").unwrap();
+        assert!(parse(&["--config", path.to_str().unwrap()]).is_err());
+    }
+}

@@ -1,0 +1,725 @@
+/*
+ * The snapvmm micro-guest: a few hundred lines of freestanding 64-bit C that exercise the VMM
+ * the way a real guest would, on a host whose KVM cannot boot Linux (DESIGN.md §6).
+ *
+ * The VMM enters every vCPU at _start (start.S) in long mode, identity-mapped, interrupts off,
+ * with the boot info (struct boot_info, mirrored in vmm/src/guest.rs) at a fixed page. vCPU 0
+ * runs the workload; the others announce themselves and park. Output goes to the 8250 UART at
+ * 0x3f8; the VM ends by pulsing the reset line of the i8042 (0xFE to port 0x64).
+ *
+ * Disks are virtio-blk over virtio-mmio version 2, driven by polling split virtqueues (the
+ * guest never enables interrupts, which keeps it small and makes it immune to lost IRQs).
+ */
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+#define BOOT_INFO_MAGIC 0x314d4d5650414e53UL /* "SNAPVMM1" little-endian */
+#define MAX_DEVICES 16
+#define MAX_QUEUES 4
+#define QUEUE_SIZE 16
+#define CHUNK (64 * 1024)      /* bytes per write-verify request */
+#define LOOP_CHUNK (16 * 1024) /* bytes per io-loop request */
+#define LOOP_DISKS 4
+#define LOOP_MAX_CHUNKS 4096
+#define WRITE_VERIFY_LIMIT (64UL << 20)
+
+enum workload { WORKLOAD_COUNTER = 1, WORKLOAD_WRITE_VERIFY = 2, WORKLOAD_IO_LOOP = 3 };
+
+struct boot_device {
+    u64 mmio_base;
+    u32 gsi;
+    u32 reserved;
+};
+
+struct boot_info {
+    u64 magic;
+    u32 workload;
+    u32 num_cpus;
+    u64 seed;
+    u32 num_devices;
+    u32 reserved;
+    struct boot_device devices[MAX_DEVICES];
+};
+
+/* Per-vCPU stacks; start.S picks one by vCPU index (GUEST_STACK_SHIFT, GUEST_MAX_CPUS). */
+u8 guest_stacks[GUEST_MAX_CPUS][1UL << GUEST_STACK_SHIFT] __attribute__((aligned(4096)));
+
+/* ---- freestanding runtime ---------------------------------------------------------------- */
+
+void *memset(void *dst, int c, u64 n)
+{
+    u8 *d = dst;
+    while (n--)
+        *d++ = (u8)c;
+    return dst;
+}
+
+void *memcpy(void *dst, const void *src, u64 n)
+{
+    u8 *d = dst;
+    const u8 *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (u64)hi << 32 | lo;
+}
+
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
+
+/* ---- serial ------------------------------------------------------------------------------ */
+
+#define COM1 0x3f8
+
+static void putc(char c)
+{
+    while (!(inb(COM1 + 5) & 0x20)) /* LSR: transmitter holding register empty */
+        cpu_relax();
+    outb(COM1, (u8)c);
+}
+
+static void puts(const char *s)
+{
+    while (*s)
+        putc(*s++);
+}
+
+static void put_dec(u64 v)
+{
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do {
+        buf[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    puts(&buf[i]);
+}
+
+static void put_hex(u64 v)
+{
+    static const char digits[] = "0123456789abcdef";
+    char buf[19];
+    int i = 18;
+    buf[i] = 0;
+    do {
+        buf[--i] = digits[v & 15];
+        v >>= 4;
+    } while (v);
+    buf[--i] = 'x';
+    buf[--i] = '0';
+    puts(&buf[i]);
+}
+
+static void halt_forever(void)
+{
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
+/* Asks the VMM to end the VM: the i8042 "pulse reset line" command. */
+static void reset(void)
+{
+    outb(0x64, 0xfe);
+    halt_forever();
+}
+
+/* ---- the data pattern (mirrored by vmm::guest::pattern_word for host-side checks) -------- */
+
+static u64 mix64(u64 z)
+{
+    z += 0x9e3779b97f4a7c15UL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+    return z ^ (z >> 31);
+}
+
+static u64 pattern_word(u64 seed, u64 disk, u64 generation, u64 offset)
+{
+    return mix64(seed ^ (disk << 56) ^ (generation << 32) ^ (offset >> 3));
+}
+
+static void fill_pattern(u64 *buf, u64 len, u64 seed, u64 disk, u64 gen, u64 offset)
+{
+    for (u64 i = 0; i < len / 8; i++)
+        buf[i] = pattern_word(seed, disk, gen, offset + i * 8);
+}
+
+/* Returns the byte offset (within the buffer) of the first mismatching word, or len. */
+static u64 check_pattern(const u64 *buf, u64 len, u64 seed, u64 disk, u64 gen, u64 offset)
+{
+    for (u64 i = 0; i < len / 8; i++)
+        if (buf[i] != pattern_word(seed, disk, gen, offset + i * 8))
+            return i * 8;
+    return len;
+}
+
+/* ---- virtio-mmio / virtio-blk ------------------------------------------------------------ */
+
+#define VIRTIO_MMIO_MAGIC 0x000
+#define VIRTIO_MMIO_VERSION 0x004
+#define VIRTIO_MMIO_DEVICE_ID 0x008
+#define VIRTIO_MMIO_DEVICE_FEATURES 0x010
+#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
+#define VIRTIO_MMIO_DRIVER_FEATURES 0x020
+#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
+#define VIRTIO_MMIO_QUEUE_SEL 0x030
+#define VIRTIO_MMIO_QUEUE_NUM_MAX 0x034
+#define VIRTIO_MMIO_QUEUE_NUM 0x038
+#define VIRTIO_MMIO_QUEUE_READY 0x044
+#define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
+#define VIRTIO_MMIO_INTERRUPT_STATUS 0x060
+#define VIRTIO_MMIO_INTERRUPT_ACK 0x064
+#define VIRTIO_MMIO_STATUS 0x070
+#define VIRTIO_MMIO_QUEUE_DESC_LOW 0x080
+#define VIRTIO_MMIO_QUEUE_DESC_HIGH 0x084
+#define VIRTIO_MMIO_QUEUE_AVAIL_LOW 0x090
+#define VIRTIO_MMIO_QUEUE_AVAIL_HIGH 0x094
+#define VIRTIO_MMIO_QUEUE_USED_LOW 0x0a0
+#define VIRTIO_MMIO_QUEUE_USED_HIGH 0x0a4
+#define VIRTIO_MMIO_CONFIG 0x100
+
+#define STATUS_ACKNOWLEDGE 1
+#define STATUS_DRIVER 2
+#define STATUS_DRIVER_OK 4
+#define STATUS_FEATURES_OK 8
+
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_F_MQ 12
+#define VIRTIO_BLK_F_DISCARD 13
+#define VIRTIO_BLK_F_WRITE_ZEROES 14
+#define VIRTIO_F_VERSION_1 32
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+
+struct vring_desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+struct vring_avail {
+    u16 flags;
+    u16 idx;
+    u16 ring[QUEUE_SIZE];
+    u16 used_event;
+};
+
+struct vring_used_elem {
+    u32 id;
+    u32 len;
+};
+
+struct vring_used {
+    u16 flags;
+    u16 idx;
+    struct vring_used_elem ring[QUEUE_SIZE];
+    u16 avail_event;
+};
+
+struct blk_req_header {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+struct blk_discard_range {
+    u64 sector;
+    u32 num_sectors;
+    u32 flags;
+};
+
+/* One in-flight request at a time per queue: header, up to two data buffers, status. */
+struct queue {
+    struct vring_desc desc[QUEUE_SIZE] __attribute__((aligned(16)));
+    struct vring_avail avail __attribute__((aligned(2)));
+    struct vring_used used __attribute__((aligned(4)));
+    struct blk_req_header header;
+    struct blk_discard_range range;
+    volatile u8 status;
+    u16 last_used;
+    u16 index;
+};
+
+struct disk {
+    u64 base;
+    u64 features;
+    u64 capacity; /* bytes */
+    u32 num_queues;
+    int ok;
+    struct queue queues[MAX_QUEUES];
+};
+
+static struct disk disks[MAX_DEVICES];
+static u8 io_buffers[MAX_QUEUES][CHUNK] __attribute__((aligned(4096)));
+
+static int disk_init(struct disk *d, u64 base, u32 index)
+{
+    d->base = base;
+    if (mmio_read32(base + VIRTIO_MMIO_MAGIC) != 0x74726976 ||
+        mmio_read32(base + VIRTIO_MMIO_VERSION) != 2 ||
+        mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) != 2) {
+        puts("virtio: device ");
+        put_dec(index);
+        puts(" is not a virtio-mmio v2 block device\n");
+        return 0;
+    }
+    mmio_write32(base + VIRTIO_MMIO_STATUS, 0);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+
+    mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    u64 offered = mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES);
+    mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= (u64)mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    u64 wanted = (1UL << VIRTIO_F_VERSION_1) | (1UL << VIRTIO_BLK_F_RO) |
+                 (1UL << VIRTIO_BLK_F_FLUSH) | (1UL << VIRTIO_BLK_F_MQ) |
+                 (1UL << VIRTIO_BLK_F_DISCARD) | (1UL << VIRTIO_BLK_F_WRITE_ZEROES);
+    d->features = offered & wanted;
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, (u32)d->features);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, (u32)(d->features >> 32));
+    mmio_write32(base + VIRTIO_MMIO_STATUS,
+                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (!(mmio_read32(base + VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
+        puts("virtio: device refused features\n");
+        return 0;
+    }
+
+    /* Config space: capacity (le64, sectors) at 0, num_queues (le16) at 34. */
+    u64 capacity = mmio_read32(base + VIRTIO_MMIO_CONFIG) |
+                   ((u64)mmio_read32(base + VIRTIO_MMIO_CONFIG + 4) << 32);
+    d->capacity = capacity * 512;
+    d->num_queues = 1;
+    if (d->features & (1UL << VIRTIO_BLK_F_MQ)) {
+        u32 n = mmio_read8(base + VIRTIO_MMIO_CONFIG + 34) |
+                ((u32)mmio_read8(base + VIRTIO_MMIO_CONFIG + 35) << 8);
+        d->num_queues = n == 0 ? 1 : (n > MAX_QUEUES ? MAX_QUEUES : n);
+    }
+
+    for (u32 q = 0; q < d->num_queues; q++) {
+        struct queue *vq = &d->queues[q];
+        vq->index = (u16)q;
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_SEL, q);
+        u32 max = mmio_read32(base + VIRTIO_MMIO_QUEUE_NUM_MAX);
+        if (max < QUEUE_SIZE) {
+            puts("virtio: queue too small\n");
+            return 0;
+        }
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_NUM, QUEUE_SIZE);
+        u64 desc = (u64)vq->desc, avail = (u64)&vq->avail, used = (u64)&vq->used;
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)desc);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)avail);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (u32)(avail >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_USED_LOW, (u32)used);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_USED_HIGH, (u32)(used >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+    mmio_write32(base + VIRTIO_MMIO_STATUS,
+                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    return 1;
+}
+
+/*
+ * Posts one request on a queue: header, then `data` split into two descriptors (so the device
+ * sees multi-segment requests), then the status byte. Does not wait.
+ */
+static void submit(struct disk *d, struct queue *vq, u32 type, u64 sector, void *data, u32 len,
+                   int device_writes)
+{
+    vq->header.type = type;
+    vq->header.reserved = 0;
+    vq->header.sector = sector;
+    vq->status = 0xff;
+
+    u16 n = 0;
+    vq->desc[n] = (struct vring_desc){(u64)&vq->header, sizeof(vq->header), VRING_DESC_F_NEXT,
+                                      (u16)(n + 1)};
+    n++;
+    u16 data_flags = VRING_DESC_F_NEXT | (device_writes ? VRING_DESC_F_WRITE : 0);
+    if (len >= 1024) {
+        u32 half = len / 2 & ~511u;
+        vq->desc[n] = (struct vring_desc){(u64)data, half, data_flags, (u16)(n + 1)};
+        n++;
+        vq->desc[n] = (struct vring_desc){(u64)data + half, len - half, data_flags, (u16)(n + 1)};
+        n++;
+    } else if (len) {
+        vq->desc[n] = (struct vring_desc){(u64)data, len, data_flags, (u16)(n + 1)};
+        n++;
+    }
+    vq->desc[n] = (struct vring_desc){(u64)&vq->status, 1, VRING_DESC_F_WRITE, 0};
+
+    vq->avail.ring[vq->avail.idx % QUEUE_SIZE] = 0;
+    mb();
+    vq->avail.idx++;
+    mb();
+    mmio_write32(d->base + VIRTIO_MMIO_QUEUE_NOTIFY, vq->index);
+}
+
+/* Waits for the queue's request to complete and returns its status byte. */
+static u8 complete(struct disk *d, struct queue *vq)
+{
+    while (*(volatile u16 *)&vq->used.idx == vq->last_used)
+        cpu_relax();
+    mb();
+    vq->last_used++;
+    /* Acknowledge the interrupt the device raised, as a driver must, though we poll. */
+    u32 isr = mmio_read32(d->base + VIRTIO_MMIO_INTERRUPT_STATUS);
+    if (isr)
+        mmio_write32(d->base + VIRTIO_MMIO_INTERRUPT_ACK, isr);
+    return vq->status;
+}
+
+static u8 request(struct disk *d, u32 type, u64 sector, void *data, u32 len, int device_writes)
+{
+    submit(d, &d->queues[0], type, sector, data, len, device_writes);
+    return complete(d, &d->queues[0]);
+}
+
+static void report_io_error(u32 disk, const char *what, u64 sector, u64 status)
+{
+    puts("io error disk ");
+    put_dec(disk);
+    puts(" ");
+    puts(what);
+    puts(" sector ");
+    put_dec(sector);
+    puts(" status ");
+    put_dec(status);
+    puts("\n");
+}
+
+/* ---- workloads --------------------------------------------------------------------------- */
+
+/* The counter lives in guest memory, so a restored snapshot continues where it left off. */
+static volatile u64 counter_value;
+
+static void run_counter(void)
+{
+    for (;;) {
+        counter_value++;
+        puts("counter ");
+        put_dec(counter_value);
+        puts("\n");
+        /* About 20 ms at 2.5 GHz: paced by the TSC, not by a loop whose speed varies with
+         * the host (this host's KVM emulates many guest memory accesses). */
+        u64 start = rdtsc();
+        while (rdtsc() - start < 50000000UL)
+            cpu_relax();
+    }
+}
+
+static void print_disk_id(struct disk *d, u32 index)
+{
+    static char id[21];
+    memset(id, 0, sizeof(id));
+    u8 status = request(d, VIRTIO_BLK_T_GET_ID, 0, id, 20, 1);
+    if (status != VIRTIO_BLK_S_OK) {
+        report_io_error(index, "get-id", 0, status);
+        return;
+    }
+    puts("disk ");
+    put_dec(index);
+    puts(" id ");
+    puts(id);
+    puts("\n");
+}
+
+/* Writes the pattern over [0, limit) with requests spread over every queue, then reads back. */
+static int write_verify_disk(struct disk *d, u32 index, u64 seed)
+{
+    u64 limit = d->capacity < WRITE_VERIFY_LIMIT ? d->capacity : WRITE_VERIFY_LIMIT;
+    limit &= ~(u64)(CHUNK - 1);
+    u32 nq = d->num_queues;
+
+    for (int pass = 0; pass < 2; pass++) {
+        int writing = pass == 0;
+        for (u64 batch = 0; batch < limit; batch += (u64)CHUNK * nq) {
+            u32 posted = 0;
+            for (u32 q = 0; q < nq && batch + (u64)q * CHUNK < limit; q++) {
+                u64 off = batch + (u64)q * CHUNK;
+                if (writing)
+                    fill_pattern((u64 *)io_buffers[q], CHUNK, seed, index, 1, off);
+                else
+                    memset(io_buffers[q], 0, CHUNK);
+                submit(d, &d->queues[q], writing ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, off / 512,
+                       io_buffers[q], CHUNK, !writing);
+                posted++;
+            }
+            for (u32 q = 0; q < posted; q++) {
+                u64 off = batch + (u64)q * CHUNK;
+                u8 status = complete(d, &d->queues[q]);
+                if (status != VIRTIO_BLK_S_OK) {
+                    report_io_error(index, writing ? "write" : "read", off / 512, status);
+                    return 0;
+                }
+                if (!writing) {
+                    u64 bad = check_pattern((u64 *)io_buffers[q], CHUNK, seed, index, 1, off);
+                    if (bad != CHUNK) {
+                        puts("io error disk ");
+                        put_dec(index);
+                        puts(" mismatch at byte ");
+                        put_hex(off + bad);
+                        puts("\n");
+                        return 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /* Write-zeroes then read back zeroes; restore the pattern afterwards. */
+    if (d->features & (1UL << VIRTIO_BLK_F_WRITE_ZEROES) && limit >= CHUNK) {
+        struct queue *vq = &d->queues[0];
+        vq->range = (struct blk_discard_range){0, CHUNK / 512, 0};
+        u8 status = request(d, VIRTIO_BLK_T_WRITE_ZEROES, 0, &vq->range, sizeof(vq->range), 0);
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(index, "write-zeroes", 0, status);
+            return 0;
+        }
+        memset(io_buffers[0], 0xaa, CHUNK);
+        status = request(d, VIRTIO_BLK_T_IN, 0, io_buffers[0], CHUNK, 1);
+        for (u32 i = 0; status == VIRTIO_BLK_S_OK && i < CHUNK; i++) {
+            if (io_buffers[0][i]) {
+                puts("io error disk ");
+                put_dec(index);
+                puts(" write-zeroes left data\n");
+                return 0;
+            }
+        }
+        fill_pattern((u64 *)io_buffers[0], CHUNK, seed, index, 1, 0);
+        status = request(d, VIRTIO_BLK_T_OUT, 0, io_buffers[0], CHUNK, 0);
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(index, "rewrite", 0, status);
+            return 0;
+        }
+    }
+    /* Discard must be accepted; its result is unspecified, so the range is rewritten. */
+    if (d->features & (1UL << VIRTIO_BLK_F_DISCARD) && limit >= 2 * CHUNK) {
+        struct queue *vq = &d->queues[0];
+        vq->range = (struct blk_discard_range){CHUNK / 512, CHUNK / 512, 0};
+        u8 status = request(d, VIRTIO_BLK_T_DISCARD, 0, &vq->range, sizeof(vq->range), 0);
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(index, "discard", CHUNK / 512, status);
+            return 0;
+        }
+        fill_pattern((u64 *)io_buffers[0], CHUNK, seed, index, 1, CHUNK);
+        status = request(d, VIRTIO_BLK_T_OUT, CHUNK / 512, io_buffers[0], CHUNK, 0);
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(index, "rewrite", CHUNK / 512, status);
+            return 0;
+        }
+    }
+    /* A read past the end must fail cleanly. */
+    u8 status = request(d, VIRTIO_BLK_T_IN, d->capacity / 512, io_buffers[0], 512, 1);
+    if (status != VIRTIO_BLK_S_IOERR) {
+        report_io_error(index, "read-past-end", d->capacity / 512, status);
+        return 0;
+    }
+    if (d->features & (1UL << VIRTIO_BLK_F_FLUSH)) {
+        status = request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(index, "flush", 0, status);
+            return 0;
+        }
+    }
+    puts("disk ");
+    put_dec(index);
+    puts(" verify ok queues ");
+    put_dec(nq);
+    puts(" bytes ");
+    put_dec(limit);
+    puts("\n");
+    return 1;
+}
+
+/* A read-only disk must refuse writes with IOERR and still serve reads. */
+static int check_read_only_disk(struct disk *d, u32 index)
+{
+    memset(io_buffers[0], 0, 4096);
+    u8 status = request(d, VIRTIO_BLK_T_OUT, 0, io_buffers[0], 4096, 0);
+    if (status != VIRTIO_BLK_S_IOERR) {
+        report_io_error(index, "write-to-read-only", 0, status);
+        return 0;
+    }
+    status = request(d, VIRTIO_BLK_T_IN, 0, io_buffers[0], 4096, 1);
+    if (status != VIRTIO_BLK_S_OK) {
+        report_io_error(index, "read", 0, status);
+        return 0;
+    }
+    puts("disk ");
+    put_dec(index);
+    puts(" read-only ok\n");
+    return 1;
+}
+
+static void run_write_verify(struct boot_info *info, u32 ndisks)
+{
+    int ok = ndisks > 0;
+    for (u32 i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        if (!d->ok) {
+            ok = 0;
+            continue;
+        }
+        print_disk_id(d, i);
+        if (d->features & (1UL << VIRTIO_BLK_F_RO))
+            ok &= check_read_only_disk(d, i);
+        else
+            ok &= write_verify_disk(d, i, info->seed);
+    }
+    puts(ok ? "verify ok\n" : "verify failed\n");
+    reset();
+}
+
+/* Generation of the data last written to each io-loop chunk; 0 = not written by us. */
+static u32 generations[LOOP_DISKS][LOOP_MAX_CHUNKS];
+
+static void run_io_loop(struct boot_info *info, u32 ndisks)
+{
+    u64 rng = info->seed | 1;
+    u64 ops = 0, errors = 0;
+    u32 usable[LOOP_DISKS];
+    u32 nusable = 0;
+    for (u32 i = 0; i < ndisks && nusable < LOOP_DISKS; i++)
+        if (disks[i].ok && !(disks[i].features & (1UL << VIRTIO_BLK_F_RO)) &&
+            disks[i].capacity >= LOOP_CHUNK)
+            usable[nusable++] = i;
+    if (!nusable) {
+        puts("io-loop: no writable disk\n");
+        reset();
+    }
+    puts("io-loop start\n");
+    for (;;) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        u32 slot = (u32)(rng % nusable);
+        u32 index = usable[slot];
+        struct disk *d = &disks[index];
+        u64 chunks = d->capacity / LOOP_CHUNK;
+        if (chunks > LOOP_MAX_CHUNKS)
+            chunks = LOOP_MAX_CHUNKS;
+        u64 chunk = (rng >> 8) % chunks;
+        u64 off = chunk * LOOP_CHUNK;
+        u8 *buf = io_buffers[0];
+        u8 status;
+        if ((rng >> 40) & 1) {
+            u32 gen = generations[slot][chunk] + 1;
+            fill_pattern((u64 *)buf, LOOP_CHUNK, info->seed, index, gen, off);
+            status = request(d, VIRTIO_BLK_T_OUT, off / 512, buf, LOOP_CHUNK, 0);
+            if (status == VIRTIO_BLK_S_OK)
+                generations[slot][chunk] = gen;
+            else {
+                report_io_error(index, "write", off / 512, status);
+                errors++;
+            }
+        } else {
+            status = request(d, VIRTIO_BLK_T_IN, off / 512, buf, LOOP_CHUNK, 1);
+            u32 gen = generations[slot][chunk];
+            if (status != VIRTIO_BLK_S_OK) {
+                report_io_error(index, "read", off / 512, status);
+                errors++;
+            } else if (gen) {
+                u64 bad = check_pattern((u64 *)buf, LOOP_CHUNK, info->seed, index, gen, off);
+                if (bad != LOOP_CHUNK) {
+                    puts("io error disk ");
+                    put_dec(index);
+                    puts(" mismatch at byte ");
+                    put_hex(off + bad);
+                    puts("\n");
+                    errors++;
+                }
+            }
+        }
+        ops++;
+        if (ops % 1024 == 0) {
+            if (d->features & (1UL << VIRTIO_BLK_F_FLUSH))
+                request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+            puts("io-loop ops ");
+            put_dec(ops);
+            puts(" errors ");
+            put_dec(errors);
+            puts("\n");
+        }
+    }
+}
+
+/* ---- entry ------------------------------------------------------------------------------- */
+
+static volatile u32 cpus_online;
+
+void guest_main(u64 cpu, struct boot_info *info)
+{
+    __atomic_fetch_add(&cpus_online, 1, __ATOMIC_SEQ_CST);
+    if (cpu != 0)
+        halt_forever();
+
+    if (info->magic != BOOT_INFO_MAGIC) {
+        puts("micro-guest: bad boot info\n");
+        reset();
+    }
+    u32 want = info->num_cpus < GUEST_MAX_CPUS ? info->num_cpus : GUEST_MAX_CPUS;
+    /* Wait (bounded) for the other vCPUs, so the line below proves they all ran. */
+    for (u64 spins = 0; cpus_online < want && spins < 200000000UL; spins++)
+        cpu_relax();
+    puts("micro-guest: cpus ");
+    put_dec(cpus_online);
+    puts(" disks ");
+    put_dec(info->num_devices);
+    puts("\n");
+
+    u32 ndisks = info->num_devices < MAX_DEVICES ? info->num_devices : MAX_DEVICES;
+    for (u32 i = 0; i < ndisks; i++)
+        disks[i].ok = disk_init(&disks[i], info->devices[i].mmio_base, i);
+
+    switch (info->workload) {
+    case WORKLOAD_COUNTER:
+        run_counter();
+        break;
+    case WORKLOAD_WRITE_VERIFY:
+        run_write_verify(info, ndisks);
+        break;
+    case WORKLOAD_IO_LOOP:
+        run_io_loop(info, ndisks);
+        break;
+    default:
+        puts("micro-guest: unknown workload\n");
+        reset();
+    }
+}

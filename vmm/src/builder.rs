@@ -1,0 +1,343 @@
+//! Assembling a VM from a [`VmConfig`] and running it to its end.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::IoEventAddress;
+use parking_lot::Mutex;
+use storage::LiveDisk;
+
+use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
+use crate::arch::x86_64::regs;
+use crate::config::{BootSource, SerialOutput, VmConfig, MAX_VCPUS};
+use crate::devices::bus::BusDevice;
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
+use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
+use crate::devices::serial::{IrqTrigger, Serial, SERIAL_PORTS};
+use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::error::{Error, Result};
+use crate::exit::{ExitHandle, ExitReason};
+use crate::guest::{self, GuestDevice};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{IoBuses, Vcpu, VcpuStart, VcpuThread};
+use crate::vm::Vm;
+
+/// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A disk attached to a running VM.
+#[derive(Debug, Clone)]
+pub struct AttachedDisk {
+    /// vda, vdb, ... or the disk's id.
+    pub name: String,
+    /// The live handle the device does I/O through; snapshots re-point it.
+    pub disk: Arc<LiveDisk>,
+    /// Presented read-only.
+    pub read_only: bool,
+    /// Guest-physical base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+}
+
+/// A running VM.
+pub struct Vmm {
+    // Field order is drop order: vCPUs are joined explicitly before any of these go.
+    exit: ExitHandle,
+    stop: Arc<AtomicBool>,
+    vcpus: Vec<VcpuThread>,
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
+    disks: Vec<AttachedDisk>,
+    memory: GuestMemoryMmap,
+    _vm: Vm,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the serial console's destination.
+pub fn open_serial(output: &SerialOutput) -> Result<Box<dyn Write + Send>> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(std::io::LineWriter::new(
+            std::fs::File::create(path).map_err(Error::io(format!(
+                "creating serial output {}",
+                path.display()
+            )))?,
+        )),
+    })
+}
+
+/// Opens every disk of `config` as a live disk, in order.
+pub fn open_disks(config: &VmConfig) -> Result<Vec<(Arc<LiveDisk>, bool)>> {
+    let mut disks = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let name = config.disk_name(index);
+        let options = storage::OpenOptions {
+            read_only: disk.read_only,
+            format: disk.format,
+            ..Default::default()
+        };
+        let top = storage::open(&disk.path, &options).map_err(|source| Error::Disk {
+            name: name.clone(),
+            path: disk.path.clone(),
+            source,
+        })?;
+        disks.push((LiveDisk::new(name, top), disk.read_only));
+    }
+    Ok(disks)
+}
+
+impl Vmm {
+    /// Builds the VM `config` describes and starts its vCPUs, sending the console to
+    /// `config.serial`.
+    pub fn start(config: &VmConfig) -> Result<Self> {
+        let serial = open_serial(&config.serial)?;
+        Self::start_with_serial(config, serial)
+    }
+
+    /// As [`Vmm::start`], with the console going to `serial`.
+    pub fn start_with_serial(config: &VmConfig, serial: Box<dyn Write + Send>) -> Result<Self> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "{} vCPUs (1 to {MAX_VCPUS})",
+                config.vcpus
+            )));
+        }
+        let memory_bytes = config
+            .memory_mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| Error::Config(format!("{} MiB of memory", config.memory_mib)))?;
+        if matches!(config.boot, BootSource::MicroGuest { .. }) && memory_bytes < guest::MIN_MEMORY
+        {
+            return Err(Error::Config(format!(
+                "the micro-guest needs at least {} MiB of memory",
+                guest::MIN_MEMORY >> 20
+            )));
+        }
+        let disks = open_disks(config)?;
+        let memory = memory::create(memory_bytes)?;
+        let vm = Vm::new(&memory)?;
+        let exit = ExitHandle::new()?;
+
+        let mut buses = IoBuses::default();
+        let trigger = IrqTrigger::new()?;
+        vm.fd()
+            .register_irqfd(trigger.fd(), SERIAL_GSI)
+            .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
+        insert(
+            &mut buses.pio,
+            Serial::new(trigger, serial),
+            SERIAL_PORT.into(),
+            SERIAL_PORTS,
+        )?;
+        insert(
+            &mut buses.pio,
+            I8042::new(exit.clone()),
+            I8042_BASE.into(),
+            I8042_PORTS,
+        )?;
+        for &(port, count) in IGNORED_PORT_RANGES {
+            insert(&mut buses.pio, IgnoredPorts, port.into(), count)?;
+        }
+
+        let mut devices = Vec::new();
+        let mut attached = Vec::new();
+        for (index, (disk, read_only)) in disks.into_iter().enumerate() {
+            let disk_config = &config.disks[index];
+            let name = disk.name().to_string();
+            let gsi = layout::virtio_gsi(index).ok_or_else(|| {
+                Error::Config(format!("too many devices: no interrupt left for {name}"))
+            })?;
+            let mmio_base = layout::virtio_mmio_window(index);
+            let block = Block::new(
+                BlockConfig {
+                    id: name.clone(),
+                    read_only,
+                    num_queues: disk_config.num_queues,
+                    queue_size: disk_config.queue_size,
+                },
+                disk.clone(),
+            )?;
+            let transport = MmioTransport::new(
+                format!("virtio-blk {name}"),
+                Box::new(block),
+                memory.clone(),
+            )?;
+            vm.fd()
+                .register_irqfd(transport.interrupt().irqfd(), gsi)
+                .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
+            for (queue, event) in transport.notify_events().iter().enumerate() {
+                vm.fd()
+                    .register_ioevent(
+                        event,
+                        &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
+                        queue as u32,
+                    )
+                    .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            buses
+                .mmio
+                .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
+                .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+            devices.push(transport);
+            attached.push(AttachedDisk {
+                name,
+                disk,
+                read_only,
+                mmio_base,
+                gsi,
+            });
+        }
+
+        regs::write_boot_tables(&memory)?;
+        let starts = match &config.boot {
+            BootSource::MicroGuest { workload, seed } => {
+                let guest_devices: Vec<GuestDevice> = attached
+                    .iter()
+                    .map(|d| GuestDevice {
+                        mmio_base: d.mmio_base,
+                        gsi: d.gsi,
+                    })
+                    .collect();
+                let entry = guest::load(&memory, *workload, *seed, config.vcpus, &guest_devices)?;
+                // Every vCPU enters the micro-guest directly; it picks a stack by index.
+                (0..config.vcpus)
+                    .map(|i| {
+                        VcpuStart::LongMode(regs::entry_regs(
+                            entry,
+                            0,
+                            u64::from(i),
+                            BOOT_INFO_ADDR,
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+            }
+            BootSource::Linux { .. } => {
+                return Err(Error::Load(
+                    "Linux boot is not implemented yet (use --guest builtin:WORKLOAD)".into(),
+                ))
+            }
+        };
+
+        let cpuid = vm.supported_cpuid()?;
+        let mut vcpus = Vec::new();
+        for (index, start) in starts.iter().enumerate() {
+            vcpus.push(Vcpu::new(&vm, &cpuid, index as u8, config.vcpus, start)?);
+        }
+        let buses = Arc::new(buses);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            match vcpu.start(buses.clone(), exit.clone(), stop.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    stop.store(true, Ordering::Release);
+                    for thread in threads {
+                        let _ = thread.stop(VCPU_STOP_TIMEOUT);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(
+            "VM started: {} vCPU(s), {} MiB, {} disk(s)",
+            config.vcpus,
+            config.memory_mib,
+            attached.len()
+        );
+        Ok(Vmm {
+            exit,
+            stop,
+            vcpus: threads,
+            devices,
+            disks: attached,
+            memory,
+            _vm: vm,
+        })
+    }
+
+    /// A handle that ends the VM when asked (from a signal handler thread, the API, ...).
+    pub fn exit_handle(&self) -> ExitHandle {
+        self.exit.clone()
+    }
+
+    /// The VM's disks, in device order.
+    pub fn disks(&self) -> &[AttachedDisk] {
+        &self.disks
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Waits for the VM to end, then tears it down: vCPUs stopped, device queues drained,
+    /// disks flushed.
+    pub fn wait(self) -> Result<ExitReason> {
+        let reason = self.exit.wait();
+        self.shutdown()?;
+        Ok(reason)
+    }
+
+    /// Stops the VM now.
+    pub fn stop(self) -> Result<ExitReason> {
+        self.exit.request(ExitReason::Stopped);
+        self.wait()
+    }
+
+    fn shutdown(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let mut first_error = None;
+        for vcpu in self.vcpus.drain(..) {
+            if let Err(e) = vcpu.stop(VCPU_STOP_TIMEOUT) {
+                first_error.get_or_insert(e);
+            }
+        }
+        // Dropping the transports stops each device's queue workers once their requests
+        // complete; only then is a flush final.
+        self.devices.clear();
+        for disk in &self.disks {
+            if disk.read_only {
+                continue;
+            }
+            if let Err(source) = disk.disk.flush() {
+                first_error.get_or_insert(Error::Disk {
+                    name: disk.name.clone(),
+                    path: disk.disk.top().path().to_path_buf(),
+                    source,
+                });
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn insert(
+    bus: &mut crate::devices::bus::Bus,
+    device: impl BusDevice + 'static,
+    base: u64,
+    len: u64,
+) -> Result<()> {
+    bus.insert(Arc::new(Mutex::new(device)), base, len)
+        .map_err(|o| Error::Config(format!("I/O range {:#x}+{} overlaps", o.base, o.len)))
+}
+
+/// Builds and runs the VM until it ends.
+pub fn run(config: &VmConfig) -> Result<ExitReason> {
+    Vmm::start(config)?.wait()
+}

@@ -1,0 +1,481 @@
+//! One virtio-blk request: parse a descriptor chain, check it, run it on the disk, report.
+//!
+//! A request is a byte stream split over descriptors: device-readable bytes first (a 16-byte
+//! header, then data for OUT/DISCARD/WRITE_ZEROES), device-writable bytes after (data for
+//! IN/GET_ID, then one status byte, the chain's last writable byte). The framing is not
+//! fixed (§2.7.4: "the device MUST NOT make assumptions about the particular arrangement of
+//! descriptors"), so the header and the discard ranges may straddle descriptors.
+//!
+//! The driver is not trusted. Every check happens before the disk is touched:
+//! - each data descriptor must lie inside one guest memory region;
+//! - the chain has at most [`MAX_DESCRIPTORS`] non-empty descriptors, readable ones first;
+//! - data lengths are whole sectors and `sector * 512 + length` stays within the disk, with
+//!   checked arithmetic;
+//! - DISCARD/WRITE_ZEROES carry 1..=[`MAX_DISCARD_SEGMENTS`] whole 16-byte ranges, each within
+//!   the disk and [`MAX_DISCARD_SECTORS`] long at most, flags known;
+//! - writes to a read-only disk fail.
+//!
+//! A failed check completes the request with IOERR (malformed) or UNSUPP (unknown type or
+//! flags). A chain without a writable byte, or whose status byte lies outside guest memory,
+//! cannot carry a status: it is returned to the driver with a used length of 0.
+//!
+//! [`RequestProcessor`] keeps its segment lists between requests, so the steady state does no
+//! allocation.
+
+use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use super::backend::DiskBackend;
+use super::{request_type, status, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::memory::GuestMemoryMmap;
+
+/// Most non-empty descriptors accepted in one chain (indirect tables can hold 65535).
+pub const MAX_DESCRIPTORS: usize = 1024;
+/// Most ranges in one DISCARD or WRITE_ZEROES request (the `max_discard_seg` advertised).
+pub const MAX_DISCARD_SEGMENTS: u32 = 16;
+/// Longest range of one DISCARD or WRITE_ZEROES segment, in sectors (4 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 23;
+/// Size of the request header.
+const HEADER_SIZE: u64 = 16;
+/// Size of one DISCARD/WRITE_ZEROES range.
+const RANGE_SIZE: u64 = 16;
+/// WRITE_ZEROES flag: the device may unmap the range.
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// A descriptor as the parser sees it: the virtio-queue type without the ring plumbing, so
+/// tests and fuzzers can feed arbitrary chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorInfo {
+    /// Guest address of the buffer.
+    pub addr: u64,
+    /// Length of the buffer.
+    pub len: u32,
+    /// The device writes this buffer (VIRTQ_DESC_F_WRITE).
+    pub device_writes: bool,
+}
+
+impl From<virtio_queue::desc::split::Descriptor> for DescriptorInfo {
+    fn from(d: virtio_queue::desc::split::Descriptor) -> Self {
+        DescriptorInfo {
+            addr: d.addr().0,
+            len: d.len(),
+            device_writes: d.is_write_only(),
+        }
+    }
+}
+
+/// How a request ended: what goes into the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The status written to the guest, or `None` when the chain had no place for one.
+    pub status: Option<u8>,
+    /// Bytes written into the chain's buffers (data and status), for the used element.
+    pub used_len: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u64,
+}
+
+/// Per-device facts a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskLimits<'a> {
+    /// Refuse OUT, DISCARD and WRITE_ZEROES.
+    pub read_only: bool,
+    /// The GET_ID answer, zero-padded.
+    pub id: &'a [u8; ID_BYTES],
+}
+
+/// Parses and runs requests; one per queue worker, reused for every request.
+#[derive(Debug, Default)]
+pub struct RequestProcessor {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+}
+
+/// Why a request failed, mapped onto the status the guest sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Malformed request or disk error: IOERR.
+    Error,
+    /// Unknown request type or flags: UNSUPP.
+    Unsupported,
+}
+
+impl Failure {
+    fn status(self) -> u8 {
+        match self {
+            Failure::Error => status::IOERR,
+            Failure::Unsupported => status::UNSUPP,
+        }
+    }
+}
+
+type Outcome = Result<u64, Failure>;
+
+impl RequestProcessor {
+    /// A processor with room for a typical chain.
+    pub fn new() -> Self {
+        RequestProcessor {
+            readable: Vec::with_capacity(64),
+            writable: Vec::with_capacity(64),
+        }
+    }
+
+    /// Runs the request made of `chain` against `disk` and writes its status byte.
+    pub fn process<D: DiskBackend + ?Sized>(
+        &mut self,
+        chain: impl IntoIterator<Item = DescriptorInfo>,
+        memory: &GuestMemoryMmap,
+        disk: &D,
+        limits: DiskLimits<'_>,
+    ) -> Completion {
+        self.readable.clear();
+        self.writable.clear();
+        let mut last_writable: Option<Segment> = None;
+        let mut malformed = false;
+        let mut count = 0usize;
+        for descriptor in chain {
+            if descriptor.len == 0 {
+                continue;
+            }
+            let segment = Segment {
+                addr: GuestAddress(descriptor.addr),
+                len: u64::from(descriptor.len),
+            };
+            count += 1;
+            if descriptor.device_writes {
+                last_writable = Some(segment);
+            } else if last_writable.is_some() {
+                // A readable descriptor after a writable one (§2.7.4.2).
+                malformed = true;
+            }
+            // Keep scanning past the limit: the status byte is the chain's last writable byte.
+            if count > MAX_DESCRIPTORS {
+                malformed = true;
+                continue;
+            }
+            if descriptor.device_writes {
+                self.writable.push(segment);
+            } else {
+                self.readable.push(segment);
+            }
+        }
+
+        let Some(last) = last_writable else {
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        };
+        let Some(status_addr) = last.addr.0.checked_add(last.len - 1).map(GuestAddress) else {
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        };
+        if !malformed {
+            // The status byte is not data: drop it from the writable stream.
+            if let Some(tail) = self.writable.last_mut() {
+                tail.len -= 1;
+                if tail.len == 0 {
+                    self.writable.pop();
+                }
+            }
+        }
+        let outcome = if malformed {
+            Err(Failure::Error)
+        } else {
+            self.execute(memory, disk, limits)
+        };
+        let (status, written) = match outcome {
+            Ok(written) => (status::OK, written),
+            Err(failure) => (failure.status(), 0),
+        };
+        if memory.write_obj(status, status_addr).is_err() {
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        }
+        Completion {
+            status: Some(status),
+            // `written` is at most the writable bytes of the chain, which the caller's chain
+            // bounds to u32 (a longer chain is invalid); saturate rather than trust that.
+            used_len: u32::try_from(written + 1).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Checks and runs the parsed request; returns the data bytes written to the guest.
+    fn execute<D: DiskBackend + ?Sized>(
+        &self,
+        memory: &GuestMemoryMmap,
+        disk: &D,
+        limits: DiskLimits<'_>,
+    ) -> Outcome {
+        let mut header = [0u8; HEADER_SIZE as usize];
+        if !gather(memory, &self.readable, 0, &mut header) {
+            return Err(Failure::Error);
+        }
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().map_err(|_| Failure::Error)?);
+        let out_len = total(&self.readable) - HEADER_SIZE;
+        let in_len = total(&self.writable);
+        match kind {
+            request_type::IN => {
+                if out_len != 0 {
+                    return Err(Failure::Error);
+                }
+                let offset = check_io(sector, in_len, disk.size())?;
+                self.read_into_guest(memory, disk, offset)?;
+                Ok(in_len)
+            }
+            request_type::OUT => {
+                if limits.read_only || in_len != 0 {
+                    return Err(Failure::Error);
+                }
+                let offset = check_io(sector, out_len, disk.size())?;
+                self.write_from_guest(memory, disk, offset)?;
+                Ok(0)
+            }
+            request_type::FLUSH => {
+                if out_len != 0 || in_len != 0 {
+                    return Err(Failure::Error);
+                }
+                disk.flush().map_err(|e| io_failure("flush", e))?;
+                Ok(0)
+            }
+            request_type::GET_ID => {
+                if out_len != 0 {
+                    return Err(Failure::Error);
+                }
+                let len = in_len.min(ID_BYTES as u64) as usize;
+                if !scatter(memory, &self.writable, &limits.id[..len]) {
+                    return Err(Failure::Error);
+                }
+                Ok(len as u64)
+            }
+            request_type::DISCARD | request_type::WRITE_ZEROES => {
+                if limits.read_only || in_len != 0 {
+                    return Err(Failure::Error);
+                }
+                self.discard_or_zero(memory, disk, kind == request_type::DISCARD, out_len)?;
+                Ok(0)
+            }
+            _ => Err(Failure::Unsupported),
+        }
+    }
+
+    fn read_into_guest<D: DiskBackend + ?Sized>(
+        &self,
+        memory: &GuestMemoryMmap,
+        disk: &D,
+        mut offset: u64,
+    ) -> Result<(), Failure> {
+        // Check every buffer before touching any, so a bad one fails the request cleanly.
+        for segment in &self.writable {
+            guest_slice(memory, *segment)?;
+        }
+        for segment in &self.writable {
+            let slice = guest_slice(memory, *segment)?;
+            let guard = slice.ptr_guard_mut();
+            // SAFETY: `slice` covers `slice.len()` bytes of one guest memory region (checked by
+            // get_slice), mapped for as long as `memory` is borrowed. The guest may touch the
+            // bytes concurrently, like a DMA target; the disk only stores into them.
+            let buffer = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
+            disk.read_at(buffer, offset)
+                .map_err(|e| io_failure("read", e))?;
+            // The VMM's own stores are invisible to KVM's dirty log: record them.
+            slice.bitmap().mark_dirty(0, slice.len());
+            offset += segment.len;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest<D: DiskBackend + ?Sized>(
+        &self,
+        memory: &GuestMemoryMmap,
+        disk: &D,
+        mut offset: u64,
+    ) -> Result<(), Failure> {
+        let data = DataSegments::new(&self.readable, HEADER_SIZE);
+        for segment in data.clone() {
+            guest_slice(memory, segment)?;
+        }
+        for segment in data {
+            let slice = guest_slice(memory, segment)?;
+            let guard = slice.ptr_guard();
+            // SAFETY: as in `read_into_guest`; the disk only loads from the bytes.
+            let buffer = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+            disk.write_at(buffer, offset)
+                .map_err(|e| io_failure("write", e))?;
+            offset += segment.len;
+        }
+        Ok(())
+    }
+
+    fn discard_or_zero<D: DiskBackend + ?Sized>(
+        &self,
+        memory: &GuestMemoryMmap,
+        disk: &D,
+        discard: bool,
+        out_len: u64,
+    ) -> Result<(), Failure> {
+        if out_len == 0 || out_len % RANGE_SIZE != 0 {
+            return Err(Failure::Error);
+        }
+        let count = out_len / RANGE_SIZE;
+        if count > u64::from(MAX_DISCARD_SEGMENTS) {
+            return Err(Failure::Error);
+        }
+        // Read and check every range first: a bad one fails the request with no range done.
+        let mut ranges = [(0u64, 0u64, false); MAX_DISCARD_SEGMENTS as usize];
+        for (i, range) in ranges.iter_mut().take(count as usize).enumerate() {
+            let mut raw = [0u8; RANGE_SIZE as usize];
+            if !gather(
+                memory,
+                &self.readable,
+                HEADER_SIZE + i as u64 * RANGE_SIZE,
+                &mut raw,
+            ) {
+                return Err(Failure::Error);
+            }
+            let sector = u64::from_le_bytes(raw[0..8].try_into().map_err(|_| Failure::Error)?);
+            let sectors = u32::from_le_bytes(raw[8..12].try_into().map_err(|_| Failure::Error)?);
+            let flags = u32::from_le_bytes(raw[12..16].try_into().map_err(|_| Failure::Error)?);
+            let allowed_flags = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+            if flags & !allowed_flags != 0 {
+                return Err(Failure::Unsupported);
+            }
+            if sectors > MAX_DISCARD_SECTORS {
+                return Err(Failure::Error);
+            }
+            let len = u64::from(sectors) << SECTOR_SHIFT;
+            let offset = check_io(sector, len, disk.size())?;
+            *range = (offset, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0);
+        }
+        for &(offset, len, _unmap) in ranges.iter().take(count as usize) {
+            // The storage layer's write_zeroes already unmaps whole clusters where it can, so
+            // the UNMAP hint needs no separate path.
+            let result = if discard {
+                disk.discard(offset, len)
+            } else {
+                disk.write_zeroes(offset, len)
+            };
+            result.map_err(|e| io_failure(if discard { "discard" } else { "write-zeroes" }, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn io_failure(what: &str, error: storage::Error) -> Failure {
+    tracing::warn!("virtio-blk {what}: {error}");
+    Failure::Error
+}
+
+fn total(segments: &[Segment]) -> u64 {
+    segments.iter().map(|s| s.len).sum()
+}
+
+/// The byte offset of `sector`, after checking that `len` bytes from it are whole sectors
+/// inside a disk of `size` bytes.
+fn check_io(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
+    if len % SECTOR_SIZE != 0 {
+        return Err(Failure::Error);
+    }
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Failure::Error)?;
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(offset),
+        _ => Err(Failure::Error),
+    }
+}
+
+/// The guest memory behind `segment`, which must lie within one region.
+fn guest_slice(
+    memory: &GuestMemoryMmap,
+    segment: Segment,
+) -> Result<VolatileSlice<'_, impl BitmapSlice + '_>, Failure> {
+    let len = usize::try_from(segment.len).map_err(|_| Failure::Error)?;
+    memory
+        .get_slice(segment.addr, len)
+        .map_err(|_| Failure::Error)
+}
+
+/// Copies `out.len()` bytes starting `skip` bytes into the stream of `segments`.
+fn gather(memory: &GuestMemoryMmap, segments: &[Segment], skip: u64, out: &mut [u8]) -> bool {
+    let mut done = 0usize;
+    for segment in DataSegments::new(segments, skip) {
+        if done == out.len() {
+            break;
+        }
+        let take = (out.len() - done).min(usize::try_from(segment.len).unwrap_or(usize::MAX));
+        if memory
+            .read_slice(&mut out[done..done + take], segment.addr)
+            .is_err()
+        {
+            return false;
+        }
+        done += take;
+    }
+    done == out.len()
+}
+
+/// Copies `data` to the start of the stream of `segments`.
+fn scatter(memory: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> bool {
+    let mut done = 0usize;
+    for segment in segments {
+        if done == data.len() {
+            break;
+        }
+        let take = (data.len() - done).min(usize::try_from(segment.len).unwrap_or(usize::MAX));
+        if memory
+            .write_slice(&data[done..done + take], segment.addr)
+            .is_err()
+        {
+            return false;
+        }
+        done += take;
+    }
+    done == data.len()
+}
+
+/// The segments of a byte stream after its first `skip` bytes.
+#[derive(Clone)]
+struct DataSegments<'a> {
+    segments: std::slice::Iter<'a, Segment>,
+    skip: u64,
+}
+
+impl<'a> DataSegments<'a> {
+    fn new(segments: &'a [Segment], skip: u64) -> Self {
+        DataSegments {
+            segments: segments.iter(),
+            skip,
+        }
+    }
+}
+
+impl Iterator for DataSegments<'_> {
+    type Item = Segment;
+
+    fn next(&mut self) -> Option<Segment> {
+        loop {
+            let segment = *self.segments.next()?;
+            if self.skip >= segment.len {
+                self.skip -= segment.len;
+                continue;
+            }
+            // `skip < len`, so the address stays within the descriptor's own range; a
+            // descriptor whose range wraps is caught by get_slice/read_slice.
+            let addr = GuestAddress(segment.addr.0.wrapping_add(self.skip));
+            let len = segment.len - self.skip;
+            self.skip = 0;
+            return Some(Segment { addr, len });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,357 @@
+//! The request parser against well-formed and hostile descriptor chains.
+
+use super::*;
+use crate::devices::virtio::block::MemoryDisk;
+use proptest::prelude::*;
+
+const MEMORY: u64 = 1 << 20;
+const DISK: usize = 64 * 1024;
+const ID: [u8; ID_BYTES] = *b"vda\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+fn memory() -> GuestMemoryMmap {
+    crate::memory::create(2 << 20).unwrap()
+}
+
+fn limits(read_only: bool) -> DiskLimits<'static> {
+    DiskLimits { read_only, id: &ID }
+}
+
+fn header(memory: &GuestMemoryMmap, addr: u64, kind: u32, sector: u64) -> DescriptorInfo {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&kind.to_le_bytes());
+    bytes[8..].copy_from_slice(&sector.to_le_bytes());
+    memory.write_slice(&bytes, GuestAddress(addr)).unwrap();
+    readable(addr, 16)
+}
+
+fn readable(addr: u64, len: u32) -> DescriptorInfo {
+    DescriptorInfo {
+        addr,
+        len,
+        device_writes: false,
+    }
+}
+
+fn writable(addr: u64, len: u32) -> DescriptorInfo {
+    DescriptorInfo {
+        addr,
+        len,
+        device_writes: true,
+    }
+}
+
+fn status_at(memory: &GuestMemoryMmap, addr: u64) -> u8 {
+    memory.read_obj(GuestAddress(addr)).unwrap()
+}
+
+fn run(
+    chain: &[DescriptorInfo],
+    memory: &GuestMemoryMmap,
+    disk: &MemoryDisk,
+    read_only: bool,
+) -> Completion {
+    RequestProcessor::new().process(chain.iter().copied(), memory, disk, limits(read_only))
+}
+
+#[test]
+fn write_then_read_through_split_segments() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    memory
+        .write_slice(&[0xab; 1024], GuestAddress(0x1000))
+        .unwrap();
+    let chain = [
+        header(&memory, 0x100, request_type::OUT, 2),
+        readable(0x1000, 512),
+        readable(0x1200, 512),
+        writable(0x200, 1),
+    ];
+    let done = run(&chain, &memory, &disk, false);
+    assert_eq!(
+        done,
+        Completion {
+            status: Some(status::OK),
+            used_len: 1
+        }
+    );
+    assert_eq!(&disk.contents()[1024..2048], &[0xab; 1024][..]);
+
+    let chain = [
+        header(&memory, 0x100, request_type::IN, 2),
+        writable(0x3000, 1000),
+        // Data and status share the last descriptor.
+        writable(0x4000, 25),
+    ];
+    let done = run(&chain, &memory, &disk, false);
+    assert_eq!(
+        done,
+        Completion {
+            status: Some(status::OK),
+            used_len: 1025
+        }
+    );
+    let mut back = [0u8; 24];
+    memory.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+    assert_eq!(back, [0xab; 24]);
+    assert_eq!(status_at(&memory, 0x4000 + 24), status::OK);
+}
+
+#[test]
+fn header_may_straddle_descriptors() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    header(&memory, 0x100, request_type::FLUSH, 0);
+    let chain = [readable(0x100, 5), readable(0x105, 11), writable(0x200, 1)];
+    assert_eq!(run(&chain, &memory, &disk, false).status, Some(status::OK));
+}
+
+#[test]
+fn out_of_range_and_partial_sectors_fail() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    let last_sector = (DISK as u64) / 512;
+    for (sector, len) in [
+        (last_sector, 512),
+        (last_sector - 1, 1024),
+        (u64::MAX / 256, 512),
+        (0, 100),
+    ] {
+        let chain = [
+            header(&memory, 0x100, request_type::IN, sector),
+            writable(0x1000, len),
+            writable(0x200, 1),
+        ];
+        let done = run(&chain, &memory, &disk, false);
+        assert_eq!(
+            done,
+            Completion {
+                status: Some(status::IOERR),
+                used_len: 1
+            },
+            "{sector} {len}"
+        );
+    }
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    memory.write_slice(&[1; 512], GuestAddress(0x1000)).unwrap();
+    for kind in [
+        request_type::OUT,
+        request_type::DISCARD,
+        request_type::WRITE_ZEROES,
+    ] {
+        let chain = [
+            header(&memory, 0x100, kind, 0),
+            readable(0x1000, 512),
+            writable(0x200, 1),
+        ];
+        assert_eq!(
+            run(&chain, &memory, &disk, true).status,
+            Some(status::IOERR)
+        );
+    }
+    assert!(disk.contents().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn unknown_types_and_flags_are_unsupported() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    let chain = [header(&memory, 0x100, 0x7777, 0), writable(0x200, 1)];
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::UNSUPP)
+    );
+    // A discard range with the UNMAP flag (only valid for WRITE_ZEROES).
+    let mut range = [0u8; 16];
+    range[8..12].copy_from_slice(&1u32.to_le_bytes());
+    range[12..].copy_from_slice(&1u32.to_le_bytes());
+    memory.write_slice(&range, GuestAddress(0x1000)).unwrap();
+    let chain = [
+        header(&memory, 0x100, request_type::DISCARD, 0),
+        readable(0x1000, 16),
+        writable(0x200, 1),
+    ];
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::UNSUPP)
+    );
+    let chain = [
+        header(&memory, 0x100, request_type::WRITE_ZEROES, 0),
+        readable(0x1000, 16),
+        writable(0x200, 1),
+    ];
+    assert_eq!(run(&chain, &memory, &disk, false).status, Some(status::OK));
+}
+
+#[test]
+fn write_zeroes_checks_every_range_before_acting() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    disk.write_at(&[9; 1024], 0).unwrap();
+    let mut ranges = [0u8; 32];
+    ranges[8..12].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 1 sector: fine
+    ranges[16..24].copy_from_slice(&(DISK as u64 / 512).to_le_bytes()); // past the end
+    ranges[24..28].copy_from_slice(&1u32.to_le_bytes());
+    memory.write_slice(&ranges, GuestAddress(0x1000)).unwrap();
+    let chain = [
+        header(&memory, 0x100, request_type::WRITE_ZEROES, 0),
+        readable(0x1000, 32),
+        writable(0x200, 1),
+    ];
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::IOERR)
+    );
+    assert_eq!(
+        &disk.contents()[..512],
+        &[9; 512][..],
+        "no range may be done"
+    );
+}
+
+#[test]
+fn get_id_truncates_to_the_buffer() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    let chain = [
+        header(&memory, 0x100, request_type::GET_ID, 0),
+        writable(0x1000, 2),
+        writable(0x200, 1),
+    ];
+    let done = run(&chain, &memory, &disk, false);
+    assert_eq!(
+        done,
+        Completion {
+            status: Some(status::OK),
+            used_len: 3
+        }
+    );
+    let mut id = [0u8; 3];
+    memory.read_slice(&mut id, GuestAddress(0x1000)).unwrap();
+    assert_eq!(&id[..2], b"vd");
+}
+
+#[test]
+fn chains_without_a_status_byte_complete_empty() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    let chain = [header(&memory, 0x100, request_type::FLUSH, 0)];
+    assert_eq!(
+        run(&chain, &memory, &disk, false),
+        Completion {
+            status: None,
+            used_len: 0
+        }
+    );
+    // Status byte outside guest memory.
+    let chain = [
+        header(&memory, 0x100, request_type::FLUSH, 0),
+        writable(u64::MAX, 1),
+    ];
+    assert_eq!(run(&chain, &memory, &disk, false).status, None);
+    let chain = [
+        header(&memory, 0x100, request_type::FLUSH, 0),
+        writable(64 << 20, 1),
+    ];
+    assert_eq!(run(&chain, &memory, &disk, false).status, None);
+}
+
+#[test]
+fn misordered_overlong_and_unmapped_chains_fail() {
+    let memory = memory();
+    let disk = MemoryDisk::new(DISK);
+    // Readable after writable.
+    let chain = [
+        header(&memory, 0x100, request_type::OUT, 0),
+        writable(0x200, 1),
+        readable(0x1000, 512),
+        writable(0x300, 1),
+    ];
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::IOERR)
+    );
+    // Too many descriptors.
+    let mut chain = vec![header(&memory, 0x100, request_type::OUT, 0)];
+    chain.extend(std::iter::repeat_n(
+        readable(0x1000, 512),
+        MAX_DESCRIPTORS + 1,
+    ));
+    chain.push(writable(0x200, 1));
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::IOERR)
+    );
+    // A data buffer past the end of guest memory: nothing is written to the disk.
+    let chain = [
+        header(&memory, 0x100, request_type::OUT, 0),
+        readable(0x1000, 512),
+        readable((2 << 20) - 256, 512),
+        writable(0x200, 1),
+    ];
+    memory.write_slice(&[7; 512], GuestAddress(0x1000)).unwrap();
+    assert_eq!(
+        run(&chain, &memory, &disk, false).status,
+        Some(status::IOERR)
+    );
+    assert!(disk.contents().iter().all(|&b| b == 0));
+}
+
+fn descriptor() -> impl Strategy<Value = DescriptorInfo> {
+    let addr = prop_oneof![
+        0..MEMORY + 0x2000,
+        Just(u64::MAX - 8),
+        (2u64 << 20) - 600..(2u64 << 20) + 16,
+        any::<u64>(),
+    ];
+    let len = prop_oneof![0u32..1100, Just(16), Just(512), Just(1), any::<u32>()];
+    (addr, len, any::<bool>()).prop_map(|(addr, len, device_writes)| DescriptorInfo {
+        addr,
+        len,
+        device_writes,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Whatever the chain, the processor neither panics nor touches the disk out of range,
+    /// reports a known status, and never claims more bytes than the chain can hold.
+    #[test]
+    fn hostile_chains_are_contained(
+        kind in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
+        sector in prop_oneof![0u64..200, any::<u64>()],
+        header_bytes in proptest::collection::vec(any::<u8>(), 0..48),
+        chain in proptest::collection::vec(descriptor(), 0..12),
+        read_only in any::<bool>(),
+    ) {
+        let memory = memory();
+        let disk = MemoryDisk::new(DISK);
+        // Give the chain something header-shaped to read at its first readable buffer.
+        let mut bytes = header_bytes;
+        bytes.resize(16.max(bytes.len()), 0);
+        bytes[..4].copy_from_slice(&kind.to_le_bytes());
+        bytes[8..16].copy_from_slice(&sector.to_le_bytes());
+        if let Some(first) = chain.iter().find(|d| !d.device_writes) {
+            let _ = memory.write_slice(&bytes, GuestAddress(first.addr));
+        }
+        let before = disk.contents();
+        let done = run(&chain, &memory, &disk, read_only);
+        if let Some(status) = done.status {
+            prop_assert!(status <= status::UNSUPP);
+        } else {
+            prop_assert_eq!(done.used_len, 0);
+        }
+        let writable: u64 = chain.iter().filter(|d| d.device_writes).map(|d| u64::from(d.len)).sum();
+        prop_assert!(u64::from(done.used_len) <= writable);
+        if read_only || done.status != Some(status::OK) {
+            // A refused request may not have changed the disk... except a write that failed
+            // part-way on a disk error, which the in-memory disk never produces.
+            prop_assert!(disk.contents() == before);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building or running a VM.
+///
+/// Messages name the ioctl, file, register or field at fault, so a failure reads on its own
+/// in a log line or on the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened or lacks a capability the VMM needs.
+    #[error("KVM unavailable: {0}")]
+    KvmUnavailable(String),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The ioctl or step that failed ("KVM_CREATE_VCPU 1", "KVM_SET_SREGS", ...).
+        what: String,
+        /// The error KVM returned.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be created or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A disk image could not be opened.
+    #[error("disk {name} ({path}): {source}")]
+    Disk {
+        /// The disk's name (vda, vdb, ... or its id).
+        name: String,
+        /// The image file.
+        path: PathBuf,
+        /// The storage layer's error.
+        #[source]
+        source: storage::Error,
+    },
+    /// The guest kernel, initrd or micro-guest could not be loaded.
+    #[error("loading the guest: {0}")]
+    Load(String),
+    /// A device could not be set up.
+    #[error("device {device}: {message}")]
+    Device {
+        /// The device ("serial", "virtio-blk vda", ...).
+        device: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An I/O error outside the disks (event fds, threads, the serial output file).
+    #[error("{what}: {source}")]
+    Io {
+        /// The operation that failed.
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU stopped on an exit the VMM cannot handle.
+    #[error("vCPU {index}: {message}")]
+    Vcpu {
+        /// The vCPU's index.
+        index: usize,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Wraps a failed KVM ioctl with what was being done.
+    pub(crate) fn kvm(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Kvm { what, source }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
