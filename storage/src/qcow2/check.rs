@@ -2335,7 +2335,13 @@ mod tests {
             // Without a report qemu-img could not open or finish the check.
             json.contains("image-end-offset").then_some(json)
         };
-        for round in 0..300 {
+        // Each round runs qemu-img up to four times; CI keeps the default small, longer
+        // runs set SNAPVMM_CHECK_FUZZ_ROUNDS.
+        let rounds: usize = std::env::var("SNAPVMM_CHECK_FUZZ_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        for round in 0..rounds {
             let mut bytes = pristine.clone();
             for _ in 0..1 + rng.next() % 4 {
                 let (start, len) = regions[(rng.next() % regions.len() as u64) as usize];
