@@ -745,6 +745,83 @@ impl Qcow2Image {
         self.note_dirty(newly)
     }
 
+    /// Writes `data`, whole clusters starting at cluster-aligned `offset`: the clusters that
+    /// need new space get it from one allocation, and every run contiguous in the file is
+    /// written with one call (as QEMU does for multi-cluster writes), which is what makes
+    /// sequential writes, stream and commit fast.
+    fn write_whole_clusters(&self, data: &[u8], offset: u64) -> Result<()> {
+        /// Where one cluster of the request goes.
+        enum Target {
+            /// Owned cluster, written in place.
+            InPlace(u64),
+            /// Needs a fresh cluster; the old mapping is released afterwards.
+            Fresh(Arc<Slice>, usize, Mapping),
+        }
+        let cs = self.cluster_size;
+        let first = offset >> self.cluster_bits;
+        let count = data.len() as u64 >> self.cluster_bits;
+        // Exclusive stripes in ascending order (see `read_batch` for why that is safe).
+        let mut stripes: Vec<usize> = (first..first + count)
+            .map(|c| c as usize & (STRIPES - 1))
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _exclusive: Vec<_> = stripes.iter().map(|&i| self.stripes[i].write()).collect();
+
+        let mut plan = Vec::with_capacity(count as usize);
+        let mut fresh = 0u64;
+        for guest_cluster in first..first + count {
+            if let Mapping::Data { host, copied: true } = self.lookup(guest_cluster)? {
+                self.check_data_target(host)?;
+                plan.push(Target::InPlace(host));
+                continue;
+            }
+            let (slice, index) = self.l2_for_write(guest_cluster)?;
+            let old = self.decode(slice.get(index), guest_cluster)?;
+            if let Mapping::Data { host, copied: true } = old {
+                self.check_data_target(host)?;
+                plan.push(Target::InPlace(host));
+            } else {
+                fresh += 1;
+                plan.push(Target::Fresh(slice, index, old));
+            }
+        }
+        let mut next = if fresh > 0 {
+            let mut meta = self.meta.lock();
+            self.allocate(&mut meta, fresh)?
+        } else {
+            0
+        };
+        let hosts: Vec<u64> = plan
+            .iter()
+            .map(|t| match t {
+                Target::InPlace(host) => *host,
+                Target::Fresh(..) => {
+                    next += cs;
+                    next - cs
+                }
+            })
+            .collect();
+        let mut run_start = 0usize;
+        for i in 1..=hosts.len() {
+            if i == hosts.len() || hosts[i] != hosts[i - 1] + cs {
+                let bytes = &data[run_start * cs as usize..i * cs as usize];
+                self.file.write_at(bytes, hosts[run_start])?;
+                run_start = i;
+            }
+        }
+        // The data is in place: publish the new mappings.
+        for (target, host) in plan.into_iter().zip(hosts) {
+            if let Target::Fresh(slice, index, old) = target {
+                let newly = slice.set(index, host | OFLAG_COPIED);
+                self.defer_free(old);
+                self.note_dirty(newly)?;
+            }
+        }
+        self.unsynced.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Makes whole guest cluster `guest_cluster` unallocated or zero-flagged (`entry` is the
     /// new L2 entry, 0 or `OFLAG_ZERO`).
     pub(super) fn unmap_cluster(&self, guest_cluster: u64, entry: u64) -> Result<()> {
@@ -999,10 +1076,21 @@ impl BlockDevice for Qcow2Image {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
+        let cs = self.cluster_size;
         let mut done = 0usize;
-        for (at, n) in self.clusters(offset, buf.len() as u64) {
-            self.write_in_cluster(&buf[done..done + n as usize], at)?;
-            done += n as usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let remaining = (buf.len() - done) as u64;
+            if at & (cs - 1) == 0 && remaining >= 2 * cs {
+                // Runs of whole clusters: one allocation and one write per contiguous run.
+                let n = ((remaining / cs).min(MAX_BATCH_CLUSTERS) * cs) as usize;
+                self.write_whole_clusters(&buf[done..done + n], at)?;
+                done += n;
+            } else {
+                let n = (cs - (at & (cs - 1))).min(remaining) as usize;
+                self.write_in_cluster(&buf[done..done + n], at)?;
+                done += n;
+            }
         }
         Ok(())
     }
