@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod ctl;
 mod img;
 mod run;
 
@@ -32,6 +33,8 @@ enum Command {
     Img(img::ImgArgs),
     /// Boot a VM: the built-in micro-guest or a Linux kernel, with virtio-blk disks.
     Run(run::RunArgs),
+    /// Drive a running VM through its API socket (virsh's verbs).
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Img(args) => img::main(args),
         Command::Run(args) => run::main(args),
+        Command::Ctl(args) => ctl::main(args),
     };
     ExitCode::from(code)
 }

@@ -28,7 +28,7 @@ pub struct RunArgs {
     /// Run the built-in micro-guest: builtin:counter, builtin:write-verify or builtin:io-loop.
     #[arg(long, value_name = "builtin:WORKLOAD", conflicts_with = "kernel")]
     guest: Option<String>,
-    /// Boot a Linux bzImage.
+    /// Boot a Linux kernel: a bzImage, or an uncompressed ELF vmlinux (64-bit boot protocol).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initramfs for --kernel.
@@ -83,8 +83,8 @@ fn read_config_file(path: &Path) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Merges flags over the config file into a VM configuration.
-fn build_config(args: RunArgs) -> Result<VmConfig, String> {
+/// Merges flags over the config file into a VM configuration and the API socket's path.
+fn build_config(args: RunArgs) -> Result<(VmConfig, Option<PathBuf>), String> {
     let file = match &args.config {
         Some(path) => read_config_file(path)?,
         None => FileConfig::default(),
@@ -148,17 +148,32 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if let Some(serial) = args.serial.or(file.serial) {
         config.serial = serial.parse().map_err(|e: vmm::Error| e.to_string())?;
     }
-    if args.api_socket.or(file.api_socket).is_some() {
-        return Err("--api-socket is not implemented yet".into());
-    }
-    Ok(config)
+    let api_socket = args.api_socket.or(file.api_socket.map(rebase));
+    Ok((config, api_socket))
+}
+
+/// Runs the VM with the REST API served on `socket` until the VM ends.
+fn run_with_api(config: &VmConfig, socket: &Path) -> vmm::Result<ExitReason> {
+    let vm = vmm::Vmm::start(config)?;
+    let control = vmm::api::VmmControl::new(&vm, config.vcpus, config.memory_mib);
+    let server = match vmm::api::ApiServer::start(socket, control) {
+        Ok(server) => server,
+        Err(e) => {
+            let _ = vm.stop();
+            return Err(e);
+        }
+    };
+    // Stop the server, and with it any block job, before the VM's disks are flushed.
+    vm.exit_handle().wait();
+    server.stop();
+    vm.wait()
 }
 
 /// Runs `snapvmm run`; returns the process exit status.
 pub fn main(args: RunArgs) -> u8 {
     init_logging();
-    let config = match build_config(args) {
-        Ok(config) => config,
+    let (config, api_socket) = match build_config(args) {
+        Ok(built) => built,
         Err(message) => {
             eprintln!("snapvmm run: error: {message}");
             return 1;
@@ -167,7 +182,11 @@ pub fn main(args: RunArgs) -> u8 {
     if let SerialOutput::File(path) = &config.serial {
         tracing::info!("serial console in {}", path.display());
     }
-    match vmm::run(&config) {
+    let result = match &api_socket {
+        Some(socket) => run_with_api(&config, socket),
+        None => vmm::run(&config),
+    };
+    match result {
         Ok(reason) if reason.is_clean() => {
             tracing::info!("VM ended: {reason:?}");
             0
@@ -211,7 +230,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<VmConfig, String> {
         let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        build_config(cli.run)
+        build_config(cli.run).map(|(config, _)| config)
     }
 
     #[test]
@@ -250,6 +269,30 @@ mod tests {
             "path=b,id=x"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn api_socket_from_flag_or_file() {
+        let cli = Cli::try_parse_from([
+            "run",
+            "--guest",
+            "builtin:io-loop",
+            "--api-socket",
+            "/tmp/vm.sock",
+        ])
+        .unwrap();
+        let (_, socket) = build_config(cli.run).unwrap();
+        assert_eq!(socket, Some(PathBuf::from("/tmp/vm.sock")));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "guest = \"builtin:counter\"\napi-socket = \"api.sock\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["run", "--config", path.to_str().unwrap()]).unwrap();
+        let (_, socket) = build_config(cli.run).unwrap();
+        assert_eq!(socket, Some(dir.path().join("api.sock")));
     }
 
     #[test]

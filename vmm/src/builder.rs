@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
-use crate::arch::x86_64::regs;
+use crate::arch::x86_64::{acpi, linux, regs};
 use crate::config::{BootSource, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{IoBuses, Vcpu, VcpuStart, VcpuThread};
+use crate::vcpu::{IoBuses, PauseGate, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
@@ -49,6 +49,7 @@ pub struct Vmm {
     exit: ExitHandle,
     stop: Arc<AtomicBool>,
     vcpus: Vec<VcpuThread>,
+    pause: Arc<PauseGate>,
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<AttachedDisk>,
     memory: GuestMemoryMmap,
@@ -224,10 +225,31 @@ impl Vmm {
                     })
                     .collect::<Vec<_>>()
             }
-            BootSource::Linux { .. } => {
-                return Err(Error::Load(
-                    "Linux boot is not implemented yet (use --guest builtin:WORKLOAD)".into(),
-                ))
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let acpi_devices: Vec<acpi::MmioDevice> = attached
+                    .iter()
+                    .map(|d| acpi::MmioDevice {
+                        mmio_base: d.mmio_base,
+                        gsi: d.gsi,
+                    })
+                    .collect();
+                let rsdp = acpi::create_tables(&memory, config.vcpus, &acpi_devices)?;
+                let loaded = linux::load(
+                    &memory,
+                    memory_bytes,
+                    kernel,
+                    initrd.as_deref(),
+                    cmdline,
+                    rsdp,
+                )?;
+                // The boot vCPU enters the kernel; the others wait for its INIT/SIPI.
+                std::iter::once(VcpuStart::LongMode(loaded.boot_regs()))
+                    .chain((1..config.vcpus).map(|_| VcpuStart::WaitForSipi))
+                    .collect()
             }
         };
 
@@ -238,12 +260,14 @@ impl Vmm {
         }
         let buses = Arc::new(buses);
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::new());
         let mut threads = Vec::new();
         for vcpu in vcpus {
-            match vcpu.start(buses.clone(), exit.clone(), stop.clone()) {
+            match vcpu.start(buses.clone(), exit.clone(), stop.clone(), pause.clone()) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     stop.store(true, Ordering::Release);
+                    pause.forget_threads();
                     for thread in threads {
                         let _ = thread.stop(VCPU_STOP_TIMEOUT);
                     }
@@ -261,6 +285,7 @@ impl Vmm {
             exit,
             stop,
             vcpus: threads,
+            pause,
             devices,
             disks: attached,
             memory,
@@ -271,6 +296,11 @@ impl Vmm {
     /// A handle that ends the VM when asked (from a signal handler thread, the API, ...).
     pub fn exit_handle(&self) -> ExitHandle {
         self.exit.clone()
+    }
+
+    /// The gate that pauses and resumes the vCPUs.
+    pub fn pause_gate(&self) -> Arc<PauseGate> {
+        self.pause.clone()
     }
 
     /// The VM's disks, in device order.
@@ -299,6 +329,7 @@ impl Vmm {
 
     fn shutdown(mut self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
+        self.pause.forget_threads();
         let mut first_error = None;
         for vcpu in self.vcpus.drain(..) {
             if let Err(e) = vcpu.stop(VCPU_STOP_TIMEOUT) {

@@ -15,8 +15,10 @@
 //! - [`vm`], [`vcpu`], [`arch`]: KVM objects, CPUID, MSRs, registers, LAPIC, page tables;
 //! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
 //! - [`guest`]: the micro-guest built from `vmm/guest/` and its boot info;
+//! - [`api`]: the REST API server on a Unix socket, and its client;
 //! - [`builder`]: assembling a VM from a [`config::VmConfig`] and running it.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -102,25 +102,32 @@ impl Vcpu {
         self.index
     }
 
-    /// Starts the vCPU on its own thread.
+    /// Starts the vCPU on its own thread, held outside `KVM_RUN` whenever `gate` is paused.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: ExitHandle,
         stop: Arc<AtomicBool>,
+        gate: Arc<PauseGate>,
     ) -> Result<VcpuThread> {
         install_kick_handler()?;
         let index = self.index;
+        let thread_gate = gate.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&buses, &exit, &stop))
+            .spawn(move || self.run(&buses, &exit, &stop, &thread_gate))
             .map_err(Error::io(format!("spawning vCPU {index}")))?;
+        gate.register(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
         Ok(VcpuThread { index, handle })
     }
 
-    fn run(mut self, buses: &IoBuses, exit: &ExitHandle, stop: &AtomicBool) {
+    fn run(mut self, buses: &IoBuses, exit: &ExitHandle, stop: &AtomicBool, gate: &PauseGate) {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
+            if gate.is_paused() {
+                gate.park(stop);
+                continue;
+            }
             let outcome = match self.fd.run() {
                 Ok(vcpu_exit) => handle_exit(index, vcpu_exit, buses),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -226,5 +233,131 @@ impl VcpuThread {
             index: usize::from(self.index),
             message: "the vCPU thread panicked".into(),
         })
+    }
+}
+
+/// Holds vCPU threads outside `KVM_RUN` while the VM is paused (the API's `/vm/pause`).
+///
+/// [`PauseGate::pause`] raises the gate and kicks every registered vCPU thread until each
+/// one is parked; [`PauseGate::resume`] lets them run again.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    paused: parking_lot::Mutex<bool>,
+    changed: parking_lot::Condvar,
+    parked: std::sync::atomic::AtomicUsize,
+    /// Threads to kick; emptied by [`PauseGate::forget_threads`] before any is joined.
+    threads: parking_lot::Mutex<Vec<libc::pthread_t>>,
+}
+
+impl PauseGate {
+    /// An open gate with no threads.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the vCPUs are asked to stay paused.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock()
+    }
+
+    fn register(&self, thread: libc::pthread_t) {
+        self.threads.lock().push(thread);
+    }
+
+    /// Forgets every thread and opens the gate; called before the vCPU threads are joined,
+    /// so that no later pause kicks a thread that is gone.
+    pub fn forget_threads(&self) {
+        self.threads.lock().clear();
+        self.resume();
+    }
+
+    /// Pauses every vCPU, returning once all are parked; on timeout the gate opens again
+    /// and the error says so.
+    pub fn pause(&self, timeout: Duration) -> Result<()> {
+        *self.paused.lock() = true;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let threads = self.threads.lock();
+            if self.parked.load(Ordering::Acquire) >= threads.len() {
+                return Ok(());
+            }
+            for &thread in threads.iter() {
+                // SAFETY: `thread` was not joined: joins happen only after
+                // `forget_threads` emptied this list, under the lock held here.
+                unsafe { libc::pthread_kill(thread, kick_signal()) };
+            }
+            drop(threads);
+            if Instant::now() > deadline {
+                self.resume();
+                return Err(Error::Vcpu {
+                    index: 0,
+                    message: format!("not every vCPU paused within {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        *self.paused.lock() = false;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread: waits while the gate is closed and the VM not stopping.
+    fn park(&self, stop: &AtomicBool) {
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        let mut paused = self.paused.lock();
+        while *paused && !stop.load(Ordering::Acquire) {
+            self.changed
+                .wait_for(&mut paused, Duration::from_millis(10));
+        }
+        drop(paused);
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn pause_gate_parks_and_releases_threads() {
+        install_kick_handler().unwrap();
+        let gate = Arc::new(PauseGate::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let counter = Arc::new(AtomicU64::new(0));
+        let handle = std::thread::spawn({
+            let (gate, stop, counter) = (gate.clone(), stop.clone(), counter.clone());
+            move || {
+                while !stop.load(Ordering::Acquire) {
+                    if gate.is_paused() {
+                        gate.park(&stop);
+                        continue;
+                    }
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    // Stands in for KVM_RUN: a kick ends the sleep early.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        gate.register(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
+        gate.pause(Duration::from_secs(5)).unwrap();
+        assert!(gate.is_paused());
+        let held = counter.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(counter.load(Ordering::Relaxed), held, "ran while paused");
+        gate.resume();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counter.load(Ordering::Relaxed) == held {
+            assert!(Instant::now() < deadline, "did not resume");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.pause(Duration::from_secs(5)).unwrap();
+        // Stopping releases a paused thread.
+        stop.store(true, Ordering::Release);
+        gate.forget_threads();
+        handle.join().unwrap();
     }
 }

@@ -1,0 +1,215 @@
+//! The HTTP server: hyper on a tokio current-thread runtime, on its own thread, listening
+//! on a Unix socket that only its owner may use (mode 0600).
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::oneshot;
+
+use super::routes::{Response, Router};
+use super::{ApiError, VmControl};
+use crate::error::{Error, Result};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long stopping the server waits for requests in flight.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long stopping the server waits for each cancelled job.
+const JOB_CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A running API server; [`ApiServer::stop`] (or dropping it) ends it and removes the socket.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    router: Arc<Router>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `path` and serves `vm` from a new thread. A stale socket file at `path`
+    /// is replaced; any other file there is an error.
+    pub fn start(path: &Path, vm: Arc<dyn VmControl>) -> Result<Self> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(Error::Config(format!(
+                    "API socket {}: a file that is not a socket is in the way",
+                    path.display()
+                )));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::Config(format!(
+                    "API socket {}: another process is serving it",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(Error::io(format!(
+                "removing the stale API socket {}",
+                path.display()
+            )))?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(Error::io(format!(
+            "binding the API socket {}",
+            path.display()
+        )))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            Error::io(format!("setting the mode of API socket {}", path.display())),
+        )?;
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::io("making the API socket non-blocking"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::io("creating the API server's runtime"))?;
+        let (stop, stopped) = oneshot::channel();
+        let router = Arc::new(Router::new(vm));
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn({
+                let router = router.clone();
+                move || runtime.block_on(serve(listener, router, stopped))
+            })
+            .map_err(Error::io("spawning the API server thread"))?;
+        tracing::info!("API server on {}", path.display());
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            router,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops serving, cancels the block jobs still running (waiting for each to leave a
+    /// valid chain) and removes the socket.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::warn!("the API server thread panicked");
+            }
+        }
+        self.router.cancel_jobs(JOB_CANCEL_TIMEOUT);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    router: Arc<Router>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!("API server: {e}");
+            return;
+        }
+    };
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("API server: accept: {e}");
+                        continue;
+                    }
+                };
+                let router = router.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |request| answer(router.clone(), request));
+                    // One request per connection: a stop then waits only for requests
+                    // in flight, never for an idle keep-alive connection.
+                    if let Err(e) = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!("API connection: {e}");
+                    }
+                });
+            }
+        }
+    }
+    // Let requests in flight (the shutdown request among them) send their answers.
+    drop(listener);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("API server: requests still in flight after {DRAIN_TIMEOUT:?}");
+    }
+}
+
+async fn answer(
+    router: Arc<Router>,
+    request: Request<Incoming>,
+) -> std::result::Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    let method = request.method().as_str().to_string();
+    let path = request.uri().path().to_string();
+    let response = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => {
+            let body = body.to_bytes();
+            match tokio::task::spawn_blocking(move || router.handle(&method, &path, &body)).await {
+                Ok(response) => response,
+                Err(e) => Response::error(&ApiError::Internal(format!("handler failed: {e}"))),
+            }
+        }
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Response::error(&ApiError::PayloadTooLarge(MAX_BODY))
+            } else {
+                Response::error(&ApiError::BadRequest(format!("reading the body: {e}")))
+            }
+        }
+    };
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut http = hyper::Response::new(Full::new(Bytes::from(response.body.unwrap_or_default())));
+    *http.status_mut() = status;
+    if status != StatusCode::NO_CONTENT {
+        http.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Ok(http)
+}

@@ -1,0 +1,381 @@
+//! The server against a fake VM: real sockets, real disks in a temporary directory, no KVM.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use storage::qcow2::{create, CreateOptions};
+use storage::{LiveDisk, OpenOptions};
+
+use super::routes::ROUTES;
+use super::types::{DiskInfo, JobInfo, SnapshotResult};
+use super::*;
+
+struct FakeVm {
+    state: Mutex<VmState>,
+    disks: Vec<AttachedDisk>,
+}
+
+impl VmControl for FakeVm {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            state: *self.state.lock(),
+            vcpus: 2,
+            memory_mib: 64,
+            disks: self.disks.len(),
+            version: "test".into(),
+        }
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        let mut state = self.state.lock();
+        if *state != VmState::Running {
+            return Err(ApiError::Conflict("not running".into()));
+        }
+        *state = VmState::Paused;
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        let mut state = self.state.lock();
+        if *state != VmState::Paused {
+            return Err(ApiError::Conflict("not paused".into()));
+        }
+        *state = VmState::Running;
+        Ok(())
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        *self.state.lock() = VmState::ShuttingDown;
+        Ok(())
+    }
+    fn disks(&self) -> Vec<AttachedDisk> {
+        self.disks.clone()
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    server: ApiServer,
+    client: ApiClient,
+    vm: Arc<FakeVm>,
+}
+
+fn qcow2(path: &Path, size: u64) -> Arc<LiveDisk> {
+    create(
+        path,
+        &CreateOptions {
+            size: Some(size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+    LiveDisk::new(name, storage::open(path, &OpenOptions::default()).unwrap())
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut disks = Vec::new();
+    for (index, name) in ["vda", "vdb"].iter().enumerate() {
+        disks.push(AttachedDisk {
+            name: name.to_string(),
+            disk: qcow2(&dir.path().join(format!("{name}.qcow2")), 4 << 20),
+            read_only: false,
+            mmio_base: 0xd000_0000 + index as u64 * 0x1000,
+            gsi: 5 + index as u32,
+        });
+    }
+    let vm = Arc::new(FakeVm {
+        state: Mutex::new(VmState::Running),
+        disks,
+    });
+    let socket = dir.path().join("api.sock");
+    let server = ApiServer::start(&socket, vm.clone()).unwrap();
+    let client = ApiClient::new(&socket).unwrap();
+    Fixture {
+        dir,
+        server,
+        client,
+        vm,
+    }
+}
+
+fn fault(response: &client::RawResponse) -> String {
+    let fault: types::Fault = serde_json::from_str(&response.body)
+        .unwrap_or_else(|e| panic!("not a fault body ({e}): {}", response.body));
+    assert!(!fault.fault_message.is_empty());
+    fault.fault_message
+}
+
+fn wait_job(client: &ApiClient, disk: &str, done: impl Fn(&JobInfo) -> bool) -> JobInfo {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: JobInfo = client.get(&format!("/disks/{disk}/job")).unwrap();
+        if done(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job did not finish: {job:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn vm_info_and_lifecycle() {
+    let f = fixture();
+    let mode = std::fs::metadata(f.dir.path().join("api.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let info: VmInfo = f.client.get("/vm").unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.disks, 2);
+    f.client.call("PUT", "/vm/pause", None::<&()>).unwrap();
+    assert_eq!(*f.vm.state.lock(), VmState::Paused);
+    let again = f.client.raw("PUT", "/vm/pause", b"").unwrap();
+    assert_eq!(again.status, 409);
+    fault(&again);
+    f.client.call("PUT", "/vm/resume", None::<&()>).unwrap();
+    f.client.call("PUT", "/vm/shutdown", None::<&()>).unwrap();
+    let info: VmInfo = f.client.get("/vm").unwrap();
+    assert_eq!(info.state, VmState::ShuttingDown);
+}
+
+#[test]
+fn malformed_requests_get_4xx_with_a_message() {
+    let f = fixture();
+    let cases: &[(&str, &str, &[u8], u16)] = &[
+        ("PUT", "/snapshot/disk", b"{not json", 400),
+        ("PUT", "/snapshot/disk", b"", 400),
+        ("PUT", "/snapshot/disk", br#"{"name":"s","colour":1}"#, 400),
+        ("PUT", "/snapshot/disk", br#"{"name":"a/b"}"#, 400),
+        (
+            "PUT",
+            "/snapshot/disk",
+            br#"{"name":"s","disks":[{"disk":"vdz"}]}"#,
+            404,
+        ),
+        (
+            "PUT",
+            "/snapshot/disk",
+            br#"{"name":"s","disks":[{"disk":"vda","overlay":"rel.qcow2"}]}"#,
+            400,
+        ),
+        ("PUT", "/disks/vdz/stream", b"", 404),
+        ("PUT", "/disks/vda/stream", br#"{"speed":-1}"#, 400),
+        (
+            "PUT",
+            "/disks/vda/stream",
+            br#"{"base":"/nonexistent.qcow2"}"#,
+            400,
+        ),
+        ("PUT", "/disks/vda/commit", b"{}", 400),
+        (
+            "PUT",
+            "/disks/vda/commit",
+            br#"{"active":true,"top":"/x"}"#,
+            400,
+        ),
+        ("GET", "/disks/vdz", b"", 404),
+        ("GET", "/disks/vda/job", b"", 404),
+        ("PUT", "/disks/vda/job/cancel", b"", 404),
+        ("PUT", "/disks/vda/job/speed", b"{}", 400),
+        ("PUT", "/vm/pause", b"[1]", 400),
+        ("DELETE", "/vm", b"", 405),
+        ("POST", "/disks/vda/stream", b"", 405),
+        ("GET", "/nope", b"", 404),
+        ("GET", "/vm/extra/segments", b"", 404),
+    ];
+    for (method, path, body, status) in cases {
+        let response = f.client.raw(method, path, body).unwrap();
+        assert_eq!(
+            response.status,
+            *status,
+            "{method} {path} {:?}: {}",
+            String::from_utf8_lossy(body),
+            response.body
+        );
+        fault(&response);
+    }
+    let huge = vec![b' '; server::MAX_BODY + 1];
+    assert_eq!(
+        f.client.raw("PUT", "/snapshot/disk", &huge).unwrap().status,
+        413
+    );
+    let info: VmInfo = f.client.get("/vm").unwrap();
+    assert_eq!(info.state, VmState::Running);
+}
+
+#[test]
+fn snapshot_stream_and_active_commit() {
+    let f = fixture();
+    let vda = f.vm.disks[0].disk.clone();
+    vda.write_at(b"before", 0).unwrap();
+    let result: SnapshotResult = f
+        .client
+        .call_json(
+            "PUT",
+            "/snapshot/disk",
+            Some(&serde_json::json!({"name": "s1", "atomic": true})),
+        )
+        .unwrap();
+    assert_eq!(result.disks.len(), 2);
+    let overlay = f.dir.path().join("vda.s1.qcow2");
+    assert_eq!(result.disks[0].overlay, overlay.display().to_string());
+    assert_eq!(vda.top().path(), overlay.as_path());
+    assert_eq!(
+        f.vm.disks[1].disk.top().path(),
+        f.dir.path().join("vdb.s1.qcow2").as_path(),
+        "atomic: vdb rolled back too"
+    );
+    vda.write_at(b"after!", 4096).unwrap();
+
+    // A second snapshot onto an existing file is refused and changes nothing.
+    let body = serde_json::json!({
+        "name": "s2",
+        "atomic": true,
+        "disks": [{"disk": "vdb"}, {"disk": "vda", "overlay": overlay}],
+    });
+    let again = f
+        .client
+        .raw("PUT", "/snapshot/disk", body.to_string().as_bytes())
+        .unwrap();
+    assert_eq!(again.status, 400, "{}", again.body);
+    assert_eq!(vda.top().path(), overlay.as_path());
+
+    let disks: Vec<DiskInfo> = f.client.get("/disks").unwrap();
+    assert_eq!(disks[0].backing_chain.len(), 1);
+    assert_eq!(disks[0].format, "qcow2");
+
+    let job: JobInfo = f
+        .client
+        .call_json("PUT", "/disks/vda/stream", None::<&()>)
+        .unwrap();
+    assert_eq!(job.kind, "stream");
+    let job = wait_job(&f.client, "vda", |j| j.status == "concluded");
+    assert_eq!(job.outcome.as_deref(), Some("completed"), "{job:?}");
+    let late = f.client.raw("PUT", "/disks/vda/job/cancel", b"").unwrap();
+    assert_eq!(late.status, 409, "{}", late.body);
+    let disk: DiskInfo = f.client.get("/disks/vda").unwrap();
+    assert!(disk.backing_chain.is_empty());
+
+    // Active commit of vdb into its base, then pivot.
+    f.vm.disks[1].disk.write_at(b"vdb data", 0).unwrap();
+    let job: JobInfo = f
+        .client
+        .call_json(
+            "PUT",
+            "/disks/vdb/commit",
+            Some(&serde_json::json!({"active": true})),
+        )
+        .unwrap();
+    assert_eq!(job.kind, "active-commit");
+    let busy = f.client.raw("PUT", "/disks/vdb/stream", b"").unwrap();
+    assert_eq!(busy.status, 409, "{}", busy.body);
+    let job: JobInfo = f
+        .client
+        .call_json(
+            "PUT",
+            "/disks/vdb/job/speed",
+            Some(&serde_json::json!({"speed": 0})),
+        )
+        .unwrap();
+    assert_eq!(job.speed, 0);
+    wait_job(&f.client, "vdb", |j| j.status == "ready");
+    f.client
+        .call("PUT", "/disks/vdb/job/complete", None::<&()>)
+        .unwrap();
+    let job = wait_job(&f.client, "vdb", |j| j.status == "concluded");
+    assert_eq!(job.outcome.as_deref(), Some("completed"), "{job:?}");
+    let vdb = &f.vm.disks[1].disk;
+    assert_eq!(vdb.top().path(), f.dir.path().join("vdb.qcow2").as_path());
+    let mut back = [0u8; 8];
+    vdb.read_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"vdb data");
+}
+
+#[test]
+fn openapi_document_matches_the_server() {
+    let text = include_str!("../../../docs/openapi.json");
+    let document: serde_json::Value = serde_json::from_str(text).unwrap();
+    let paths = document["paths"].as_object().expect("paths");
+    let mut documented = BTreeSet::new();
+    for (path, item) in paths {
+        for method in item.as_object().expect("path item").keys() {
+            if ["get", "put", "post", "patch", "delete"].contains(&method.as_str()) {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let served: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served, "docs/openapi.json and ROUTES differ");
+
+    let f = fixture();
+    for (method, path) in &documented {
+        let concrete = path.replace("{disk}", "vda");
+        let response = f.client.raw(method, &concrete, b"").unwrap();
+        assert!(
+            response.status != 404 || concrete.contains("/job"),
+            "{method} {path}: {} {}",
+            response.status,
+            response.body
+        );
+        assert_ne!(response.status, 405, "{method} {path}");
+        if response.status == 404 {
+            // Only "this disk has no job" may be 404 on a documented path.
+            assert!(fault(&response).contains("no block job"), "{method} {path}");
+        }
+        if response.status >= 400 {
+            fault(&response);
+        }
+        for other in ["GET", "PUT", "POST", "PATCH", "DELETE"] {
+            if !documented.contains(&(other.to_string(), path.clone())) {
+                let response = f.client.raw(other, &concrete, b"").unwrap();
+                assert_eq!(response.status, 405, "{other} {path}");
+            }
+        }
+    }
+    for undocumented in ["/", "/vms", "/vm/reboot", "/disks/vda/job/x", "/snapshot"] {
+        let response = f.client.raw("GET", undocumented, b"").unwrap();
+        assert_eq!(response.status, 404, "{undocumented}");
+        let response = f.client.raw("PUT", undocumented, b"").unwrap();
+        assert_eq!(response.status, 404, "{undocumented}");
+    }
+}
+
+#[test]
+fn stopping_the_server_cancels_running_jobs() {
+    let f = fixture();
+    let vda = f.vm.disks[0].disk.clone();
+    // A stream copies 1 MiB per throttle slice: data in two MiBs makes it wait.
+    vda.write_at(&[7; 65536], 0).unwrap();
+    vda.write_at(&[7; 65536], 2 << 20).unwrap();
+    f.client
+        .call(
+            "PUT",
+            "/snapshot/disk",
+            Some(&serde_json::json!({"name": "s"})),
+        )
+        .unwrap();
+    let job: JobInfo = f
+        .client
+        .call_json(
+            "PUT",
+            "/disks/vda/stream",
+            Some(&serde_json::json!({"speed": 1})),
+        )
+        .unwrap();
+    assert_ne!(job.status, "concluded");
+    assert!(vda.owner().is_some());
+    f.server.stop();
+    assert!(vda.owner().is_none(), "the job let go of the disk");
+    assert!(!f.dir.path().join("api.sock").exists());
+    assert!(
+        vda.top().backing().is_some(),
+        "cancelled: the chain is unchanged"
+    );
+}

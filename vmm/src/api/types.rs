@@ -1,0 +1,190 @@
+//! The JSON bodies of the REST API, one serde type per body (see `docs/openapi.json`).
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are held outside `KVM_RUN`.
+    Paused,
+    /// The VM was asked to stop and is tearing down.
+    ShuttingDown,
+}
+
+/// `GET /vm`: what the VM is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Its state.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of disks.
+    pub disks: usize,
+    /// The VMM's version.
+    pub version: String,
+}
+
+/// One disk as `GET /disks` lists it (virsh `domblklist`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The disk's name: vda, vdb, ... or its id.
+    pub name: String,
+    /// The file of its active layer.
+    pub source: String,
+    /// The active layer's format.
+    pub format: String,
+    /// Its virtual size in bytes.
+    pub size: u64,
+    /// Whether the guest sees it read-only.
+    pub read_only: bool,
+    /// The backing chain below the active layer, top first.
+    pub backing_chain: Vec<String>,
+    /// The job running on it, if any.
+    pub job: Option<String>,
+}
+
+/// One disk of an external snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDisk {
+    /// The disk's name.
+    pub disk: String,
+    /// Where its overlay goes; by default beside the active layer, named after the snapshot.
+    #[serde(default)]
+    pub overlay: Option<String>,
+}
+
+/// `PUT /snapshot/disk`: an external disk-only snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The snapshot's name (used in the default overlay file names).
+    pub name: String,
+    /// A free-form description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The disks to snapshot; every writable disk when absent.
+    #[serde(default)]
+    pub disks: Option<Vec<SnapshotDisk>>,
+    /// Switch every disk or none; otherwise disks are switched one after the other.
+    #[serde(default)]
+    pub atomic: bool,
+}
+
+/// One disk switched by a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDiskResult {
+    /// The disk.
+    pub disk: String,
+    /// Its new active layer.
+    pub overlay: String,
+    /// Its previous active layer, now read-only.
+    pub previous: String,
+}
+
+/// The answer to `PUT /snapshot/disk`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotResult {
+    /// The snapshot's name.
+    pub name: String,
+    /// The disks switched.
+    pub disks: Vec<SnapshotDiskResult>,
+    /// How long guest I/O was held, in microseconds (the longest, when not atomic).
+    pub quiesced_us: u64,
+}
+
+/// `PUT /disks/{disk}/stream` (virsh `blockpull`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamRequest {
+    /// Stop at this layer (kept as the new backing file); the whole chain when absent.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Speed limit in bytes per second (0: unlimited).
+    #[serde(default)]
+    pub speed: u64,
+}
+
+/// `PUT /disks/{disk}/commit` (virsh `blockcommit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// The top of the range to commit; the active layer when absent (needs `active`).
+    #[serde(default)]
+    pub top: Option<String>,
+    /// The layer to commit into; `top`'s backing file when absent.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Commit the active layer (it then pivots on `complete`).
+    #[serde(default)]
+    pub active: bool,
+    /// Speed limit in bytes per second (0: unlimited).
+    #[serde(default)]
+    pub speed: u64,
+}
+
+/// `PUT /disks/{disk}/job/speed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeedRequest {
+    /// Bytes per second (0: unlimited).
+    pub speed: u64,
+}
+
+/// A block job (QEMU `query-jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job's id.
+    pub id: String,
+    /// stream, commit or active-commit.
+    pub kind: String,
+    /// The disk it works on.
+    pub disk: String,
+    /// created, running, paused, ready, standby, aborting or concluded.
+    pub status: String,
+    /// Bytes done.
+    pub current: u64,
+    /// Bytes to do, as currently known.
+    pub total: u64,
+    /// Speed limit in bytes per second (0: unlimited).
+    pub speed: u64,
+    /// completed, cancelled or failed, once concluded.
+    pub outcome: Option<String>,
+    /// The error that ended it.
+    pub error: Option<String>,
+}
+
+impl From<snapshot::JobInfo> for JobInfo {
+    fn from(info: snapshot::JobInfo) -> Self {
+        JobInfo {
+            id: info.id,
+            kind: info.kind.to_string(),
+            disk: info.disk,
+            status: info.status.to_string(),
+            current: info.progress.current,
+            total: info.progress.total,
+            speed: info.speed,
+            outcome: info.outcome.map(|o| {
+                match o {
+                    snapshot::JobOutcome::Completed => "completed",
+                    snapshot::JobOutcome::Cancelled => "cancelled",
+                    snapshot::JobOutcome::Failed => "failed",
+                }
+                .to_string()
+            }),
+            error: info.error,
+        }
+    }
+}
+
+/// The body of every error response (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// What was wrong.
+    pub fault_message: String,
+}
