@@ -152,6 +152,9 @@ fn replay(dir: &Path) -> (PathBuf, HashMap<u64, Vec<u64>>) {
         &storage::OpenOptions {
             read_only: true,
             max_chain_depth: DEEP_CHAIN,
+            // Every top is qcow2: an overlay cut short before its header was written has no
+            // magic and must not be probed as a (valid) raw image.
+            format: Some(storage::ImageFormat::Qcow2),
             ..Default::default()
         },
     )
@@ -208,6 +211,7 @@ fn trial(scenario: &str, kill_after: Duration) {
         &top,
         &storage::OpenOptions {
             max_chain_depth: DEEP_CHAIN,
+            format: Some(storage::ImageFormat::Qcow2),
             ..Default::default()
         },
     )
