@@ -175,9 +175,15 @@ impl Qcow2Image {
             }
         }
         let cleared: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-        if cleared != l1 {
-            self.write_table(self.l1_offset, &cleared)?;
-            for (slot, e) in self.l1.iter().zip(&cleared) {
+        self.finish_flag_rewrite(&l1, &cleared)
+    }
+
+    /// Ends a COPIED-flag rewrite: stores the active L1 if it changed, syncs, and drops the
+    /// cached L2 slices, which may predate the rewritten tables.
+    fn finish_flag_rewrite(&mut self, old_l1: &[u64], new_l1: &[u64]) -> Result<()> {
+        if new_l1 != old_l1 {
+            self.write_table(self.l1_offset, new_l1)?;
+            for (slot, e) in self.l1.iter().zip(new_l1) {
                 slot.store(*e, Ordering::Release);
             }
         }
@@ -267,16 +273,7 @@ impl Qcow2Image {
                 self.write_table(l2, &new_table)?;
             }
         }
-        if new_l1 != l1 {
-            self.write_table(self.l1_offset, &new_l1)?;
-            for (slot, e) in self.l1.iter().zip(&new_l1) {
-                slot.store(*e, Ordering::Release);
-            }
-        }
-        self.file.sync()?;
-        // Cached slices may predate the rewrite.
-        self.l2_cache = L2Cache::new(self.l2_capacity);
-        Ok(())
+        self.finish_flag_rewrite(&l1, &new_l1)
     }
 
     fn refcount(&mut self, offset: u64) -> Result<u64> {
