@@ -63,19 +63,11 @@ fn op_at(seed: u64, seq: u64, size: u64, cluster_size: u64) -> SectorOp {
     }
 }
 
-fn tag(seq: u64, lba: u64) -> u64 {
-    0xc3 << 56 | (seq & 0xffff_ffff) << 24 | lba
-}
+/// Marks this file's sector tags (see `common::sector_tag`).
+const MARKER: u8 = 0xc3;
 
 fn sector_data(seq: u64, sector: u64, count: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity((count * SECTOR) as usize);
-    for lba in sector..sector + count {
-        let word = tag(seq, lba).to_le_bytes();
-        for _ in 0..SECTOR / 8 {
-            out.extend_from_slice(&word);
-        }
-    }
-    out
+    common::tagged_sectors(MARKER, seq, sector, count)
 }
 
 /// `image log limit seed size cluster_size`
@@ -167,10 +159,7 @@ fn matches(value: Value, actual: &[u8], lba: u64, old: &[u8]) -> bool {
     let at = (lba * SECTOR) as usize;
     match value {
         Value::Old => actual == &old[at..at + SECTOR as usize],
-        Value::Tag(seq) => {
-            let word = tag(seq, lba).to_le_bytes();
-            actual.chunks(8).all(|w| w == word)
-        }
+        Value::Tag(seq) => common::holds_tag(MARKER, seq, lba, actual),
         Value::Zero => actual.iter().all(|&b| b == 0),
     }
 }

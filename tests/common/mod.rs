@@ -547,3 +547,30 @@ pub fn mixed_ops(size: u64, cluster_size: u64, seed: u64, count: usize) -> Vec<O
     }
     ops
 }
+
+/// Bytes in the sectors the crash and ENOSPC trials tag.
+pub const TAG_SECTOR: u64 = 512;
+
+/// The word every 8 bytes of sector `lba` hold after write `seq`; `marker` tells the test
+/// files apart so one test's data can never pass for another's.
+pub fn sector_tag(marker: u8, seq: u64, lba: u64) -> u64 {
+    (marker as u64) << 56 | (seq & 0xffff_ffff) << 24 | lba
+}
+
+/// `count` sectors from `sector`, each filled with its tag for write `seq`.
+pub fn tagged_sectors(marker: u8, seq: u64, sector: u64, count: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((count * TAG_SECTOR) as usize);
+    for lba in sector..sector + count {
+        let word = sector_tag(marker, seq, lba).to_le_bytes();
+        for _ in 0..TAG_SECTOR / 8 {
+            out.extend_from_slice(&word);
+        }
+    }
+    out
+}
+
+/// Whether `actual` (one sector) holds sector `lba`'s tag for write `seq`.
+pub fn holds_tag(marker: u8, seq: u64, lba: u64, actual: &[u8]) -> bool {
+    let word = sector_tag(marker, seq, lba).to_le_bytes();
+    actual.chunks(8).all(|w| w == word)
+}
