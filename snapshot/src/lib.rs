@@ -7,6 +7,7 @@
 //!   (virsh `blockcommit [--active --pivot]`).
 //! - [`job`]: the job model those two run under (pause, resume, cancel, complete,
 //!   set-speed, progress, errors).
+//! - [`vm_state`]: the hook a VMM implements so snapshots can hold memory and vCPU state.
 //! - [`offline`]: the same merges on images no VM is using (`img commit`, `img rebase`).
 //!
 //! The crate has no KVM dependency: every algorithm here runs, and is tested, with threads.
@@ -50,6 +51,7 @@ pub mod mirror;
 pub mod offline;
 pub mod stream;
 pub mod throttle;
+pub mod vm_state;
 
 pub use error::{Error, HookError, Result};
 pub use job::{Job, JobInfo, JobKind, JobOutcome, JobStatus, Progress};
