@@ -26,9 +26,8 @@ use crate::chain::{self, BackingPath};
 use crate::error::{Error, Result};
 use crate::job::{next_id, Job, JobContext, JobKind, ReadyEvent};
 use crate::mirror;
+use crate::pipeline::{self, Extents};
 
-/// Bytes a mirror copies between two checkpoints.
-const BYTES_PER_STEP: u64 = 1 << 20;
 /// Granule of the dirty bitmap: the guest's usual write size, so a 4 KiB write costs the
 /// mirror 4 KiB and not a whole cluster (neighbouring granules are copied together).
 const GRANULE: u64 = 4 << 10;
@@ -152,7 +151,8 @@ pub fn commit(disk: &Arc<LiveDisk>, options: CommitOptions) -> Result<Job> {
     )
 }
 
-/// Copies into `base` every run of `top` held by one of the `span` layers from `top` down.
+/// Copies into `base` every run of `top` held by one of the `span` layers from `top` down,
+/// reading ahead on a helper thread.
 fn copy_down(
     ctx: &JobContext,
     top: &dyn BlockDevice,
@@ -160,37 +160,21 @@ fn copy_down(
     span: u32,
 ) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
-    let size = top.size();
-    ctx.set_total(size);
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = 0;
-    while offset < size {
-        ctx.checkpoint()?;
-        let end = (offset + CHUNK).min(size);
-        let mut copied = 0;
-        let mut at = offset;
-        while at < end {
-            let status = top.block_status(at, end - at)?;
-            if status.depth < span {
-                match status.allocation {
-                    storage::Allocation::Zero => base.write_zeroes(at, status.len)?,
-                    storage::Allocation::Data => {
-                        let data = &mut buf[..status.len as usize];
-                        top.read_at(data, at)?;
-                        base.write_at(data, at)?;
-                        copied += status.len;
-                    }
-                    storage::Allocation::Unallocated => {}
-                }
+    ctx.set_total(top.size());
+    pipeline::overlapped(
+        top.size(),
+        CHUNK,
+        |start, end, extents: &mut Extents| extents.read_above(top, span, start, end),
+        |start, end, extents| {
+            ctx.checkpoint()?;
+            let copied = extents.write_to(&**base)?;
+            ctx.advance(end - start);
+            if copied > 0 {
+                ctx.throttle(copied)?;
             }
-            at += status.len;
-        }
-        ctx.advance(end - offset);
-        if copied > 0 {
-            ctx.throttle(copied)?;
-        }
-        offset = end;
-    }
+            Ok(())
+        },
+    )?;
     base.flush()?;
     Ok(())
 }
@@ -213,10 +197,15 @@ fn mirror_and_pivot(
         if ready && ctx.complete_requested() {
             return pivot(ctx, live, active, base, bitmap);
         }
-        let copied = mirror::copy_dirty(&**active, base, bitmap, &mut cursor, BYTES_PER_STEP)?;
-        ctx.advance(copied);
+        let copied = mirror::drain_dirty(&**active, base, bitmap, &mut cursor, |len| {
+            ctx.advance(len);
+            ctx.throttle(len)?;
+            ctx.checkpoint()?;
+            ctx.set_total(ctx.current() + bitmap.dirty_bytes());
+            // Once in sync, a complete request ends the pass so the pivot is prompt.
+            Ok(!(ready && ctx.complete_requested()))
+        })?;
         if copied > 0 {
-            ctx.throttle(copied)?;
             continue;
         }
         if !ready {

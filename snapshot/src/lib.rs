@@ -49,6 +49,7 @@ pub mod job;
 pub mod live_snapshot;
 pub mod mirror;
 pub mod offline;
+mod pipeline;
 pub mod stream;
 pub mod throttle;
 pub mod vm_state;

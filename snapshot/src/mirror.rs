@@ -5,7 +5,7 @@
 //! granule *after* writing it, and the mirror clears the mark *before* reading it. A write
 //! that races a copy therefore always leaves the granule marked, and it is copied again.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use storage::live::DirtyBitmap;
 use storage::{Allocation, BlockDevice};
@@ -76,4 +76,150 @@ pub fn copy_dirty(
         copied += len;
     }
     Ok(copied)
+}
+
+/// Runs of the source read ahead of the writer by [`drain_dirty`].
+const READ_AHEAD: usize = 2;
+
+/// One run taken from the bitmap and read: (offset, length, reads as zeroes, data).
+type ReadRun = (u64, u64, bool, Vec<u8>);
+
+/// Copies runs of dirty granules, reading ahead on a helper thread, until the bitmap is
+/// empty or `step` says stop; returns the bytes copied.
+///
+/// `step` runs on the calling thread after each run is written, with the run's length
+/// (progress, throttling, pause and cancel checks); it returns `Ok(false)` to end the pass
+/// early, or an error that ends it and is returned. Runs that were taken from the bitmap
+/// but not written when the pass ends, for whatever reason, are marked dirty again, so
+/// nothing is lost to a cancel or an I/O error.
+pub fn drain_dirty(
+    source: &dyn BlockDevice,
+    target: &Arc<dyn BlockDevice>,
+    bitmap: &DirtyBitmap,
+    cursor: &mut u64,
+    mut step: impl FnMut(u64) -> Result<bool>,
+) -> Result<u64> {
+    let start = *cursor;
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Result<ReadRun>>(READ_AHEAD);
+        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..=READ_AHEAD {
+            let _ = empty_tx.send(Vec::new());
+        }
+        let reader = scope.spawn(move || {
+            let mut cursor = start;
+            while let Ok(mut buf) = empty_rx.recv() {
+                let Some((offset, len)) = bitmap.take_run(cursor, MAX_RUN) else {
+                    break;
+                };
+                cursor = (offset + len) / bitmap.granule();
+                buf.resize(len as usize, 0);
+                let run = match source.read_at(&mut buf, offset) {
+                    Ok(()) => Ok((offset, len, buf.iter().all(|&b| b == 0), buf)),
+                    Err(e) => {
+                        bitmap.mark(offset, len);
+                        Err(e.into())
+                    }
+                };
+                let failed = run.is_err();
+                if let Err(mpsc::SendError(Ok((offset, len, ..)))) = full_tx.send(run) {
+                    bitmap.mark(offset, len);
+                    break;
+                }
+                if failed {
+                    break;
+                }
+            }
+            cursor
+        });
+        let mut copied = 0;
+        let mut write = || -> Result<()> {
+            while let Ok(run) = full_rx.recv() {
+                let (offset, len, zero, buf) = run?;
+                let written = match zero {
+                    true => target.write_zeroes(offset, len),
+                    false => target.write_at(&buf, offset),
+                };
+                if let Err(e) = written {
+                    bitmap.mark(offset, len);
+                    return Err(e.into());
+                }
+                let _ = empty_tx.send(buf);
+                copied += len;
+                if !step(len)? {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let outcome = write();
+        // No more buffers: the reader ends after its current run; what it had read and
+        // not handed over yet goes back into the bitmap.
+        drop(empty_tx);
+        for run in full_rx.iter().flatten() {
+            bitmap.mark(run.0, run.1);
+        }
+        *cursor = reader.join().expect("mirror reader panicked");
+        outcome.map(|()| copied)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage::{ImageFormat, OpenOptions};
+
+    fn raw(dir: &std::path::Path, name: &str, size: u64) -> Arc<dyn BlockDevice> {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let options = OpenOptions {
+            format: Some(ImageFormat::Raw),
+            ..OpenOptions::default()
+        };
+        storage::open(&path, &options).unwrap()
+    }
+
+    #[test]
+    fn a_pass_stopped_early_leaves_the_rest_dirty_and_a_later_pass_finishes() {
+        const SIZE: u64 = 8 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let source = raw(dir.path(), "source", SIZE);
+        let target = raw(dir.path(), "target", SIZE);
+        let data: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
+        source.write_at(&data, 0).unwrap();
+        let bitmap = DirtyBitmap::new(SIZE, 4096).unwrap();
+        bitmap.mark(0, SIZE);
+        let mut cursor = 0;
+        let mut runs = 0;
+        let copied = drain_dirty(&*source, &target, &bitmap, &mut cursor, |_| {
+            runs += 1;
+            Ok(runs < 2)
+        })
+        .unwrap();
+        assert_eq!(copied, 2 * MAX_RUN);
+        // Runs the reader had taken ahead went back into the bitmap.
+        assert_eq!(bitmap.dirty_bytes(), SIZE - copied);
+        let copied = drain_dirty(&*source, &target, &bitmap, &mut cursor, |_| Ok(true)).unwrap();
+        assert_eq!(copied, SIZE - 2 * MAX_RUN);
+        assert_eq!(bitmap.dirty_bytes(), 0);
+        let mut back = vec![0u8; SIZE as usize];
+        target.read_at(&mut back, 0).unwrap();
+        assert!(back == data, "target differs from source");
+    }
+
+    #[test]
+    fn an_error_from_the_step_is_returned_and_loses_nothing() {
+        const SIZE: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let source = raw(dir.path(), "source", SIZE);
+        let target = raw(dir.path(), "target", SIZE);
+        let bitmap = DirtyBitmap::new(SIZE, 4096).unwrap();
+        bitmap.mark(0, SIZE);
+        let mut cursor = 0;
+        let result = drain_dirty(&*source, &target, &bitmap, &mut cursor, |_| {
+            Err(crate::Error::InvalidArgument("cancelled".into()))
+        });
+        assert!(result.is_err());
+        assert_eq!(bitmap.dirty_bytes(), SIZE - MAX_RUN);
+    }
 }

@@ -11,6 +11,7 @@ use storage::{Allocation, BlockDevice, ImageFormat, OpenOptions};
 
 use crate::chain;
 use crate::error::{Error, Result};
+use crate::pipeline::{self, Extents};
 
 /// Guest bytes handled per step.
 const CHUNK: u64 = 2 << 20;
@@ -71,32 +72,19 @@ pub fn commit(
         image.replace_backing_device(Some(writer.clone()));
     }
     let size = top.size();
-    let mut buf = vec![0u8; CHUNK as usize];
+    let span = base_depth as u32;
     let mut copied = 0;
-    let mut offset = 0;
     progress(0, size);
-    while offset < size {
-        let end = (offset + CHUNK).min(size);
-        let mut at = offset;
-        while at < end {
-            let status = top.block_status(at, end - at)?;
-            if (status.depth as usize) < base_depth {
-                match status.allocation {
-                    Allocation::Zero => writer.write_zeroes(at, status.len)?,
-                    Allocation::Data => {
-                        let data = &mut buf[..status.len as usize];
-                        top.read_at(data, at)?;
-                        writer.write_at(data, at)?;
-                        copied += status.len;
-                    }
-                    Allocation::Unallocated => {}
-                }
-            }
-            at += status.len;
-        }
-        offset = end;
-        progress(offset, size);
-    }
+    pipeline::overlapped(
+        size,
+        CHUNK,
+        |start, end, extents: &mut Extents| extents.read_above(&*top, span, start, end),
+        |_, end, extents| {
+            copied += extents.write_to(&*writer)?;
+            progress(end, size);
+            Ok(())
+        },
+    )?;
     writer.flush()?;
     let emptied = base.is_none() && !keep;
     if emptied {
@@ -169,39 +157,20 @@ pub fn rebase(
     };
     let size = top.size();
     let cs = image.cluster_size();
-    let chunk = CHUNK.max(cs);
-    let mut old_buf = vec![0u8; chunk as usize];
-    let mut new_buf = vec![0u8; chunk as usize];
-    let mut offset = 0;
     progress(0, size);
     if top.backing().is_some() || new_backing.is_some() {
-        while offset < size {
-            let end = (offset + chunk).min(size);
-            let mut at = offset;
-            while at < end {
-                let status = top.block_status(at, end - at)?;
-                let run_end = at + status.len;
-                if status.depth > 0 {
-                    // Whole clusters, so writes into `file` never copy-on-write.
-                    let start = at / cs * cs;
-                    let stop = run_end.next_multiple_of(cs).min(size);
-                    rebase_range(
-                        &*top,
-                        new_backing.as_deref(),
-                        start,
-                        stop,
-                        cs,
-                        &mut old_buf,
-                        &mut new_buf,
-                    )?;
-                    at = stop.max(run_end);
-                } else {
-                    at = run_end;
-                }
-            }
-            offset = end;
-            progress(offset, size);
-        }
+        pipeline::overlapped(
+            size,
+            CHUNK.max(cs),
+            |start, end, diff: &mut Differences| {
+                diff.read(&*top, new_backing.as_deref(), cs, start, end)
+            },
+            |_, end, diff| {
+                diff.write_to(&*top)?;
+                progress(end, size);
+                Ok(())
+            },
+        )?;
     }
     let new_format = match (&new_backing, format) {
         (None, _) => None,
@@ -213,52 +182,109 @@ pub fn rebase(
     Ok(())
 }
 
-/// Copies into `top` the clusters of `start..stop` that `top` does not hold and whose old
-/// contents differ from what `new_backing` reads.
-fn rebase_range(
-    top: &dyn BlockDevice,
-    new_backing: Option<&dyn BlockDevice>,
+/// The clusters of one chunk that a safe rebase must copy into the top, with their data.
+#[derive(Debug, Default)]
+struct Differences {
+    /// The chunk's first byte.
     start: u64,
-    stop: u64,
-    cs: u64,
-    old_buf: &mut [u8],
-    new_buf: &mut [u8],
-) -> Result<()> {
-    let len = (stop - start) as usize;
-    // Ranges that read as zeroes in both chains need no reading at all.
-    let old_zero = reads_zero(top, start, stop)?;
-    let new_zero = match new_backing {
-        Some(b) => start >= b.size() || reads_zero(b, start, stop.min(b.size()))?,
-        None => true,
-    };
-    if old_zero && new_zero {
-        return Ok(());
-    }
-    let old = &mut old_buf[..len];
-    top.read_at(old, start)?;
-    let new = &mut new_buf[..len];
-    match new_backing {
-        Some(b) if start < b.size() => {
-            let n = (b.size() - start).min(len as u64) as usize;
-            b.read_at(&mut new[..n], start)?;
-            new[n..].fill(0);
-        }
-        _ => new.fill(0),
-    }
-    let mut cluster = start;
-    while cluster < stop {
-        let n = cs.min(stop - cluster) as usize;
-        let i = (cluster - start) as usize;
-        if old[i..i + n] != new[i..i + n] {
-            let status = top.block_status(cluster, n as u64)?;
-            // Never overwrite a cluster `top` holds itself.
-            if status.depth > 0 {
-                top.write_at(&old[i..i + n], cluster)?;
+    /// (guest offset, length) of each cluster to write.
+    clusters: Vec<(u64, u64)>,
+    /// The chunk as the old chain reads it, from the chunk's first byte.
+    old: Vec<u8>,
+    /// The same bytes as the new backing chain reads them.
+    new: Vec<u8>,
+}
+
+impl Differences {
+    /// Finds the clusters of `start..end` (cluster aligned) that `top` does not hold and whose
+    /// old contents differ from what `new_backing` reads, and keeps their old data.
+    fn read(
+        &mut self,
+        top: &dyn BlockDevice,
+        new_backing: Option<&dyn BlockDevice>,
+        cs: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<()> {
+        self.start = start;
+        self.clusters.clear();
+        let need = (end - start) as usize;
+        for buf in [&mut self.old, &mut self.new] {
+            if buf.len() < need {
+                buf.resize(need, 0);
             }
         }
-        cluster += n as u64;
+        let mut at = start;
+        while at < end {
+            let status = top.block_status(at, end - at)?;
+            let run_end = at + status.len;
+            if status.depth == 0 {
+                at = run_end;
+                continue;
+            }
+            // Whole clusters, so writes into `top` never copy-on-write.
+            let from = at / cs * cs;
+            let stop = run_end.next_multiple_of(cs).min(end);
+            self.compare(top, new_backing, cs, from - start, stop - start)?;
+            at = stop.max(run_end);
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Compares the chunk's bytes `from..to` in the two chains and notes the clusters that
+    /// differ.
+    fn compare(
+        &mut self,
+        top: &dyn BlockDevice,
+        new_backing: Option<&dyn BlockDevice>,
+        cs: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let (first, stop) = (self.start + from, self.start + to);
+        // Ranges that read as zeroes in both chains need no reading at all.
+        let old_zero = reads_zero(top, first, stop)?;
+        let new_zero = match new_backing {
+            Some(b) => first >= b.size() || reads_zero(b, first, stop.min(b.size()))?,
+            None => true,
+        };
+        if old_zero && new_zero {
+            return Ok(());
+        }
+        let old = &mut self.old[from as usize..to as usize];
+        top.read_at(old, first)?;
+        let new = &mut self.new[from as usize..to as usize];
+        match new_backing {
+            Some(b) if first < b.size() => {
+                let n = (b.size() - first).min(to - from) as usize;
+                b.read_at(&mut new[..n], first)?;
+                new[n..].fill(0);
+            }
+            _ => new.fill(0),
+        }
+        let mut cluster = first;
+        while cluster < stop {
+            let n = cs.min(stop - cluster);
+            let i = (cluster - first) as usize;
+            if old[i..i + n as usize] != new[i..i + n as usize] {
+                self.clusters.push((cluster, n));
+            }
+            cluster += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the differing clusters into `top`, skipping any it holds itself by now.
+    fn write_to(&self, top: &dyn BlockDevice) -> Result<()> {
+        for &(cluster, len) in &self.clusters {
+            // Never overwrite a cluster `top` holds itself.
+            if top.block_status(cluster, len)?.depth > 0 {
+                let from = (cluster - self.start) as usize;
+                top.write_at(&self.old[from..from + len as usize], cluster)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether every byte of `start..stop` reads as zero according to block status alone.

@@ -20,6 +20,7 @@ use storage::{Allocation, BlockDevice};
 use crate::chain::{self, BackingPath};
 use crate::error::{Error, Result};
 use crate::job::{next_id, Job, JobContext, JobKind};
+use crate::pipeline;
 
 /// Guest bytes examined per step: a checkpoint and a throttle slice each.
 const CHUNK: u64 = 1 << 20;
@@ -114,7 +115,7 @@ pub fn stream(disk: &Arc<LiveDisk>, options: StreamOptions) -> Result<Job> {
 }
 
 /// Copies into `top` every cluster it does not map whose data comes from a layer above
-/// `base_depth`.
+/// `base_depth`, reading ahead on a helper thread.
 fn copy_up(ctx: &JobContext, top: &Arc<dyn BlockDevice>, base_depth: u32) -> Result<()> {
     let Some(image) = top.as_qcow2() else {
         return Ok(());
@@ -124,16 +125,59 @@ fn copy_up(ctx: &JobContext, top: &Arc<dyn BlockDevice>, base_depth: u32) -> Res
     };
     let size = top.size();
     let cs = image.cluster_size();
-    let chunk = CHUNK.max(cs);
     ctx.set_total(size);
-    let mut buf = vec![0u8; chunk as usize];
-    let mut offset = 0;
-    while offset < size {
-        ctx.checkpoint()?;
-        let end = (offset + chunk).min(size);
-        // Clusters to fill: (first byte, whole cluster reads as zeroes in the chain).
-        let mut wanted: Vec<(u64, bool)> = Vec::new();
-        let mut at = offset;
+    pipeline::overlapped(
+        size,
+        CHUNK.max(cs),
+        |start, end, fills: &mut Fills| fills.read(&**top, &*below, base_depth, cs, start, end),
+        |start, end, fills| {
+            ctx.checkpoint()?;
+            let mut copied = 0;
+            for &(cluster, zero) in &fills.clusters {
+                let len = cs.min(size - cluster);
+                let fill = match zero {
+                    true => Fill::Zeroes,
+                    false => Fill::Data(&fills.data[(cluster - start) as usize..][..len as usize]),
+                };
+                image.populate_cluster(cluster, fill)?;
+                copied += len;
+            }
+            ctx.advance(end - start);
+            if copied > 0 {
+                ctx.throttle(copied)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// The clusters of one chunk that the top lacks, with the data to fill them.
+#[derive(Debug, Default)]
+struct Fills {
+    /// (guest offset of the cluster, whether it reads as zeroes).
+    clusters: Vec<(u64, bool)>,
+    /// The chunk's bytes as the chain below reads them, from the chunk's first byte.
+    data: Vec<u8>,
+}
+
+impl Fills {
+    /// Finds the clusters of `start..end` (cluster aligned) that `top` does not map and a
+    /// layer above `base_depth` holds, and reads their data from `below`.
+    fn read(
+        &mut self,
+        top: &dyn BlockDevice,
+        below: &dyn BlockDevice,
+        base_depth: u32,
+        cs: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<()> {
+        self.clusters.clear();
+        let need = (end - start) as usize;
+        if self.data.len() < need {
+            self.data.resize(need, 0);
+        }
+        let mut at = start;
         while at < end {
             let status = top.block_status(at, end - at)?;
             let copy = status.depth > 0
@@ -145,51 +189,39 @@ fn copy_up(ctx: &JobContext, top: &Arc<dyn BlockDevice>, base_depth: u32) -> Res
                     // The zero shortcut only holds when this run covers the whole cluster.
                     let zero = status.allocation == Allocation::Zero
                         && at <= cluster
-                        && at + status.len >= (cluster + cs).min(size);
-                    match wanted.last_mut() {
+                        && at + status.len >= (cluster + cs).min(end);
+                    match self.clusters.last_mut() {
                         Some((c, z)) if *c == cluster => *z &= zero,
-                        _ => wanted.push((cluster, zero)),
+                        _ => self.clusters.push((cluster, zero)),
                     }
                     cluster += cs;
                 }
             }
             at += status.len;
         }
-        let mut copied = 0;
         let mut i = 0;
-        while i < wanted.len() {
+        while i < self.clusters.len() {
             // A run of neighbouring clusters is read from the chain below in one request.
             let mut j = i + 1;
-            while j < wanted.len() && wanted[j].0 == wanted[j - 1].0 + cs {
+            while j < self.clusters.len() && self.clusters[j].0 == self.clusters[j - 1].0 + cs {
                 j += 1;
             }
-            let run_start = wanted[i].0;
-            let run_end = (wanted[j - 1].0 + cs).min(size);
-            let all_zero = wanted[i..j].iter().all(|&(_, z)| z);
-            let data = &mut buf[..(run_end - run_start) as usize];
-            if !all_zero {
-                read_below(&*below, data, run_start)?;
+            if self.clusters[i..j].iter().any(|&(_, zero)| !zero) {
+                let run_start = self.clusters[i].0;
+                let run_end = (self.clusters[j - 1].0 + cs).min(end);
+                let data = &mut self.data[(run_start - start) as usize..(run_end - start) as usize];
+                read_below(below, data, run_start)?;
+                for (cluster, zero) in &mut self.clusters[i..j] {
+                    let from = (*cluster - run_start) as usize;
+                    let to = (from + cs as usize).min(data.len());
+                    // Data that happens to be all zeroes is stored as a zero cluster.
+                    *zero = *zero || data[from..to].iter().all(|&b| b == 0);
+                }
             }
-            for &(cluster, zero) in &wanted[i..j] {
-                let len = cs.min(size - cluster);
-                let part = &data[(cluster - run_start) as usize..][..len as usize];
-                let fill = if zero || part.iter().all(|&b| b == 0) {
-                    Fill::Zeroes
-                } else {
-                    Fill::Data(part)
-                };
-                image.populate_cluster(cluster, fill)?;
-            }
-            copied += run_end - run_start;
             i = j;
         }
-        ctx.advance(end - offset);
-        if copied > 0 {
-            ctx.throttle(copied)?;
-        }
-        offset = end;
+        Ok(())
     }
-    Ok(())
 }
 
 /// Reads guest bytes from the chain below the top; a shorter backing file reads as zeroes
