@@ -177,6 +177,87 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         other_extensions: Vec::new(),
     };
 
+    let layout = Layout {
+        cs,
+        table_at,
+        table_clusters,
+        blocks_at,
+        blocks,
+        l1_at,
+        l1_clusters,
+        end,
+        refcount_order,
+    };
+    // A new image appears whole or not at all: it is written under a temporary name and
+    // renamed into place, so a crash never leaves a header-less file that probing would
+    // take for a raw image. Symlinks and devices are written in place (renaming would
+    // replace the link or fail).
+    let in_place = path
+        .symlink_metadata()
+        .is_ok_and(|m| !m.file_type().is_file());
+    if in_place {
+        return write_image(path, &mut header, &layout);
+    }
+    let temp = temporary_name(path);
+    let written = write_image(&temp, &mut header, &layout).and_then(|()| {
+        std::fs::rename(&temp, path).map_err(|e| Error::io(path, "rename new image into place", e))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written?;
+    sync_directory(path);
+    Ok(())
+}
+
+/// Where each table of a new image goes, in clusters.
+struct Layout {
+    cs: u64,
+    table_at: u64,
+    table_clusters: u64,
+    blocks_at: u64,
+    blocks: u64,
+    l1_at: u64,
+    l1_clusters: u64,
+    end: u64,
+    refcount_order: u32,
+}
+
+/// A name beside `path` for the image while it is written.
+fn temporary_name(path: &Path) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.creating-{}-{n}", std::process::id()))
+}
+
+/// Makes the rename durable (power loss, not just a crash of this process).
+fn sync_directory(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "fsync of directory failed");
+    }
+}
+
+/// Writes a new, empty image with `header` and `layout` to `path`, and syncs it.
+fn write_image(path: &Path, header: &mut Header, layout: &Layout) -> Result<()> {
+    let Layout {
+        cs,
+        table_at,
+        table_clusters,
+        blocks_at,
+        blocks,
+        l1_at,
+        l1_clusters,
+        end,
+        refcount_order,
+    } = *layout;
     let file = ImageFile::create(path)?;
     // Refcount table.
     let mut table = vec![0u8; (table_clusters * cs) as usize];
@@ -201,6 +282,59 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     file.write_at(&block_data, blocks_at * cs)?;
     // Zeroed L1 table, written so the file covers it.
     file.write_at(&vec![0u8; (l1_clusters * cs) as usize], l1_at * cs)?;
-    write_header(&file, &mut header)?;
+    write_header(&file, header)?;
     file.sync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> CreateOptions {
+        CreateOptions {
+            size: Some(1 << 20),
+            ..CreateOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_new_image_leaves_no_temporary_file_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        create(&path, &options()).unwrap();
+        // Creating again replaces the image, as qemu-img create does.
+        create(&path, &options()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["disk.qcow2"]);
+        assert!(crate::qcow2::Qcow2Image::open(&path, &crate::OpenOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn a_symlinked_image_is_written_through_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target.qcow2");
+        std::fs::write(&target, b"old contents").unwrap();
+        let link = dir.path().join("link.qcow2");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        create(&link, &options()).unwrap();
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        let header = std::fs::read(&target).unwrap();
+        assert_eq!(&header[..4], b"QFI\xfb");
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        let bad = CreateOptions {
+            backing_file: Some("missing.qcow2".into()),
+            size: None,
+            ..CreateOptions::default()
+        };
+        assert!(create(&path, &bad).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
