@@ -114,7 +114,9 @@ impl Guest {
     }
 
     fn vm(&self) -> &Vmm {
-        self.vm.as_ref().expect("the VM runs until the demo stops it")
+        self.vm
+            .as_ref()
+            .expect("the VM runs until the demo stops it")
     }
 }
 
@@ -167,7 +169,10 @@ fn run_job(job: snapshot::Job, pivot: bool) -> Result<u64, String> {
     }
     if !job.wait_for(STEP_TIMEOUT, |s| s == JobStatus::Concluded) {
         job.cancel();
-        return Err(format!("job {} did not finish in {STEP_TIMEOUT:?}", job.id()));
+        return Err(format!(
+            "job {} did not finish in {STEP_TIMEOUT:?}",
+            job.id()
+        ));
     }
     job.wait().map_err(|e| format!("job {}: {e}", job.id()))?;
     Ok(job.progress().current)
@@ -334,7 +339,9 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
         return Err(format!("the guest's verdict: {}", verdict.text));
     }
     if reason != ExitReason::Reset {
-        return Err(format!("the VM ended with {reason:?}, not the guest's reset"));
+        return Err(format!(
+            "the VM ended with {reason:?}, not the guest's reset"
+        ));
     }
     steps.record(
         "guest verify + stop",

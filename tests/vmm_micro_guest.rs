@@ -5,69 +5,26 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
+mod vmm_util;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use storage::qcow2::{create, CreateOptions};
-use storage::{ImageFormat, OpenOptions};
+use storage::OpenOptions;
+use vmm_util::{assert_success, kvm_or_skip, snapvmm};
 
 /// Disks are small: on this host's software KVM every guest memory access is slow.
 const DISK_SIZE: u64 = 256 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn kvm_or_skip(test: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            if std::env::var("SNAPVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
-            }
-            eprintln!("skipping {test}: KVM unusable: {reason}");
-            false
-        }
-    }
-}
-
-fn snapvmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_snapvmm"))
-}
-
-/// Runs the command to completion, killing it after [`RUN_TIMEOUT`].
-fn run_with_timeout(mut command: Command) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snapvmm");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("collect output");
-            panic!(
-                "snapvmm did not finish in {RUN_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("collect output")
+fn run_with_timeout(command: Command) -> Output {
+    vmm_util::run_with_timeout(command, RUN_TIMEOUT)
 }
 
 fn qcow2(path: &Path, backing: Option<&Path>) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(DISK_SIZE),
-            backing_file: backing.map(|b| b.to_str().unwrap().to_string()),
-            backing_format: backing.map(|_| ImageFormat::Qcow2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    vmm_util::qcow2(path, DISK_SIZE, backing);
 }
 
 fn raw(path: &Path, fill: u8) {
@@ -92,17 +49,6 @@ fn expected_pattern(seed: u64, disk: u64) -> Vec<u8> {
     let mut data = vec![0u8; DISK_SIZE as usize];
     vmm::guest::fill_pattern(&mut data, seed, disk, 1, 0);
     data
-}
-
-fn assert_success(output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "snapvmm failed ({})\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 struct Disks {

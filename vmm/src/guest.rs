@@ -88,7 +88,10 @@ pub fn load(
 /// resets the VM; `io-bench` resets at once. The guest polls the word between requests.
 pub fn request_finish(memory: &GuestMemoryMmap) -> Result<()> {
     memory
-        .write_obj(CONTROL_FINISH, GuestAddress(BOOT_INFO_ADDR + CONTROL_OFFSET))
+        .write_obj(
+            CONTROL_FINISH,
+            GuestAddress(BOOT_INFO_ADDR + CONTROL_OFFSET),
+        )
         .map_err(|e| Error::Load(format!("micro-guest control word: {e}")))
 }
 
