@@ -1,0 +1,331 @@
+//! VMM benchmarks with the built-in micro-guest, on /dev/kvm.
+//!
+//! - `vm_start/first_serial_byte/{no_disk,qcow2_disk}`: from calling `Vmm::start` (memory,
+//!   KVM VM, devices, guest image, vCPU threads) to the first byte the guest writes to its
+//!   serial port, timed on the host by a serial writer that notes the instant of its first
+//!   byte. Teardown is not timed.
+//! - `guest_io/4k_random_rw`: the 4 KiB request rate the guest sees through virtio-blk on a
+//!   fully allocated 16 MiB qcow2 disk, half reads, half writes, one request in flight.
+//!   The guest's `io-bench` workload times its own requests with `rdtsc` and reports every
+//!   64 requests; one iteration is one request and its time is guest TSC time.
+//! - `snapshot_stall/{no_snapshot,live_snapshot}`: the longest single 4 KiB request the
+//!   guest sees in the 64-request windows around a live disk-only snapshot, next to the
+//!   longest in a window without one. Method: the guest records the longest request of each
+//!   window (TSC ticks) and prints it; the host timestamps each line as it arrives; the
+//!   value of an iteration is the largest maximum among the windows that end after the
+//!   snapshot call began, up to the first that ends after it returned. So it includes the
+//!   quiesce and switch and the first copy-on-write into the fresh overlay. After each
+//!   sample (untimed) an active commit pivots the disk back so the chain stays short. The
+//!   host-side hold (`SnapshotReport::quiesced_for`) is printed beside it.
+//!
+//! Guest TSC ticks become time at the host's TSC rate, measured against the monotonic clock
+//! at start (KVM runs the guest's TSC at the host's rate unless told otherwise).
+//!
+//! Without a usable /dev/kvm every benchmark is skipped with a message.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use snapshot::commit::{commit, CommitOptions};
+use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
+use snapshot::JobStatus;
+use storage::qcow2::{create, CreateOptions};
+use storage::OpenOptions;
+use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
+use vmm::console::{Console, SerialLine};
+use vmm::Vmm;
+
+/// Disk of the I/O benchmarks, written whole before the guest starts.
+const DISK_SIZE: u64 = 16 << 20;
+/// How long the guest may stay silent before a benchmark gives up.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether KVM is usable; says why not otherwise.
+fn kvm(bench: &str) -> bool {
+    match vmm::check_kvm() {
+        Ok(()) => true,
+        Err(reason) => {
+            eprintln!("skipping {bench}: KVM unusable: {reason}");
+            false
+        }
+    }
+}
+
+/// The host's TSC ticks per second, against `Instant` over 200 ms.
+fn tsc_hz() -> f64 {
+    use std::arch::x86_64::_rdtsc;
+    // SAFETY: rdtsc has no memory effects; every x86-64 CPU has it.
+    let (t0, c0) = (Instant::now(), unsafe { _rdtsc() });
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    let (c1, t1) = (unsafe { _rdtsc() }, Instant::now());
+    (c1 - c0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+fn ticks(ticks: u64, hz: f64) -> Duration {
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+/// A qcow2 disk of [`DISK_SIZE`] with every cluster allocated (so the benchmarks measure
+/// requests, not cluster allocation).
+fn filled_disk(path: &Path) {
+    create(
+        path,
+        &CreateOptions {
+            size: Some(DISK_SIZE),
+            ..Default::default()
+        },
+    )
+    .expect("create disk");
+    let disk = storage::open(path, &OpenOptions::default()).expect("open disk");
+    let data = vec![0xa5u8; 1 << 20];
+    for offset in (0..DISK_SIZE).step_by(data.len()) {
+        disk.write_at(&data, offset).expect("fill disk");
+    }
+    disk.flush().expect("flush disk");
+}
+
+/// A serial output that reports the instant of the guest's first byte.
+struct FirstByte(Option<mpsc::Sender<Instant>>);
+
+impl Write for FirstByte {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !buf.is_empty() {
+            if let Some(sender) = self.0.take() {
+                let _ = sender.send(Instant::now());
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn vm_start(c: &mut Criterion) {
+    if !kvm("vm_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.qcow2");
+    create(
+        &disk,
+        &CreateOptions {
+            size: Some(DISK_SIZE),
+            ..Default::default()
+        },
+    )
+    .expect("create disk");
+    let mut group = c.benchmark_group("vm_start");
+    group.sample_size(20);
+    for (name, disks) in [("no_disk", vec![]), ("qcow2_disk", vec![disk])] {
+        let mut config = VmConfig::new(BootSource::MicroGuest {
+            workload: Workload::Counter,
+            seed: 1,
+        });
+        config.disks = disks.into_iter().map(DiskConfig::new).collect();
+        group.bench_function(format!("first_serial_byte/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (sender, first) = mpsc::channel();
+                    let start = Instant::now();
+                    let vm = Vmm::start_with_serial(&config, Box::new(FirstByte(Some(sender))))
+                        .expect("start VM");
+                    let at = first.recv_timeout(TIMEOUT).expect("no serial output");
+                    total += at - start;
+                    vm.stop().expect("stop VM");
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One `io-bench ops N ticks T max M errors E` line.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// When the line reached the host.
+    at: Instant,
+    /// Requests in the window.
+    ops: u64,
+    /// TSC ticks the window's requests took.
+    ticks: u64,
+    /// The longest request, in ticks.
+    max: u64,
+}
+
+fn parse_window(line: &SerialLine) -> Option<Window> {
+    let words: Vec<&str> = line.text.split_whitespace().collect();
+    match words[..] {
+        ["io-bench", "ops", _, "ticks", ticks, "max", max, "errors", errors] => {
+            assert_eq!(errors, "0", "the guest saw I/O errors: {}", line.text);
+            Some(Window {
+                at: line.at,
+                ops: 64,
+                ticks: ticks.parse().ok()?,
+                max: max.parse().ok()?,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// An `io-bench` guest on a filled qcow2 disk.
+struct BenchVm {
+    _dir: tempfile::TempDir,
+    overlays: PathBuf,
+    vm: Option<Vmm>,
+    console: Console,
+}
+
+impl BenchVm {
+    fn start() -> BenchVm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.qcow2");
+        filled_disk(&base);
+        let mut config = VmConfig::new(BootSource::MicroGuest {
+            workload: Workload::IoBench,
+            seed: 7,
+        });
+        config.memory_mib = 32;
+        config.disks.push(DiskConfig::new(&base));
+        let (sink, mut console) = vmm::console::channel();
+        let vm = Vmm::start_with_serial(&config, Box::new(sink)).expect("start VM");
+        console
+            .wait_for(TIMEOUT, |l| l == "io-bench start")
+            .expect("io-bench did not start");
+        BenchVm {
+            overlays: dir.path().to_path_buf(),
+            _dir: dir,
+            vm: Some(vm),
+            console,
+        }
+    }
+
+    fn next_window(&mut self) -> Window {
+        loop {
+            let line = self
+                .console
+                .next_line(TIMEOUT)
+                .expect("the guest stopped reporting");
+            if let Some(window) = parse_window(&line) {
+                return window;
+            }
+            assert!(!line.text.contains("io error"), "{}", line.text);
+        }
+    }
+
+    /// Forgets the windows already reported: the next one starts after now.
+    fn skip_reported(&mut self) {
+        self.console.drain();
+    }
+
+    fn vm(&self) -> &Vmm {
+        self.vm.as_ref().expect("running")
+    }
+}
+
+impl Drop for BenchVm {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            let _ = vmm::guest::request_finish(vm.memory());
+            let _ = vm.stop();
+        }
+    }
+}
+
+fn guest_io(c: &mut Criterion) {
+    if !kvm("guest_io") {
+        return;
+    }
+    let hz = tsc_hz();
+    let mut vm = BenchVm::start();
+    let mut group = c.benchmark_group("guest_io");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("4k_random_rw", |b| {
+        b.iter_custom(|iters| {
+            // Whole windows until `iters` requests are covered; time scaled to `iters`.
+            let (mut ops, mut spent) = (0u64, 0u64);
+            while ops < iters {
+                let window = vm.next_window();
+                ops += window.ops;
+                spent += window.ticks;
+            }
+            ticks(spent, hz).mul_f64(iters as f64 / ops as f64)
+        })
+    });
+    group.finish();
+}
+
+fn snapshot_stall(c: &mut Criterion) {
+    if !kvm("snapshot_stall") {
+        return;
+    }
+    let hz = tsc_hz();
+    let mut vm = BenchVm::start();
+    let mut group = c.benchmark_group("snapshot_stall");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.bench_function("no_snapshot", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += ticks(vm.next_window().max, hz);
+            }
+            total
+        })
+    });
+    let mut held = Vec::new();
+    let mut count = 0u32;
+    group.bench_function("live_snapshot", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                count += 1;
+                let disk = vm.vm().disks()[0].disk.clone();
+                let overlay = vm.overlays.join(format!("s{count}.qcow2"));
+                vm.skip_reported();
+                let start = Instant::now();
+                let report =
+                    external_snapshot(&[DiskOverlay::new(&disk, &overlay)]).expect("snapshot");
+                let end = Instant::now();
+                held.push(report.quiesced_for);
+                let mut longest = 0;
+                loop {
+                    let window = vm.next_window();
+                    if window.at > start {
+                        longest = longest.max(window.max);
+                    }
+                    if window.at > end {
+                        break;
+                    }
+                }
+                total += ticks(longest, hz);
+                // Untimed: back onto the base, so every snapshot is of a one-layer disk.
+                let job = commit(&disk, CommitOptions::default()).expect("commit");
+                assert!(job.wait_for(TIMEOUT, |s| s == JobStatus::Ready));
+                job.complete().expect("pivot");
+                job.wait().expect("commit");
+                std::fs::remove_file(&overlay).expect("remove overlay");
+            }
+            total
+        })
+    });
+    group.finish();
+    held.sort();
+    if let (Some(median), Some(max)) = (held.get(held.len() / 2), held.last()) {
+        println!(
+            "snapshot_stall: host-side I/O hold over {} snapshots: median {median:?}, max {max:?}",
+            held.len()
+        );
+    }
+}
+
+criterion_group!(benches, vm_start, guest_io, snapshot_stall);
+criterion_main!(benches);
