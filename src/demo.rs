@@ -26,7 +26,7 @@ use snapshot::JobStatus;
 use storage::qcow2::{CreateOptions, RepairMode};
 use storage::LiveDisk;
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
-use vmm::console::Console;
+use vmm::console::{Console, SerialLine};
 use vmm::{ExitReason, Vmm};
 
 /// How long any one step may take before the demo gives up.
@@ -35,6 +35,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const SEED: u64 = 2026;
 /// Guest RAM: the micro-guest needs little.
 const MEMORY_MIB: u64 = 32;
+/// How often a wait for the guest looks whether the VM has ended.
+const POLL: Duration = Duration::from_millis(100);
+/// Smallest disk: io-loop works in 16 KiB chunks and wants a few of them.
+const MIN_SIZE: u64 = 64 << 10;
 
 /// Arguments of `snapvmm demo`.
 #[derive(Debug, Args)]
@@ -71,6 +75,8 @@ struct Step {
 struct Report {
     ok: bool,
     dir: String,
+    /// Whether `dir` is left in place.
+    kept: bool,
     steps: Vec<Step>,
     total_ms: f64,
     error: Option<String>,
@@ -84,33 +90,51 @@ struct Guest {
 }
 
 impl Guest {
-    /// Waits for an `io-loop ops N` progress line printed after `since`: proof that guest
-    /// I/O goes on through whatever the disk is now.
-    fn progress_after(&mut self, since: Instant) -> Result<u64, String> {
+    /// Waits for a console line for which `wanted` holds, printed at or after `since`.
+    /// Fails after [`STEP_TIMEOUT`], or at once if the VM ends first (a guest that reset
+    /// after an error prints nothing more).
+    fn wait_line(
+        &mut self,
+        what: &str,
+        since: Instant,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<SerialLine, String> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
-            let line = self
-                .console
-                .wait_for(STEP_TIMEOUT, |l| l.starts_with("io-loop ops "))
-                .ok_or_else(|| self.silent("an io-loop progress line"))?;
-            if line.at >= since {
-                return parse_ops(&line.text);
+            if let Some(line) = self.console.wait_for(POLL, &wanted) {
+                if line.at >= since {
+                    return Ok(line);
+                }
+                continue;
+            }
+            let ended = self.vm.as_ref().and_then(|vm| vm.exit_handle().reason());
+            if ended.is_some() || Instant::now() > deadline {
+                self.console.drain();
+                let lines = self.console.lines();
+                let tail: Vec<&str> = lines
+                    .iter()
+                    .skip(lines.len().saturating_sub(5))
+                    .map(|l| l.text.as_str())
+                    .collect();
+                let why = match ended {
+                    Some(reason) => format!("the VM ended ({reason:?})"),
+                    None => format!("{STEP_TIMEOUT:?} passed"),
+                };
+                return Err(format!(
+                    "{why} before the guest printed {what}; its last lines:\n  {}",
+                    tail.join("\n  ")
+                ));
             }
         }
     }
 
-    /// The error for a guest that did not print `what`, with the end of its console.
-    fn silent(&mut self, what: &str) -> String {
-        self.console.drain();
-        let lines = self.console.lines();
-        let tail: Vec<&str> = lines
-            .iter()
-            .skip(lines.len().saturating_sub(5))
-            .map(|l| l.text.as_str())
-            .collect();
-        format!(
-            "the guest printed no {what} in {STEP_TIMEOUT:?}; its last lines:\n  {}",
-            tail.join("\n  ")
-        )
+    /// Waits for an `io-loop ops N` progress line printed after `since`: proof that guest
+    /// I/O goes on through whatever the disk is now.
+    fn progress_after(&mut self, since: Instant) -> Result<u64, String> {
+        let line = self.wait_line("an io-loop progress line", since, |l| {
+            l.starts_with("io-loop ops ")
+        })?;
+        parse_ops(&line.text)
     }
 
     fn vm(&self) -> &Vmm {
@@ -236,10 +260,7 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
         disk,
         console,
     };
-    guest
-        .console
-        .wait_for(STEP_TIMEOUT, |l| l == "io-loop start")
-        .ok_or_else(|| guest.silent("\"io-loop start\""))?;
+    guest.wait_line("\"io-loop start\"", t, |l| l == "io-loop start")?;
     steps.record(
         "boot micro-guest",
         t.elapsed(),
@@ -306,10 +327,7 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
     // The guest checks every chunk it wrote, then resets the VM.
     let t = Instant::now();
     vmm::guest::request_finish(guest.vm().memory()).map_err(|e| e.to_string())?;
-    let verdict = guest
-        .console
-        .wait_for(STEP_TIMEOUT, |l| l.starts_with("io-loop verify "))
-        .ok_or_else(|| guest.silent("io-loop verdict"))?;
+    let verdict = guest.wait_line("its verdict", t, |l| l.starts_with("io-loop verify "))?;
     let vm = guest.vm.take().expect("still running");
     let reason = vm.wait().map_err(|e| format!("stopping the VM: {e}"))?;
     guest.console.drain();
@@ -450,6 +468,14 @@ fn print_table(out: &mut impl Write, steps: &[Step], total: Duration) -> std::io
 
 /// Runs `snapvmm demo`; returns the process exit status.
 pub fn main(args: DemoArgs) -> u8 {
+    if args.size < MIN_SIZE {
+        eprintln!(
+            "snapvmm demo: error: --size {}: the disk must hold at least {}",
+            args.size,
+            size_text(MIN_SIZE)
+        );
+        return 1;
+    }
     if let Err(reason) = vmm::check_kvm() {
         eprintln!(
             "snapvmm demo: error: KVM is unusable: {reason}\n\
@@ -498,6 +524,7 @@ pub fn main(args: DemoArgs) -> u8 {
         let report = Report {
             ok: result.is_ok(),
             dir: dir.display().to_string(),
+            kept,
             steps: steps.steps,
             total_ms: total.as_secs_f64() * 1000.0,
             error: result.as_ref().err().cloned(),

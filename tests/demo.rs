@@ -111,6 +111,21 @@ fn demo_json_report() {
     assert!(during.windows(2).all(|w| w[0] < w[1]), "{ops:?}");
     assert!(ops[ops.len() - 1] >= ops[ops.len() - 2], "{ops:?}");
     // Without --keep the temporary directory is gone.
+    assert_eq!(report["kept"], false);
     let dir = report["dir"].as_str().unwrap();
     assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
+}
+
+#[test]
+fn demo_refuses_a_disk_too_small() {
+    // No KVM needed: refused before anything starts.
+    let mut command = snapvmm();
+    command.args(["demo", "--size", "4k"]);
+    let output = run_with_timeout(command, TIMEOUT);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--size 4096") && stderr.contains("64 KiB"),
+        "{stderr}"
+    );
 }
