@@ -240,12 +240,15 @@ impl Drop for BenchVm {
     }
 }
 
+/// The host's TSC rate and a running `io-bench` guest, or `None` (said why) without KVM.
+fn io_bench(bench: &str) -> Option<(f64, BenchVm)> {
+    kvm(bench).then(|| (tsc_hz(), BenchVm::start()))
+}
+
 fn guest_io(c: &mut Criterion) {
-    if !kvm("guest_io") {
+    let Some((hz, mut vm)) = io_bench("guest_io") else {
         return;
-    }
-    let hz = tsc_hz();
-    let mut vm = BenchVm::start();
+    };
     let mut group = c.benchmark_group("guest_io");
     group.throughput(Throughput::Elements(1));
     group.bench_function("4k_random_rw", |b| {
@@ -264,11 +267,9 @@ fn guest_io(c: &mut Criterion) {
 }
 
 fn snapshot_stall(c: &mut Criterion) {
-    if !kvm("snapshot_stall") {
+    let Some((hz, mut vm)) = io_bench("snapshot_stall") else {
         return;
-    }
-    let hz = tsc_hz();
-    let mut vm = BenchVm::start();
+    };
     let mut group = c.benchmark_group("snapshot_stall");
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(1));

@@ -277,52 +277,41 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
         "first progress line".into(),
     );
 
-    snapshot_step(&mut guest, steps, "s1", &s1)?;
-
+    live_step(&mut guest, steps, "live snapshot s1", |disk| {
+        snapshot(disk, &s1)
+    })?;
     // blockpull: copy base's data up into s1, which then stands alone.
-    let t = Instant::now();
-    let job = stream(&guest.disk, StreamOptions::default()).map_err(|e| e.to_string())?;
-    let copied = run_job(job, false)?;
-    let took = t.elapsed();
-    let ops = guest.progress_after(t + took)?;
-    steps.record(
-        "blockpull vda",
-        took,
-        Some(ops),
-        format!(
+    live_step(&mut guest, steps, "blockpull vda", |disk| {
+        let job = stream(disk, StreamOptions::default()).map_err(|e| e.to_string())?;
+        let copied = run_job(job, false)?;
+        Ok(format!(
             "{} now standalone ({} examined)",
             file_name(&s1),
             size_text(copied)
-        ),
-    );
-
-    snapshot_step(&mut guest, steps, "s2", &s2)?;
-
+        ))
+    })?;
+    live_step(&mut guest, steps, "live snapshot s2", |disk| {
+        snapshot(disk, &s2)
+    })?;
     // Active commit: s2 into s1, mirroring the guest's writes, then pivot onto s1.
-    let t = Instant::now();
-    let job = commit(&guest.disk, CommitOptions::default()).map_err(|e| e.to_string())?;
-    let copied = run_job(job, true)?;
-    let took = t.elapsed();
-    let top = guest.disk.top();
-    if top.path() != s1 {
-        return Err(format!(
-            "after the pivot vda is on {}, not {}",
-            top.path().display(),
-            s1.display()
-        ));
-    }
-    let ops = guest.progress_after(t + took)?;
-    steps.record(
-        "blockcommit --active --pivot",
-        took,
-        Some(ops),
-        format!(
+    live_step(&mut guest, steps, "blockcommit --active --pivot", |disk| {
+        let job = commit(disk, CommitOptions::default()).map_err(|e| e.to_string())?;
+        let copied = run_job(job, true)?;
+        let top = disk.top();
+        if top.path() != s1 {
+            return Err(format!(
+                "after the pivot vda is on {}, not {}",
+                top.path().display(),
+                s1.display()
+            ));
+        }
+        Ok(format!(
             "{} committed into {} ({}), vda pivoted",
             file_name(&s2),
             file_name(&s1),
             size_text(copied)
-        ),
-    );
+        ))
+    })?;
 
     // The guest checks every chunk it wrote, then resets the VM.
     let t = Instant::now();
@@ -418,29 +407,32 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
     Ok(())
 }
 
-/// Takes a live disk-only snapshot of vda into `overlay` and waits for guest I/O on it.
-fn snapshot_step(
+/// Runs `action` on the guest's disk while the guest does I/O, times it, and waits for a
+/// guest progress line printed after it: proof that I/O goes on through the new chain.
+/// `action` returns the step's detail.
+fn live_step(
     guest: &mut Guest,
     steps: &mut Steps,
-    name: &str,
-    overlay: &Path,
+    step: &str,
+    action: impl FnOnce(&Arc<LiveDisk>) -> Result<String, String>,
 ) -> Result<(), String> {
     let t = Instant::now();
-    let report = external_snapshot(&[DiskOverlay::new(&guest.disk, overlay)])
-        .map_err(|e| format!("snapshot {name}: {e}"))?;
+    let detail = action(&guest.disk).map_err(|e| format!("{step}: {e}"))?;
     let took = t.elapsed();
     let ops = guest.progress_after(t + took)?;
-    steps.record(
-        &format!("live snapshot {name}"),
-        took,
-        Some(ops),
-        format!(
-            "vda -> {}, guest I/O held {} us",
-            file_name(overlay),
-            report.quiesced_for.as_micros()
-        ),
-    );
+    steps.record(step, took, Some(ops), detail);
     Ok(())
+}
+
+/// A live disk-only snapshot of `disk` into `overlay`; returns the step's detail.
+fn snapshot(disk: &Arc<LiveDisk>, overlay: &Path) -> Result<String, String> {
+    let report =
+        external_snapshot(&[DiskOverlay::new(disk, overlay)]).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "vda -> {}, guest I/O held {} us",
+        file_name(overlay),
+        report.quiesced_for.as_micros()
+    ))
 }
 
 fn print_table(out: &mut impl Write, steps: &[Step], total: Duration) -> std::io::Result<()> {

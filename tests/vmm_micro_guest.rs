@@ -51,6 +51,18 @@ fn expected_pattern(seed: u64, disk: u64) -> Vec<u8> {
     data
 }
 
+/// Each of `lines` must be a line of `stdout`, or begin one (followed by a space).
+fn assert_lines(stdout: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == *line || l.starts_with(&format!("{line} "))),
+            "no {line:?} in:\n{stdout}"
+        );
+    }
+}
+
 struct Disks {
     _dir: tempfile::TempDir,
     base: PathBuf,
@@ -96,21 +108,17 @@ fn write_verify_on_a_qcow2_chain_and_a_raw_disk() {
             disks.second.display()
         ));
     let stdout = assert_success(&run_with_timeout(command));
-    for line in [
-        "micro-guest: cpus 1 disks 2",
-        "disk 0 id vda",
-        "disk 1 id vdb",
-        "disk 0 verify ok queues 1",
-        "disk 1 verify ok queues 2",
-        "verify ok",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l == line || l.starts_with(&format!("{line} "))),
-            "no {line:?} in:\n{stdout}"
-        );
-    }
+    assert_lines(
+        &stdout,
+        &[
+            "micro-guest: cpus 1 disks 2",
+            "disk 0 id vda",
+            "disk 1 id vdb",
+            "disk 0 verify ok queues 1",
+            "disk 1 verify ok queues 2",
+            "verify ok",
+        ],
+    );
     assert!(!stdout.contains("io error"), "{stdout}");
 
     // The host sees exactly what the guest wrote, in the overlay; the base is untouched.
@@ -150,19 +158,15 @@ fn two_vcpus_and_a_read_only_disk() {
         .arg("--disk")
         .arg(format!("path={},readonly=on", disks.second.display()));
     let stdout = assert_success(&run_with_timeout(command));
-    for line in [
-        "micro-guest: cpus 2 disks 2",
-        "disk 0 id root",
-        "disk 1 read-only ok",
-        "verify ok",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l == line || l.starts_with(&format!("{line} "))),
-            "no {line:?} in:\n{stdout}"
-        );
-    }
+    assert_lines(
+        &stdout,
+        &[
+            "micro-guest: cpus 2 disks 2",
+            "disk 0 id root",
+            "disk 1 read-only ok",
+            "verify ok",
+        ],
+    );
     assert!(read_image(&disks.top) == expected_pattern(3, 0));
     assert!(
         read_image(&disks.second).iter().all(|&b| b == 0x11),

@@ -437,6 +437,15 @@ static void report_io_error(u32 disk, const char *what, u64 sector, u64 status)
     puts("\n");
 }
 
+static void report_mismatch(u32 disk, u64 byte)
+{
+    puts("io error disk ");
+    put_dec(disk);
+    puts(" mismatch at byte ");
+    put_hex(byte);
+    puts("\n");
+}
+
 /* ---- workloads --------------------------------------------------------------------------- */
 
 /* The counter lives in guest memory, so a restored snapshot continues where it left off. */
@@ -504,11 +513,7 @@ static int write_verify_disk(struct disk *d, u32 index, u64 seed)
                 if (!writing) {
                     u64 bad = check_pattern((u64 *)io_buffers[q], CHUNK, seed, index, 1, off);
                     if (bad != CHUNK) {
-                        puts("io error disk ");
-                        put_dec(index);
-                        puts(" mismatch at byte ");
-                        put_hex(off + bad);
-                        puts("\n");
+                        report_mismatch(index, off + bad);
                         return 0;
                     }
                 }
@@ -650,11 +655,7 @@ static void io_loop_read(struct io_loop *l, u32 slot, u64 chunk)
     } else if (gen) {
         u64 bad = check_pattern((u64 *)buf, LOOP_CHUNK, l->seed, index, gen, off);
         if (bad != LOOP_CHUNK) {
-            puts("io error disk ");
-            put_dec(index);
-            puts(" mismatch at byte ");
-            put_hex(off + bad);
-            puts("\n");
+            report_mismatch(index, off + bad);
             l->errors++;
         }
     }
