@@ -51,6 +51,49 @@ fn expected_pattern(seed: u64, disk: u64) -> Vec<u8> {
     data
 }
 
+/// Runs `command` (stdout piped) until `enough` says so of a line of its stdout, then
+/// kills it; returns the lines read. Fails if the output ends or stalls for [`RUN_TIMEOUT`].
+fn lines_until(command: &mut Command, mut enough: impl FnMut(&str) -> bool) -> Vec<String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Read on a thread so a silent guest cannot hang the test.
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receive.recv_timeout(left) {
+            Ok(line) => {
+                let done = enough(&line);
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the guest stopped short; its output:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
 /// Each of `lines` must be a line of `stdout`, or begin one (followed by a space).
 fn assert_lines(stdout: &str, lines: &[&str]) {
     for line in lines {
@@ -179,8 +222,9 @@ fn counter_counts_up_on_two_vcpus() {
     if !kvm_or_skip("counter_counts_up_on_two_vcpus") {
         return;
     }
-    let mut child = snapvmm()
-        .args([
+    let mut counters = Vec::new();
+    let lines = lines_until(
+        snapvmm().args([
             "run",
             "--guest",
             "builtin:counter",
@@ -188,39 +232,14 @@ fn counter_counts_up_on_two_vcpus() {
             "2",
             "--memory",
             "64",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // Read on a thread so a silent guest cannot hang the test.
-    let (send, receive) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if send.send(line).is_err() {
-                break;
+        ]),
+        |line| {
+            if let Some(n) = line.strip_prefix("counter ") {
+                counters.push(n.parse::<u64>().expect("counter value"));
             }
-        }
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let mut lines = Vec::new();
-    let mut counters = Vec::new();
-    while counters.len() < 4 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match receive.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(n) = line.strip_prefix("counter ") {
-                    counters.push(n.parse::<u64>().expect("counter value"));
-                }
-                lines.push(line);
-            }
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+            counters.len() == 4
+        },
+    );
     assert!(
         lines
             .first()
@@ -228,6 +247,47 @@ fn counter_counts_up_on_two_vcpus() {
         "{lines:?}"
     );
     assert_eq!(counters, vec![1, 2, 3, 4], "{lines:?}");
+}
+
+#[test]
+fn io_bench_reports_timed_windows() {
+    if !kvm_or_skip("io_bench_reports_timed_windows") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    qcow2(&disk, None);
+    let lines = lines_until(
+        snapvmm()
+            .args(["run", "--guest", "builtin:io-bench", "--disk"])
+            .arg(format!("path={}", disk.display())),
+        |line| line.starts_with("io-bench ops 128 "),
+    );
+    assert!(lines.iter().any(|l| l == "io-bench start"), "{lines:?}");
+    // io-bench ops N ticks T max M errors 0, with M <= T: the longest request of a window
+    // is part of its time.
+    let windows: Vec<Vec<u64>> = lines
+        .iter()
+        .filter(|l| l.starts_with("io-bench ops "))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(
+                (words.len(), words[3], words[5], words[7]),
+                (9, "ticks", "max", "errors"),
+                "{l}"
+            );
+            [2, 4, 6, 8]
+                .iter()
+                .map(|&i| words[i].parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(windows.len(), 2, "{lines:?}");
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w[0], 64 * (i as u64 + 1), "{lines:?}");
+        assert!(w[2] > 0 && w[2] <= w[1], "{lines:?}");
+        assert_eq!(w[3], 0, "{lines:?}");
+    }
 }
 
 #[test]
