@@ -178,8 +178,8 @@ impl Steps {
     }
 }
 
-/// Runs a block job on `disk` to its end; an active commit is completed (pivoted) once
-/// ready. Returns the bytes it copied.
+/// Runs a block job to its end; an active commit is completed (pivoted) once it is
+/// ready. Returns the bytes it went through.
 fn run_job(job: snapshot::Job, pivot: bool) -> Result<u64, String> {
     if pivot {
         if !job.wait_for(STEP_TIMEOUT, |s| {
