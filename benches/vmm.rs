@@ -8,15 +8,18 @@
 //!   fully allocated 16 MiB qcow2 disk, half reads, half writes, one request in flight.
 //!   The guest's `io-bench` workload times its own requests with `rdtsc` and reports every
 //!   64 requests; one iteration is one request and its time is guest TSC time.
-//! - `snapshot_stall/{no_snapshot,live_snapshot}`: the longest single 4 KiB request the
-//!   guest sees in the 64-request windows around a live disk-only snapshot, next to the
-//!   longest in a window without one. Method: the guest records the longest request of each
-//!   window (TSC ticks) and prints it; the host timestamps each line as it arrives; the
-//!   value of an iteration is the largest maximum among the windows that end after the
-//!   snapshot call began, up to the first that ends after it returned. So it includes the
-//!   quiesce and switch and the first copy-on-write into the fresh overlay. After each
-//!   sample (untimed) an active commit pivots the disk back so the chain stays short. The
-//!   host-side hold (`SnapshotReport::quiesced_for`) is printed beside it.
+//! - `snapshot_stall/{no_snapshot,live_snapshot}`: the guest-visible stall of a live
+//!   disk-only snapshot, as the longest single 4 KiB request of the guest's 64-request window
+//!   in which the disk switches to its new overlay, next to the longest request of windows
+//!   without a snapshot. Method: the guest records the longest request of each window in TSC
+//!   ticks and prints it; the host timestamps each line as it arrives and notes the instant
+//!   of the switch (from the snapshot's hook, which runs with the disk quiesced). With one
+//!   request in flight, a request held by the quiesce completes in the first window that
+//!   ends after that instant, so that window's maximum bounds the stall from above. After
+//!   each sample (untimed) an active commit pivots the disk back so the chain stays one
+//!   layer deep. Printed at the end: medians and p90 of both, of the windows spanning the
+//!   whole snapshot call (overlay creation, flushes, the first copy-on-writes into the new
+//!   overlay) and of the host-side hold (`SnapshotReport::quiesced_for`).
 //!
 //! Guest TSC ticks become time at the host's TSC rate, measured against the monotonic clock
 //! at start (KVM runs the guest's TSC at the host's rate unless told otherwise).
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use snapshot::commit::{commit, CommitOptions};
-use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
+use snapshot::live_snapshot::{external_snapshot_with, DiskOverlay};
 use snapshot::JobStatus;
 use storage::qcow2::{create, CreateOptions};
 use storage::OpenOptions;
@@ -287,6 +290,7 @@ fn snapshot_stall(c: &mut Criterion) {
     });
     let mut held = Vec::new();
     let mut stalled = Vec::new();
+    let mut whole_call = Vec::new();
     let mut count = 0u32;
     group.bench_function("live_snapshot", |b| {
         b.iter_custom(|iters| {
@@ -297,22 +301,31 @@ fn snapshot_stall(c: &mut Criterion) {
                 let overlay = vm.overlays.join(format!("s{count}.qcow2"));
                 vm.skip_reported();
                 let start = Instant::now();
-                let report =
-                    external_snapshot(&[DiskOverlay::new(&disk, &overlay)]).expect("snapshot");
+                // The hook runs with the disk quiesced, just before the switch: the request
+                // the guest has in flight then completes in the first window after it.
+                let mut switch = start;
+                let report = external_snapshot_with(&[DiskOverlay::new(&disk, &overlay)], || {
+                    switch = Instant::now();
+                    Ok(())
+                })
+                .expect("snapshot");
                 let end = Instant::now();
                 held.push(report.quiesced_for);
-                let mut longest = 0;
+                let (mut at_switch, mut around) = (None, 0);
                 loop {
                     let window = vm.next_window();
-                    if window.at > start {
-                        longest = longest.max(window.max);
+                    if window.at > switch && at_switch.is_none() {
+                        at_switch = Some(window.max);
                     }
+                    around = around.max(window.max);
                     if window.at > end {
                         break;
                     }
                 }
-                stalled.push(ticks(longest, hz));
-                total += ticks(longest, hz);
+                let longest = ticks(at_switch.expect("a window after the switch"), hz);
+                stalled.push(longest);
+                whole_call.push(ticks(around, hz));
+                total += longest;
                 // Untimed: back onto the base, so every snapshot is of a one-layer disk.
                 let job = commit(&disk, CommitOptions::default()).expect("commit");
                 assert!(job.wait_for(TIMEOUT, |s| s == JobStatus::Ready));
@@ -327,7 +340,11 @@ fn snapshot_stall(c: &mut Criterion) {
     // Medians beside criterion's means: on a busy host a few descheduled samples move a mean.
     for (what, values) in [
         ("longest guest request, no snapshot", quiet),
-        ("longest guest request, live snapshot", stalled),
+        ("longest guest request, window of the switch", stalled),
+        (
+            "longest guest request, windows of the whole snapshot call",
+            whole_call,
+        ),
         ("host-side I/O hold (quiesced_for)", held),
     ] {
         println!("snapshot_stall: {what}: {}", percentiles(values));
