@@ -161,7 +161,7 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// Starts the VM with a `disk_size`-byte disk and waits for its API socket.
+    /// Starts the VM with a `disk_size`-byte disk and waits until its API socket accepts.
     pub fn start(disk_size: u64) -> RunningVm {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
@@ -187,7 +187,8 @@ impl RunningVm {
             serial,
         };
         let deadline = Instant::now() + VM_TIMEOUT;
-        while !vm.socket.exists() {
+        // Connectable, not merely present: the file appears at bind(), before listen().
+        while std::os::unix::net::UnixStream::connect(&vm.socket).is_err() {
             if let Some(status) = vm.child.try_wait().unwrap() {
                 panic!("snapvmm run exited early ({status}): {}", vm.stderr());
             }
