@@ -19,7 +19,9 @@
 //!   each sample (untimed) an active commit pivots the disk back so the chain stays one
 //!   layer deep. Printed at the end: medians and p90 of both, of the windows spanning the
 //!   whole snapshot call (overlay creation, flushes, the first copy-on-writes into the new
-//!   overlay) and of the host-side hold (`SnapshotReport::quiesced_for`).
+//!   overlay) and of the host-side hold (`SnapshotReport::quiesced_for`). On a busy host
+//!   both carry scheduler noise: a request whose device thread waits for a CPU takes one
+//!   timer tick (4 ms at HZ=250), which dwarfs a hold of microseconds; compare medians.
 //!
 //! Guest TSC ticks become time at the host's TSC rate, measured against the monotonic clock
 //! at start (KVM runs the guest's TSC at the host's rate unless told otherwise).
