@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod ctl;
+mod demo;
 mod img;
 mod run;
 
@@ -35,6 +36,8 @@ enum Command {
     Run(run::RunArgs),
     /// Drive a running VM through its API socket (virsh's verbs).
     Ctl(ctl::CtlArgs),
+    /// Boot the micro-guest on a new qcow2 disk and snapshot, stream and commit it live.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Img(args) => img::main(args),
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
+        Command::Demo(args) => demo::main(args),
     };
     ExitCode::from(code)
 }

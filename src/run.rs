@@ -25,7 +25,8 @@ use vmm::ExitReason;
 /// Arguments of `snapvmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Run the built-in micro-guest: builtin:counter, builtin:write-verify or builtin:io-loop.
+    /// Run the built-in micro-guest: builtin:counter, builtin:write-verify, builtin:io-loop
+    /// or builtin:io-bench.
     #[arg(long, value_name = "builtin:WORKLOAD", conflicts_with = "kernel")]
     guest: Option<String>,
     /// Boot a Linux kernel: a bzImage, or an uncompressed ELF vmlinux (64-bit boot protocol).

@@ -1,17 +1,16 @@
 //! `snapvmm ctl` against the API server in this process, serving a fake VM over real disk
 //! images: every verb, text and `--json`, without KVM.
 
+mod vmm_util;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 
-use storage::qcow2::{create, CreateOptions};
 use storage::{LiveDisk, OpenOptions};
 use vmm::api::types::{DiskInfo, JobInfo, SnapshotResult};
 use vmm::api::{ApiError, ApiServer, VmControl, VmInfo, VmState};
 use vmm::AttachedDisk;
-
-const SNAPVMM: &str = env!("CARGO_BIN_EXE_snapvmm");
 
 struct FakeVm {
     state: Mutex<VmState>,
@@ -56,14 +55,7 @@ impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
-        create(
-            &base,
-            &CreateOptions {
-                size: Some(4 << 20),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        vmm_util::qcow2(&base, 4 << 20, None);
         let disk = LiveDisk::new(
             "vda",
             storage::open(&base, &OpenOptions::default()).unwrap(),
@@ -94,24 +86,11 @@ impl Fixture {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(SNAPVMM)
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run snapvmm ctl")
+        vmm_util::ctl(&self.socket, args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let output = self.ctl(args);
-        assert!(
-            output.status.success(),
-            "ctl {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        vmm_util::ctl_ok(&self.socket, args, String::new)
     }
 
     fn fails(&self, args: &[&str]) -> String {

@@ -5,190 +5,25 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod vmm_util;
 
-use storage::qcow2::{create, CreateOptions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
 use vmm::api::types::{DiskInfo, Fault, VmInfo};
 use vmm::api::{ApiClient, VmState};
+use vmm_util::{kvm_or_skip, qemu_img_check, RunningVm};
 
-const SNAPVMM: &str = env!("CARGO_BIN_EXE_snapvmm");
 /// Small: every guest memory access is slow on this host's software KVM.
 const DISK_SIZE: u64 = 256 * 1024;
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn kvm_or_skip(test: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            if std::env::var("SNAPVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
-            }
-            eprintln!("skipping {test}: KVM unusable: {reason}");
-            false
-        }
-    }
-}
-
-/// A `snapvmm run` child with its API socket; killed on drop if still running.
-struct RunningVm {
-    dir: tempfile::TempDir,
-    child: Child,
-    socket: PathBuf,
-    serial: PathBuf,
-}
-
-impl RunningVm {
-    fn start() -> RunningVm {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.qcow2");
-        create(
-            &base,
-            &CreateOptions {
-                size: Some(DISK_SIZE),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let socket = dir.path().join("api.sock");
-        let serial = dir.path().join("serial.log");
-        let child = Command::new(SNAPVMM)
-            .arg("run")
-            .args(["--guest", "builtin:io-loop", "--disk"])
-            .arg(format!("path={}", base.display()))
-            .arg("--serial")
-            .arg(&serial)
-            .arg("--api-socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn snapvmm run");
-        let mut vm = RunningVm {
-            dir,
-            child,
-            socket,
-            serial,
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while !vm.socket.exists() {
-            if let Some(status) = vm.child.try_wait().unwrap() {
-                panic!("snapvmm run exited early ({status}): {}", vm.stderr());
-            }
-            assert!(Instant::now() < deadline, "no API socket after {TIMEOUT:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vm
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn stderr(&mut self) -> String {
-        let _ = self.child.kill();
-        let output = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    }
-
-    fn serial(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    /// Waits until the guest writes to `file` (its length or modification time changes):
-    /// the host-side sign that I/O goes on through that layer. The guest's own progress
-    /// lines come only every 1024 requests, too rarely on a software-virtualised host.
-    fn wait_written(&self, file: &Path) {
-        let stamp = |f: &Path| {
-            std::fs::metadata(f)
-                .map(|m| (m.len(), m.modified().ok()))
-                .ok()
-        };
-        let before = stamp(file);
-        let deadline = Instant::now() + TIMEOUT;
-        while stamp(file) == before {
-            assert!(
-                Instant::now() < deadline,
-                "the guest did not write to {}; serial:\n{}",
-                file.display(),
-                self.serial()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(SNAPVMM)
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run snapvmm ctl")
-    }
-
-    /// Runs `snapvmm ctl ARGS`, which must succeed; returns its stdout.
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let output = self.ctl(args);
-        assert!(
-            output.status.success(),
-            "ctl {args:?} failed: {}{}\nserial:\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr),
-            self.serial()
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// Shuts the VM down through the API and waits for the process to end cleanly.
-    fn shutdown(mut self) -> (tempfile::TempDir, String) {
-        self.ctl_ok(&["shutdown"]);
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "snapvmm run: {status}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "the VM did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!self.socket.exists(), "the socket is removed on exit");
-        let serial = self.serial();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        (dir, serial)
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn qemu_img_check(path: &Path) {
-    match Command::new("qemu-img").arg("check").arg(path).output() {
-        Ok(output) => assert!(
-            output.status.success(),
-            "qemu-img check {}: {}{}",
-            path.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-        Err(e) => eprintln!("qemu-img unavailable ({e}): skipping its check"),
-    }
-}
 
 #[test]
 fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
     if !kvm_or_skip("api_live_snapshot_stream_and_active_commit_under_io_loop") {
         return;
     }
-    let vm = RunningVm::start();
+    let vm = RunningVm::start(DISK_SIZE);
     let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "API socket mode");
 
@@ -253,7 +88,7 @@ fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
     );
     // The guest goes on on base (reading back, and verifying, data written before the pivot).
     vm.wait_written(&base);
-    std::thread::sleep(Duration::from_millis(500));
+    vm.wait_progress();
 
     let (dir, serial) = vm.shutdown();
     assert!(
@@ -270,7 +105,7 @@ fn api_malformed_requests_get_4xx_and_the_vm_keeps_running() {
     if !kvm_or_skip("api_malformed_requests_get_4xx_and_the_vm_keeps_running") {
         return;
     }
-    let vm = RunningVm::start();
+    let vm = RunningVm::start(DISK_SIZE);
     let client = ApiClient::new(&vm.socket).unwrap();
     let cases: &[(&str, &str, &[u8], u16)] = &[
         ("PUT", "/snapshot/disk", b"{\"name\": ", 400),

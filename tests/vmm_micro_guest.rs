@@ -5,69 +5,26 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
+mod vmm_util;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use storage::qcow2::{create, CreateOptions};
-use storage::{ImageFormat, OpenOptions};
+use storage::OpenOptions;
+use vmm_util::{assert_success, kvm_or_skip, snapvmm};
 
 /// Disks are small: on this host's software KVM every guest memory access is slow.
 const DISK_SIZE: u64 = 256 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn kvm_or_skip(test: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            if std::env::var("SNAPVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
-            }
-            eprintln!("skipping {test}: KVM unusable: {reason}");
-            false
-        }
-    }
-}
-
-fn snapvmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_snapvmm"))
-}
-
-/// Runs the command to completion, killing it after [`RUN_TIMEOUT`].
-fn run_with_timeout(mut command: Command) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn snapvmm");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("collect output");
-            panic!(
-                "snapvmm did not finish in {RUN_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("collect output")
+fn run_with_timeout(command: Command) -> Output {
+    vmm_util::run_with_timeout(command, RUN_TIMEOUT)
 }
 
 fn qcow2(path: &Path, backing: Option<&Path>) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(DISK_SIZE),
-            backing_file: backing.map(|b| b.to_str().unwrap().to_string()),
-            backing_format: backing.map(|_| ImageFormat::Qcow2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    vmm_util::qcow2(path, DISK_SIZE, backing);
 }
 
 fn raw(path: &Path, fill: u8) {
@@ -94,15 +51,59 @@ fn expected_pattern(seed: u64, disk: u64) -> Vec<u8> {
     data
 }
 
-fn assert_success(output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "snapvmm failed ({})\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+/// Runs `command` (stdout piped) until `enough` says so of a line of its stdout, then
+/// kills it; returns the lines read. Fails if the output ends or stalls for [`RUN_TIMEOUT`].
+fn lines_until(command: &mut Command, mut enough: impl FnMut(&str) -> bool) -> Vec<String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Read on a thread so a silent guest cannot hang the test.
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receive.recv_timeout(left) {
+            Ok(line) => {
+                let done = enough(&line);
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the guest stopped short; its output:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+/// Each of `lines` must be a line of `stdout`, or begin one (followed by a space).
+fn assert_lines(stdout: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == *line || l.starts_with(&format!("{line} "))),
+            "no {line:?} in:\n{stdout}"
+        );
+    }
 }
 
 struct Disks {
@@ -150,21 +151,17 @@ fn write_verify_on_a_qcow2_chain_and_a_raw_disk() {
             disks.second.display()
         ));
     let stdout = assert_success(&run_with_timeout(command));
-    for line in [
-        "micro-guest: cpus 1 disks 2",
-        "disk 0 id vda",
-        "disk 1 id vdb",
-        "disk 0 verify ok queues 1",
-        "disk 1 verify ok queues 2",
-        "verify ok",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l == line || l.starts_with(&format!("{line} "))),
-            "no {line:?} in:\n{stdout}"
-        );
-    }
+    assert_lines(
+        &stdout,
+        &[
+            "micro-guest: cpus 1 disks 2",
+            "disk 0 id vda",
+            "disk 1 id vdb",
+            "disk 0 verify ok queues 1",
+            "disk 1 verify ok queues 2",
+            "verify ok",
+        ],
+    );
     assert!(!stdout.contains("io error"), "{stdout}");
 
     // The host sees exactly what the guest wrote, in the overlay; the base is untouched.
@@ -204,19 +201,15 @@ fn two_vcpus_and_a_read_only_disk() {
         .arg("--disk")
         .arg(format!("path={},readonly=on", disks.second.display()));
     let stdout = assert_success(&run_with_timeout(command));
-    for line in [
-        "micro-guest: cpus 2 disks 2",
-        "disk 0 id root",
-        "disk 1 read-only ok",
-        "verify ok",
-    ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|l| l == line || l.starts_with(&format!("{line} "))),
-            "no {line:?} in:\n{stdout}"
-        );
-    }
+    assert_lines(
+        &stdout,
+        &[
+            "micro-guest: cpus 2 disks 2",
+            "disk 0 id root",
+            "disk 1 read-only ok",
+            "verify ok",
+        ],
+    );
     assert!(read_image(&disks.top) == expected_pattern(3, 0));
     assert!(
         read_image(&disks.second).iter().all(|&b| b == 0x11),
@@ -229,8 +222,9 @@ fn counter_counts_up_on_two_vcpus() {
     if !kvm_or_skip("counter_counts_up_on_two_vcpus") {
         return;
     }
-    let mut child = snapvmm()
-        .args([
+    let mut counters = Vec::new();
+    let lines = lines_until(
+        snapvmm().args([
             "run",
             "--guest",
             "builtin:counter",
@@ -238,39 +232,14 @@ fn counter_counts_up_on_two_vcpus() {
             "2",
             "--memory",
             "64",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // Read on a thread so a silent guest cannot hang the test.
-    let (send, receive) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if send.send(line).is_err() {
-                break;
+        ]),
+        |line| {
+            if let Some(n) = line.strip_prefix("counter ") {
+                counters.push(n.parse::<u64>().expect("counter value"));
             }
-        }
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let mut lines = Vec::new();
-    let mut counters = Vec::new();
-    while counters.len() < 4 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match receive.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(n) = line.strip_prefix("counter ") {
-                    counters.push(n.parse::<u64>().expect("counter value"));
-                }
-                lines.push(line);
-            }
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+            counters.len() == 4
+        },
+    );
     assert!(
         lines
             .first()
@@ -278,6 +247,47 @@ fn counter_counts_up_on_two_vcpus() {
         "{lines:?}"
     );
     assert_eq!(counters, vec![1, 2, 3, 4], "{lines:?}");
+}
+
+#[test]
+fn io_bench_reports_timed_windows() {
+    if !kvm_or_skip("io_bench_reports_timed_windows") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    qcow2(&disk, None);
+    let lines = lines_until(
+        snapvmm()
+            .args(["run", "--guest", "builtin:io-bench", "--disk"])
+            .arg(format!("path={}", disk.display())),
+        |line| line.starts_with("io-bench ops 128 "),
+    );
+    assert!(lines.iter().any(|l| l == "io-bench start"), "{lines:?}");
+    // io-bench ops N ticks T max M errors 0, with M <= T: the longest request of a window
+    // is part of its time.
+    let windows: Vec<Vec<u64>> = lines
+        .iter()
+        .filter(|l| l.starts_with("io-bench ops "))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(
+                (words.len(), words[3], words[5], words[7]),
+                (9, "ticks", "max", "errors"),
+                "{l}"
+            );
+            [2, 4, 6, 8]
+                .iter()
+                .map(|&i| words[i].parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(windows.len(), 2, "{lines:?}");
+    for (i, w) in windows.iter().enumerate() {
+        assert_eq!(w[0], 64 * (i as u64 + 1), "{lines:?}");
+        assert!(w[2] > 0 && w[2] <= w[1], "{lines:?}");
+        assert_eq!(w[3], 0, "{lines:?}");
+    }
 }
 
 #[test]

@@ -24,9 +24,20 @@ typedef unsigned long u64;
 #define LOOP_CHUNK (16 * 1024) /* bytes per io-loop request */
 #define LOOP_DISKS 4
 #define LOOP_MAX_CHUNKS 4096
+#define PROGRESS_TICKS (1UL << 29) /* io-loop progress line at least every ~0.2 s (2.5 GHz) */
+#define BENCH_BLOCK 4096           /* bytes per io-bench request */
+#define BENCH_WINDOW 64            /* io-bench requests per report line */
 #define WRITE_VERIFY_LIMIT (64UL << 20)
 
-enum workload { WORKLOAD_COUNTER = 1, WORKLOAD_WRITE_VERIFY = 2, WORKLOAD_IO_LOOP = 3 };
+enum workload {
+    WORKLOAD_COUNTER = 1,
+    WORKLOAD_WRITE_VERIFY = 2,
+    WORKLOAD_IO_LOOP = 3,
+    WORKLOAD_IO_BENCH = 4,
+};
+
+/* Values the host writes into boot_info.control while the guest runs. */
+#define CONTROL_FINISH 1 /* io-loop: verify everything written, report, reset; io-bench: reset */
 
 struct boot_device {
     u64 mmio_base;
@@ -40,9 +51,11 @@ struct boot_info {
     u32 num_cpus;
     u64 seed;
     u32 num_devices;
-    u32 reserved;
+    u32 control; /* written by the host at any time: CONTROL_* */
     struct boot_device devices[MAX_DEVICES];
 };
+
+static u32 control_word(struct boot_info *info) { return *(volatile u32 *)&info->control; }
 
 /* Per-vCPU stacks; start.S picks one by vCPU index (GUEST_STACK_SHIFT, GUEST_MAX_CPUS). */
 u8 guest_stacks[GUEST_MAX_CPUS][1UL << GUEST_STACK_SHIFT] __attribute__((aligned(4096)));
@@ -424,6 +437,15 @@ static void report_io_error(u32 disk, const char *what, u64 sector, u64 status)
     puts("\n");
 }
 
+static void report_mismatch(u32 disk, u64 byte)
+{
+    puts("io error disk ");
+    put_dec(disk);
+    puts(" mismatch at byte ");
+    put_hex(byte);
+    puts("\n");
+}
+
 /* ---- workloads --------------------------------------------------------------------------- */
 
 /* The counter lives in guest memory, so a restored snapshot continues where it left off. */
@@ -491,11 +513,7 @@ static int write_verify_disk(struct disk *d, u32 index, u64 seed)
                 if (!writing) {
                     u64 bad = check_pattern((u64 *)io_buffers[q], CHUNK, seed, index, 1, off);
                     if (bad != CHUNK) {
-                        puts("io error disk ");
-                        put_dec(index);
-                        puts(" mismatch at byte ");
-                        put_hex(off + bad);
-                        puts("\n");
+                        report_mismatch(index, off + bad);
                         return 0;
                     }
                 }
@@ -610,72 +628,186 @@ static void run_write_verify(struct boot_info *info, u32 ndisks)
 /* Generation of the data last written to each io-loop chunk; 0 = not written by us. */
 static u32 generations[LOOP_DISKS][LOOP_MAX_CHUNKS];
 
+struct io_loop {
+    u64 seed;
+    u32 usable[LOOP_DISKS]; /* disk index of each slot */
+    u32 nusable;
+    u64 ops, errors;
+};
+
+static u64 loop_chunks(struct disk *d)
+{
+    u64 chunks = d->capacity / LOOP_CHUNK;
+    return chunks > LOOP_MAX_CHUNKS ? LOOP_MAX_CHUNKS : chunks;
+}
+
+/* Reads chunk `chunk` of slot `slot` and checks it holds the generation last written there. */
+static void io_loop_read(struct io_loop *l, u32 slot, u64 chunk)
+{
+    u32 index = l->usable[slot];
+    u64 off = chunk * LOOP_CHUNK;
+    u8 *buf = io_buffers[0];
+    u8 status = request(&disks[index], VIRTIO_BLK_T_IN, off / 512, buf, LOOP_CHUNK, 1);
+    u32 gen = generations[slot][chunk];
+    if (status != VIRTIO_BLK_S_OK) {
+        report_io_error(index, "read", off / 512, status);
+        l->errors++;
+    } else if (gen) {
+        u64 bad = check_pattern((u64 *)buf, LOOP_CHUNK, l->seed, index, gen, off);
+        if (bad != LOOP_CHUNK) {
+            report_mismatch(index, off + bad);
+            l->errors++;
+        }
+    }
+}
+
+static void io_loop_write(struct io_loop *l, u32 slot, u64 chunk)
+{
+    u32 index = l->usable[slot];
+    u64 off = chunk * LOOP_CHUNK;
+    u8 *buf = io_buffers[0];
+    u32 gen = generations[slot][chunk] + 1;
+    fill_pattern((u64 *)buf, LOOP_CHUNK, l->seed, index, gen, off);
+    u8 status = request(&disks[index], VIRTIO_BLK_T_OUT, off / 512, buf, LOOP_CHUNK, 0);
+    if (status == VIRTIO_BLK_S_OK)
+        generations[slot][chunk] = gen;
+    else {
+        report_io_error(index, "write", off / 512, status);
+        l->errors++;
+    }
+}
+
+static void io_loop_progress(struct io_loop *l)
+{
+    puts("io-loop ops ");
+    put_dec(l->ops);
+    puts(" errors ");
+    put_dec(l->errors);
+    puts("\n");
+}
+
+/*
+ * The end of an io-loop the host asked for: every chunk written is read back and checked
+ * against the generation written last, so the data that crossed snapshots, streams and
+ * pivots is verified by the guest itself. Then the VM resets.
+ */
+static void io_loop_finish(struct io_loop *l)
+{
+    u64 checked = 0;
+    for (u32 slot = 0; slot < l->nusable; slot++) {
+        struct disk *d = &disks[l->usable[slot]];
+        u64 chunks = loop_chunks(d);
+        for (u64 chunk = 0; chunk < chunks; chunk++) {
+            if (!generations[slot][chunk])
+                continue;
+            io_loop_read(l, slot, chunk);
+            checked++;
+        }
+        if (d->features & (1UL << VIRTIO_BLK_F_FLUSH))
+            request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+    }
+    io_loop_progress(l);
+    /* Any error during the run fails the verdict, not only those of this last pass. */
+    puts(l->errors == 0 ? "io-loop verify ok chunks " : "io-loop verify failed chunks ");
+    put_dec(checked);
+    puts("\n");
+    reset();
+}
+
 static void run_io_loop(struct boot_info *info, u32 ndisks)
 {
+    static struct io_loop l;
     u64 rng = info->seed | 1;
-    u64 ops = 0, errors = 0;
-    u32 usable[LOOP_DISKS];
-    u32 nusable = 0;
-    for (u32 i = 0; i < ndisks && nusable < LOOP_DISKS; i++)
+    l.seed = info->seed;
+    for (u32 i = 0; i < ndisks && l.nusable < LOOP_DISKS; i++)
         if (disks[i].ok && !(disks[i].features & (1UL << VIRTIO_BLK_F_RO)) &&
             disks[i].capacity >= LOOP_CHUNK)
-            usable[nusable++] = i;
-    if (!nusable) {
+            l.usable[l.nusable++] = i;
+    if (!l.nusable) {
         puts("io-loop: no writable disk\n");
         reset();
     }
     puts("io-loop start\n");
+    u64 last_progress = rdtsc();
     for (;;) {
+        if (control_word(info) == CONTROL_FINISH)
+            io_loop_finish(&l);
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        u32 slot = (u32)(rng % nusable);
-        u32 index = usable[slot];
-        struct disk *d = &disks[index];
-        u64 chunks = d->capacity / LOOP_CHUNK;
-        if (chunks > LOOP_MAX_CHUNKS)
-            chunks = LOOP_MAX_CHUNKS;
-        u64 chunk = (rng >> 8) % chunks;
-        u64 off = chunk * LOOP_CHUNK;
-        u8 *buf = io_buffers[0];
-        u8 status;
-        if ((rng >> 40) & 1) {
-            u32 gen = generations[slot][chunk] + 1;
-            fill_pattern((u64 *)buf, LOOP_CHUNK, info->seed, index, gen, off);
-            status = request(d, VIRTIO_BLK_T_OUT, off / 512, buf, LOOP_CHUNK, 0);
-            if (status == VIRTIO_BLK_S_OK)
-                generations[slot][chunk] = gen;
-            else {
-                report_io_error(index, "write", off / 512, status);
-                errors++;
-            }
-        } else {
-            status = request(d, VIRTIO_BLK_T_IN, off / 512, buf, LOOP_CHUNK, 1);
-            u32 gen = generations[slot][chunk];
-            if (status != VIRTIO_BLK_S_OK) {
-                report_io_error(index, "read", off / 512, status);
-                errors++;
-            } else if (gen) {
-                u64 bad = check_pattern((u64 *)buf, LOOP_CHUNK, info->seed, index, gen, off);
-                if (bad != LOOP_CHUNK) {
-                    puts("io error disk ");
-                    put_dec(index);
-                    puts(" mismatch at byte ");
-                    put_hex(off + bad);
-                    puts("\n");
-                    errors++;
-                }
-            }
+        u32 slot = (u32)(rng % l.nusable);
+        struct disk *d = &disks[l.usable[slot]];
+        u64 chunk = (rng >> 8) % loop_chunks(d);
+        if ((rng >> 40) & 1)
+            io_loop_write(&l, slot, chunk);
+        else
+            io_loop_read(&l, slot, chunk);
+        l.ops++;
+        if (l.ops % 1024 == 0 && d->features & (1UL << VIRTIO_BLK_F_FLUSH))
+            request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+        /* Progress by time as well as by count: on a software-virtualised host 1024 requests
+         * take half a minute, and the host wants to see I/O go on sooner. */
+        u64 now = rdtsc();
+        if (l.ops % 1024 == 0 || now - last_progress > PROGRESS_TICKS) {
+            io_loop_progress(&l);
+            last_progress = now;
         }
-        ops++;
-        if (ops % 1024 == 0) {
-            if (d->features & (1UL << VIRTIO_BLK_F_FLUSH))
-                request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
-            puts("io-loop ops ");
+    }
+}
+
+/*
+ * io-bench: 4 KiB requests at random 4 KiB-aligned offsets of disk 0, half reads, half writes
+ * of a fixed buffer (no pattern work, so the guest's own computing stays out of the rate).
+ * Every BENCH_WINDOW requests it prints
+ *     io-bench ops N ticks T max M
+ * T being the TSC ticks those requests took and M the longest single request, in ticks. The
+ * host turns ticks into time (the guest's TSC runs at the host's rate).
+ */
+static void run_io_bench(struct boot_info *info, u32 ndisks)
+{
+    struct disk *d = &disks[0];
+    if (!ndisks || !d->ok || d->features & (1UL << VIRTIO_BLK_F_RO) ||
+        d->capacity < BENCH_BLOCK) {
+        puts("io-bench: disk 0 is not a writable disk\n");
+        reset();
+    }
+    u64 blocks = d->capacity / BENCH_BLOCK;
+    u64 rng = info->seed | 1;
+    u64 ops = 0, errors = 0;
+    memset(io_buffers[0], 0x5a, BENCH_BLOCK);
+    puts("io-bench start\n");
+    u64 window_start = rdtsc(), longest = 0;
+    for (;;) {
+        if (control_word(info) == CONTROL_FINISH)
+            reset();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        u64 off = (rng >> 8) % blocks * BENCH_BLOCK;
+        int writing = (rng >> 40) & 1;
+        u64 start = rdtsc();
+        u8 status = request(d, writing ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, off / 512,
+                            io_buffers[writing ? 0 : 1], BENCH_BLOCK, !writing);
+        u64 end = rdtsc();
+        if (status != VIRTIO_BLK_S_OK) {
+            report_io_error(0, writing ? "write" : "read", off / 512, status);
+            errors++;
+        }
+        if (end - start > longest)
+            longest = end - start;
+        if (++ops % BENCH_WINDOW == 0) {
+            puts("io-bench ops ");
             put_dec(ops);
+            puts(" ticks ");
+            put_dec(end - window_start);
+            puts(" max ");
+            put_dec(longest);
             puts(" errors ");
             put_dec(errors);
             puts("\n");
+            /* The line itself (a VM exit per byte) is not charged to the next window. */
+            window_start = rdtsc();
+            longest = 0;
         }
     }
 }
@@ -717,6 +849,9 @@ void guest_main(u64 cpu, struct boot_info *info)
         break;
     case WORKLOAD_IO_LOOP:
         run_io_loop(info, ndisks);
+        break;
+    case WORKLOAD_IO_BENCH:
+        run_io_bench(info, ndisks);
         break;
     default:
         puts("micro-guest: unknown workload\n");

@@ -92,16 +92,21 @@ pub enum Workload {
     Counter,
     /// Writes a seeded pattern over each disk, reads it back, prints `verify ok`, resets.
     WriteVerify,
-    /// Verified random reads and writes without end.
+    /// Verified random reads and writes without end; on [`crate::guest::request_finish`]
+    /// it reads back and checks everything it wrote, prints `io-loop verify ok`, resets.
     IoLoop,
+    /// Unverified 4 KiB random reads and writes on disk 0, reporting per 64 requests the
+    /// TSC ticks they took and the longest one (`io-bench ops N ticks T max M`).
+    IoBench,
 }
 
 impl Workload {
     /// Every workload, with its name.
-    pub const ALL: [(Workload, &'static str); 3] = [
+    pub const ALL: [(Workload, &'static str); 4] = [
         (Workload::Counter, "counter"),
         (Workload::WriteVerify, "write-verify"),
         (Workload::IoLoop, "io-loop"),
+        (Workload::IoBench, "io-bench"),
     ];
 
     /// The number the micro-guest knows the workload by.
@@ -110,6 +115,7 @@ impl Workload {
             Workload::Counter => 1,
             Workload::WriteVerify => 2,
             Workload::IoLoop => 3,
+            Workload::IoBench => 4,
         }
     }
 
@@ -133,7 +139,7 @@ impl FromStr for Workload {
             .map(|(w, _)| *w)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown workload {s:?} (counter, write-verify, io-loop)"
+                    "unknown workload {s:?} (counter, write-verify, io-loop, io-bench)"
                 ))
             })
     }

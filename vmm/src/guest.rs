@@ -3,11 +3,12 @@
 //!
 //! The VMM hands it a boot info page at [`BOOT_INFO_ADDR`] (layout below, mirrored by
 //! `struct boot_info` in `guest.c`): the workload, the vCPU count, the pattern seed and the
-//! virtio-mmio devices' windows and GSIs.
+//! virtio-mmio devices' windows and GSIs. One word, `control`, stays a mailbox from the host
+//! to the running guest ([`request_finish`]).
 //!
 //! ```text
 //! 0x00 u64 magic "SNAPVMM1"   0x08 u32 workload   0x0c u32 vCPUs
-//! 0x10 u64 seed               0x18 u32 devices    0x1c u32 reserved
+//! 0x10 u64 seed               0x18 u32 devices    0x1c u32 control (host -> guest)
 //! 0x20 devices[16]: { u64 mmio_base; u32 gsi; u32 reserved; }
 //! ```
 
@@ -28,6 +29,10 @@ pub const MAX_DEVICES: usize = 16;
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNAPVMM1");
 /// Guest RAM the micro-guest needs: image, stacks and buffers above 1 MiB.
 pub const MIN_MEMORY: u64 = 8 << 20;
+/// Offset of the `control` word in the boot info page.
+const CONTROL_OFFSET: u64 = 0x1c;
+/// `control` value asking the workload to finish (`CONTROL_FINISH` in guest.c).
+const CONTROL_FINISH: u32 = 1;
 
 /// A virtio-mmio device as the micro-guest finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +81,18 @@ pub fn load(
         .write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
         .map_err(|e| Error::Load(format!("micro-guest boot info: {e}")))?;
     Ok(KERNEL_LOAD_ADDR)
+}
+
+/// Asks a running micro-guest to finish its workload: `io-loop` reads back and checks every
+/// chunk it wrote, prints `io-loop verify ok chunks N` (or `io-loop verify failed ...`) and
+/// resets the VM; `io-bench` resets at once. The guest polls the word between requests.
+pub fn request_finish(memory: &GuestMemoryMmap) -> Result<()> {
+    memory
+        .write_obj(
+            CONTROL_FINISH,
+            GuestAddress(BOOT_INFO_ADDR + CONTROL_OFFSET),
+        )
+        .map_err(|e| Error::Load(format!("micro-guest control word: {e}")))
 }
 
 fn mix64(mut z: u64) -> u64 {
@@ -127,6 +144,15 @@ mod tests {
             .read_obj(GuestAddress(BOOT_INFO_ADDR + 0x20))
             .unwrap();
         assert_eq!(base, 0xd000_0000);
+        let control: u32 = memory
+            .read_obj(GuestAddress(BOOT_INFO_ADDR + CONTROL_OFFSET))
+            .unwrap();
+        assert_eq!(control, 0);
+        request_finish(&memory).unwrap();
+        let control: u32 = memory
+            .read_obj(GuestAddress(BOOT_INFO_ADDR + CONTROL_OFFSET))
+            .unwrap();
+        assert_eq!(control, CONTROL_FINISH);
         let mut first = [0u8; 16];
         memory
             .read_slice(&mut first, GuestAddress(KERNEL_LOAD_ADDR))

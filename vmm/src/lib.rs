@@ -16,12 +16,14 @@
 //! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
 //! - [`guest`]: the micro-guest built from `vmm/guest/` and its boot info;
 //! - [`api`]: the REST API server on a Unix socket, and its client;
+//! - [`console`]: the serial console as timestamped lines, for programs that drive a guest;
 //! - [`builder`]: assembling a VM from a [`config::VmConfig`] and running it.
 
 pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod error;
 pub mod exit;
