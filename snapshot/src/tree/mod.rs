@@ -25,7 +25,8 @@
 //! stays until one of them goes.
 //!
 //! The metadata (see [`metadata`]) lives in one JSON file, rewritten atomically after every
-//! change; overlays and checkpoints are created in the file's directory.
+//! change; checkpoints are created in a directory beside it, overlays beside the image they
+//! are built on (`STEM.NAME.qcow2`).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -336,7 +337,7 @@ impl SnapshotTree {
         let memory = !options.disk_only;
         if memory && self.vm_state.is_none() {
             return Err(Error::InvalidArgument(
-                "this VM cannot save its memory: take a disk-only snapshot".into(),
+                "this VM cannot save its memory: add --disk-only (disk_only) for a disk-only snapshot".into(),
             ));
         }
         let mut info = SnapshotInfo {
@@ -397,7 +398,7 @@ impl SnapshotTree {
         let overlays: Vec<DiskOverlay> = self
             .disks
             .iter()
-            .map(|d| DiskOverlay::new(d, self.fresh_path(d.name(), &info.name, "")))
+            .map(|d| DiskOverlay::new(d, self.fresh_path(&abs(d.top().path()), &info.name, "")))
             .collect();
         let checkpoint = info.memory.then(|| self.checkpoint_dir(&info.name));
         if let Some(dir) = &checkpoint {
@@ -662,7 +663,7 @@ impl SnapshotTree {
                     ..OpenOptions::default()
                 },
             )?;
-            let path = self.fresh_path(disk.name(), &snapshot.name, ".revert");
+            let path = self.fresh_path(&d.image, &snapshot.name, ".revert");
             let options = storage::qcow2::CreateOptions {
                 size: Some(disk.size()),
                 cluster_size: frozen
@@ -729,7 +730,7 @@ impl SnapshotTree {
                     copies.push(None);
                     continue;
                 }
-                let path = self.fresh_path(disk.name(), &snapshot.name, ".copy");
+                let path = self.fresh_path(&d.image, &snapshot.name, ".copy");
                 created.push(path.clone());
                 std::fs::copy(&d.image, &path).map_err(|e| {
                     Error::InvalidArgument(format!(
@@ -1162,14 +1163,19 @@ impl SnapshotTree {
         meta.save(&self.path)
     }
 
-    /// A new file name in the tree's directory for disk `disk`'s image of snapshot `name`.
-    fn fresh_path(&self, disk: &str, name: &str, tag: &str) -> PathBuf {
-        let first = self.dir.join(format!("{disk}.{name}{tag}.qcow2"));
+    /// A new file beside `image` for snapshot `name`: `STEM.NAME[TAG].qcow2`, numbered when
+    /// taken (the naming `PUT /snapshot/disk` uses too).
+    fn fresh_path(&self, image: &Path, name: &str, tag: &str) -> PathBuf {
+        let stem = image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk".into());
+        let first = image.with_file_name(format!("{stem}.{name}{tag}.qcow2"));
         if first.symlink_metadata().is_err() {
             return first;
         }
         (2u64..)
-            .map(|n| self.dir.join(format!("{disk}.{name}{tag}-{n}.qcow2")))
+            .map(|n| image.with_file_name(format!("{stem}.{name}{tag}-{n}.qcow2")))
             .find(|p| p.symlink_metadata().is_err())
             .unwrap_or(first)
     }
