@@ -342,8 +342,8 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                 return Ok(());
             }
             println!(
-                " {:<20} {:<26} {:<9} {}",
-                "Name", "Creation Time", "State", "Kind"
+                " {:<20} {:<26} {:<9} Kind",
+                "Name", "Creation Time", "State"
             );
             println!("{}", "-".repeat(80));
             for s in &list {

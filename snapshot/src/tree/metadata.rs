@@ -368,7 +368,8 @@ mod tests {
     fn refuses_broken_files_with_a_message() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshots.json");
-        let cases: Vec<(Box<dyn Fn(&mut TreeFile)>, &str)> = vec![
+        type Spoil = Box<dyn Fn(&mut TreeFile)>;
+        let cases: Vec<(Spoil, &str)> = vec![
             (Box::new(|f| f.version = 9), "format version 9"),
             (
                 Box::new(|f| f.current = Some("nope".into())),

@@ -914,8 +914,9 @@ impl SnapshotTree {
         if meta.current.as_deref() == Some(name) {
             meta.current = snapshot.parent.clone();
         }
-        if metadata_only && snapshot.kind != SnapshotKind::Internal {
-            // Forgotten, not deleted: its images are the user's now.
+        if metadata_only {
+            // Forgotten, not deleted: its images (and the internal snapshot in them) are the
+            // user's now, never merged or removed by the tree.
             for d in &snapshot.disks {
                 if let Some(record) = meta.images.iter_mut().find(|r| r.path == d.image) {
                     record.owned = false;
@@ -1138,18 +1139,22 @@ impl SnapshotTree {
     }
 
     /// Adds every layer of every disk's chain to the image records (the disks' own images
-    /// are not the tree's: never deleted by it).
+    /// are not the tree's: never deleted by it), and records each layer's actual backing.
     fn register_live_chains(&self) {
         let chains = self.live_chains();
         let mut meta = self.meta.lock();
         for chain in chains {
             for (i, path) in chain.iter().enumerate() {
-                if !meta.images.iter().any(|r| &r.path == path) {
-                    meta.images.push(ImageRecord {
+                let backing = chain.get(i + 1).cloned();
+                match meta.images.iter_mut().find(|r| &r.path == path) {
+                    // The live chain is the truth: block jobs run through the API may have
+                    // changed it since the tree last looked.
+                    Some(record) => record.backing = backing,
+                    None => meta.images.push(ImageRecord {
                         path: path.clone(),
-                        backing: chain.get(i + 1).cloned(),
+                        backing,
                         owned: false,
-                    });
+                    }),
                 }
             }
         }
