@@ -199,6 +199,10 @@ impl World {
             2 => (TakeOptions::internal(true), SnapshotKind::Internal),
             _ => (TakeOptions::internal(false), SnapshotKind::Internal),
         };
+        self.create_with(name, options, kind);
+    }
+
+    fn create_with(&mut self, name: &str, options: TakeOptions, kind: SnapshotKind) {
         let info = self.tree.create(name, &options).unwrap();
         assert_eq!(info.kind, kind);
         assert_eq!(info.parent, self.current);
@@ -646,4 +650,50 @@ fn open_alone(path: &Path) -> Arc<dyn BlockDevice> {
         },
     )
     .unwrap()
+}
+
+#[test]
+fn deletes_merge_by_stream_commit_and_rebase() {
+    if !common::need_qemu("deletes_merge_by_stream_commit_and_rebase") {
+        return;
+    }
+    let mut world = World::new(21);
+    let mut rng = StdRng::seed_from_u64(21);
+    let external = |w: &mut World, name: &str, rng: &mut StdRng| {
+        w.write(rng);
+        w.create_with(
+            name,
+            TakeOptions::disk_only(),
+            SnapshotKind::ExternalDiskOnly,
+        );
+    };
+    let gone = |w: &World, file: &str| !w.dir.join(file).exists();
+    // Stream: the image a deleted snapshot froze is pulled into the active image above it.
+    external(&mut world, "a", &mut rng);
+    external(&mut world, "b", &mut rng);
+    world.write(&mut rng);
+    world.delete("b", false);
+    assert!(
+        gone(&world, "vda.a.qcow2"),
+        "streamed into the active image"
+    );
+    // Commit: an intermediate image is committed into the one below it, which takes its
+    // place as snapshot d's image.
+    external(&mut world, "c", &mut rng);
+    external(&mut world, "d", &mut rng);
+    external(&mut world, "e", &mut rng);
+    world.write(&mut rng);
+    world.delete("d", false);
+    let e = world.tree.get("e").unwrap();
+    assert!(e.disks[0].image.ends_with("vda.a.b.c.qcow2"), "{e:?}");
+    assert!(gone(&world, "vda.a.b.c.d.qcow2"));
+    // Rebase: off the disks' chains, the image above is rebased onto the one below.
+    external(&mut world, "f", &mut rng);
+    world.revert("c");
+    world.write(&mut rng);
+    world.delete("e", false);
+    assert!(gone(&world, "vda.a.b.c.qcow2"), "rebased away");
+    let f = world.tree.get("f").unwrap();
+    assert!(f.disks[0].image.ends_with("vda.a.b.c.d.e.qcow2"), "{f:?}");
+    world.final_check();
 }
