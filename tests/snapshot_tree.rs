@@ -32,9 +32,20 @@ const MEMORY: usize = 32 << 10;
 struct FakeVm {
     memory: Mutex<Vec<u8>>,
     paused: AtomicBool,
+    /// The next call of this name fails.
+    fail: Mutex<Option<&'static str>>,
 }
 
 impl FakeVm {
+    fn injected(&self, call: &'static str) -> Result<(), VmStateError> {
+        let mut fail = self.fail.lock().unwrap();
+        if *fail == Some(call) {
+            *fail = None;
+            return Err(format!("injected failure of {call}").into());
+        }
+        Ok(())
+    }
+
     fn require_paused(&self, what: &str) -> Result<(), VmStateError> {
         if self.paused.load(Ordering::SeqCst) {
             Ok(())
@@ -58,6 +69,7 @@ impl VmState for FakeVm {
 
     fn save_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
         self.require_paused("save_checkpoint")?;
+        self.injected("save_checkpoint")?;
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("memory"), &*self.memory.lock().unwrap())?;
         Ok(())
@@ -65,6 +77,7 @@ impl VmState for FakeVm {
 
     fn load_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
         self.require_paused("load_checkpoint")?;
+        self.injected("load_checkpoint")?;
         let memory = std::fs::read(dir.join("memory"))?;
         if memory.len() != MEMORY {
             return Err(format!("memory file of {} bytes", memory.len()).into());
@@ -75,6 +88,7 @@ impl VmState for FakeVm {
 
     fn save_stream(&self, out: &mut dyn Write) -> Result<u64, VmStateError> {
         self.require_paused("save_stream")?;
+        self.injected("save_stream")?;
         let memory = self.memory.lock().unwrap();
         out.write_all(&memory)?;
         Ok(memory.len() as u64)
@@ -82,6 +96,7 @@ impl VmState for FakeVm {
 
     fn load_stream(&self, input: &mut dyn Read) -> Result<(), VmStateError> {
         self.require_paused("load_stream")?;
+        self.injected("load_stream")?;
         let mut memory = Vec::new();
         input.read_to_end(&mut memory)?;
         if memory.len() != MEMORY {
@@ -144,6 +159,7 @@ impl World {
         let vm = Arc::new(FakeVm {
             memory: Mutex::new(fill(&mut rng, MEMORY)),
             paused: AtomicBool::new(false),
+            fail: Mutex::new(None),
         });
         let tree = SnapshotTree::open(
             dir.path().join("snapshots.json"),
@@ -695,5 +711,70 @@ fn deletes_merge_by_stream_commit_and_rebase() {
     assert!(gone(&world, "vda.a.b.c.qcow2"), "rebased away");
     let f = world.tree.get("f").unwrap();
     assert!(f.disks[0].image.ends_with("vda.a.b.c.d.e.qcow2"), "{f:?}");
+    world.final_check();
+}
+
+#[test]
+fn failures_of_the_vm_side_roll_back() {
+    let mut world = World::new(31);
+    let mut rng = StdRng::seed_from_u64(31);
+    world.write(&mut rng);
+    world.create_with(
+        "m",
+        TakeOptions::with_memory(),
+        SnapshotKind::ExternalWithMemory,
+    );
+    world.write(&mut rng);
+    let files = |w: &World| -> BTreeSet<PathBuf> {
+        std::fs::read_dir(&w.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+            .collect()
+    };
+    let before = files(&world);
+    let tops: Vec<PathBuf> = world
+        .disks
+        .iter()
+        .map(|d| d.top().path().to_path_buf())
+        .collect();
+
+    // A checkpoint that cannot be written: no snapshot, no file, the VM runs again.
+    *world.vm.fail.lock().unwrap() = Some("save_checkpoint");
+    let error = world
+        .tree
+        .create("bad", &TakeOptions::with_memory())
+        .unwrap_err();
+    assert!(error.to_string().contains("injected"), "{error}");
+    // A VM state that cannot be streamed into the image: no internal snapshot anywhere.
+    *world.vm.fail.lock().unwrap() = Some("save_stream");
+    assert!(world
+        .tree
+        .create("bad", &TakeOptions::internal(true))
+        .is_err());
+    for d in &world.disks {
+        let top = d.top();
+        assert!(top.as_qcow2().unwrap().snapshots().is_empty());
+    }
+    // A checkpoint that cannot be loaded: the disks go back to where the VM was.
+    *world.vm.fail.lock().unwrap() = Some("load_checkpoint");
+    assert!(world.tree.revert("m").is_err());
+    assert!(!world.vm.paused.load(Ordering::SeqCst), "the VM runs again");
+    assert_eq!(
+        files(&world),
+        before,
+        "every file made by the failed steps is gone"
+    );
+    let now: Vec<PathBuf> = world
+        .disks
+        .iter()
+        .map(|d| d.top().path().to_path_buf())
+        .collect();
+    assert_eq!(now, tops);
+    assert!(!world.dir.join("snapshots.checkpoints/bad").exists());
+    assert_eq!(world.tree.list().len(), 1);
+    assert_eq!(world.tree.current().unwrap().name, "m");
+    world.check_live("after the failures");
+    world.revert("m");
     world.final_check();
 }

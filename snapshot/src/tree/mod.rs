@@ -244,15 +244,23 @@ impl SnapshotTree {
         } else {
             (TreeFile::new(names), Vec::new())
         };
-        for (disk, recorded) in disks.iter().zip(&meta.active) {
+        let mut meta = meta;
+        let recorded_active = meta.active.clone();
+        for (disk, recorded) in disks.iter().zip(&recorded_active) {
             let actual = abs(disk.top().path());
             if &actual != recorded {
                 problems.push(format!(
-                    "disk {}: the snapshot metadata last saw it on {}, the VM opened {}",
+                    "disk {}: the snapshot metadata last saw it on {}, the VM opened {} \
+                     (the former is kept, no longer managed by the tree)",
                     disk.name(),
                     recorded.display(),
                     actual.display()
                 ));
+                // The state the VM last ran on is the user's to keep: never merged or
+                // removed as an image nothing uses.
+                if let Some(record) = meta.images.iter_mut().find(|r| &r.path == recorded) {
+                    record.owned = false;
+                }
             }
         }
         for problem in &problems {
@@ -314,6 +322,18 @@ impl SnapshotTree {
     /// The merge jobs a delete is running right now.
     pub fn jobs(&self) -> Vec<JobInfo> {
         self.jobs.lock().iter().map(Job::info).collect()
+    }
+
+    /// Cancels the merge jobs a delete is running and waits up to `timeout` for each to
+    /// stop (the VM is going away); the delete then fails, leaving every chain valid.
+    pub fn cancel_jobs(&self, timeout: std::time::Duration) {
+        let jobs: Vec<Job> = self.jobs.lock().clone();
+        for job in jobs {
+            job.cancel();
+            if !job.wait_for(timeout, |s| s == crate::job::JobStatus::Concluded) {
+                tracing::warn!("merge job {} did not stop in {timeout:?}", job.id());
+            }
+        }
     }
 
     /// Every image file the tree knows (disks' chains included).
@@ -767,12 +787,26 @@ impl SnapshotTree {
             return Err(e);
         }
         let mut reader = match (snapshot.memory, &self.vm_state) {
-            (true, Some(_)) => Some(VmStateReader {
-                image: open_alone(&snapshot.disks[0].image, true)?,
-                snapshot: snapshot.name.clone(),
-                position: 0,
-                size: snapshot.vm_state_size,
-            }),
+            (true, Some(_)) => {
+                let image = open_alone(&snapshot.disks[0].image, true)?;
+                // The image's own table says how much state there is, not the metadata.
+                let size = image
+                    .find_snapshot(&snapshot.name)
+                    .map(|i| image.snapshots()[i].vm_state_size)
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "{}: internal snapshot {:?} is missing",
+                            snapshot.disks[0].image.display(),
+                            snapshot.name
+                        ))
+                    })?;
+                Some(VmStateReader {
+                    image,
+                    snapshot: snapshot.name.clone(),
+                    position: 0,
+                    size,
+                })
+            }
             _ => None,
         };
         let claims = self.claim_all("snapshot-revert")?;

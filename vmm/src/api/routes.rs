@@ -237,6 +237,9 @@ impl Router {
     /// Cancels every job still running and waits up to `timeout` for each to conclude,
     /// so that no job is cut off mid-copy when the VM goes away.
     pub fn cancel_jobs(&self, timeout: Duration) {
+        if let Some(tree) = self.vm.snapshot_tree() {
+            tree.cancel_jobs(timeout);
+        }
         let jobs: Vec<Job> = self.jobs.lock().values().cloned().collect();
         for job in jobs {
             if job.status() == JobStatus::Concluded {
