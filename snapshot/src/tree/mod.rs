@@ -194,6 +194,51 @@ fn path_text(path: &Path) -> Result<String> {
         .ok_or_else(|| Error::InvalidArgument(format!("{}: path is not UTF-8", path.display())))
 }
 
+/// Files an operation created, removed when it fails (on drop unless `keep`).
+#[derive(Default)]
+struct Created {
+    paths: Vec<PathBuf>,
+    keep: bool,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.paths.iter().for_each(|p| remove_file(p));
+        }
+    }
+}
+
+/// Copies the qcow2 image `source` to `path` and applies its internal snapshot `name` there:
+/// a plain image (no internal snapshots of its own) on `source`'s backing chain that reads
+/// as the snapshot did, while `source` and its snapshot stay as they are.
+fn copy_with_snapshot_applied(source: &Path, path: &Path, name: &str) -> Result<Qcow2Image> {
+    std::fs::copy(source, path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "copying {} to {}: {e}",
+            source.display(),
+            path.display()
+        ))
+    })?;
+    let mut copy = Qcow2Image::open_with(path, false, &OpenOptions::default(), |backing, fmt| {
+        // Named relative to the source's directory, as the header was written for it.
+        storage::open(
+            &storage::open::resolve_backing_path(source, backing),
+            &OpenOptions {
+                read_only: true,
+                format: fmt,
+                ..OpenOptions::default()
+            },
+        )
+    })?;
+    copy.apply_snapshot(name)?;
+    let ids: Vec<String> = copy.snapshots().iter().map(|s| s.id.clone()).collect();
+    for id in ids {
+        copy.delete_snapshot(&id)?;
+    }
+    Ok(copy)
+}
+
 /// One step of compaction.
 enum Merge {
     /// Nothing is built on the image: delete it.
@@ -618,54 +663,54 @@ impl SnapshotTree {
     }
 
     fn revert_external(&self, snapshot: &SnapshotInfo) -> Result<()> {
-        let mut created: Vec<PathBuf> = Vec::new();
-        let prepared = self.prepare_revert_overlays(snapshot, &mut created);
-        let tops = match prepared {
-            Ok(tops) => tops,
-            Err(e) => {
-                created.iter().for_each(|p| remove_file(p));
-                return Err(e);
-            }
-        };
-        let claims = match self.claim_all("snapshot-revert") {
-            Ok(c) => c,
-            Err(e) => {
-                drop(tops);
-                created.iter().for_each(|p| remove_file(p));
-                return Err(e);
-            }
-        };
+        let mut created = Created::default();
+        let tops = self.prepare_revert_overlays(snapshot, &mut created.paths)?;
+        let claims = self.claim_all("snapshot-revert")?;
         let was_running = self.pause()?;
-        let old_tops = self.switch(&tops)?;
+        let old_tops = match self.switch(&tops) {
+            Ok(old) => old,
+            Err(e) => {
+                self.resume_if(was_running)?;
+                return Err(e);
+            }
+        };
         if let (Some(vm), Some(dir)) = (&self.vm_state, &snapshot.checkpoint) {
             if let Err(e) = vm.load_checkpoint(dir) {
                 // Back to where the VM was: its memory still matches the old disks.
-                let _ = self.switch(&old_tops);
-                drop(tops);
-                created.iter().for_each(|p| remove_file(p));
+                let back = self.switch(&old_tops);
                 drop(claims);
-                self.resume_if(was_running)?;
+                if back.is_ok() {
+                    self.resume_if(was_running)?;
+                } else {
+                    // Some disk stays on the snapshot's overlay: keep the files it uses.
+                    created.keep = true;
+                    self.record_created(&created.paths, snapshot);
+                }
                 return Err(Error::Hook(e));
             }
         }
         drop(claims);
+        created.keep = true;
+        self.record_created(&created.paths, snapshot);
+        self.seal_left(&old_tops);
         let run = if snapshot.memory {
             snapshot.state == RunState::Running
         } else {
             was_running
         };
-        self.seal_left(&old_tops);
-        {
-            let mut meta = self.meta.lock();
-            for (path, d) in created.iter().zip(&snapshot.disks) {
-                meta.images.push(ImageRecord {
-                    path: abs(path),
-                    backing: Some(d.image.clone()),
-                    owned: true,
-                });
-            }
-        }
         self.resume_if(run)
+    }
+
+    /// Records the overlays a revert made on the snapshot's frozen images.
+    fn record_created(&self, paths: &[PathBuf], snapshot: &SnapshotInfo) {
+        let mut meta = self.meta.lock();
+        for (path, d) in paths.iter().zip(&snapshot.disks) {
+            meta.images.push(ImageRecord {
+                path: abs(path),
+                backing: Some(d.image.clone()),
+                owned: true,
+            });
+        }
     }
 
     /// Creates and opens a fresh overlay on each of the snapshot's frozen images.
@@ -742,49 +787,25 @@ impl SnapshotTree {
     fn revert_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {
         // Per disk: None = apply in place (its image is the active one), Some = a copy of
         // the image with the snapshot applied, prepared before the VM is paused.
+        // Declared first, dropped last: the copies' handles close before a failure removes
+        // their files.
+        let mut created = Created::default();
         let mut copies: Vec<Option<Arc<dyn BlockDevice>>> = Vec::new();
-        let mut created = Vec::new();
-        let prepared = (|| -> Result<()> {
-            for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
-                if abs(disk.top().path()) == d.image {
-                    copies.push(None);
-                    continue;
-                }
-                let path = self.fresh_path(&d.image, &snapshot.name, ".copy");
-                created.push(path.clone());
-                std::fs::copy(&d.image, &path).map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "copying {} to {}: {e}",
-                        d.image.display(),
-                        path.display()
-                    ))
-                })?;
-                let host = d.image.clone();
-                let mut copy =
-                    Qcow2Image::open_with(&path, false, &OpenOptions::default(), |name, fmt| {
-                        storage::open(
-                            &storage::open::resolve_backing_path(&host, name),
-                            &OpenOptions {
-                                read_only: true,
-                                format: fmt,
-                                ..OpenOptions::default()
-                            },
-                        )
-                    })?;
-                copy.apply_snapshot(&snapshot.name)?;
-                // The copy is a plain image holding the snapshot's state, nothing more.
-                let names: Vec<String> = copy.snapshots().iter().map(|s| s.id.clone()).collect();
-                for id in names {
-                    copy.delete_snapshot(&id)?;
-                }
-                copies.push(Some(Arc::new(copy)));
+        // The image each copy copies, for the records.
+        let mut sources: Vec<PathBuf> = Vec::new();
+        for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
+            if abs(disk.top().path()) == d.image {
+                copies.push(None);
+                continue;
             }
-            Ok(())
-        })();
-        if let Err(e) = prepared {
-            copies.clear();
-            created.iter().for_each(|p| remove_file(p));
-            return Err(e);
+            let path = self.fresh_path(&d.image, &snapshot.name, ".copy");
+            created.paths.push(path.clone());
+            sources.push(d.image.clone());
+            copies.push(Some(Arc::new(copy_with_snapshot_applied(
+                &d.image,
+                &path,
+                &snapshot.name,
+            )?)));
         }
         let mut reader = match (snapshot.memory, &self.vm_state) {
             (true, Some(_)) => {
@@ -812,37 +833,16 @@ impl SnapshotTree {
         let claims = self.claim_all("snapshot-revert")?;
         let was_running = self.pause()?;
         let switched = self.switch_internal(snapshot, &copies);
-        let old_tops = match switched {
-            Ok(old) => old,
-            Err(e) => {
-                drop(claims);
-                self.resume_if(was_running)?;
-                return Err(e);
-            }
-        };
         drop(claims);
-        if let (Some(vm), Some(reader)) = (&self.vm_state, reader.as_mut()) {
-            if let Err(e) = vm.load_stream(reader) {
-                // The disks are the snapshot's now; the VM stays paused rather than run
-                // memory that does not match them.
-                return Err(Error::Hook(e));
-            }
-        }
-        self.seal_left(&old_tops);
+        // From here some disk may use a copy: the copies are the tree's to manage.
+        created.keep = true;
         {
             let mut meta = self.meta.lock();
-            for (path, d) in created.iter().zip(
-                snapshot
-                    .disks
-                    .iter()
-                    .zip(&copies)
-                    .filter(|(_, c)| c.is_some())
-                    .map(|(d, _)| d),
-            ) {
+            for (path, source) in created.paths.iter().zip(&sources) {
                 let backing = meta
                     .images
                     .iter()
-                    .find(|r| r.path == d.image)
+                    .find(|r| &r.path == source)
                     .and_then(|r| r.backing.clone());
                 meta.images.push(ImageRecord {
                     path: abs(path),
@@ -851,6 +851,21 @@ impl SnapshotTree {
                 });
             }
         }
+        let old_tops = match switched {
+            Ok(old) => old,
+            Err(e) => {
+                self.resume_if(was_running)?;
+                return Err(e);
+            }
+        };
+        if let (Some(vm), Some(reader)) = (&self.vm_state, reader.as_mut()) {
+            if let Err(e) = vm.load_stream(reader) {
+                // The disks are the snapshot's now; the VM stays paused rather than run
+                // memory that does not match them.
+                return Err(Error::Hook(e));
+            }
+        }
+        self.seal_left(&old_tops);
         let run = if snapshot.memory {
             snapshot.state == RunState::Running
         } else {
