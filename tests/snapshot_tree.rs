@@ -794,3 +794,30 @@ fn failures_of_the_vm_side_roll_back() {
     world.revert("m");
     world.final_check();
 }
+
+#[test]
+fn file_names_stay_short_over_many_snapshots() {
+    let mut world = World::new(41);
+    let mut rng = StdRng::seed_from_u64(41);
+    for _ in 0..60 {
+        world.write(&mut rng);
+        world.create_with(
+            "x",
+            TakeOptions::disk_only(),
+            SnapshotKind::ExternalDiskOnly,
+        );
+        world.delete("x", false);
+    }
+    let long = "n".repeat(snapshot::tree::MAX_NAME);
+    world.create_with(
+        &long,
+        TakeOptions::disk_only(),
+        SnapshotKind::ExternalDiskOnly,
+    );
+    world.write(&mut rng);
+    world.revert(&long);
+    for d in &world.disks {
+        let name = d.top().path().file_name().unwrap().len();
+        assert!(name <= 240, "{}", d.top().path().display());
+    }
+}

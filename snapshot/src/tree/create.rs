@@ -55,7 +55,12 @@ impl SnapshotTree {
         let overlays: Vec<DiskOverlay> = self
             .disks
             .iter()
-            .map(|d| DiskOverlay::new(d, self.fresh_path(&abs(d.top().path()), &info.name, "")))
+            .map(|d| {
+                DiskOverlay::new(
+                    d,
+                    self.fresh_path(&abs(d.top().path()), d.name(), &info.name, ""),
+                )
+            })
             .collect();
         let checkpoint = info.memory.then(|| self.checkpoint_dir(&info.name));
         if let Some(dir) = &checkpoint {

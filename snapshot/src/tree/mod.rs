@@ -79,6 +79,9 @@ pub use metadata::{DiskImage, ImageRecord, RunState, SnapshotInfo, SnapshotKind,
 /// Longest snapshot name accepted.
 pub const MAX_NAME: usize = 200;
 
+/// Longest image file name the tree makes (Linux allows 255 bytes).
+const MAX_FILE_NAME: usize = 240;
+
 /// How [`SnapshotTree::create`] takes a snapshot (virsh `snapshot-create-as` flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TakeOptions {
@@ -451,19 +454,27 @@ impl SnapshotTree {
         meta.save(&self.path)
     }
 
-    /// A new file beside `image` for snapshot `name`: `STEM.NAME[TAG].qcow2`, numbered when
-    /// taken (the naming `PUT /snapshot/disk` uses too).
-    fn fresh_path(&self, image: &Path, name: &str, tag: &str) -> PathBuf {
+    /// A new file beside `image` for disk `disk`'s image of snapshot `name`:
+    /// `STEM.NAME[TAG].qcow2` (the naming `PUT /snapshot/disk` uses too), numbered when taken.
+    /// Stems grow with each snapshot of a chain; past [`MAX_FILE_NAME`] bytes the name starts
+    /// again from the disk's name.
+    fn fresh_path(&self, image: &Path, disk: &str, name: &str, tag: &str) -> PathBuf {
         let stem = image
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "disk".into());
-        let first = image.with_file_name(format!("{stem}.{name}{tag}.qcow2"));
+            .unwrap_or_else(|| disk.to_string());
+        // Room for "-NNNNNNNNNN.qcow2".
+        let fits = |prefix: &str| prefix.len() + name.len() + tag.len() + 18 <= MAX_FILE_NAME;
+        let prefix = [stem.as_str(), disk, "disk"]
+            .into_iter()
+            .find(|p| fits(p))
+            .unwrap_or("disk");
+        let first = image.with_file_name(format!("{prefix}.{name}{tag}.qcow2"));
         if first.symlink_metadata().is_err() {
             return first;
         }
         (2u64..)
-            .map(|n| image.with_file_name(format!("{stem}.{name}{tag}-{n}.qcow2")))
+            .map(|n| image.with_file_name(format!("{prefix}.{name}{tag}-{n}.qcow2")))
             .find(|p| p.symlink_metadata().is_err())
             .unwrap_or(first)
     }

@@ -119,7 +119,7 @@ impl SnapshotTree {
                     ..OpenOptions::default()
                 },
             )?;
-            let path = self.fresh_path(&d.image, &snapshot.name, ".revert");
+            let path = self.fresh_path(&d.image, disk.name(), &snapshot.name, ".revert");
             let options = storage::qcow2::CreateOptions {
                 size: Some(disk.size()),
                 cluster_size: frozen
@@ -153,7 +153,7 @@ impl SnapshotTree {
                 copies.push(None);
                 continue;
             }
-            let path = self.fresh_path(&d.image, &snapshot.name, ".copy");
+            let path = self.fresh_path(&d.image, disk.name(), &snapshot.name, ".copy");
             created.paths.push(path.clone());
             sources.push(d.image.clone());
             copies.push(Some(Arc::new(copy_with_snapshot_applied(
