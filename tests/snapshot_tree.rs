@@ -821,3 +821,175 @@ fn file_names_stay_short_over_many_snapshots() {
         assert!(name <= 240, "{}", d.top().path().display());
     }
 }
+
+/// A VM whose vCPU is a writer thread: it writes blocks to the disks and keeps in its
+/// "memory" what it wrote (as a guest's page cache would), and stops between writes when
+/// paused. So memory and disks must match at every pause, whatever was reverted.
+struct WriterVm {
+    disks: Vec<Arc<LiveDisk>>,
+    /// (paused, stop); the writer holds the lock while it writes, so a pause waits for the
+    /// write in progress.
+    state: Mutex<(bool, bool)>,
+    wake: std::sync::Condvar,
+    /// What the guest believes its disks hold.
+    memory: Mutex<Vec<Vec<u8>>>,
+}
+
+impl WriterVm {
+    fn run(self: Arc<Self>, seed: u64) -> std::thread::JoinHandle<u64> {
+        std::thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut writes = 0;
+            loop {
+                let mut state = self.state.lock().unwrap();
+                while state.0 && !state.1 {
+                    state = self.wake.wait(state).unwrap();
+                }
+                if state.1 {
+                    return writes;
+                }
+                let disk = rng.random_range(0..self.disks.len());
+                let offset = rng.random_range(0..SIZE / BLOCK) * BLOCK;
+                let data = fill(&mut rng, BLOCK as usize);
+                self.disks[disk].write_at(&data, offset).unwrap();
+                // The guest notes the write a little later: a snapshot that does not stop
+                // the vCPUs first would catch the disk ahead of the memory.
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                self.memory.lock().unwrap()[disk][offset as usize..][..BLOCK as usize]
+                    .copy_from_slice(&data);
+                writes += 1;
+                drop(state);
+                std::thread::yield_now();
+            }
+        })
+    }
+
+    fn stop(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.wake.notify_all();
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        self.memory.lock().unwrap().concat()
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<(), VmStateError> {
+        if bytes.len() != self.disks.len() * SIZE as usize {
+            return Err(format!("memory of {} bytes", bytes.len()).into());
+        }
+        *self.memory.lock().unwrap() = bytes.chunks(SIZE as usize).map(<[u8]>::to_vec).collect();
+        Ok(())
+    }
+
+    /// Pauses, checks that every disk holds what memory says, resumes.
+    fn check(&self, what: &str) {
+        let was_running = self.pause_vcpus().unwrap();
+        let memory = self.memory.lock().unwrap().clone();
+        for (disk, expected) in self.disks.iter().zip(&memory) {
+            let actual = common::read_all(&*disk.top());
+            common::assert_same(&actual, expected, &format!("{what}: disk {}", disk.name()));
+        }
+        if was_running {
+            self.resume_vcpus().unwrap();
+        }
+    }
+}
+
+impl VmState for WriterVm {
+    fn pause_vcpus(&self) -> Result<bool, VmStateError> {
+        let mut state = self.state.lock().unwrap();
+        let was_running = !state.0;
+        state.0 = true;
+        Ok(was_running)
+    }
+    fn resume_vcpus(&self) -> Result<(), VmStateError> {
+        self.state.lock().unwrap().0 = false;
+        self.wake.notify_all();
+        Ok(())
+    }
+    fn save_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("memory"), self.encode())?;
+        Ok(())
+    }
+    fn load_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
+        self.decode(&std::fs::read(dir.join("memory"))?)
+    }
+    fn save_stream(&self, out: &mut dyn Write) -> Result<u64, VmStateError> {
+        let bytes = self.encode();
+        out.write_all(&bytes)?;
+        Ok(bytes.len() as u64)
+    }
+    fn load_stream(&self, input: &mut dyn Read) -> Result<(), VmStateError> {
+        let mut bytes = Vec::new();
+        input.read_to_end(&mut bytes)?;
+        self.decode(&bytes)
+    }
+}
+
+#[test]
+fn memory_and_disks_match_under_a_running_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut disks = Vec::new();
+    for name in ["vda", "vdb"] {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        create(
+            &path,
+            &CreateOptions {
+                size: Some(SIZE),
+                cluster_size: 16 << 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        disks.push(LiveDisk::new(
+            name,
+            storage::open(&path, &OpenOptions::default()).unwrap(),
+        ));
+    }
+    let vm = Arc::new(WriterVm {
+        disks: disks.clone(),
+        state: Mutex::new((false, false)),
+        wake: std::sync::Condvar::new(),
+        memory: Mutex::new(vec![vec![0u8; SIZE as usize]; 2]),
+    });
+    let tree = SnapshotTree::open(
+        dir.path().join("snapshots.json"),
+        disks,
+        Some(vm.clone() as Arc<dyn VmState>),
+    )
+    .unwrap();
+    let writer = vm.clone().run(3);
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut names: Vec<String> = Vec::new();
+    for round in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(1..5)));
+        match rng.random_range(0..10) {
+            0..4 => {
+                let name = format!("m{round}");
+                let options = if rng.random_bool(0.5) {
+                    TakeOptions::with_memory()
+                } else {
+                    TakeOptions::internal(true)
+                };
+                tree.create(&name, &options).unwrap();
+                names.push(name);
+            }
+            4..8 if !names.is_empty() => {
+                let name = &names[rng.random_range(0..names.len())];
+                tree.revert(name).unwrap();
+                vm.check(&format!("round {round}, after reverting to {name}"));
+            }
+            _ if names.len() > 1 => {
+                let name = names.remove(rng.random_range(0..names.len()));
+                tree.delete(&name, &DeleteOptions::default()).unwrap();
+                vm.check(&format!("round {round}, after deleting {name}"));
+            }
+            _ => vm.check(&format!("round {round}")),
+        }
+    }
+    vm.stop();
+    let writes = writer.join().unwrap();
+    assert!(writes > 0, "the guest wrote");
+    vm.check("at the end");
+}
