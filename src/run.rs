@@ -356,12 +356,14 @@ mod tests {
         let path = dir.path().join("vm.toml");
         std::fs::write(
             &path,
-            "guest = \"builtin:counter\"\napi-socket = \"api.sock\"\n",
+            "guest = \"builtin:counter\"\napi-socket = \"api.sock\"\n\
+             snapshot-metadata = \"snaps.json\"\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from(["run", "--config", path.to_str().unwrap()]).unwrap();
         let (_, api) = build_config(cli.run).unwrap();
         assert_eq!(api.socket, Some(dir.path().join("api.sock")));
+        assert_eq!(api.snapshot_metadata, Some(dir.path().join("snaps.json")));
     }
 
     #[test]
