@@ -590,6 +590,12 @@ fn missing_images_are_reported_on_open() {
         .unwrap_err()
         .to_string()
         .contains("disk-only"));
+    // Nor can it revert to memory it cannot load.
+    assert!(reopened
+        .revert("b")
+        .unwrap_err()
+        .to_string()
+        .contains("memory"));
     // Names are checked.
     assert!(reopened.create("a/b", &TakeOptions::disk_only()).is_err());
     assert!(matches!(

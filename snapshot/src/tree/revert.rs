@@ -36,10 +36,19 @@ fn copy_with_snapshot_applied(source: &Path, path: &Path, name: &str) -> Result<
 
 impl SnapshotTree {
     /// Reverts every disk (and, for a snapshot with memory, the VM) to snapshot `name`, which
-    /// becomes current.
+    /// becomes current. The VM's vCPUs are paused while the disks switch; afterwards the VM
+    /// runs or stays paused as it was when a snapshot with memory was taken, and as it was
+    /// before the revert for a disk-only one. A snapshot with memory needs the tree's
+    /// [`VmState`].
     pub fn revert(&self, name: &str) -> Result<SnapshotInfo> {
         let _op = self.op.lock();
         let snapshot = self.get(name)?;
+        if snapshot.memory && self.vm_state.is_none() {
+            // The disks alone would no longer match what the running guest has in memory.
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {name:?} holds the VM's memory, which this VM cannot load"
+            )));
+        }
         self.register_live_chains();
         if snapshot.kind == SnapshotKind::Internal {
             self.revert_internal(&snapshot)?;
