@@ -176,7 +176,7 @@ fn build_config(args: RunArgs) -> Result<(VmConfig, ApiConfig), String> {
 /// Opens the snapshot tree over the VM's writable disks (none without one): metadata in
 /// `metadata`, or `snapvmm-snapshots.json` beside the first writable disk's image. What is
 /// missing from it is printed as warnings.
-fn open_snapshot_tree(
+pub(crate) fn open_snapshot_tree(
     vm: &vmm::Vmm,
     control: &Arc<vmm::api::VmmControl>,
     metadata: Option<&Path>,
