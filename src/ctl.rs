@@ -4,6 +4,11 @@
 //! snapvmm ctl --api-socket vm.sock info
 //! snapvmm ctl --api-socket vm.sock domblklist
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s1 --disk-only --atomic
+//! snapvmm ctl --api-socket vm.sock snapshot-create-as s2 "with memory"
+//! snapvmm ctl --api-socket vm.sock snapshot-create-as s3 --internal
+//! snapvmm ctl --api-socket vm.sock snapshot-list --tree
+//! snapvmm ctl --api-socket vm.sock snapshot-revert s1
+//! snapvmm ctl --api-socket vm.sock snapshot-delete s2 --children
 //! snapvmm ctl --api-socket vm.sock blockpull vda --wait
 //! snapvmm ctl --api-socket vm.sock blockcommit vda --active --pivot --wait
 //! snapvmm ctl --api-socket vm.sock blockjob vda --info
@@ -19,7 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmm::api::client::ClientError;
 use vmm::api::types::{
-    CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotResult, SpeedRequest, StreamRequest,
+    CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
+    SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
 };
 use vmm::api::{ApiClient, VmInfo};
 
@@ -53,20 +59,58 @@ enum Verb {
     Shutdown,
     /// List the disks and their files.
     Domblklist,
-    /// Take an external snapshot of the disks.
+    /// Take a snapshot of every writable disk, with the VM's memory unless --disk-only; it
+    /// becomes the current snapshot.
     #[command(name = "snapshot-create-as")]
     SnapshotCreateAs {
         /// The snapshot's name.
         name: String,
         /// A description.
         description: Option<String>,
-        /// Snapshot the disks only (the only kind supported; required, as with virsh).
+        /// Snapshot the disks only, not the memory.
         #[arg(long)]
         disk_only: bool,
-        /// Switch every disk or none.
+        /// Take qcow2 internal snapshots (VM state in the first disk's VM-state area).
+        #[arg(long)]
+        internal: bool,
+        /// Switch every disk or none (always so).
         #[arg(long)]
         atomic: bool,
     },
+    /// Revert the running VM to a snapshot, which becomes current.
+    #[command(name = "snapshot-revert")]
+    SnapshotRevert {
+        /// The snapshot.
+        name: String,
+    },
+    /// Delete a snapshot, merging images so no other snapshot changes.
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete {
+        /// The snapshot.
+        name: String,
+        /// Delete its descendants too.
+        #[arg(long)]
+        children: bool,
+        /// Only forget it: leave its images and checkpoint as they are.
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// List the snapshots.
+    #[command(name = "snapshot-list")]
+    SnapshotList {
+        /// Draw the parent/child tree.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Show one snapshot.
+    #[command(name = "snapshot-info")]
+    SnapshotInfo {
+        /// The snapshot.
+        name: String,
+    },
+    /// Show the current snapshot's name.
+    #[command(name = "snapshot-current")]
+    SnapshotCurrent,
     /// Pull the backing chain's data into the active layer.
     Blockpull {
         /// The disk.
@@ -223,11 +267,32 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             name,
             description,
             disk_only,
+            internal,
             atomic,
         } => {
-            if !disk_only {
+            let request = TreeSnapshotCreate {
+                name: name.clone(),
+                description: description.clone(),
+                disk_only,
+                internal,
+                atomic,
+            };
+            match client.call_json::<SnapshotInfo>("PUT", "/snapshots", Some(&request)) {
+                Ok(info) => {
+                    if json {
+                        return print_json(&info);
+                    }
+                    println!("Domain snapshot {} created", info.name);
+                    return Ok(());
+                }
+                Err(ClientError::Status { status: 501, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // A VM without a snapshot tree still takes plain disk-only snapshots.
+            if !disk_only || internal {
                 return Err(CtlError::Usage(
-                    "only disk-only snapshots are supported: add --disk-only".into(),
+                    "this VM keeps no snapshot tree: only external snapshots with --disk-only"
+                        .into(),
                 ));
             }
             let request = SnapshotCreate {
@@ -242,6 +307,100 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                 return print_json(&result);
             }
             println!("Domain snapshot {} created", result.name);
+        }
+        Verb::SnapshotRevert { name } => {
+            let info: SnapshotInfo =
+                client.call_json("PUT", &format!("/snapshots/{}/revert", encode(&name)), none)?;
+            if json {
+                return print_json(&info);
+            }
+            println!("Domain reverted to snapshot {}", info.name);
+        }
+        Verb::SnapshotDelete {
+            name,
+            children,
+            metadata,
+        } => {
+            let request = SnapshotDeleteRequest { children, metadata };
+            let result = delete_with_progress(&args.api_socket, &name, request, json)?;
+            if json {
+                return print_json(&result);
+            }
+            if children {
+                println!("Domain snapshot {name} and its children deleted");
+            } else {
+                println!("Domain snapshot {name} deleted");
+            }
+        }
+        Verb::SnapshotList { tree } => {
+            let list: Vec<SnapshotInfo> = client.get("/snapshots")?;
+            if json {
+                return print_json(&list);
+            }
+            if tree {
+                print_tree(&list);
+                return Ok(());
+            }
+            println!(
+                " {:<20} {:<26} {:<9} Kind",
+                "Name", "Creation Time", "State"
+            );
+            println!("{}", "-".repeat(80));
+            for s in &list {
+                println!(
+                    " {:<20} {:<26} {:<9} {}",
+                    s.name,
+                    format_time(s.created),
+                    s.state,
+                    s.kind
+                );
+            }
+        }
+        Verb::SnapshotInfo { name } => {
+            let info: SnapshotInfo = client.get(&format!("/snapshots/{}", encode(&name)))?;
+            if json {
+                return print_json(&info);
+            }
+            let list: Vec<SnapshotInfo> = client.get("/snapshots")?;
+            let current = client
+                .get::<SnapshotInfo>("/current-snapshot")
+                .ok()
+                .map(|c| c.name);
+            let children = list
+                .iter()
+                .filter(|s| s.parent.as_deref() == Some(&info.name))
+                .count();
+            let row = |k: &str, v: &dyn std::fmt::Display| println!("{:<16}{v}", format!("{k}:"));
+            row("Name", &info.name);
+            row("Description", &info.description.as_deref().unwrap_or("-"));
+            row("Creation Time", &format_time(info.created));
+            row(
+                "Current",
+                &if current.as_deref() == Some(&info.name) {
+                    "yes"
+                } else {
+                    "no"
+                },
+            );
+            row("State", &info.state);
+            row("Kind", &info.kind);
+            row("Memory", &if info.memory { "yes" } else { "no" });
+            row("Parent", &info.parent.as_deref().unwrap_or("-"));
+            row("Children", &children);
+            row("Descendants", &descendants(&list, &info.name));
+            for d in &info.disks {
+                row(&format!("Disk {}", d.disk), &d.image.display());
+            }
+            if let Some(dir) = &info.checkpoint {
+                row("Checkpoint", &dir.display());
+            }
+        }
+        Verb::SnapshotCurrent => {
+            let info: SnapshotInfo = client.get("/current-snapshot")?;
+            if json {
+                return print_json(&info);
+            }
+            println!("{}", info.name);
         }
         Verb::Blockpull {
             disk,
@@ -409,5 +568,124 @@ fn finish(job: &JobInfo, json: bool, message: &str) -> Result<(), CtlError> {
     } else {
         println!("{message}");
         Ok(())
+    }
+}
+
+/// Percent-encodes a snapshot name for a path segment.
+fn encode(name: &str) -> String {
+    let mut out = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `seconds` since the epoch as `YYYY-MM-DD HH:MM:SS +0000` (virsh's format, in UTC).
+fn format_time(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let rest = seconds % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} +0000",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+fn descendants(list: &[SnapshotInfo], name: &str) -> usize {
+    list.iter()
+        .filter(|s| s.parent.as_deref() == Some(name))
+        .map(|s| 1 + descendants(list, &s.name))
+        .sum()
+}
+
+/// Prints the snapshots as virsh `snapshot-list --tree` does.
+fn print_tree(list: &[SnapshotInfo]) {
+    fn visit(list: &[SnapshotInfo], name: &str, prefix: &str) {
+        let children: Vec<&SnapshotInfo> = list
+            .iter()
+            .filter(|s| s.parent.as_deref() == Some(name))
+            .collect();
+        for (i, child) in children.iter().enumerate() {
+            let last = i + 1 == children.len();
+            println!("{prefix}  |");
+            println!("{prefix}  +- {}", child.name);
+            let deeper = format!("{prefix}  {}", if last { "  " } else { "| " });
+            visit(list, &child.name, &deeper);
+        }
+    }
+    for root in list.iter().filter(|s| s.parent.is_none()) {
+        println!("{}", root.name);
+        visit(list, &root.name, "");
+        println!();
+    }
+}
+
+/// Deletes a snapshot while a second connection draws the progress of the merge jobs the
+/// delete runs.
+fn delete_with_progress(
+    socket: &std::path::Path,
+    name: &str,
+    request: SnapshotDeleteRequest,
+    quiet: bool,
+) -> Result<SnapshotDeleteResult, CtlError> {
+    let path = format!("/snapshots/{}/delete", encode(name));
+    let worker_socket = socket.to_path_buf();
+    let worker = std::thread::spawn(move || -> Result<SnapshotDeleteResult, CtlError> {
+        let client = ApiClient::new(&worker_socket)?;
+        Ok(client.call_json("PUT", &path, Some(&request))?)
+    });
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    };
+    let client = ApiClient::new(socket)?;
+    while !worker.is_finished() {
+        if let Ok(jobs) = client.get::<Vec<JobInfo>>("/snapshot-jobs") {
+            if let Some(job) = jobs.first() {
+                bar.set_message(format!("Merging ({} on {})", job.kind, job.disk));
+                bar.set_length(job.total);
+                bar.set_position(job.current);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    bar.finish_and_clear();
+    worker
+        .join()
+        .map_err(|_| CtlError::Job("the delete request's thread panicked".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_names_format_like_virsh() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 +0000");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20 +0000");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 +0000");
+        assert_eq!(encode("a b/ç"), "a%20b%2F%C3%A7");
     }
 }

@@ -16,9 +16,13 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
 use serde::Deserialize;
+use snapshot::tree::{RunState, SnapshotTree};
+use snapshot::vm_state::VmState;
+use vmm::api::VmControl;
 use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload};
 use vmm::ExitReason;
 
@@ -57,6 +61,10 @@ pub struct RunArgs {
     /// Serve the REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The snapshot tree's metadata file, used with --api-socket [default:
+    /// snapvmm-snapshots.json beside the first writable disk's image].
+    #[arg(long, value_name = "FILE.json")]
+    snapshot_metadata: Option<PathBuf>,
     /// Read settings from a TOML file (keys named after the flags).
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -77,6 +85,7 @@ struct FileConfig {
     serial: Option<String>,
     seed: Option<u64>,
     api_socket: Option<PathBuf>,
+    snapshot_metadata: Option<PathBuf>,
 }
 
 fn read_config_file(path: &Path) -> Result<FileConfig, String> {
@@ -84,8 +93,15 @@ fn read_config_file(path: &Path) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Merges flags over the config file into a VM configuration and the API socket's path.
-fn build_config(args: RunArgs) -> Result<(VmConfig, Option<PathBuf>), String> {
+/// Where the REST API is served and the snapshot tree kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ApiConfig {
+    socket: Option<PathBuf>,
+    snapshot_metadata: Option<PathBuf>,
+}
+
+/// Merges flags over the config file into a VM configuration and the API's settings.
+fn build_config(args: RunArgs) -> Result<(VmConfig, ApiConfig), String> {
     let file = match &args.config {
         Some(path) => read_config_file(path)?,
         None => FileConfig::default(),
@@ -149,14 +165,67 @@ fn build_config(args: RunArgs) -> Result<(VmConfig, Option<PathBuf>), String> {
     if let Some(serial) = args.serial.or(file.serial) {
         config.serial = serial.parse().map_err(|e: vmm::Error| e.to_string())?;
     }
-    let api_socket = args.api_socket.or(file.api_socket.map(rebase));
-    Ok((config, api_socket))
+    let api = ApiConfig {
+        socket: args.api_socket.or(file.api_socket.map(&rebase)),
+        snapshot_metadata: args
+            .snapshot_metadata
+            .or(file.snapshot_metadata.map(&rebase)),
+    };
+    Ok((config, api))
+}
+
+/// Opens the snapshot tree over the VM's writable disks (none without one): metadata in
+/// `metadata`, or `snapvmm-snapshots.json` beside the first writable disk's image. What is
+/// missing from it is printed as warnings.
+pub(crate) fn open_snapshot_tree(
+    vm: &vmm::Vmm,
+    control: &Arc<vmm::api::VmmControl>,
+    metadata: Option<&Path>,
+) -> Result<Option<Arc<SnapshotTree>>, String> {
+    let disks: Vec<_> = vm
+        .disks()
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| d.disk.clone())
+        .collect();
+    let Some(first) = disks.first() else {
+        return Ok(None);
+    };
+    let path = match metadata {
+        Some(path) => path.to_path_buf(),
+        None => first.top().path().with_file_name("snapvmm-snapshots.json"),
+    };
+    // The VM's memory and device state, for snapshots with memory; until the VMM provides
+    // it, only disk-only snapshots are offered (the API says so when asked for more).
+    let vm_state: Option<Arc<dyn VmState>> = None;
+    let tree = SnapshotTree::open(&path, disks, vm_state).map_err(|e| e.to_string())?;
+    for problem in tree.problems() {
+        eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
+    }
+    let probe = control.clone();
+    tree.set_state_probe(Arc::new(move || match probe.info().state {
+        vmm::api::VmState::Paused => RunState::Paused,
+        _ => RunState::Running,
+    }));
+    Ok(Some(Arc::new(tree)))
 }
 
 /// Runs the VM with the REST API served on `socket` until the VM ends.
-fn run_with_api(config: &VmConfig, socket: &Path) -> vmm::Result<ExitReason> {
+fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> vmm::Result<ExitReason> {
     let vm = vmm::Vmm::start(config)?;
     let control = vmm::api::VmmControl::new(&vm, config.vcpus, config.memory_mib);
+    match open_snapshot_tree(&vm, &control, api.snapshot_metadata.as_deref()) {
+        Ok(Some(tree)) => {
+            if let Err(e) = control.set_snapshot_tree(tree) {
+                tracing::warn!("snapshot tree: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(message) => {
+            let _ = vm.stop();
+            return Err(vmm::Error::Config(format!("snapshot metadata: {message}")));
+        }
+    }
     let server = match vmm::api::ApiServer::start(socket, control) {
         Ok(server) => server,
         Err(e) => {
@@ -173,7 +242,7 @@ fn run_with_api(config: &VmConfig, socket: &Path) -> vmm::Result<ExitReason> {
 /// Runs `snapvmm run`; returns the process exit status.
 pub fn main(args: RunArgs) -> u8 {
     init_logging();
-    let (config, api_socket) = match build_config(args) {
+    let (config, api) = match build_config(args) {
         Ok(built) => built,
         Err(message) => {
             eprintln!("snapvmm run: error: {message}");
@@ -183,8 +252,8 @@ pub fn main(args: RunArgs) -> u8 {
     if let SerialOutput::File(path) = &config.serial {
         tracing::info!("serial console in {}", path.display());
     }
-    let result = match &api_socket {
-        Some(socket) => run_with_api(&config, socket),
+    let result = match &api.socket {
+        Some(socket) => run_with_api(&config, &api, socket),
         None => vmm::run(&config),
     };
     match result {
@@ -282,18 +351,20 @@ mod tests {
             "/tmp/vm.sock",
         ])
         .unwrap();
-        let (_, socket) = build_config(cli.run).unwrap();
-        assert_eq!(socket, Some(PathBuf::from("/tmp/vm.sock")));
+        let (_, api) = build_config(cli.run).unwrap();
+        assert_eq!(api.socket, Some(PathBuf::from("/tmp/vm.sock")));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.toml");
         std::fs::write(
             &path,
-            "guest = \"builtin:counter\"\napi-socket = \"api.sock\"\n",
+            "guest = \"builtin:counter\"\napi-socket = \"api.sock\"\n\
+             snapshot-metadata = \"snaps.json\"\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from(["run", "--config", path.to_str().unwrap()]).unwrap();
-        let (_, socket) = build_config(cli.run).unwrap();
-        assert_eq!(socket, Some(dir.path().join("api.sock")));
+        let (_, api) = build_config(cli.run).unwrap();
+        assert_eq!(api.socket, Some(dir.path().join("api.sock")));
+        assert_eq!(api.snapshot_metadata, Some(dir.path().join("snaps.json")));
     }
 
     #[test]

@@ -7,14 +7,52 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 
+use snapshot::tree::SnapshotTree;
+use snapshot::vm_state::VmStateError;
 use storage::{LiveDisk, OpenOptions};
 use vmm::api::types::{DiskInfo, JobInfo, SnapshotResult};
+use vmm::api::types::{SnapshotDeleteResult, SnapshotInfo};
 use vmm::api::{ApiError, ApiServer, VmControl, VmInfo, VmState};
 use vmm::AttachedDisk;
 
 struct FakeVm {
     state: Mutex<VmState>,
     disks: Vec<AttachedDisk>,
+    tree: Option<Arc<SnapshotTree>>,
+}
+
+/// The VM side of snapshots with memory: its "memory" is a byte buffer.
+struct FakeMemory {
+    memory: Mutex<Vec<u8>>,
+}
+
+impl snapshot::vm_state::VmState for FakeMemory {
+    fn pause_vcpus(&self) -> Result<bool, VmStateError> {
+        Ok(true)
+    }
+    fn resume_vcpus(&self) -> Result<(), VmStateError> {
+        Ok(())
+    }
+    fn save_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("memory"), &*self.memory.lock().unwrap())?;
+        Ok(())
+    }
+    fn load_checkpoint(&self, dir: &Path) -> Result<(), VmStateError> {
+        *self.memory.lock().unwrap() = std::fs::read(dir.join("memory"))?;
+        Ok(())
+    }
+    fn save_stream(&self, out: &mut dyn std::io::Write) -> Result<u64, VmStateError> {
+        let memory = self.memory.lock().unwrap();
+        out.write_all(&memory)?;
+        Ok(memory.len() as u64)
+    }
+    fn load_stream(&self, input: &mut dyn std::io::Read) -> Result<(), VmStateError> {
+        let mut memory = Vec::new();
+        input.read_to_end(&mut memory)?;
+        *self.memory.lock().unwrap() = memory;
+        Ok(())
+    }
 }
 
 impl VmControl for FakeVm {
@@ -42,6 +80,9 @@ impl VmControl for FakeVm {
     fn disks(&self) -> Vec<AttachedDisk> {
         self.disks.clone()
     }
+    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
+        self.tree.clone()
+    }
 }
 
 struct Fixture {
@@ -53,6 +94,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::build(None)
+    }
+
+    /// A VM with a snapshot tree whose VM state is `memory`.
+    fn with_tree(memory: Arc<FakeMemory>) -> Fixture {
+        Fixture::build(Some(memory))
+    }
+
+    fn build(memory: Option<Arc<FakeMemory>>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         vmm_util::qcow2(&base, 4 << 20, None);
@@ -61,7 +111,18 @@ impl Fixture {
             storage::open(&base, &OpenOptions::default()).unwrap(),
         );
         disk.write_at(&[0x5a; 65536], 0).unwrap();
+        let tree = memory.map(|memory| {
+            Arc::new(
+                SnapshotTree::open(
+                    dir.path().join("snapshots.json"),
+                    vec![disk.clone()],
+                    Some(memory as Arc<dyn snapshot::vm_state::VmState>),
+                )
+                .unwrap(),
+            )
+        });
         let vm = Arc::new(FakeVm {
+            tree,
             state: Mutex::new(VmState::Running),
             disks: vec![AttachedDisk {
                 name: "vda".into(),
@@ -199,4 +260,89 @@ fn ctl_snapshot_blockpull_blockcommit_blockjob() {
     assert!(missing.contains("no disk named"), "{missing}");
     let usage = f.fails(&["blockcommit", "vda", "--active", "--pivot"]);
     assert!(usage.contains("--wait"), "{usage}");
+}
+
+#[test]
+fn ctl_snapshot_tree_verbs() {
+    let memory = Arc::new(FakeMemory {
+        memory: Mutex::new(b"memory one".to_vec()),
+    });
+    let f = Fixture::with_tree(memory.clone());
+    let disk = f.vm.disks[0].disk.clone();
+    let out = f.ok(&["snapshot-create-as", "one", "first snapshot"]);
+    assert!(out.contains("Domain snapshot one created"), "{out}");
+    disk.write_at(&[1; 4096], 0).unwrap();
+    *memory.memory.lock().unwrap() = b"memory two".to_vec();
+    let two: SnapshotInfo =
+        serde_json::from_str(&f.ok(&["snapshot-create-as", "two", "--internal", "--json"]))
+            .unwrap();
+    assert_eq!(two.parent.as_deref(), Some("one"));
+    assert_eq!(two.vm_state_size, 10);
+    f.ok(&["snapshot-create-as", "three", "--disk-only", "--atomic"]);
+    disk.write_at(&[3; 4096], 0).unwrap();
+
+    let list = f.ok(&["snapshot-list"]);
+    for needle in [
+        "one",
+        "two",
+        "three",
+        "external-with-memory",
+        "internal",
+        "running",
+    ] {
+        assert!(list.contains(needle), "{needle} in {list}");
+    }
+    let tree = f.ok(&["snapshot-list", "--tree"]);
+    assert!(
+        tree.starts_with("one\n  |\n  +- two\n      |\n      +- three"),
+        "{tree}"
+    );
+    let listed: Vec<SnapshotInfo> =
+        serde_json::from_str(&f.ok(&["snapshot-list", "--json"])).unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(f.ok(&["snapshot-current"]).trim(), "three");
+    let info = f.ok(&["snapshot-info", "two"]);
+    for needle in [
+        "Name:           two",
+        "Current:        no",
+        "Children:       1",
+        "Kind:           internal",
+    ] {
+        assert!(info.contains(needle), "{needle} in {info}");
+    }
+
+    let out = f.ok(&["snapshot-revert", "one"]);
+    assert!(out.contains("reverted to snapshot one"), "{out}");
+    assert_eq!(&*memory.memory.lock().unwrap(), b"memory one");
+    let mut back = [0u8; 4];
+    disk.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [0x5a; 4]);
+    f.ok(&["snapshot-revert", "two"]);
+    assert_eq!(&*memory.memory.lock().unwrap(), b"memory two");
+    disk.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [1; 4]);
+    assert_eq!(f.ok(&["snapshot-current"]).trim(), "two");
+
+    let missing = f.fails(&["snapshot-revert", "nope"]);
+    assert!(
+        missing.contains("404") && missing.contains("nope"),
+        "{missing}"
+    );
+    let exists = f.fails(&["snapshot-create-as", "one", "--disk-only"]);
+    assert!(exists.contains("409"), "{exists}");
+
+    let out = f.ok(&["snapshot-delete", "one"]);
+    assert!(out.contains("Domain snapshot one deleted"), "{out}");
+    let result: SnapshotDeleteResult =
+        serde_json::from_str(&f.ok(&["snapshot-delete", "two", "--children", "--json"])).unwrap();
+    assert_eq!(result.deleted, ["three", "two"]);
+    let empty: Vec<SnapshotInfo> =
+        serde_json::from_str(&f.ok(&["snapshot-list", "--json"])).unwrap();
+    assert!(empty.is_empty());
+    assert!(f
+        .fails(&["snapshot-current"])
+        .contains("no current snapshot"));
+    // What the disk shows never changed through the deletes.
+    disk.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, [1; 4]);
 }

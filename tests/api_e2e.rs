@@ -8,7 +8,7 @@
 mod vmm_util;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmm::api::types::{DiskInfo, Fault, VmInfo};
@@ -158,4 +158,69 @@ fn api_malformed_requests_get_4xx_and_the_vm_keeps_running() {
     vm.ctl_ok(&["pause"]);
     let (_dir, serial) = vm.shutdown();
     assert!(!serial.contains("io error"), "{serial}");
+}
+
+#[test]
+fn snapshot_tree_through_ctl_survives_a_restart() {
+    if !kvm_or_skip("snapshot_tree_through_ctl_survives_a_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    vmm_util::qcow2(&base, DISK_SIZE, None);
+    let vm = RunningVm::launch(dir, "builtin:counter", &base);
+    vm.ctl_ok(&["snapshot-create-as", "s1", "--disk-only"]);
+    vm.ctl_ok(&[
+        "snapshot-create-as",
+        "s2",
+        "second",
+        "--disk-only",
+        "--atomic",
+    ]);
+    vm.ctl_ok(&["snapshot-create-as", "s3", "--disk-only", "--internal"]);
+    // This VMM cannot save memory yet: the error says what works.
+    let output = vm.ctl(&["snapshot-create-as", "m1"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--disk-only"));
+    let tree = vm.ctl_ok(&["snapshot-list", "--tree"]);
+    assert!(
+        tree.contains("s1\n  |\n  +- s2\n      |\n      +- s3"),
+        "{tree}"
+    );
+    assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s3");
+
+    vm.ctl_ok(&["snapshot-revert", "s1"]);
+    assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s1");
+    let disks: Vec<DiskInfo> = serde_json::from_str(&vm.ctl_ok(&["domblklist", "--json"])).unwrap();
+    let top = PathBuf::from(&disks[0].source);
+    assert_eq!(top, vm.path("base.s1.revert.qcow2"));
+    let info = vm.ctl_ok(&["snapshot-info", "s2"]);
+    assert!(info.contains("Children:       1"), "{info}");
+    let out = vm.ctl_ok(&["snapshot-delete", "s2", "--children"]);
+    assert!(out.contains("deleted"), "{out}");
+    let list = vm.ctl_ok(&["snapshot-list"]);
+    assert!(list.contains("s1") && !list.contains("s2"), "{list}");
+    let (dir, serial) = vm.shutdown();
+    assert!(serial.contains("counter"), "{serial}");
+
+    // The metadata beside the disk brings the tree back with the VM.
+    assert!(dir.path().join("snapvmm-snapshots.json").exists());
+    let vm = RunningVm::launch(dir, "builtin:counter", &top);
+    assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s1");
+    let listed: Vec<vmm::api::types::SnapshotInfo> =
+        serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
+    assert_eq!(listed.len(), 1);
+    vm.ctl_ok(&["snapshot-delete", "s1"]);
+    let (dir, _) = vm.shutdown();
+    let mut images: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".qcow2"))
+        .collect();
+    images.sort();
+    // The revert's overlay and the disk's own image stay; every other image went.
+    assert_eq!(images, ["base.qcow2", "base.s1.revert.qcow2"]);
+    for image in images {
+        qemu_img_check(&dir.path().join(image));
+    }
 }

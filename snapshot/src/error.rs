@@ -31,6 +31,18 @@ pub enum Error {
         /// The disk.
         disk: String,
     },
+    /// No snapshot of the tree has this name.
+    #[error("no snapshot named {name:?}")]
+    NoSnapshot {
+        /// The name asked for.
+        name: String,
+    },
+    /// A snapshot of this name already exists in the tree.
+    #[error("a snapshot named {name:?} already exists")]
+    SnapshotExists {
+        /// The name asked for.
+        name: String,
+    },
     /// A caller passed something that cannot work.
     #[error("{0}")]
     InvalidArgument(String),

@@ -8,6 +8,7 @@
 //! - [`job`]: the job model those two run under (pause, resume, cancel, complete,
 //!   set-speed, progress, errors).
 //! - [`vm_state`]: the hook a VMM implements so snapshots can hold memory and vCPU state.
+//! - [`tree`]: the snapshot tree of a VM: create, revert, delete, list, persisted metadata.
 //! - [`offline`]: the same merges on images no VM is using (`img commit`, `img rebase`).
 //!
 //! The crate has no KVM dependency: every algorithm here runs, and is tested, with threads.
@@ -52,6 +53,7 @@ pub mod offline;
 mod pipeline;
 pub mod stream;
 pub mod throttle;
+pub mod tree;
 pub mod vm_state;
 
 pub use error::{Error, HookError, Result};

@@ -150,8 +150,8 @@ pub fn ctl_ok(socket: &Path, args: &[&str], context: impl FnOnce() -> String) ->
 /// How long a `RunningVm` waits for anything.
 const VM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A `snapvmm run --guest builtin:io-loop --api-socket` child on a fresh qcow2 disk
-/// (`base.qcow2` in its own directory); killed on drop if still running.
+/// A `snapvmm run --guest builtin:WORKLOAD --api-socket` child, by default `io-loop` on a
+/// fresh qcow2 disk (`base.qcow2` in its own directory); killed on drop if still running.
 pub struct RunningVm {
     dir: tempfile::TempDir,
     child: Child,
@@ -166,12 +166,18 @@ impl RunningVm {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         qcow2(&base, disk_size, None);
+        RunningVm::launch(dir, "builtin:io-loop", &base)
+    }
+
+    /// Runs `guest` (`builtin:WORKLOAD`) on the image `disk`, with the API socket and serial
+    /// log in `dir`, and waits until the socket accepts.
+    pub fn launch(dir: tempfile::TempDir, guest: &str, disk: &Path) -> RunningVm {
         let socket = dir.path().join("api.sock");
         let serial = dir.path().join("serial.log");
         let child = snapvmm()
             .arg("run")
-            .args(["--guest", "builtin:io-loop", "--disk"])
-            .arg(format!("path={}", base.display()))
+            .args(["--guest", guest, "--disk"])
+            .arg(format!("path={}", disk.display()))
             .arg("--serial")
             .arg(&serial)
             .arg("--api-socket")

@@ -11,6 +11,13 @@
 //! | GET | `/disks/{disk}/job` | [`types::JobInfo`] |
 //! | PUT | `/disks/{disk}/job/{pause,resume,cancel,complete}` | job verbs |
 //! | PUT | `/disks/{disk}/job/speed` | [`types::SpeedRequest`] |
+//! | GET | `/snapshots` | the snapshot tree, [`types::SnapshotInfo`] each (virsh `snapshot-list`) |
+//! | PUT | `/snapshots` | take a snapshot, [`types::TreeSnapshotCreate`] (`snapshot-create-as`) |
+//! | GET | `/snapshots/{name}` | one snapshot (`snapshot-info`) |
+//! | PUT | `/snapshots/{name}/revert` | revert to it (`snapshot-revert`) |
+//! | PUT | `/snapshots/{name}/delete` | delete it, [`types::SnapshotDeleteRequest`] (`snapshot-delete`) |
+//! | GET | `/current-snapshot` | the current snapshot (`snapshot-current`) |
+//! | GET | `/snapshot-jobs` | merge jobs a delete is running, [`types::JobInfo`] each |
 //!
 //! `docs/openapi.json` documents the same set; a test holds the two together. Errors are
 //! 4xx/5xx with a [`types::Fault`] body; no request can stop the VM except `/vm/shutdown`.
@@ -26,7 +33,9 @@ pub mod types;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use snapshot::tree::SnapshotTree;
 
 use crate::builder::AttachedDisk;
 use crate::exit::{ExitHandle, ExitReason};
@@ -88,9 +97,10 @@ impl ApiError {
 impl From<snapshot::Error> for ApiError {
     fn from(e: snapshot::Error) -> Self {
         match e {
-            snapshot::Error::Busy(_) | snapshot::Error::JobState { .. } => {
-                ApiError::Conflict(e.to_string())
-            }
+            snapshot::Error::Busy(_)
+            | snapshot::Error::JobState { .. }
+            | snapshot::Error::SnapshotExists { .. } => ApiError::Conflict(e.to_string()),
+            snapshot::Error::NoSnapshot { .. } => ApiError::NotFound(e.to_string()),
             snapshot::Error::Exists { .. }
             | snapshot::Error::NotInChain { .. }
             | snapshot::Error::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
@@ -111,6 +121,10 @@ pub trait VmControl: Send + Sync {
     fn shutdown(&self) -> Result<(), ApiError>;
     /// The VM's disks, in device order.
     fn disks(&self) -> Vec<AttachedDisk>;
+    /// The VM's snapshot tree, if it keeps one (the `/snapshots` routes answer 501 without).
+    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
+        None
+    }
 }
 
 /// [`VmControl`] over a running [`crate::Vmm`].
@@ -121,6 +135,7 @@ pub struct VmmControl {
     vcpus: u8,
     memory_mib: u64,
     disks: Vec<AttachedDisk>,
+    tree: OnceLock<Arc<SnapshotTree>>,
 }
 
 impl VmmControl {
@@ -132,7 +147,15 @@ impl VmmControl {
             vcpus,
             memory_mib,
             disks: vmm.disks().to_vec(),
+            tree: OnceLock::new(),
         })
+    }
+
+    /// Serves `tree` on the `/snapshots` routes; a second call is refused.
+    pub fn set_snapshot_tree(&self, tree: Arc<SnapshotTree>) -> Result<(), ApiError> {
+        self.tree
+            .set(tree)
+            .map_err(|_| ApiError::Conflict("the VM already has a snapshot tree".into()))
     }
 }
 
@@ -184,5 +207,9 @@ impl VmControl for VmmControl {
 
     fn disks(&self) -> Vec<AttachedDisk> {
         self.disks.clone()
+    }
+
+    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
+        self.tree.get().cloned()
     }
 }

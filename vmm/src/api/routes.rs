@@ -15,17 +15,20 @@ use serde::Serialize;
 use snapshot::commit::{commit, CommitOptions};
 use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
 use snapshot::stream::{stream, StreamOptions};
+use snapshot::tree::{DeleteOptions, SnapshotTree, TakeOptions};
 use snapshot::{Job, JobStatus};
 use storage::BlockDevice;
 
 use super::types::{
-    CommitRequest, DiskInfo, Fault, JobInfo, SnapshotCreate, SnapshotDiskResult, SnapshotResult,
-    SpeedRequest, StreamRequest,
+    CommitRequest, DiskInfo, Fault, JobInfo, SnapshotCreate, SnapshotDeleteRequest,
+    SnapshotDeleteResult, SnapshotDiskResult, SnapshotResult, SpeedRequest, StreamRequest,
+    TreeSnapshotCreate,
 };
 use super::{ApiError, VmControl};
 use crate::builder::AttachedDisk;
 
-/// Every route the server answers: (method, path template). `{disk}` matches one segment.
+/// Every route the server answers: (method, path template). `{disk}` and `{name}` match one
+/// segment (percent-decoded).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/vm"),
     ("PUT", "/vm/pause"),
@@ -42,6 +45,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/disks/{disk}/job/cancel"),
     ("PUT", "/disks/{disk}/job/complete"),
     ("PUT", "/disks/{disk}/job/speed"),
+    ("GET", "/snapshots"),
+    ("PUT", "/snapshots"),
+    ("GET", "/snapshots/{name}"),
+    ("PUT", "/snapshots/{name}/revert"),
+    ("PUT", "/snapshots/{name}/delete"),
+    ("GET", "/current-snapshot"),
+    ("GET", "/snapshot-jobs"),
 ];
 
 /// Longest accepted snapshot name.
@@ -101,13 +111,14 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Matches `path` against `template`; returns the `{disk}` segment if there is one.
+/// Matches `path` against `template`; returns the `{disk}` or `{name}` segment if there is
+/// one, still percent-encoded.
 fn match_template<'a>(template: &str, path: &'a str) -> Option<Option<&'a str>> {
     let mut disk = None;
     let mut path_segments = path.trim_start_matches('/').split('/');
     for expected in template.trim_start_matches('/').split('/') {
         let segment = path_segments.next()?;
-        if expected == "{disk}" {
+        if expected.starts_with('{') {
             if segment.is_empty() {
                 return None;
             }
@@ -120,6 +131,31 @@ fn match_template<'a>(template: &str, path: &'a str) -> Option<Option<&'a str>> 
         None => Some(disk),
         Some(_) => None,
     }
+}
+
+/// Decodes `%XX` escapes in a path segment.
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("bad percent escape in path segment {segment:?}"))
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::BadRequest(format!("path segment {segment:?} is not UTF-8")))
 }
 
 /// Parses an optional JSON body; an empty one is `T::default()`.
@@ -201,6 +237,9 @@ impl Router {
     /// Cancels every job still running and waits up to `timeout` for each to conclude,
     /// so that no job is cut off mid-copy when the VM goes away.
     pub fn cancel_jobs(&self, timeout: Duration) {
+        if let Some(tree) = self.vm.snapshot_tree() {
+            tree.cancel_jobs(timeout);
+        }
         let jobs: Vec<Job> = self.jobs.lock().values().cloned().collect();
         for job in jobs {
             if job.status() == JobStatus::Concluded {
@@ -227,7 +266,11 @@ impl Router {
                 continue;
             }
             tracing::debug!("API {method} {path}");
-            return match self.dispatch(method, template, disk.unwrap_or(""), body) {
+            let segment = match percent_decode(disk.unwrap_or("")) {
+                Ok(segment) => segment,
+                Err(error) => return Response::error(&error),
+            };
+            return match self.dispatch(method, template, &segment, body) {
                 Ok(response) => response,
                 Err(error) => {
                     tracing::info!("API {method} {path}: {} {error}", error.status());
@@ -311,10 +354,59 @@ impl Router {
                     Ok(())
                 })
             }
+            ("GET", "/snapshots") => Ok(Response::json(&self.tree()?.list())),
+            ("PUT", "/snapshots") => self.tree_create(parse_required(body)?),
+            ("GET", "/snapshots/{name}") => Ok(Response::json(&self.tree()?.get(disk)?)),
+            ("PUT", "/snapshots/{name}/revert") => {
+                no_body(body)?;
+                Ok(Response::json(&self.tree()?.revert(disk)?))
+            }
+            ("PUT", "/snapshots/{name}/delete") => {
+                let request: SnapshotDeleteRequest = parse_optional(body)?;
+                let deleted = self.tree()?.delete(
+                    disk,
+                    &DeleteOptions {
+                        children: request.children,
+                        metadata_only: request.metadata,
+                    },
+                )?;
+                Ok(Response::json(&SnapshotDeleteResult { deleted }))
+            }
+            ("GET", "/current-snapshot") => {
+                let current = self
+                    .tree()?
+                    .current()
+                    .ok_or_else(|| ApiError::NotFound("the VM has no current snapshot".into()))?;
+                Ok(Response::json(&current))
+            }
+            ("GET", "/snapshot-jobs") => {
+                let jobs: Vec<JobInfo> =
+                    self.tree()?.jobs().into_iter().map(JobInfo::from).collect();
+                Ok(Response::json(&jobs))
+            }
             _ => Err(ApiError::Internal(format!(
                 "route {method} {template} has no handler"
             ))),
         }
+    }
+
+    fn tree(&self) -> Result<Arc<SnapshotTree>, ApiError> {
+        self.vm
+            .snapshot_tree()
+            .ok_or_else(|| ApiError::NotImplemented("this VM keeps no snapshot tree".into()))
+    }
+
+    fn tree_create(&self, request: TreeSnapshotCreate) -> Result<Response, ApiError> {
+        validate_name(&request.name)?;
+        let info = self.tree()?.create(
+            &request.name,
+            &TakeOptions {
+                description: request.description,
+                disk_only: request.disk_only,
+                internal: request.internal,
+            },
+        )?;
+        Ok(Response::json(&info))
     }
 
     fn disk(&self, name: &str) -> Result<AttachedDisk, ApiError> {

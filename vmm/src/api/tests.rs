@@ -10,6 +10,8 @@ use parking_lot::Mutex;
 use storage::qcow2::{create, CreateOptions};
 use storage::{LiveDisk, OpenOptions};
 
+use snapshot::tree::SnapshotTree;
+
 use super::routes::ROUTES;
 use super::types::{DiskInfo, JobInfo, SnapshotResult};
 use super::*;
@@ -17,6 +19,7 @@ use super::*;
 struct FakeVm {
     state: Mutex<VmState>,
     disks: Vec<AttachedDisk>,
+    tree: Arc<SnapshotTree>,
 }
 
 impl VmControl for FakeVm {
@@ -52,6 +55,9 @@ impl VmControl for FakeVm {
     fn disks(&self) -> Vec<AttachedDisk> {
         self.disks.clone()
     }
+    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
+        Some(self.tree.clone())
+    }
 }
 
 struct Fixture {
@@ -86,9 +92,16 @@ fn fixture() -> Fixture {
             gsi: 5 + index as u32,
         });
     }
+    let tree = SnapshotTree::open(
+        dir.path().join("snapshots.json"),
+        disks.iter().map(|d| d.disk.clone()).collect(),
+        None,
+    )
+    .unwrap();
     let vm = Arc::new(FakeVm {
         state: Mutex::new(VmState::Running),
         disks,
+        tree: Arc::new(tree),
     });
     let socket = dir.path().join("api.sock");
     let server = ApiServer::start(&socket, vm.clone()).unwrap();
@@ -316,18 +329,24 @@ fn openapi_document_matches_the_server() {
 
     let f = fixture();
     for (method, path) in &documented {
-        let concrete = path.replace("{disk}", "vda");
+        let concrete = path.replace("{disk}", "vda").replace("{name}", "none");
         let response = f.client.raw(method, &concrete, b"").unwrap();
         assert!(
-            response.status != 404 || concrete.contains("/job"),
+            response.status != 404 || concrete.contains("/job") || concrete.contains("snapshot"),
             "{method} {path}: {} {}",
             response.status,
             response.body
         );
         assert_ne!(response.status, 405, "{method} {path}");
         if response.status == 404 {
-            // Only "this disk has no job" may be 404 on a documented path.
-            assert!(fault(&response).contains("no block job"), "{method} {path}");
+            // Only "this disk has no job" or "no such snapshot" may be 404 on a documented path.
+            let message = fault(&response);
+            assert!(
+                message.contains("no block job")
+                    || message.contains("no snapshot named")
+                    || message.contains("no current snapshot"),
+                "{method} {path}: {message}"
+            );
         }
         if response.status >= 400 {
             fault(&response);
@@ -378,4 +397,92 @@ fn stopping_the_server_cancels_running_jobs() {
         vda.top().backing().is_some(),
         "cancelled: the chain is unchanged"
     );
+}
+
+#[test]
+fn snapshot_tree_routes() {
+    use super::types::{SnapshotDeleteResult, SnapshotInfo};
+    let f = fixture();
+    let vda = f.vm.disks[0].disk.clone();
+    vda.write_at(b"first", 0).unwrap();
+    let info: SnapshotInfo = f
+        .client
+        .call_json(
+            "PUT",
+            "/snapshots",
+            Some(&serde_json::json!({"name": "one two", "description": "d", "disk_only": true})),
+        )
+        .unwrap();
+    assert_eq!(info.kind, snapshot::tree::SnapshotKind::ExternalDiskOnly);
+    assert_eq!(info.disks.len(), 2);
+    // Memory needs a VM that can save it; names are unique and checked.
+    for (body, status) in [
+        (serde_json::json!({"name": "m"}), 400),
+        (
+            serde_json::json!({"name": "one two", "disk_only": true}),
+            409,
+        ),
+        (serde_json::json!({"name": "a/b", "disk_only": true}), 400),
+        (
+            serde_json::json!({"name": "x", "disk_only": true, "colour": 1}),
+            400,
+        ),
+    ] {
+        let response = f
+            .client
+            .raw("PUT", "/snapshots", body.to_string().as_bytes())
+            .unwrap();
+        assert_eq!(response.status, status, "{body}: {}", response.body);
+        fault(&response);
+    }
+    vda.write_at(b"second", 0).unwrap();
+    let info: SnapshotInfo = f
+        .client
+        .call_json(
+            "PUT",
+            "/snapshots",
+            Some(&serde_json::json!({"name": "int", "disk_only": true, "internal": true})),
+        )
+        .unwrap();
+    assert_eq!(info.parent.as_deref(), Some("one two"));
+    let list: Vec<SnapshotInfo> = f.client.get("/snapshots").unwrap();
+    assert_eq!(list.len(), 2);
+    let current: SnapshotInfo = f.client.get("/current-snapshot").unwrap();
+    assert_eq!(current.name, "int");
+    let one: SnapshotInfo = f.client.get("/snapshots/one%20two").unwrap();
+    assert_eq!(one.description.as_deref(), Some("d"));
+    let reverted: SnapshotInfo = f
+        .client
+        .call_json("PUT", "/snapshots/one%20two/revert", None::<&()>)
+        .unwrap();
+    assert_eq!(reverted.name, "one two");
+    let mut back = [0u8; 5];
+    vda.read_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"first");
+    let missing = f.client.raw("PUT", "/snapshots/nope/revert", b"").unwrap();
+    assert_eq!(missing.status, 404);
+    let bad = f.client.raw("GET", "/snapshots/%zz", b"").unwrap();
+    assert_eq!(bad.status, 400);
+    let deleted: SnapshotDeleteResult = f
+        .client
+        .call_json(
+            "PUT",
+            "/snapshots/one%20two/delete",
+            Some(&serde_json::json!({"children": true})),
+        )
+        .unwrap();
+    assert_eq!(deleted.deleted, ["int", "one two"]);
+    let list: Vec<SnapshotInfo> = f.client.get("/snapshots").unwrap();
+    assert!(list.is_empty());
+    assert_eq!(
+        f.client
+            .raw("GET", "/current-snapshot", b"")
+            .unwrap()
+            .status,
+        404
+    );
+    let jobs: Vec<JobInfo> = f.client.get("/snapshot-jobs").unwrap();
+    assert!(jobs.is_empty());
+    vda.read_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"first");
 }

@@ -98,6 +98,48 @@ pub struct SnapshotResult {
     pub quiesced_us: u64,
 }
 
+pub use snapshot::tree::{DiskImage, SnapshotInfo};
+
+/// `PUT /snapshots`: a snapshot of every writable disk into the VM's snapshot tree (virsh
+/// `snapshot-create-as`). External with memory by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeSnapshotCreate {
+    /// The snapshot's name, unique in the tree.
+    pub name: String,
+    /// A free-form description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The disks only, no memory.
+    #[serde(default)]
+    pub disk_only: bool,
+    /// A qcow2 internal snapshot in each disk (with the VM state unless `disk_only`).
+    #[serde(default)]
+    pub internal: bool,
+    /// All disks or none (always so; accepted for virsh's `--atomic`).
+    #[serde(default)]
+    pub atomic: bool,
+}
+
+/// `PUT /snapshots/{name}/delete` (virsh `snapshot-delete`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDeleteRequest {
+    /// Delete its descendants too.
+    #[serde(default)]
+    pub children: bool,
+    /// Only forget it: leave images and checkpoints as they are.
+    #[serde(default)]
+    pub metadata: bool,
+}
+
+/// The answer to `PUT /snapshots/{name}/delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDeleteResult {
+    /// The snapshots deleted, children before parents.
+    pub deleted: Vec<String>,
+}
+
 /// `PUT /disks/{disk}/stream` (virsh `blockpull`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

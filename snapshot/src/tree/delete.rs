@@ -1,0 +1,106 @@
+//! Deleting snapshots: forgetting them, deleting internal ones from their images, and
+//! leaving external images to [compaction](super::compact).
+
+use super::internal::{open_alone, reopen_top};
+use super::*;
+
+impl SnapshotTree {
+    /// Deletes snapshot `name` (and its descendants with `children`). Unless
+    /// `metadata_only`, images are merged so every other snapshot keeps its contents, and
+    /// every image nothing uses any more is removed. Returns the names deleted.
+    pub fn delete(&self, name: &str, options: &DeleteOptions) -> Result<Vec<String>> {
+        let _op = self.op.lock();
+        self.get(name)?;
+        self.register_live_chains();
+        let targets = if options.children {
+            self.subtree(name)
+        } else {
+            vec![name.to_string()]
+        };
+        let mut deleted = Vec::new();
+        for target in targets {
+            self.delete_one(&target, options.metadata_only)?;
+            deleted.push(target);
+            self.save()?;
+        }
+        if !options.metadata_only {
+            self.compact()?;
+        }
+        Ok(deleted)
+    }
+
+    /// `name` and its descendants, children before parents.
+    fn subtree(&self, name: &str) -> Vec<String> {
+        let meta = self.meta.lock();
+        let mut out = Vec::new();
+        fn visit(meta: &TreeFile, name: &str, out: &mut Vec<String>) {
+            for child in meta
+                .snapshots
+                .iter()
+                .filter(|s| s.parent.as_deref() == Some(name))
+            {
+                visit(meta, &child.name, out);
+            }
+            out.push(name.to_string());
+        }
+        visit(&meta, name, &mut out);
+        out
+    }
+
+    fn delete_one(&self, name: &str, metadata_only: bool) -> Result<()> {
+        let snapshot = self.get(name)?;
+        if !metadata_only {
+            if snapshot.kind == SnapshotKind::Internal {
+                self.delete_internal(&snapshot)?;
+            }
+            if let Some(dir) = &snapshot.checkpoint {
+                if let Err(e) = std::fs::remove_dir_all(dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing a checkpoint failed");
+                }
+            }
+        }
+        let mut meta = self.meta.lock();
+        meta.snapshots.retain(|s| s.name != name);
+        for child in meta.snapshots.iter_mut() {
+            if child.parent.as_deref() == Some(name) {
+                child.parent = snapshot.parent.clone();
+            }
+        }
+        if meta.current.as_deref() == Some(name) {
+            meta.current = snapshot.parent.clone();
+        }
+        if metadata_only {
+            // Forgotten, not deleted: its images (and the internal snapshot in them) are the
+            // user's now, never merged or removed by the tree.
+            for d in &snapshot.disks {
+                if let Some(record) = meta.images.iter_mut().find(|r| r.path == d.image) {
+                    record.owned = false;
+                }
+            }
+        }
+        tracing::info!(snapshot = name, metadata_only, "snapshot deleted");
+        Ok(())
+    }
+
+    fn delete_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {
+        for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
+            if abs(disk.top().path()) == d.image {
+                let _claim = disk.claim("snapshot-delete")?;
+                let mut guard = disk.quiesce();
+                let mut image = reopen_top(&guard)?;
+                let deleted = image.delete_snapshot(&snapshot.name);
+                guard.replace_top(Arc::new(image))?;
+                deleted?;
+            } else if d.image.exists() {
+                // A backing file now: its table and refcounts change, never its active
+                // mappings, which the disk's read-only handle may hold in its caches.
+                let mut image = open_alone(&d.image, false)?;
+                if image.find_snapshot(&snapshot.name).is_some() {
+                    image.delete_snapshot(&snapshot.name)?;
+                }
+                image.close()?;
+            }
+        }
+        Ok(())
+    }
+}
