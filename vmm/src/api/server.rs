@@ -63,13 +63,29 @@ impl ApiServer {
                 path.display()
             )))?;
         }
-        let listener = std::os::unix::net::UnixListener::bind(path).map_err(Error::io(format!(
-            "binding the API socket {}",
-            path.display()
-        )))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            Error::io(format!("setting the mode of API socket {}", path.display())),
-        )?;
+        // Bound under a temporary name and renamed once its mode is 0600, so no client
+        // can ever connect while the socket is open to others.
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let temp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        let listener = std::os::unix::net::UnixListener::bind(&temp).map_err(Error::io(
+            format!("binding the API socket {}", temp.display()),
+        ))?;
+        let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+            .map_err(Error::io(format!(
+                "setting the mode of API socket {}",
+                temp.display()
+            )))
+            .and_then(|()| {
+                std::fs::rename(&temp, path).map_err(Error::io(format!(
+                    "moving the API socket into place at {}",
+                    path.display()
+                )))
+            });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
         listener
             .set_nonblocking(true)
             .map_err(Error::io("making the API socket non-blocking"))?;
