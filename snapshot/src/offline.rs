@@ -187,7 +187,7 @@ pub fn rebase(
 struct Differences {
     /// The chunk's first byte.
     start: u64,
-    /// (guest offset, length) of each cluster to write.
+    /// (guest offset, length) of each run of whole clusters to write.
     clusters: Vec<(u64, u64)>,
     /// The chunk as the old chain reads it, from the chunk's first byte.
     old: Vec<u8>,
@@ -253,34 +253,52 @@ impl Differences {
         }
         let old = &mut self.old[from as usize..to as usize];
         top.read_at(old, first)?;
-        let new = &mut self.new[from as usize..to as usize];
-        match new_backing {
-            Some(b) if first < b.size() => {
+        // Where the new chain reads as zeroes (no backing file at all, most often), the old
+        // data is checked for zeroes instead of compared with a zeroed buffer.
+        let new = match new_backing {
+            _ if new_zero => None,
+            Some(b) => {
+                let new = &mut self.new[from as usize..to as usize];
                 let n = (b.size() - first).min(to - from) as usize;
                 b.read_at(&mut new[..n], first)?;
                 new[n..].fill(0);
+                Some(&*new)
             }
-            _ => new.fill(0),
-        }
+            None => None,
+        };
         let mut cluster = first;
         while cluster < stop {
             let n = cs.min(stop - cluster);
             let i = (cluster - first) as usize;
-            if old[i..i + n as usize] != new[i..i + n as usize] {
-                self.clusters.push((cluster, n));
+            let old = &old[i..i + n as usize];
+            let differs = match new {
+                Some(new) => old != &new[i..i + n as usize],
+                None => old.iter().any(|&b| b != 0),
+            };
+            if differs {
+                // Neighbouring clusters join into one run: one write, one allocation.
+                match self.clusters.last_mut() {
+                    Some((at, len)) if *at + *len == cluster => *len += n,
+                    _ => self.clusters.push((cluster, n)),
+                }
             }
             cluster += n;
         }
         Ok(())
     }
 
-    /// Writes the differing clusters into `top`, skipping any it holds itself by now.
+    /// Writes the differing runs into `top`, skipping any part it holds itself by now.
     fn write_to(&self, top: &dyn BlockDevice) -> Result<()> {
-        for &(cluster, len) in &self.clusters {
-            // Never overwrite a cluster `top` holds itself.
-            if top.block_status(cluster, len)?.depth > 0 {
-                let from = (cluster - self.start) as usize;
-                top.write_at(&self.old[from..from + len as usize], cluster)?;
+        for &(run, run_len) in &self.clusters {
+            let mut at = run;
+            while at < run + run_len {
+                let status = top.block_status(at, run + run_len - at)?;
+                // Never overwrite what `top` holds itself.
+                if status.depth > 0 {
+                    let from = (at - self.start) as usize;
+                    top.write_at(&self.old[from..from + status.len as usize], at)?;
+                }
+                at += status.len;
             }
         }
         Ok(())
