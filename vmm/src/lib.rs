@@ -21,6 +21,7 @@
 pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod checkpoint;
 pub mod config;
 pub mod devices;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use builder::{run, AttachedDisk, Vmm};
+pub use checkpoint::{CheckpointOptions, CheckpointReport, Checkpointer};
 pub use error::{Error, Result};
 pub use exit::{ExitHandle, ExitReason};
 pub use snapshot;
