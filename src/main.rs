@@ -8,8 +8,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod checkpoint;
 mod ctl;
 mod img;
+mod restore;
 mod run;
 
 /// Command line of the `snapvmm` binary.
@@ -35,6 +37,10 @@ enum Command {
     Run(run::RunArgs),
     /// Drive a running VM through its API socket (virsh's verbs).
     Ctl(ctl::CtlArgs),
+    /// Start a VM from a checkpoint directory, where it was saved.
+    Restore(restore::RestoreArgs),
+    /// Work on checkpoint directories offline (merge a diff chain, show one).
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,8 @@ fn main() -> ExitCode {
         Command::Img(args) => img::main(args),
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
+        Command::Restore(args) => restore::main(args),
+        Command::Checkpoint(args) => checkpoint::main(args),
     };
     ExitCode::from(code)
 }

@@ -5,6 +5,8 @@
 //! | GET | `/vm` | [`types::VmInfo`] |
 //! | PUT | `/vm/pause`, `/vm/resume`, `/vm/shutdown` | the VM's life |
 //! | GET | `/disks`, `/disks/{disk}` | [`types::DiskInfo`] (virsh `domblklist`) |
+//! | PUT | `/vm/checkpoint` | memory + vCPU + device checkpoint, [`types::CheckpointRequest`] |
+//! | PUT | `/vm/checkpoint/revert` | back to a checkpoint in place, [`types::RevertRequest`] |
 //! | PUT | `/snapshot/disk` | external disk-only snapshot, [`types::SnapshotCreate`] |
 //! | PUT | `/disks/{disk}/stream` | blockpull, [`types::StreamRequest`] |
 //! | PUT | `/disks/{disk}/commit` | blockcommit, [`types::CommitRequest`] |
@@ -111,6 +113,24 @@ pub trait VmControl: Send + Sync {
     fn shutdown(&self) -> Result<(), ApiError>;
     /// The VM's disks, in device order.
     fn disks(&self) -> Vec<AttachedDisk>;
+    /// Saves a checkpoint (`/vm/checkpoint`).
+    fn checkpoint(
+        &self,
+        _request: &types::CheckpointRequest,
+    ) -> Result<crate::CheckpointReport, ApiError> {
+        Err(ApiError::NotImplemented(
+            "this VM cannot take checkpoints".into(),
+        ))
+    }
+    /// Returns the VM to a checkpoint in place (`/vm/checkpoint/revert`).
+    fn revert_checkpoint(
+        &self,
+        _request: &types::RevertRequest,
+    ) -> Result<types::RevertResult, ApiError> {
+        Err(ApiError::NotImplemented(
+            "this VM cannot load checkpoints".into(),
+        ))
+    }
 }
 
 /// [`VmControl`] over a running [`crate::Vmm`].
@@ -121,6 +141,15 @@ pub struct VmmControl {
     vcpus: u8,
     memory_mib: u64,
     disks: Vec<AttachedDisk>,
+    checkpointer: Arc<crate::Checkpointer>,
+}
+
+/// Maps a checkpoint failure onto HTTP: bad or mismatched files are the request's fault.
+fn checkpoint_error(e: crate::Error) -> ApiError {
+    match e {
+        crate::Error::Checkpoint(_) | crate::Error::Config(_) => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Internal(other.to_string()),
+    }
 }
 
 impl VmmControl {
@@ -132,6 +161,7 @@ impl VmmControl {
             vcpus,
             memory_mib,
             disks: vmm.disks().to_vec(),
+            checkpointer: vmm.checkpointer(),
         })
     }
 }
@@ -184,5 +214,47 @@ impl VmControl for VmmControl {
 
     fn disks(&self) -> Vec<AttachedDisk> {
         self.disks.clone()
+    }
+
+    fn checkpoint(
+        &self,
+        request: &types::CheckpointRequest,
+    ) -> Result<crate::CheckpointReport, ApiError> {
+        if self.exit.is_requested() {
+            return Err(ApiError::Conflict("the VM is shutting down".into()));
+        }
+        let options = crate::CheckpointOptions {
+            live: request.live,
+            incremental: request.incremental,
+        };
+        let report = self
+            .checkpointer
+            .checkpoint(&request.dir, options)
+            .map_err(checkpoint_error)?;
+        tracing::info!(
+            "checkpoint {} saved: {} pages, paused {} us",
+            report.dir.display(),
+            report.pages_written,
+            report.pause_us
+        );
+        Ok(report)
+    }
+
+    fn revert_checkpoint(
+        &self,
+        request: &types::RevertRequest,
+    ) -> Result<types::RevertResult, ApiError> {
+        if self.exit.is_requested() {
+            return Err(ApiError::Conflict("the VM is shutting down".into()));
+        }
+        let pause = self
+            .checkpointer
+            .revert(&request.dir)
+            .map_err(checkpoint_error)?;
+        tracing::info!("reverted to checkpoint {}", request.dir.display());
+        Ok(types::RevertResult {
+            dir: request.dir.clone(),
+            pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
+        })
     }
 }

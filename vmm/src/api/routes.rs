@@ -18,6 +18,7 @@ use snapshot::stream::{stream, StreamOptions};
 use snapshot::{Job, JobStatus};
 use storage::BlockDevice;
 
+use super::types::{CheckpointRequest, RevertRequest};
 use super::types::{
     CommitRequest, DiskInfo, Fault, JobInfo, SnapshotCreate, SnapshotDiskResult, SnapshotResult,
     SpeedRequest, StreamRequest,
@@ -31,6 +32,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/pause"),
     ("PUT", "/vm/resume"),
     ("PUT", "/vm/shutdown"),
+    ("PUT", "/vm/checkpoint"),
+    ("PUT", "/vm/checkpoint/revert"),
     ("GET", "/disks"),
     ("GET", "/disks/{disk}"),
     ("PUT", "/snapshot/disk"),
@@ -266,6 +269,16 @@ impl Router {
             ("PUT", "/vm/shutdown") => {
                 no_body(body)?;
                 self.vm.shutdown().map(|()| Response::no_content())
+            }
+            ("PUT", "/vm/checkpoint") => {
+                let request: CheckpointRequest = parse_required(body)?;
+                self.vm.checkpoint(&request).map(|r| Response::json(&r))
+            }
+            ("PUT", "/vm/checkpoint/revert") => {
+                let request: RevertRequest = parse_required(body)?;
+                self.vm
+                    .revert_checkpoint(&request)
+                    .map(|r| Response::json(&r))
             }
             ("GET", "/disks") => {
                 let disks: Vec<DiskInfo> =
