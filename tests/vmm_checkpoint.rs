@@ -166,3 +166,327 @@ fn counter_continues_in_a_new_vm_on_two_vcpus() {
     assert!(last >= saved + 2);
     restored.stop().unwrap();
 }
+
+/// Every byte of guest RAM (as the memory file lays it out).
+fn memory_bytes(vmm: &Vmm) -> Vec<u8> {
+    use vmm::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let memory = vmm.memory();
+    let mut bytes = Vec::new();
+    for region in memory.iter() {
+        let mut chunk = vec![0u8; region.len() as usize];
+        memory.read_slice(&mut chunk, region.start_addr()).unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    bytes
+}
+
+/// The guest memory a full checkpoint's memory file holds.
+fn file_bytes(dir: &Path) -> Vec<u8> {
+    let manifest = vmm::snapshot::checkpoint::state_file::read(&state_path(dir)).unwrap();
+    let total = manifest.memory.total_bytes();
+    let file = MemoryFile::open(&memory_path(dir), manifest.id, total).unwrap();
+    let mut bytes = vec![0u8; total as usize];
+    file.read_at(&mut bytes, 0).unwrap();
+    bytes
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.iter().zip(b).position(|(x, y)| x != y).map(|i| i as u64 / PAGE_SIZE)
+}
+
+#[test]
+fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
+    if !kvm_or_skip("diff_chains_restore_to_the_same_memory_as_a_full_checkpoint") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, full, merged) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+        dir.path().join("full"),
+        dir.path().join("merged"),
+    );
+    let (vmm, console) = start(&counter_config(1, 32));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+
+    // Without a base an incremental checkpoint is refused.
+    let err = checkpointer
+        .checkpoint(&a, CheckpointOptions { live: false, incremental: true })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a base"), "{err}");
+
+    checkpointer.checkpoint(&a, CheckpointOptions::default()).unwrap();
+    let incremental = CheckpointOptions {
+        live: false,
+        incremental: true,
+    };
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let report_b = checkpointer.checkpoint(&b, incremental).unwrap();
+    assert!(report_b.base.is_some());
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let saved_text = pause(&vmm, &console);
+    let report_c = checkpointer.checkpoint(&c, incremental).unwrap();
+    // A diff holds what changed: far less than the full checkpoint.
+    let report_full = checkpointer.checkpoint(&full, CheckpointOptions::default()).unwrap();
+    assert!(
+        report_c.pages_written < report_full.pages_written,
+        "diff {report_c:?} full {report_full:?}"
+    );
+    let expected = memory_bytes(&vmm);
+    assert!(first_difference(&expected, &file_bytes(&full)).is_none());
+
+    // Merged, the chain holds exactly what the full checkpoint holds.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"))
+        .args(["checkpoint", "merge"])
+        .arg(&c)
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(first_difference(&expected, &file_bytes(&merged)), None);
+
+    // Reverting the running VM to the chain gives the same memory, and it counts on.
+    vmm.pause_gate().resume();
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
+    vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let mark = console.len();
+    checkpointer.revert(&c).unwrap();
+    assert_eq!(first_difference(&expected, &memory_bytes(&vmm)), None);
+    vmm.pause_gate().resume();
+    console.wait(mark, "counters after the revert", |t| counters(t).len() >= 2);
+    assert_contiguous(&(saved_text.clone() + &console.since(mark)));
+    vmm.stop().unwrap();
+
+    // So does a new VM restored from the chain, paused before its first instruction.
+    let restored_console = Console::default();
+    let restored = Vmm::restore(&c, Box::new(restored_console.clone()), true).unwrap();
+    assert_eq!(first_difference(&expected, &memory_bytes(&restored)), None);
+    restored.pause_gate().resume();
+    restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 2);
+    assert_contiguous(&(saved_text + &restored_console.text()));
+    restored.stop().unwrap();
+}
+
+#[test]
+fn live_checkpoints_and_streams_restore_the_counter() {
+    if !kvm_or_skip("live_checkpoints_and_streams_restore_the_counter") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (live, live_diff) = (dir.path().join("live"), dir.path().join("live-diff"));
+    let (vmm, console) = start(&counter_config(1, 64));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let report = checkpointer
+        .checkpoint(&live, CheckpointOptions { live: true, incremental: false })
+        .unwrap();
+    assert!(report.live_rounds >= 1, "{report:?}");
+    assert!(!vmm.pause_gate().is_paused(), "a live checkpoint leaves the VM running");
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let report = checkpointer
+        .checkpoint(&live_diff, CheckpointOptions { live: true, incremental: true })
+        .unwrap();
+    assert!(report.base.is_some(), "{report:?}");
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
+
+    // Reverting to the live diff: the counter goes back and continues from there.
+    let before = last_counter(&console.text());
+    vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let mark = console.len();
+    checkpointer.revert(&live_diff).unwrap();
+    vmm.pause_gate().resume();
+    console.wait(mark, "counters after the revert", |t| counters(t).len() >= 2);
+    let after = counters(&console.since(mark));
+    assert!(after[0] <= before, "did not go back: {before} then {after:?}");
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+
+    // A stream (what an internal qcow2 snapshot stores) round-trips through the trait.
+    let state: Arc<dyn VmState> = checkpointer.clone();
+    assert!(state.pause_vcpus().unwrap());
+    let saved_text = console.text();
+    let mut stream = Vec::new();
+    let len = state.save_stream(&mut stream).unwrap();
+    assert_eq!(len, stream.len() as u64);
+    state.resume_vcpus().unwrap();
+    console.wait(0, "more counters", |t| last_counter(t) >= last_counter(&saved_text) + 3);
+    assert!(!state.pause_vcpus().is_err());
+    // A damaged stream is refused and leaves the VM as it was.
+    let mut damaged = stream.clone();
+    let last = damaged.len() - 10;
+    damaged[last] ^= 1;
+    let err = state.load_stream(&mut &damaged[..]).unwrap_err().to_string();
+    assert!(err.contains("CRC mismatch"), "{err}");
+    let mark = console.len();
+    state.load_stream(&mut &stream[..]).unwrap();
+    state.resume_vcpus().unwrap();
+    console.wait(mark, "counters after the stream load", |t| counters(t).len() >= 2);
+    let after = counters(&console.since(mark));
+    assert_eq!(after[0], last_counter(&saved_text) + 1, "{after:?}");
+    vmm.stop().unwrap();
+}
+
+#[test]
+fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
+    if !kvm_or_skip("io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk_path = dir.path().join("disk.raw");
+    std::fs::write(&disk_path, vec![0u8; 256 * 1024]).unwrap();
+    let mut config = VmConfig::new(BootSource::MicroGuest {
+        workload: Workload::IoLoop,
+        seed: 5,
+    });
+    config.memory_mib = 32;
+    config.disks.push(DiskConfig::new(&disk_path));
+    let (vmm, console) = start(&config);
+    console.wait(0, "io-loop start", |t| t.contains("io-loop start"));
+    let disk = vmm.disks()[0].disk.clone();
+    let checkpointer = vmm.checkpointer();
+    for cycle in 0..20 {
+        let checkpoint = dir.path().join(format!("c{cycle}"));
+        // The disk is copied at the checkpoint's instant: queues drained, guest stopped.
+        let mut image = vec![0u8; disk.size() as usize];
+        checkpointer
+            .checkpoint_with(&checkpoint, CheckpointOptions::default(), &mut || {
+                disk.read_at(&mut image, 0).map_err(|source| vmm::Error::Disk {
+                    name: "vda".into(),
+                    path: disk_path.clone(),
+                    source,
+                })
+            })
+            .unwrap();
+        let mut after = vec![0u8; disk.size() as usize];
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            disk.read_at(&mut after, 0).unwrap();
+            let changed = after
+                .chunks(16 * 1024)
+                .zip(image.chunks(16 * 1024))
+                .filter(|(a, b)| a != b)
+                .count();
+            if changed >= 3 {
+                // The guest rewrote several chunks since the checkpoint (and likely read
+                // some back): a revert that forgot the disk would make it see data from
+                // its future.
+                break;
+            }
+            assert!(Instant::now() < deadline, "cycle {cycle}: the guest stopped writing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Back to the checkpoint, disk first (queues drained), then memory and state.
+        checkpointer
+            .revert_with(&checkpoint, &mut || {
+                disk.write_at(&image, 0).map_err(|source| vmm::Error::Disk {
+                    name: "vda".into(),
+                    path: disk_path.clone(),
+                    source,
+                })
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // This host's KVM runs the loop at tens of operations a second: let it read back what
+    // it wrote across the last revert, then check it never saw a wrong byte or a failure.
+    let mut before = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut before, 0).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut now = before.clone();
+    while now == before {
+        assert!(Instant::now() < deadline, "the guest stopped writing after the cycles");
+        std::thread::sleep(Duration::from_millis(100));
+        disk.read_at(&mut now, 0).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let text = console.text();
+    assert!(!text.contains("io error"), "{text}");
+    vmm.stop().unwrap();
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_with_a_clear_error() {
+    if !kvm_or_skip("damaged_checkpoints_are_refused_with_a_clear_error") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "a counter", |t| last_counter(t) >= 1);
+    vmm.checkpointer()
+        .checkpoint(&good, CheckpointOptions::default())
+        .unwrap();
+    let copy = |name: &str| {
+        let target = dir.path().join(name);
+        std::fs::create_dir_all(&target).unwrap();
+        for file in ["state", "memory"] {
+            std::fs::copy(good.join(file), target.join(file)).unwrap();
+        }
+        target
+    };
+    let restore_error = |checkpoint: &Path| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"))
+            .arg("restore")
+            .arg(checkpoint)
+            .args(["--serial", "null"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "restored a damaged checkpoint");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    state[100] ^= 0x20;
+    std::fs::write(flipped.join("state"), &state).unwrap();
+    let err = restore_error(&flipped);
+    assert!(err.contains("state file") && err.contains("CRC mismatch"), "{err}");
+
+    let newer = copy("newer");
+    let mut state = std::fs::read(newer.join("state")).unwrap();
+    state[8] = 9; // major version 9
+    std::fs::write(newer.join("state"), &state).unwrap();
+    let err = restore_error(&newer);
+    assert!(err.contains("format version 9.0; this snapvmm reads 1.x"), "{err}");
+
+    let truncated = copy("truncated");
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("memory"))
+        .unwrap();
+    memory.set_len(4096 + 16 * 1024 * 1024).unwrap();
+    let err = restore_error(&truncated);
+    assert!(err.contains("memory file") && err.contains("truncated"), "{err}");
+
+    let foreign = copy("foreign");
+    let other = dir.path().join("other");
+    vmm.checkpointer()
+        .checkpoint(&other, CheckpointOptions::default())
+        .unwrap();
+    std::fs::copy(other.join("memory"), foreign.join("memory")).unwrap();
+    let err = restore_error(&foreign);
+    assert!(err.contains("belongs to checkpoint"), "{err}");
+
+    let garbage = copy("garbage");
+    std::fs::write(garbage.join("state"), b"not a state file at all, no").unwrap();
+    let err = restore_error(&garbage);
+    assert!(err.contains("not a snapvmm checkpoint state file"), "{err}");
+
+    // In place too, and the VM keeps running as it was.
+    let err = vmm.checkpointer().revert(&flipped).unwrap_err().to_string();
+    assert!(err.contains("CRC mismatch"), "{err}");
+    let mut bigger = counter_config(1, 64);
+    bigger.serial = vmm::config::SerialOutput::Null;
+    let other_vm = Vmm::start_with_serial(&bigger, Box::new(std::io::sink())).unwrap();
+    let err = other_vm.checkpointer().revert(&good).unwrap_err().to_string();
+    assert!(err.contains("does not fit this VM") && err.contains("MiB"), "{err}");
+    other_vm.stop().unwrap();
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    vmm.stop().unwrap();
+}

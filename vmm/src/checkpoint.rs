@@ -166,14 +166,26 @@ impl Checkpointer {
     /// Takes a checkpoint into `dir` (created if absent), pausing the VM as needed; a VM
     /// that was running runs again afterwards.
     pub fn checkpoint(&self, dir: &Path, options: CheckpointOptions) -> Result<CheckpointReport> {
+        self.checkpoint_with(dir, options, &mut || Ok(()))
+    }
+
+    /// As [`Checkpointer::checkpoint`], running `at_stop` at the checkpoint's instant: vCPUs
+    /// paused, every queue drained, disks flushed (for a live checkpoint, in its final stop).
+    /// Use it to capture the disks at the same instant (copy them, snapshot them).
+    pub fn checkpoint_with(
+        &self,
+        dir: &Path,
+        options: CheckpointOptions,
+        at_stop: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<CheckpointReport> {
         let _busy = self.busy.lock();
         let started = Instant::now();
         std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         if options.live && !self.machine.gate.is_paused() {
-            return self.save_live(dir, options.incremental, started);
+            return self.save_live(dir, options.incremental, started, at_stop);
         }
         let was_running = self.pause()?;
-        let result = self.save_paused(dir, options.incremental);
+        let result = self.save_paused(dir, options.incremental, at_stop);
         if was_running {
             self.machine.gate.resume();
         }
@@ -186,12 +198,23 @@ impl Checkpointer {
     /// a VM that was running runs again afterwards. Returns how long the vCPUs were stopped.
     /// The disks are not touched: point them at matching images first.
     pub fn revert(&self, dir: &Path) -> Result<Duration> {
+        self.revert_with(dir, &mut || Ok(()))
+    }
+
+    /// As [`Checkpointer::revert`], running `before_load` once the checkpoint is checked, the
+    /// vCPUs paused and every queue drained, before anything is loaded: the moment to put
+    /// the disks back to what they held at the checkpoint.
+    pub fn revert_with(
+        &self,
+        dir: &Path,
+        before_load: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Duration> {
         let _busy = self.busy.lock();
         let started = Instant::now();
         let loaded = LoadedCheckpoint::open(dir)?;
         self.check_fits(&loaded)?;
         let was_running = self.pause()?;
-        let result = self.load_paused(&loaded);
+        let result = self.load_paused(&loaded, before_load);
         if was_running {
             self.machine.gate.resume();
         }
@@ -315,7 +338,12 @@ impl Checkpointer {
     }
 
     /// Saves the paused VM; returns the manifest (not yet written), pages written, zero pages.
-    fn save_paused(&self, dir: &Path, incremental: bool) -> Result<(Manifest, u64, u64)> {
+    fn save_paused(
+        &self,
+        dir: &Path,
+        incremental: bool,
+        at_stop: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<(Manifest, u64, u64)> {
         self.require_paused()?;
         let mut tracking = self.tracking.lock();
         let base = if incremental {
@@ -329,6 +357,7 @@ impl Checkpointer {
         let file = MemoryFile::create(&temporary_memory_path(dir), id, layout.total_bytes())?;
         let (machine, pages, stats) = self.with_devices_quiesced(|| {
             self.flush_disks()?;
+            at_stop()?;
             let machine = self.capture()?;
             let (pages, stats) = if base.is_some() {
                 let dirty = memory_persist::collect_dirty(&self.machine.vm, memory)?;
@@ -357,7 +386,13 @@ impl Checkpointer {
     }
 
     /// The live path: rounds while the guest runs, then a short pause.
-    fn save_live(&self, dir: &Path, incremental: bool, started: Instant) -> Result<CheckpointReport> {
+    fn save_live(
+        &self,
+        dir: &Path,
+        incremental: bool,
+        started: Instant,
+        at_stop: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<CheckpointReport> {
         let mut tracking = self.tracking.lock();
         let base = if incremental {
             Some(self.incremental_base(&tracking)?)
@@ -399,6 +434,7 @@ impl Checkpointer {
         let result = self.with_devices_quiesced(|| {
             pending.union(&memory_persist::collect_dirty(vm, memory)?);
             let stats = memory_persist::write_pages(memory, &file, &pending, false)?;
+            at_stop()?;
             let machine = self.capture()?;
             Ok((stats, machine))
         });
@@ -506,10 +542,15 @@ impl Checkpointer {
     }
 
     /// Loads a checked checkpoint into the paused VM.
-    fn load_paused(&self, loaded: &LoadedCheckpoint) -> Result<()> {
+    fn load_paused(
+        &self,
+        loaded: &LoadedCheckpoint,
+        before_load: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         self.require_paused()?;
         let machine = &self.machine;
         self.with_devices_quiesced(|| {
+            before_load()?;
             loaded.load_memory(&machine.memory)?;
             loaded.restore_state(
                 &machine.vm,
