@@ -490,3 +490,97 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
     console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
     vmm.stop().unwrap();
 }
+
+fn snapvmm(args: &[&std::ffi::OsStr]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"));
+    command.args(args);
+    command
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> String {
+    let output = snapvmm(&[])
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn wait_for_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) {
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("snapvmm did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn counter_continues_after_restore_in_a_new_process() {
+    if !kvm_or_skip("counter_continues_after_restore_in_a_new_process") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, console) = (dir.path().join("vm.sock"), dir.path().join("console"));
+    let checkpoint = dir.path().join("ckpt");
+    let mut child = snapvmm(&[])
+        .args(["run", "--guest", "builtin:counter", "--memory", "32"])
+        .arg("--serial")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    wait_for_file(&console, "3 counters", |t| last_counter(t) >= 3);
+    ctl(&socket, &["pause"]);
+    let saved_text = std::fs::read_to_string(&console).unwrap();
+    let saved = assert_contiguous(&saved_text);
+    let out = ctl(&socket, &["checkpoint-save", checkpoint.to_str().unwrap()]);
+    assert!(out.contains("saved (full"), "{out}");
+    ctl(&socket, &["shutdown"]);
+    wait_exit(&mut child);
+
+    let info = snapvmm(&[])
+        .args(["checkpoint", "info"])
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains(" full id "), "{info:?}");
+
+    let (socket2, console2) = (dir.path().join("vm2.sock"), dir.path().join("console2"));
+    let mut restored = snapvmm(&[])
+        .arg("restore")
+        .arg(&checkpoint)
+        .arg("--serial")
+        .arg(&console2)
+        .arg("--api-socket")
+        .arg(&socket2)
+        .spawn()
+        .unwrap();
+    let text = wait_for_file(&console2, "counters after restore", |t| counters(t).len() >= 3);
+    ctl(&socket2, &["shutdown"]);
+    wait_exit(&mut restored);
+    let last = assert_contiguous(&(saved_text + &text));
+    assert!(last >= saved + 2);
+}
