@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{Checkpointer, Tracking};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
@@ -116,9 +116,13 @@ fn assemble(
     memory: &GuestMemoryMmap,
     serial: Box<dyn Write + Send>,
     exit: &ExitHandle,
+    log_dirty: bool,
 ) -> Result<Assembled> {
     let disks = open_disks(config)?;
     let vm = Vm::new(memory)?;
+    if log_dirty {
+        vm.set_dirty_logging(memory, true)?;
+    }
 
     let mut buses = IoBuses::default();
     let trigger = IrqTrigger::new()?;
@@ -252,7 +256,7 @@ impl Vmm {
         }
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
-        let assembled = assemble(config, &memory, serial, &exit)?;
+        let assembled = assemble(config, &memory, serial, &exit, false)?;
         let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
@@ -323,7 +327,15 @@ impl Vmm {
                 start,
             )?);
         }
-        Self::launch(config.clone(), memory, assembled, vcpus, exit, false)
+        Self::launch(
+            config.clone(),
+            memory,
+            assembled,
+            vcpus,
+            exit,
+            false,
+            Tracking::default(),
+        )
     }
 
     /// Builds a VM from the checkpoint in `dir` (a full one or the top of a diff chain) and
@@ -338,7 +350,9 @@ impl Vmm {
         memory::persist::check_layout(&memory, &loaded.layout())
             .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
         let exit = ExitHandle::new()?;
-        let assembled = assemble(&config, &memory, serial, &exit)?;
+        // Dirty logging from the start, so the next incremental checkpoint sees every page
+        // the guest writes after the restore (turning it on later costs a write-protect pass).
+        let assembled = assemble(&config, &memory, serial, &exit, true)?;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
@@ -352,12 +366,12 @@ impl Vmm {
             &assembled.serial,
             &assembled.attached,
         )?;
-        let vmm = Self::launch(config, memory, assembled, vcpus, exit, paused)?;
-        vmm.checkpointer.adopt(&loaded)?;
-        for device in &vmm.machine.devices {
+        let tracking = loaded.tracking()?;
+        // The devices restart before the vCPUs run; a failure stops the vCPUs again.
+        for device in &assembled.devices {
             device.lock().resume()?;
         }
-        Ok(vmm)
+        Self::launch(config, memory, assembled, vcpus, exit, paused, tracking)
     }
 
     /// Starts the vCPU threads of an assembled VM.
@@ -368,6 +382,7 @@ impl Vmm {
         vcpus: Vec<Vcpu>,
         exit: ExitHandle,
         paused: bool,
+        tracking: Tracking,
     ) -> Result<Self> {
         let Assembled {
             vm,
@@ -419,7 +434,7 @@ impl Vmm {
             exit,
             stop,
             vcpus: threads,
-            checkpointer: Arc::new(Checkpointer::new(machine.clone())),
+            checkpointer: Arc::new(Checkpointer::new(machine.clone(), tracking)),
             machine,
         })
     }

@@ -118,12 +118,32 @@ pub struct CheckpointReport {
 /// is mapped from, and which of its pages hold data.
 #[derive(Debug)]
 struct Backing {
-    _file: Arc<MemoryFile>,
-    data_pages: PageSet,
+    file: Arc<MemoryFile>,
+    /// Found on first need (a restore must not wait for it).
+    data_pages: std::sync::OnceLock<PageSet>,
 }
 
+impl Backing {
+    fn new(file: Arc<MemoryFile>) -> Self {
+        Backing {
+            file,
+            data_pages: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn data_pages(&self) -> Result<&PageSet> {
+        if let Some(pages) = self.data_pages.get() {
+            return Ok(pages);
+        }
+        let pages = self.file.data_pages(0, self.file.data_len())?;
+        Ok(self.data_pages.get_or_init(|| pages))
+    }
+}
+
+/// What a VM's checkpointer knows about its memory: whether KVM logs dirty pages, the base
+/// of the next diff, and the memory file RAM is mapped from.
 #[derive(Debug, Default)]
-struct Tracking {
+pub(crate) struct Tracking {
     dirty_logging: bool,
     base: Option<BaseRef>,
     backing: Option<Backing>,
@@ -155,10 +175,10 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
 }
 
 impl Checkpointer {
-    pub(crate) fn new(machine: Arc<Machine>) -> Self {
+    pub(crate) fn new(machine: Arc<Machine>, tracking: Tracking) -> Self {
         Checkpointer {
             machine,
-            tracking: Mutex::new(Tracking::default()),
+            tracking: Mutex::new(tracking),
             busy: Mutex::new(()),
         }
     }
@@ -321,7 +341,7 @@ impl Checkpointer {
     fn touched_pages(&self, tracking: &Tracking) -> Result<PageSet> {
         let mut pages = memory_persist::resident_pages(&self.machine.memory)?;
         if let Some(backing) = &tracking.backing {
-            pages.union(&backing.data_pages);
+            pages.union(backing.data_pages()?);
         }
         Ok(pages)
     }
@@ -564,7 +584,7 @@ impl Checkpointer {
     }
 
     /// Makes `loaded` (just loaded into RAM) the base of the next incremental checkpoint.
-    pub(crate) fn adopt(&self, loaded: &LoadedCheckpoint) -> Result<()> {
+    fn adopt(&self, loaded: &LoadedCheckpoint) -> Result<()> {
         let mut tracking = self.tracking.lock();
         self.enable_dirty_logging(&mut tracking)?;
         memory_persist::collect_dirty(&self.machine.vm, &self.machine.memory)?;
@@ -572,12 +592,7 @@ impl Checkpointer {
             dir: absolute(&loaded.dir)?,
             id: loaded.top().manifest.id,
         });
-        let full = loaded.full_file();
-        let data_pages = full.data_pages(0, full.data_len())?;
-        tracking.backing = Some(Backing {
-            _file: full,
-            data_pages,
-        });
+        tracking.backing = Some(Backing::new(loaded.full_file()));
         Ok(())
     }
 
@@ -785,6 +800,19 @@ impl LoadedCheckpoint {
 
     fn full_file(&self) -> Arc<MemoryFile> {
         self.files[0].clone()
+    }
+
+    /// The tracking of a VM built by [`crate::Vmm::restore`] from this checkpoint, with
+    /// dirty logging on from its creation.
+    pub(crate) fn tracking(&self) -> Result<Tracking> {
+        Ok(Tracking {
+            dirty_logging: true,
+            base: Some(BaseRef {
+                dir: absolute(&self.dir)?,
+                id: self.top().manifest.id,
+            }),
+            backing: Some(Backing::new(self.full_file())),
+        })
     }
 
     /// The memory layout saved.
