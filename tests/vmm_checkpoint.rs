@@ -269,6 +269,25 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
     restored.pause_gate().resume();
     restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 2);
     assert_contiguous(&(saved_text + &restored_console.text()));
+
+    // An incremental checkpoint of the restored VM (its base: the chain it came from)
+    // holds what a full one holds.
+    let (d, full2, merged2) = (
+        dir.path().join("d"),
+        dir.path().join("full2"),
+        dir.path().join("merged2"),
+    );
+    restored.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let report_d = restored.checkpointer().checkpoint(&d, incremental).unwrap();
+    assert!(report_d.base.is_some(), "{report_d:?}");
+    restored
+        .checkpointer()
+        .checkpoint(&full2, CheckpointOptions::default())
+        .unwrap();
+    let expected = memory_bytes(&restored);
+    assert_eq!(first_difference(&expected, &file_bytes(&full2)), None);
+    vmm::snapshot::checkpoint::merge::merge_chain(&d, &merged2).unwrap();
+    assert_eq!(first_difference(&expected, &file_bytes(&merged2)), None);
     restored.stop().unwrap();
 }
 

@@ -116,13 +116,9 @@ fn assemble(
     memory: &GuestMemoryMmap,
     serial: Box<dyn Write + Send>,
     exit: &ExitHandle,
-    log_dirty: bool,
 ) -> Result<Assembled> {
     let disks = open_disks(config)?;
     let vm = Vm::new(memory)?;
-    if log_dirty {
-        vm.set_dirty_logging(memory, true)?;
-    }
 
     let mut buses = IoBuses::default();
     let trigger = IrqTrigger::new()?;
@@ -256,7 +252,7 @@ impl Vmm {
         }
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
-        let assembled = assemble(config, &memory, serial, &exit, false)?;
+        let assembled = assemble(config, &memory, serial, &exit)?;
         let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
@@ -350,9 +346,9 @@ impl Vmm {
         memory::persist::check_layout(&memory, &loaded.layout())
             .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
         let exit = ExitHandle::new()?;
-        // Dirty logging from the start, so the next incremental checkpoint sees every page
-        // the guest writes after the restore (turning it on later costs a write-protect pass).
-        let assembled = assemble(&config, &memory, serial, &exit, true)?;
+        // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
+        // the restore in the pagemap (see `memory::persist::written_since_mapped`).
+        let assembled = assemble(&config, &memory, serial, &exit)?;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);

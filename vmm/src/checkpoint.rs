@@ -145,6 +145,9 @@ impl Backing {
 #[derive(Debug, Default)]
 pub(crate) struct Tracking {
     dirty_logging: bool,
+    /// RAM was mapped from the base's memory file and dirty logging is not on yet: what
+    /// changed since the base is what the pagemap shows as written since the mapping.
+    changes_in_pagemap: bool,
     base: Option<BaseRef>,
     backing: Option<Backing>,
 }
@@ -337,6 +340,21 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Pages changed since the base (and resets the window): KVM's dirty log and the VMM's
+    /// bitmap; right after a restore, before dirty logging was on, also every page written
+    /// since RAM was mapped from the base (read after logging starts, so nothing falls
+    /// between the two).
+    fn changes_since_base(&self, tracking: &mut Tracking) -> Result<PageSet> {
+        let memory = &self.machine.memory;
+        self.enable_dirty_logging(tracking)?;
+        let mut pages = memory_persist::collect_dirty(&self.machine.vm, memory)?;
+        if tracking.changes_in_pagemap {
+            pages.union(&memory_persist::written_since_mapped(memory)?);
+            tracking.changes_in_pagemap = false;
+        }
+        Ok(pages)
+    }
+
     /// Pages a full save must look at: those faulted in, and those of a backing memory file.
     fn touched_pages(&self, tracking: &Tracking) -> Result<PageSet> {
         let mut pages = memory_persist::resident_pages(&self.machine.memory)?;
@@ -347,7 +365,7 @@ impl Checkpointer {
     }
 
     fn incremental_base(&self, tracking: &Tracking) -> Result<BaseRef> {
-        match (&tracking.base, tracking.dirty_logging) {
+        match (&tracking.base, tracking.dirty_logging || tracking.changes_in_pagemap) {
             (Some(base), true) => Ok(base.clone()),
             _ => Err(Error::Config(
                 "an incremental checkpoint needs a base: take a full checkpoint (or restore \
@@ -380,16 +398,14 @@ impl Checkpointer {
             at_stop()?;
             let machine = self.capture()?;
             let (pages, stats) = if base.is_some() {
-                let dirty = memory_persist::collect_dirty(&self.machine.vm, memory)?;
+                let dirty = self.changes_since_base(&mut tracking)?;
                 let stats = memory_persist::write_pages(memory, &file, &dirty, false)?;
                 (Some(dirty), stats)
             } else {
-                let was_logging = tracking.dirty_logging;
+                // Start the next diff's window here.
                 self.enable_dirty_logging(&mut tracking)?;
-                if was_logging {
-                    // Start the next diff's window here.
-                    memory_persist::collect_dirty(&self.machine.vm, memory)?;
-                }
+                memory_persist::collect_dirty(&self.machine.vm, memory)?;
+                tracking.changes_in_pagemap = false;
                 let touched = self.touched_pages(&tracking)?;
                 let stats = memory_persist::write_pages(memory, &file, &touched, true)?;
                 (None, stats)
@@ -427,7 +443,7 @@ impl Checkpointer {
         self.enable_dirty_logging(&mut tracking)?;
 
         // Round 0: everything a full checkpoint holds, or what changed since the base.
-        let changed_since_base = memory_persist::collect_dirty(vm, memory)?;
+        let changed_since_base = self.changes_since_base(&mut tracking)?;
         let mut all_pages = changed_since_base.clone();
         let mut written = 0;
         let mut zero_pages = 0;
@@ -588,6 +604,7 @@ impl Checkpointer {
         let mut tracking = self.tracking.lock();
         self.enable_dirty_logging(&mut tracking)?;
         memory_persist::collect_dirty(&self.machine.vm, &self.machine.memory)?;
+        tracking.changes_in_pagemap = false;
         tracking.base = Some(BaseRef {
             dir: absolute(&loaded.dir)?,
             id: loaded.top().manifest.id,
@@ -700,6 +717,7 @@ impl Checkpointer {
         let mut tracking = self.tracking.lock();
         tracking.backing = None;
         tracking.base = None;
+        tracking.changes_in_pagemap = false;
         Ok(())
     }
 }
@@ -802,11 +820,12 @@ impl LoadedCheckpoint {
         self.files[0].clone()
     }
 
-    /// The tracking of a VM built by [`crate::Vmm::restore`] from this checkpoint, with
-    /// dirty logging on from its creation.
+    /// The tracking of a VM built by [`crate::Vmm::restore`] from this checkpoint: no dirty
+    /// log yet (turning it on would double the restore time), changes found in the pagemap.
     pub(crate) fn tracking(&self) -> Result<Tracking> {
         Ok(Tracking {
-            dirty_logging: true,
+            dirty_logging: false,
+            changes_in_pagemap: true,
             base: Some(BaseRef {
                 dir: absolute(&self.dir)?,
                 id: self.top().manifest.id,

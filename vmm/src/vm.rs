@@ -53,9 +53,15 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Creates the VM and maps `memory` into it, one slot per region.
     pub fn new(memory: &GuestMemoryMmap) -> Result<Self> {
+        Self::with_dirty_logging(memory, false)
+    }
+
+    /// As [`Vm::new`], with KVM's dirty page log on from the start when `log_dirty` (cheaper
+    /// than turning it on later, which rebuilds every memory slot).
+    pub fn with_dirty_logging(memory: &GuestMemoryMmap, log_dirty: bool) -> Result<Self> {
         let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        set_memory_slots(&fd, memory, false)?;
+        set_memory_slots(&fd, memory, log_dirty)?;
         // Intel VMX needs three pages for the real-mode TSS; harmless elsewhere.
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;

@@ -78,10 +78,28 @@ pub fn check_layout(memory: &GuestMemoryMmap, saved: &MemoryLayout) -> std::resu
     Ok(())
 }
 
+/// `/proc/self/pagemap` bits.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
+
 /// Pages the process has faulted in (present or swapped out), from `/proc/self/pagemap`.
 pub fn resident_pages(memory: &GuestMemoryMmap) -> Result<PageSet> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
+    pagemap_pages(memory, |entry| entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0)
+}
+
+/// Pages written since guest RAM was mapped from a memory file ([`map_file`]): a write to a
+/// `MAP_PRIVATE` file page replaces it with an anonymous copy, which the pagemap tells apart
+/// from a file page. Lets a restored VM run without KVM's dirty log (costly to turn on)
+/// until its first incremental checkpoint.
+pub fn written_since_mapped(memory: &GuestMemoryMmap) -> Result<PageSet> {
+    pagemap_pages(memory, |entry| {
+        entry & PAGEMAP_SWAPPED != 0
+            || (entry & PAGEMAP_PRESENT != 0 && entry & PAGEMAP_FILE_OR_SHARED == 0)
+    })
+}
+
+fn pagemap_pages(memory: &GuestMemoryMmap, keep: impl Fn(u64) -> bool) -> Result<PageSet> {
     const BATCH: u64 = 65536;
     let regions = linear_regions(memory);
     let total: u64 = regions.iter().map(|r| r.pages).sum();
@@ -100,7 +118,7 @@ pub fn resident_pages(memory: &GuestMemoryMmap) -> Result<PageSet> {
             for (i, entry) in bytes.chunks_exact(8).enumerate() {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(entry);
-                if u64::from_le_bytes(word) & (PRESENT | SWAPPED) != 0 {
+                if keep(u64::from_le_bytes(word)) {
                     pages.insert(region.first_page + done + i as u64);
                 }
             }
@@ -481,6 +499,7 @@ mod tests {
         memory.write_obj(0u8, GuestAddress(9 * PAGE_SIZE)).unwrap();
         let resident = resident_pages(&memory).unwrap();
         assert!(resident.contains(5) && resident.contains(9));
+        assert!(written_since_mapped(&memory).unwrap().contains(5));
         assert!(resident.count() < 2048 / 2, "{} pages resident", resident.count());
 
         let dir = tempfile::tempdir().unwrap();
@@ -494,8 +513,12 @@ mod tests {
         assert_eq!(other.read_obj::<u8>(GuestAddress(5 * PAGE_SIZE)).unwrap(), 0xab);
         // The page the file does not hold reads as zero again.
         assert_eq!(other.read_obj::<u8>(GuestAddress(100 * PAGE_SIZE)).unwrap(), 0);
-        // Writes stay private to the mapping.
+        // Reads leave file pages; a write makes the page the process's own.
+        assert_eq!(written_since_mapped(&other).unwrap().count(), 0);
         other.write_obj(1u8, GuestAddress(5 * PAGE_SIZE)).unwrap();
+        let written = written_since_mapped(&other).unwrap();
+        assert!(written.contains(5) && written.count() == 1, "{}", written.count());
+        // Writes stay private to the mapping.
         let mut byte = [0u8];
         file.read_at(&mut byte, 5 * PAGE_SIZE).unwrap();
         assert_eq!(byte[0], 0xab);
