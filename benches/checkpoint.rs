@@ -150,7 +150,13 @@ fn live_pause(c: &mut Criterion) {
             for _ in 0..iterations {
                 let report = vmm
                     .checkpointer()
-                    .checkpoint(&target, CheckpointOptions { live: true, incremental: false })
+                    .checkpoint(
+                        &target,
+                        CheckpointOptions {
+                            live: true,
+                            incremental: false,
+                        },
+                    )
                     .unwrap();
                 let pause = Duration::from_micros(report.pause_us);
                 pauses.push(pause);

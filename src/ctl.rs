@@ -21,10 +21,10 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmm::api::client::ClientError;
+use vmm::api::types::{CheckpointRequest, RevertRequest, RevertResult};
 use vmm::api::types::{
     CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotResult, SpeedRequest, StreamRequest,
 };
-use vmm::api::types::{CheckpointRequest, RevertRequest, RevertResult};
 use vmm::api::{ApiClient, VmInfo};
 use vmm::CheckpointReport;
 
@@ -247,7 +247,11 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             if json {
                 return print_json(&report);
             }
-            let kind = if report.base.is_some() { "diff" } else { "full" };
+            let kind = if report.base.is_some() {
+                "diff"
+            } else {
+                "full"
+            };
             println!(
                 "Checkpoint {} saved ({kind}, {} pages written, paused {:.3} ms)",
                 report.dir.display(),

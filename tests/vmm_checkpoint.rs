@@ -125,7 +125,10 @@ fn counter_continues_after_revert_in_place() {
         .checkpointer()
         .checkpoint(&checkpoint, CheckpointOptions::default())
         .unwrap();
-    assert!(report.pages_written > 0 && report.pages_written < 32 * 256, "{report:?}");
+    assert!(
+        report.pages_written > 0 && report.pages_written < 32 * 256,
+        "{report:?}"
+    );
     vmm.pause_gate().resume();
     console.wait(0, "counting on", |t| last_counter(t) >= saved + 4);
 
@@ -134,7 +137,9 @@ fn counter_continues_after_revert_in_place() {
         let mark = console.len();
         vmm.checkpointer().revert(&checkpoint).unwrap();
         vmm.pause_gate().resume();
-        console.wait(mark, "counters after the revert", |t| counters(t).len() >= 2);
+        console.wait(mark, "counters after the revert", |t| {
+            counters(t).len() >= 2
+        });
         // The console after the revert continues the text as it was at the checkpoint.
         let last = assert_contiguous(&(saved_text.clone() + &console.since(mark)));
         assert!(last > saved);
@@ -152,7 +157,10 @@ fn counter_continues_in_a_new_vm_on_two_vcpus() {
     let (vmm, console) = start(&counter_config(2, 32));
     console.wait(0, "3 counters", |t| last_counter(t) >= 3);
     let saved_text = pause(&vmm, &console);
-    assert!(saved_text.starts_with("micro-guest: cpus 2"), "{saved_text}");
+    assert!(
+        saved_text.starts_with("micro-guest: cpus 2"),
+        "{saved_text}"
+    );
     let saved = assert_contiguous(&saved_text);
     vmm.checkpointer()
         .checkpoint(&checkpoint, CheckpointOptions::default())
@@ -191,7 +199,10 @@ fn file_bytes(dir: &Path) -> Vec<u8> {
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
-    a.iter().zip(b).position(|(x, y)| x != y).map(|i| i as u64 / PAGE_SIZE)
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .map(|i| i as u64 / PAGE_SIZE)
 }
 
 #[test]
@@ -213,12 +224,20 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
 
     // Without a base an incremental checkpoint is refused.
     let err = checkpointer
-        .checkpoint(&a, CheckpointOptions { live: false, incremental: true })
+        .checkpoint(
+            &a,
+            CheckpointOptions {
+                live: false,
+                incremental: true,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("needs a base"), "{err}");
 
-    checkpointer.checkpoint(&a, CheckpointOptions::default()).unwrap();
+    checkpointer
+        .checkpoint(&a, CheckpointOptions::default())
+        .unwrap();
     let incremental = CheckpointOptions {
         live: false,
         incremental: true,
@@ -232,7 +251,9 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
     let saved_text = pause(&vmm, &console);
     let report_c = checkpointer.checkpoint(&c, incremental).unwrap();
     // A diff holds what changed: far less than the full checkpoint.
-    let report_full = checkpointer.checkpoint(&full, CheckpointOptions::default()).unwrap();
+    let report_full = checkpointer
+        .checkpoint(&full, CheckpointOptions::default())
+        .unwrap();
     assert!(
         report_c.pages_written < report_full.pages_written,
         "diff {report_c:?} full {report_full:?}"
@@ -258,7 +279,9 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
     checkpointer.revert(&c).unwrap();
     assert_eq!(first_difference(&expected, &memory_bytes(&vmm)), None);
     vmm.pause_gate().resume();
-    console.wait(mark, "counters after the revert", |t| counters(t).len() >= 2);
+    console.wait(mark, "counters after the revert", |t| {
+        counters(t).len() >= 2
+    });
     assert_contiguous(&(saved_text.clone() + &console.since(mark)));
     vmm.stop().unwrap();
 
@@ -302,14 +325,29 @@ fn live_checkpoints_and_streams_restore_the_counter() {
     let checkpointer = vmm.checkpointer();
     console.wait(0, "2 counters", |t| last_counter(t) >= 2);
     let report = checkpointer
-        .checkpoint(&live, CheckpointOptions { live: true, incremental: false })
+        .checkpoint(
+            &live,
+            CheckpointOptions {
+                live: true,
+                incremental: false,
+            },
+        )
         .unwrap();
     assert!(report.live_rounds >= 1, "{report:?}");
-    assert!(!vmm.pause_gate().is_paused(), "a live checkpoint leaves the VM running");
+    assert!(
+        !vmm.pause_gate().is_paused(),
+        "a live checkpoint leaves the VM running"
+    );
     let n = last_counter(&console.text());
     console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
     let report = checkpointer
-        .checkpoint(&live_diff, CheckpointOptions { live: true, incremental: true })
+        .checkpoint(
+            &live_diff,
+            CheckpointOptions {
+                live: true,
+                incremental: true,
+            },
+        )
         .unwrap();
     assert!(report.base.is_some(), "{report:?}");
     console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
@@ -320,9 +358,14 @@ fn live_checkpoints_and_streams_restore_the_counter() {
     let mark = console.len();
     checkpointer.revert(&live_diff).unwrap();
     vmm.pause_gate().resume();
-    console.wait(mark, "counters after the revert", |t| counters(t).len() >= 2);
+    console.wait(mark, "counters after the revert", |t| {
+        counters(t).len() >= 2
+    });
     let after = counters(&console.since(mark));
-    assert!(after[0] <= before, "did not go back: {before} then {after:?}");
+    assert!(
+        after[0] <= before,
+        "did not go back: {before} then {after:?}"
+    );
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
 
     // A stream (what an internal qcow2 snapshot stores) round-trips through the trait.
@@ -333,18 +376,25 @@ fn live_checkpoints_and_streams_restore_the_counter() {
     let len = state.save_stream(&mut stream).unwrap();
     assert_eq!(len, stream.len() as u64);
     state.resume_vcpus().unwrap();
-    console.wait(0, "more counters", |t| last_counter(t) >= last_counter(&saved_text) + 3);
-    assert!(!state.pause_vcpus().is_err());
+    console.wait(0, "more counters", |t| {
+        last_counter(t) >= last_counter(&saved_text) + 3
+    });
+    assert!(state.pause_vcpus().unwrap(), "the VM was running");
     // A damaged stream is refused and leaves the VM as it was.
     let mut damaged = stream.clone();
     let last = damaged.len() - 10;
     damaged[last] ^= 1;
-    let err = state.load_stream(&mut &damaged[..]).unwrap_err().to_string();
+    let err = state
+        .load_stream(&mut &damaged[..])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("CRC mismatch"), "{err}");
     let mark = console.len();
     state.load_stream(&mut &stream[..]).unwrap();
     state.resume_vcpus().unwrap();
-    console.wait(mark, "counters after the stream load", |t| counters(t).len() >= 2);
+    console.wait(mark, "counters after the stream load", |t| {
+        counters(t).len() >= 2
+    });
     let after = counters(&console.since(mark));
     assert_eq!(after[0], last_counter(&saved_text) + 1, "{after:?}");
     vmm.stop().unwrap();
@@ -374,11 +424,12 @@ fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
         let mut image = vec![0u8; disk.size() as usize];
         checkpointer
             .checkpoint_with(&checkpoint, CheckpointOptions::default(), &mut || {
-                disk.read_at(&mut image, 0).map_err(|source| vmm::Error::Disk {
-                    name: "vda".into(),
-                    path: disk_path.clone(),
-                    source,
-                })
+                disk.read_at(&mut image, 0)
+                    .map_err(|source| vmm::Error::Disk {
+                        name: "vda".into(),
+                        path: disk_path.clone(),
+                        source,
+                    })
             })
             .unwrap();
         let mut after = vec![0u8; disk.size() as usize];
@@ -396,7 +447,10 @@ fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
                 // its future.
                 break;
             }
-            assert!(Instant::now() < deadline, "cycle {cycle}: the guest stopped writing");
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the guest stopped writing"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // Back to the checkpoint, disk first (queues drained), then memory and state.
@@ -418,7 +472,10 @@ fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
     let deadline = Instant::now() + TIMEOUT;
     let mut now = before.clone();
     while now == before {
-        assert!(Instant::now() < deadline, "the guest stopped writing after the cycles");
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped writing after the cycles"
+        );
         std::thread::sleep(Duration::from_millis(100));
         disk.read_at(&mut now, 0).unwrap();
     }
@@ -464,14 +521,20 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
     state[100] ^= 0x20;
     std::fs::write(flipped.join("state"), &state).unwrap();
     let err = restore_error(&flipped);
-    assert!(err.contains("state file") && err.contains("CRC mismatch"), "{err}");
+    assert!(
+        err.contains("state file") && err.contains("CRC mismatch"),
+        "{err}"
+    );
 
     let newer = copy("newer");
     let mut state = std::fs::read(newer.join("state")).unwrap();
     state[8] = 9; // major version 9
     std::fs::write(newer.join("state"), &state).unwrap();
     let err = restore_error(&newer);
-    assert!(err.contains("format version 9.0; this snapvmm reads 1.x"), "{err}");
+    assert!(
+        err.contains("format version 9.0; this snapvmm reads 1.x"),
+        "{err}"
+    );
 
     let truncated = copy("truncated");
     let memory = std::fs::OpenOptions::new()
@@ -480,7 +543,10 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
         .unwrap();
     memory.set_len(4096 + 16 * 1024 * 1024).unwrap();
     let err = restore_error(&truncated);
-    assert!(err.contains("memory file") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("memory file") && err.contains("truncated"),
+        "{err}"
+    );
 
     let foreign = copy("foreign");
     let other = dir.path().join("other");
@@ -502,8 +568,15 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
     let mut bigger = counter_config(1, 64);
     bigger.serial = vmm::config::SerialOutput::Null;
     let other_vm = Vmm::start_with_serial(&bigger, Box::new(std::io::sink())).unwrap();
-    let err = other_vm.checkpointer().revert(&good).unwrap_err().to_string();
-    assert!(err.contains("does not fit this VM") && err.contains("MiB"), "{err}");
+    let err = other_vm
+        .checkpointer()
+        .revert(&good)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not fit this VM") && err.contains("MiB"),
+        "{err}"
+    );
     other_vm.stop().unwrap();
     let n = last_counter(&console.text());
     console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
@@ -539,7 +612,10 @@ fn wait_for_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String
         if done(&text) {
             return text;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -585,7 +661,10 @@ fn counter_continues_after_restore_in_a_new_process() {
         .arg(&checkpoint)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&info.stdout).contains(" full id "), "{info:?}");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains(" full id "),
+        "{info:?}"
+    );
 
     let (socket2, console2) = (dir.path().join("vm2.sock"), dir.path().join("console2"));
     let mut restored = snapvmm(&[])
@@ -597,7 +676,9 @@ fn counter_continues_after_restore_in_a_new_process() {
         .arg(&socket2)
         .spawn()
         .unwrap();
-    let text = wait_for_file(&console2, "counters after restore", |t| counters(t).len() >= 3);
+    let text = wait_for_file(&console2, "counters after restore", |t| {
+        counters(t).len() >= 3
+    });
     ctl(&socket2, &["shutdown"]);
     wait_exit(&mut restored);
     let last = assert_contiguous(&(saved_text + &text));

@@ -12,6 +12,7 @@ use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
+use crate::checkpoint::{Checkpointer, Tracking};
 use crate::config::{BootSource, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -23,7 +24,6 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::checkpoint::{Checkpointer, Tracking};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 

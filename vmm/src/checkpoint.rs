@@ -365,7 +365,10 @@ impl Checkpointer {
     }
 
     fn incremental_base(&self, tracking: &Tracking) -> Result<BaseRef> {
-        match (&tracking.base, tracking.dirty_logging || tracking.changes_in_pagemap) {
+        match (
+            &tracking.base,
+            tracking.dirty_logging || tracking.changes_in_pagemap,
+        ) {
             (Some(base), true) => Ok(base.clone()),
             _ => Err(Error::Config(
                 "an incremental checkpoint needs a base: take a full checkpoint (or restore \
@@ -506,8 +509,9 @@ impl Checkpointer {
         pause: Duration,
         started: Instant,
     ) -> Result<CheckpointReport> {
-        std::fs::rename(temporary_memory_path(dir), memory_path(dir))
-            .map_err(Error::io(format!("renaming the memory file in {}", dir.display())))?;
+        std::fs::rename(temporary_memory_path(dir), memory_path(dir)).map_err(Error::io(
+            format!("renaming the memory file in {}", dir.display()),
+        ))?;
         state_file::write(&state_path(dir), &manifest)?;
         let dir = absolute(dir)?;
         let mut tracking = self.tracking.lock();
@@ -538,7 +542,9 @@ impl Checkpointer {
                 loaded.dir.display()
             )))
         };
-        if usize::from(state.vcpu_count) != machine.vcpus.len() || state.vcpus.len() != machine.vcpus.len() {
+        if usize::from(state.vcpu_count) != machine.vcpus.len()
+            || state.vcpus.len() != machine.vcpus.len()
+        {
             return Err(mismatch(format!(
                 "{} vCPUs saved, this VM has {}",
                 state.vcpus.len(),
@@ -618,14 +624,23 @@ impl Checkpointer {
     fn save_stream_paused(&self, out: &mut dyn Write) -> Result<u64> {
         self.require_paused()?;
         let memory = &self.machine.memory;
-        let mut out = CountingWriter { inner: out, count: 0 };
+        let mut out = CountingWriter {
+            inner: out,
+            count: 0,
+        };
         let tracking = self.tracking.lock();
         self.with_devices_quiesced(|| {
             self.flush_disks()?;
             let machine = self.capture()?;
             let touched = self.touched_pages(&tracking)?;
             let pages = memory_persist::nonzero_pages(memory, &touched);
-            let manifest = build_manifest(new_id(), memory_persist::layout(memory), machine, None, None)?;
+            let manifest = build_manifest(
+                new_id(),
+                memory_persist::layout(memory),
+                machine,
+                None,
+                None,
+            )?;
             let io = Error::io("writing the VM state stream");
             out.write_all(&state_file::encode(&manifest)?).map_err(io)?;
             let list = serde_json::to_vec(&pages)

@@ -1,7 +1,7 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
@@ -104,7 +104,11 @@ fn set_memory_slots(fd: &VmFd, memory: &GuestMemoryMmap, log_dirty: bool) -> Res
     for (slot, (host, guest, size)) in memory::regions(memory).into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: guest.0,
             memory_size: size,
             userspace_addr: host,

@@ -55,11 +55,16 @@ impl MemoryLayout {
     /// Checks the layout is well formed: 4 KiB pages, page-aligned non-empty regions.
     pub fn validate(&self) -> Result<(), String> {
         if self.page_size != PAGE_SIZE {
-            return Err(format!("page size {} (expected {PAGE_SIZE})", self.page_size));
+            return Err(format!(
+                "page size {} (expected {PAGE_SIZE})",
+                self.page_size
+            ));
         }
         let mut total = 0u64;
         for (i, region) in self.regions.iter().enumerate() {
-            if region.size == 0 || region.size % PAGE_SIZE != 0 || region.guest_addr % PAGE_SIZE != 0
+            if region.size == 0
+                || region.size % PAGE_SIZE != 0
+                || region.guest_addr % PAGE_SIZE != 0
             {
                 return Err(format!(
                     "memory region {i} ({:#x}+{:#x}) is not page aligned",

@@ -167,10 +167,7 @@ impl MemoryFile {
             Some(end) if end <= self.data_len => Ok(()),
             _ => Err(CheckpointError::MemoryFile {
                 path: self.path.clone(),
-                message: format!(
-                    "access at {offset}+{len} past its {} bytes",
-                    self.data_len
-                ),
+                message: format!("access at {offset}+{len} past its {} bytes", self.data_len),
             }),
         }
     }
@@ -205,7 +202,11 @@ impl MemoryFile {
             }
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
             let first = (data - HEADER_SIZE) / PAGE_SIZE;
             let last = (hole - HEADER_SIZE).div_ceil(PAGE_SIZE);
             pages.insert_range(first, last - first);
@@ -257,13 +258,19 @@ mod tests {
         assert_eq!(page, [7u8; 4096]);
         assert!(file.read_at(&mut page, 64 * PAGE_SIZE).is_err());
 
-        let err = MemoryFile::open(&path, 43, 64 * PAGE_SIZE).unwrap_err().to_string();
+        let err = MemoryFile::open(&path, 43, 64 * PAGE_SIZE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("belongs to checkpoint"), "{err}");
-        let err = MemoryFile::open(&path, 42, 65 * PAGE_SIZE).unwrap_err().to_string();
+        let err = MemoryFile::open(&path, 42, 65 * PAGE_SIZE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
         let raw = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         raw.write_all_at(b"X", 20).unwrap();
-        let err = MemoryFile::open(&path, 42, 64 * PAGE_SIZE).unwrap_err().to_string();
+        let err = MemoryFile::open(&path, 42, 64 * PAGE_SIZE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("header CRC mismatch"), "{err}");
     }
 }

@@ -42,11 +42,7 @@ pub fn merge_chain(top: &Path, out: &Path) -> CheckpointResult<MergeReport> {
     let target = MemoryFile::create(&tmp, manifest.id, data_len)?;
     let mut pages_copied = 0;
     for link in &chain {
-        let source = MemoryFile::open(
-            &memory_path(&link.dir),
-            link.manifest.id,
-            data_len,
-        )?;
+        let source = MemoryFile::open(&memory_path(&link.dir), link.manifest.id, data_len)?;
         let pages = match &link.manifest.pages {
             Some(pages) => pages.clone(),
             // A full checkpoint: only its data extents (holes are zero, and so is the

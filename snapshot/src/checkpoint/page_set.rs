@@ -51,9 +51,7 @@ impl TryFrom<PageRuns> for PageSet {
             let end = first
                 .checked_add(count)
                 .filter(|&end| end <= runs.pages)
-                .ok_or_else(|| {
-                    format!("page run {first}+{count} outside {} pages", runs.pages)
-                })?;
+                .ok_or_else(|| format!("page run {first}+{count} outside {} pages", runs.pages))?;
             set.insert_range(first, end - first);
         }
         Ok(set)

@@ -100,14 +100,14 @@ fn parse_payload(framed: &[u8], path: &Path) -> CheckpointResult<Manifest> {
     if stored != computed {
         return Err(bad(
             path,
-            format!("CRC mismatch (stored {stored:08x}, computed {computed:08x}): the file is corrupt"),
+            format!(
+                "CRC mismatch (stored {stored:08x}, computed {computed:08x}): the file is corrupt"
+            ),
         ));
     }
     let manifest: Manifest = serde_json::from_slice(&body[HEADER_SIZE..])
         .map_err(|e| bad(path, format!("payload: {e}")))?;
-    manifest
-        .validate()
-        .map_err(|message| bad(path, message))?;
+    manifest.validate().map_err(|message| bad(path, message))?;
     Ok(manifest)
 }
 
@@ -119,7 +119,10 @@ pub fn decode(bytes: &[u8], path: &Path) -> CheckpointResult<Manifest> {
         .ok_or_else(|| {
             bad(
                 path,
-                format!("{} bytes, shorter than the {HEADER_SIZE}-byte header", bytes.len()),
+                format!(
+                    "{} bytes, shorter than the {HEADER_SIZE}-byte header",
+                    bytes.len()
+                ),
             )
         })?;
     let len = parse_header(header, path)?;
@@ -157,7 +160,10 @@ pub fn read(path: &Path) -> CheckpointResult<Manifest> {
     let mut file = File::open(path).map_err(CheckpointError::io(path))?;
     let size = file.metadata().map_err(CheckpointError::io(path))?.len();
     if size > MAX_PAYLOAD + HEADER_SIZE as u64 + 4 {
-        return Err(bad(path, format!("{size} bytes: too large for a state file")));
+        return Err(bad(
+            path,
+            format!("{size} bytes: too large for a state file"),
+        ));
     }
     let mut bytes = Vec::with_capacity(size as usize);
     file.read_to_end(&mut bytes)
@@ -207,7 +213,9 @@ mod tests {
             let err = decode(&damaged, path).unwrap_err().to_string();
             assert!(err.contains("CRC mismatch"), "{err}");
         }
-        let err = decode(&bytes[..bytes.len() - 3], path).unwrap_err().to_string();
+        let err = decode(&bytes[..bytes.len() - 3], path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
         let err = decode(b"hello, world, this is not it", path)
             .unwrap_err()
@@ -226,7 +234,10 @@ mod tests {
         let payload = serde_json::to_vec(&manifest()).unwrap();
         let bytes = encode_payload(&payload, 2, 3).unwrap();
         let err = decode(&bytes, Path::new("s")).unwrap_err().to_string();
-        assert!(err.contains("format version 2.3; this snapvmm reads 1.x"), "{err}");
+        assert!(
+            err.contains("format version 2.3; this snapvmm reads 1.x"),
+            "{err}"
+        );
         // A newer minor version of the same major is read.
         let bytes = encode_payload(&payload, 1, 7).unwrap();
         assert!(decode(&bytes, Path::new("s")).is_ok());

@@ -147,7 +147,9 @@ pub struct VmmControl {
 /// Maps a checkpoint failure onto HTTP: bad or mismatched files are the request's fault.
 fn checkpoint_error(e: crate::Error) -> ApiError {
     match e {
-        crate::Error::Checkpoint(_) | crate::Error::Config(_) => ApiError::BadRequest(e.to_string()),
+        crate::Error::Checkpoint(_) | crate::Error::Config(_) => {
+            ApiError::BadRequest(e.to_string())
+        }
         other => ApiError::Internal(other.to_string()),
     }
 }

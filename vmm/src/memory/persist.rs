@@ -64,7 +64,10 @@ pub fn layout(memory: &GuestMemoryMmap) -> MemoryLayout {
 }
 
 /// Checks `saved` describes the same RAM as `memory`.
-pub fn check_layout(memory: &GuestMemoryMmap, saved: &MemoryLayout) -> std::result::Result<(), String> {
+pub fn check_layout(
+    memory: &GuestMemoryMmap,
+    saved: &MemoryLayout,
+) -> std::result::Result<(), String> {
     let ours = layout(memory);
     if ours.regions != saved.regions {
         return Err(format!(
@@ -85,7 +88,9 @@ const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
 
 /// Pages the process has faulted in (present or swapped out), from `/proc/self/pagemap`.
 pub fn resident_pages(memory: &GuestMemoryMmap) -> Result<PageSet> {
-    pagemap_pages(memory, |entry| entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0)
+    pagemap_pages(memory, |entry| {
+        entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0
+    })
 }
 
 /// Pages written since guest RAM was mapped from a memory file ([`map_file`]): a write to a
@@ -104,7 +109,8 @@ fn pagemap_pages(memory: &GuestMemoryMmap, keep: impl Fn(u64) -> bool) -> Result
     let regions = linear_regions(memory);
     let total: u64 = regions.iter().map(|r| r.pages).sum();
     let mut pages = PageSet::new(total);
-    let pagemap = File::open("/proc/self/pagemap").map_err(Error::io("opening /proc/self/pagemap"))?;
+    let pagemap =
+        File::open("/proc/self/pagemap").map_err(Error::io("opening /proc/self/pagemap"))?;
     let mut entries = vec![0u8; (BATCH * 8) as usize];
     for region in regions {
         let first_virtual_page = region.host as u64 / PAGE_SIZE;
@@ -165,7 +171,12 @@ unsafe fn page_is_zero(ptr: *const u8) -> bool {
 }
 
 /// Writes `len` bytes at host `ptr` into `file` at byte `offset`.
-fn pwrite_all(file: &File, mut ptr: *const u8, mut len: usize, mut offset: u64) -> std::io::Result<()> {
+fn pwrite_all(
+    file: &File,
+    mut ptr: *const u8,
+    mut len: usize,
+    mut offset: u64,
+) -> std::io::Result<()> {
     while len > 0 {
         // SAFETY: `ptr..ptr + len` is guest RAM mapped for the VM's lifetime; the kernel
         // copies out of it and tolerates concurrent guest writes.
@@ -190,7 +201,12 @@ fn pwrite_all(file: &File, mut ptr: *const u8, mut len: usize, mut offset: u64) 
 }
 
 /// Reads `len` bytes from `file` at byte `offset` into host `ptr`.
-fn pread_all(file: &File, mut ptr: *mut u8, mut len: usize, mut offset: u64) -> std::io::Result<()> {
+fn pread_all(
+    file: &File,
+    mut ptr: *mut u8,
+    mut len: usize,
+    mut offset: u64,
+) -> std::io::Result<()> {
     while len > 0 {
         // SAFETY: `ptr..ptr + len` is guest RAM the caller holds still (vCPUs paused,
         // devices quiesced).
@@ -495,12 +511,18 @@ mod tests {
     #[test]
     fn touched_pages_are_found_and_written_sparsely() {
         let memory = crate::memory::create(8 << 20).unwrap();
-        memory.write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE)).unwrap();
+        memory
+            .write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
         memory.write_obj(0u8, GuestAddress(9 * PAGE_SIZE)).unwrap();
         let resident = resident_pages(&memory).unwrap();
         assert!(resident.contains(5) && resident.contains(9));
         assert!(written_since_mapped(&memory).unwrap().contains(5));
-        assert!(resident.count() < 2048 / 2, "{} pages resident", resident.count());
+        assert!(
+            resident.count() < 2048 / 2,
+            "{} pages resident",
+            resident.count()
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = MemoryFile::create(&dir.path().join("m"), 1, 8 << 20).unwrap();
@@ -508,16 +530,28 @@ mod tests {
         assert_eq!(stats.pages, 1, "{stats:?}");
 
         let other = crate::memory::create(8 << 20).unwrap();
-        other.write_obj(0x77u8, GuestAddress(100 * PAGE_SIZE)).unwrap();
+        other
+            .write_obj(0x77u8, GuestAddress(100 * PAGE_SIZE))
+            .unwrap();
         map_file(&other, &file).unwrap();
-        assert_eq!(other.read_obj::<u8>(GuestAddress(5 * PAGE_SIZE)).unwrap(), 0xab);
+        assert_eq!(
+            other.read_obj::<u8>(GuestAddress(5 * PAGE_SIZE)).unwrap(),
+            0xab
+        );
         // The page the file does not hold reads as zero again.
-        assert_eq!(other.read_obj::<u8>(GuestAddress(100 * PAGE_SIZE)).unwrap(), 0);
+        assert_eq!(
+            other.read_obj::<u8>(GuestAddress(100 * PAGE_SIZE)).unwrap(),
+            0
+        );
         // Reads leave file pages; a write makes the page the process's own.
         assert_eq!(written_since_mapped(&other).unwrap().count(), 0);
         other.write_obj(1u8, GuestAddress(5 * PAGE_SIZE)).unwrap();
         let written = written_since_mapped(&other).unwrap();
-        assert!(written.contains(5) && written.count() == 1, "{}", written.count());
+        assert!(
+            written.contains(5) && written.count() == 1,
+            "{}",
+            written.count()
+        );
         // Writes stay private to the mapping.
         let mut byte = [0u8];
         file.read_at(&mut byte, 5 * PAGE_SIZE).unwrap();

@@ -18,20 +18,20 @@ use crate::error::{Error, Result};
 /// MSR ranges worth saving: those a guest or KVM's paravirtual features keep state in.
 /// Anything else KVM lists (performance counters, machine-check banks) is reset state.
 const MSR_RANGES: &[(u32, u32)] = &[
-    (0x10, 0x10),                   // TSC
-    (0x11, 0x12),                   // kvmclock (old)
-    (0x1b, 0x1b),                   // APIC base
-    (0x3a, 0x3b),                   // feature control, TSC_ADJUST
-    (0x48, 0x48),                   // SPEC_CTRL
-    (0x174, 0x176),                 // SYSENTER
-    (0x1a0, 0x1a0),                 // MISC_ENABLE
-    (0x200, 0x26f),                 // variable and fixed MTRRs
-    (0x277, 0x277),                 // PAT
-    (0x2ff, 0x2ff),                 // MTRR default type
-    (0x6e0, 0x6e0),                 // TSC_DEADLINE (after TSC: ascending order)
-    (0xc000_0081, 0xc000_0084),     // STAR, LSTAR, CSTAR, SYSCALL_MASK
-    (0xc000_0102, 0xc000_0103),     // KERNEL_GS_BASE, TSC_AUX
-    (0x4b56_4d00, 0x4b56_4dff),     // kvmclock and other KVM paravirtual MSRs
+    (0x10, 0x10),               // TSC
+    (0x11, 0x12),               // kvmclock (old)
+    (0x1b, 0x1b),               // APIC base
+    (0x3a, 0x3b),               // feature control, TSC_ADJUST
+    (0x48, 0x48),               // SPEC_CTRL
+    (0x174, 0x176),             // SYSENTER
+    (0x1a0, 0x1a0),             // MISC_ENABLE
+    (0x200, 0x26f),             // variable and fixed MTRRs
+    (0x277, 0x277),             // PAT
+    (0x2ff, 0x2ff),             // MTRR default type
+    (0x6e0, 0x6e0),             // TSC_DEADLINE (after TSC: ascending order)
+    (0xc000_0081, 0xc000_0084), // STAR, LSTAR, CSTAR, SYSCALL_MASK
+    (0xc000_0102, 0xc000_0103), // KERNEL_GS_BASE, TSC_AUX
+    (0x4b56_4d00, 0x4b56_4dff), // kvmclock and other KVM paravirtual MSRs
 ];
 
 /// The MSRs to save on this host: KVM's index list filtered by [`MSR_RANGES`], ascending.
@@ -93,8 +93,8 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
         })
         .collect();
     loop {
-        let mut msrs = Msrs::from_entries(&wanted)
-            .map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&wanted).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
         let read = fd.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
         if read == wanted.len() {
             return Ok(msrs.as_slice().to_vec());
@@ -108,7 +108,9 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
 /// Saves vCPU `index`'s state; it must be outside `KVM_RUN`.
 pub fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState> {
     let what = |ioctl: &str| format!("{ioctl} (vCPU {index})");
-    let mp_state = fd.get_mp_state().map_err(Error::kvm(what("KVM_GET_MP_STATE")))?;
+    let mp_state = fd
+        .get_mp_state()
+        .map_err(Error::kvm(what("KVM_GET_MP_STATE")))?;
     let regs = fd.get_regs().map_err(Error::kvm(what("KVM_GET_REGS")))?;
     let sregs = fd.get_sregs().map_err(Error::kvm(what("KVM_GET_SREGS")))?;
     let xsave = fd.get_xsave().map_err(Error::kvm(what("KVM_GET_XSAVE")))?;

@@ -91,12 +91,11 @@ impl Serial {
             in_buffer: state.in_buffer.clone(),
         };
         // The FIFO length was checked above, the only way from_state fails.
-        self.uart = Uart::from_state(&saved, trigger, NoEvents, out).map_err(|e| {
-            Error::Device {
+        self.uart =
+            Uart::from_state(&saved, trigger, NoEvents, out).map_err(|e| Error::Device {
                 device: "serial".into(),
                 message: format!("restoring: {e:?}"),
-            }
-        })?;
+            })?;
         Ok(())
     }
 }

@@ -81,7 +81,10 @@ impl BlockDiskState {
             return mismatch(
                 "window/GSI/read-only",
                 format!("{:#x}/{}/{}", self.mmio_base, self.gsi, self.read_only),
-                format!("{:#x}/{}/{}", current.mmio_base, current.gsi, current.read_only),
+                format!(
+                    "{:#x}/{}/{}",
+                    current.mmio_base, current.gsi, current.read_only
+                ),
             );
         }
         Ok(())
