@@ -41,9 +41,11 @@ impl BlockDiskState {
             backing_chain.push(current.info().filename);
             layer = current.backing();
         }
+        // Absolute, so a restore from another working directory opens the same file.
+        let path = top.path();
         BlockDiskState {
             name: disk.name.clone(),
-            top: top.path().to_path_buf(),
+            top: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
             backing_chain,
             read_only: disk.read_only,
             num_queues,
