@@ -679,8 +679,22 @@ fn counter_continues_after_restore_in_a_new_process() {
     let text = wait_for_file(&console2, "counters after restore", |t| {
         counters(t).len() >= 3
     });
+    let last = assert_contiguous(&(saved_text.clone() + &text));
+    assert!(last >= saved + 2);
+
+    // Back to the same checkpoint in place, through the API.
+    ctl(&socket2, &["pause"]);
+    let mark = std::fs::read(&console2).unwrap().len();
+    let out = ctl(
+        &socket2,
+        &["checkpoint-revert", checkpoint.to_str().unwrap()],
+    );
+    assert!(out.contains("reverted to checkpoint"), "{out}");
+    ctl(&socket2, &["resume"]);
+    let after = wait_for_file(&console2, "counters after the revert", |t| {
+        counters(t.get(mark..).unwrap_or("")).len() >= 2
+    });
     ctl(&socket2, &["shutdown"]);
     wait_exit(&mut restored);
-    let last = assert_contiguous(&(saved_text + &text));
-    assert!(last >= saved + 2);
+    assert_contiguous(&(saved_text + &after[mark..]));
 }
