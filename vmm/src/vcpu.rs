@@ -343,7 +343,17 @@ impl PauseGate {
                 // `forget_threads` emptied this list, under the lock held here.
                 unsafe { libc::pthread_kill(thread, kick_signal()) };
             }
+            let wanted = threads.len();
             drop(threads);
+            // A kicked vCPU parks within microseconds: poll briefly before sleeping, so a
+            // checkpoint's stop is not rounded up to the sleep's millisecond.
+            let spin_until = Instant::now() + Duration::from_micros(500);
+            while Instant::now() < spin_until {
+                if self.parked.load(Ordering::Acquire) >= wanted {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            }
             if Instant::now() > deadline {
                 self.resume();
                 return Err(Error::Vcpu {
