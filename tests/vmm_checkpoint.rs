@@ -698,3 +698,33 @@ fn counter_continues_after_restore_in_a_new_process() {
     wait_exit(&mut restored);
     assert_contiguous(&(saved_text + &after[mark..]));
 }
+
+#[test]
+fn the_snapshot_tree_hook_saves_and_loads_checkpoints() {
+    if !kvm_or_skip("the_snapshot_tree_hook_saves_and_loads_checkpoints") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("tree");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let state: Arc<dyn VmState> = vmm.checkpointer();
+    // The hook works on a paused VM only.
+    let err = state.save_checkpoint(&checkpoint).unwrap_err().to_string();
+    assert!(err.contains("pause its vCPUs first"), "{err}");
+    assert!(state.pause_vcpus().unwrap());
+    assert!(!state.pause_vcpus().unwrap(), "already paused");
+    let saved_text = console.text();
+    state.save_checkpoint(&checkpoint).unwrap();
+    assert!(vmm.pause_gate().is_paused(), "the save resumed the VM");
+    state.resume_vcpus().unwrap();
+    let saved = last_counter(&saved_text);
+    console.wait(0, "more counters", |t| last_counter(t) >= saved + 3);
+    assert!(state.pause_vcpus().unwrap());
+    let mark = console.len();
+    state.load_checkpoint(&checkpoint).unwrap();
+    state.resume_vcpus().unwrap();
+    console.wait(mark, "counters after the load", |t| counters(t).len() >= 2);
+    assert_contiguous(&(saved_text + &console.since(mark)));
+    vmm.stop().unwrap();
+}
