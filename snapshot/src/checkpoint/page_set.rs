@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most pages a stored set may range over (1 TiB of 4 KiB pages).
+pub const MAX_PAGES: u64 = 1 << 28;
+
 /// A set of page numbers in `0..len`.
 ///
 /// ```
@@ -41,9 +44,9 @@ impl TryFrom<PageRuns> for PageSet {
     type Error = String;
 
     fn try_from(runs: PageRuns) -> Result<Self, String> {
-        // 2^40 pages is 4 PiB of guest memory: far beyond anything real, and it keeps the
-        // bitmap allocation bounded for a hostile file.
-        if runs.pages > 1 << 40 {
+        // 2^28 pages is 1 TiB of guest memory, a 32 MiB bitmap: a hostile file cannot make
+        // the reader allocate more.
+        if runs.pages > MAX_PAGES {
             return Err(format!("page list of {} pages", runs.pages));
         }
         let mut set = PageSet::new(runs.pages);
@@ -227,6 +230,13 @@ mod tests {
             let back: PageSet = serde_json::from_str(&json).unwrap();
             prop_assert_eq!(back, set);
         }
+    }
+
+    #[test]
+    fn refuses_huge_sets() {
+        let err = serde_json::from_str::<PageSet>(r#"{"pages":1099511627776,"runs":[]}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("page list of"), "{err}");
     }
 
     #[test]

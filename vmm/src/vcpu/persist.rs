@@ -96,7 +96,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
         let mut msrs =
             Msrs::from_entries(&wanted).map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
         let read = fd.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
-        if read == wanted.len() {
+        if read >= wanted.len() {
             return Ok(msrs.as_slice().to_vec());
         }
         // KVM stops at the first MSR it cannot read: drop it and read again.
