@@ -3,12 +3,13 @@
 //! ```text
 //! snapvmm checkpoint info ckpt3            # the chain below it, sizes, vCPUs, disks
 //! snapvmm checkpoint merge ckpt3 full3     # fold ckpt3's diff chain into one full checkpoint
+//! snapvmm checkpoint verify ckpt3          # read every memory file of the chain, check CRCs
 //! ```
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use vmm::snapshot::checkpoint::{memory_path, merge::merge_chain, resolve_chain};
+use vmm::snapshot::checkpoint::{memory_path, merge::merge_chain, resolve_chain, verify_chain};
 
 /// Arguments of `snapvmm checkpoint`.
 #[derive(Debug, Args)]
@@ -27,6 +28,11 @@ enum Verb {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Read every memory file of the chain ending at DIR and check it against its CRC.
+    Verify {
+        /// The checkpoint directory.
+        dir: PathBuf,
     },
     /// Write the checkpoint DIR (the top of a diff chain) as one full checkpoint in OUT.
     Merge {
@@ -87,6 +93,10 @@ fn run(args: CheckpointArgs) -> Result<(), String> {
                     link["disks"],
                 );
             }
+        }
+        Verb::Verify { dir } => {
+            let pages = verify_chain(&dir).map_err(|e| e.to_string())?;
+            println!("Checkpoint {} verified ({pages} pages read)", dir.display());
         }
         Verb::Merge { dir, out } => {
             let report = merge_chain(&dir, &out).map_err(|e| e.to_string())?;

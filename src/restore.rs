@@ -28,9 +28,16 @@ pub struct RestoreArgs {
     /// Leave the vCPUs paused (resume through the API).
     #[arg(long, requires = "api_socket")]
     paused: bool,
+    /// Read every memory file first and check its CRC (slower: the restore is no longer
+    /// lazy).
+    #[arg(long)]
+    verify: bool,
 }
 
 fn restore(args: &RestoreArgs) -> vmm::Result<ExitReason> {
+    if args.verify {
+        vmm::snapshot::checkpoint::verify_chain(&args.dir)?;
+    }
     let serial: SerialOutput = args.serial.as_deref().unwrap_or("stdout").parse()?;
     let out = vmm::builder::open_serial(&serial)?;
     let vm = vmm::Vmm::restore(&args.dir, out, args.paused)?;

@@ -270,6 +270,8 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     assert_eq!(first_difference(&expected, &file_bytes(&merged)), None);
+    vmm::snapshot::checkpoint::verify_chain(&c).unwrap();
+    vmm::snapshot::checkpoint::verify_chain(&merged).unwrap();
 
     // Reverting the running VM to the chain gives the same memory, and it counts on.
     vmm.pause_gate().resume();
@@ -350,6 +352,8 @@ fn live_checkpoints_and_streams_restore_the_counter() {
         )
         .unwrap();
     assert!(report.base.is_some(), "{report:?}");
+    // The digests of pages rewritten over live rounds match what the files hold.
+    vmm::snapshot::checkpoint::verify_chain(&live_diff).unwrap();
     console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
 
     // Reverting to the live diff: the counter goes back and continues from there.
@@ -532,7 +536,7 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
     std::fs::write(newer.join("state"), &state).unwrap();
     let err = restore_error(&newer);
     assert!(
-        err.contains("format version 9.0; this snapvmm reads 1.x"),
+        err.contains("format version 9.1; this snapvmm reads 1.x"),
         "{err}"
     );
 
@@ -561,6 +565,46 @@ fn damaged_checkpoints_are_refused_with_a_clear_error() {
     std::fs::write(garbage.join("state"), b"not a state file at all, no").unwrap();
     let err = restore_error(&garbage);
     assert!(err.contains("not a snapvmm checkpoint state file"), "{err}");
+
+    // A flipped byte of guest memory is found by verify (restore maps the file lazily and
+    // does not read it unless asked to).
+    let verify = |checkpoint: &Path| {
+        snapvmm(&[])
+            .args(["checkpoint", "verify"])
+            .arg(checkpoint)
+            .output()
+            .unwrap()
+    };
+    assert!(verify(&good).status.success(), "{:?}", verify(&good));
+    let rotten = copy("rotten");
+    let manifest = vmm::snapshot::checkpoint::state_file::read(&state_path(&rotten)).unwrap();
+    let data = manifest.data.expect("a data digest");
+    let (first_page, _) = data.pages.runs().next().expect("written pages");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rotten.join("memory"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let offset = 4096 + first_page * PAGE_SIZE + 100;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], offset).unwrap();
+    let output = verify(&rotten);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("data CRC mismatch"), "{err}");
+    let output = snapvmm(&[])
+        .arg("restore")
+        .arg(&rotten)
+        .args(["--verify", "--serial", "null"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("data CRC mismatch"),
+        "{output:?}"
+    );
 
     // In place too, and the VM keeps running as it was.
     let err = vmm.checkpointer().revert(&flipped).unwrap_err().to_string();

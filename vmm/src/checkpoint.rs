@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::checkpoint::manifest::new_id;
 use snapshot::checkpoint::{
     memory_path, resolve_chain, state_file, state_path, BaseRef, ChainLink, CheckpointError,
-    Manifest, MemoryFile, MemoryLayout, PageSet,
+    DataDigest, Manifest, MemoryFile, MemoryLayout, PageSet,
 };
 use snapshot::vm_state::{VmState, VmStateError};
 
@@ -402,7 +402,7 @@ impl Checkpointer {
             let machine = self.capture()?;
             let (pages, stats) = if base.is_some() {
                 let dirty = self.changes_since_base(&mut tracking)?;
-                let stats = memory_persist::write_pages(memory, &file, &dirty, false)?;
+                let stats = memory_persist::write_pages(memory, &file, &dirty, false, true)?;
                 (Some(dirty), stats)
             } else {
                 // Start the next diff's window here.
@@ -410,12 +410,16 @@ impl Checkpointer {
                 memory_persist::collect_dirty(&self.machine.vm, memory)?;
                 tracking.changes_in_pagemap = false;
                 let touched = self.touched_pages(&tracking)?;
-                let stats = memory_persist::write_pages(memory, &file, &touched, true)?;
+                let stats = memory_persist::write_pages(memory, &file, &touched, true, true)?;
                 (None, stats)
             };
             Ok((machine, pages, stats))
         })?;
-        let manifest = build_manifest(id, layout, machine, base, pages)?;
+        let digest = stats.crc.map(|crc| DataDigest {
+            pages: stats.written.clone(),
+            crc,
+        });
+        let manifest = build_manifest(id, layout, machine, base, pages, digest)?;
         file.sync()?;
         tracking.base = Some(BaseRef {
             dir: PathBuf::new(), // Filled in by finish_save once the directory is final.
@@ -451,17 +455,20 @@ impl Checkpointer {
         let mut written = 0;
         let mut zero_pages = 0;
         let first = if base.is_some() {
-            memory_persist::write_pages(memory, &file, &changed_since_base, false)?
+            memory_persist::write_pages(memory, &file, &changed_since_base, false, false)?
         } else {
             let touched = self.touched_pages(&tracking)?;
-            memory_persist::write_pages(memory, &file, &touched, true)?
+            memory_persist::write_pages(memory, &file, &touched, true, false)?
         };
         written += first.pages;
         zero_pages += first.zero_pages;
+        let mut written_pages = first.written;
         let mut rounds = 1;
         let mut pending = memory_persist::collect_dirty(vm, memory)?;
         while pending.count() > LIVE_FINAL_PAGES && rounds < LIVE_MAX_ROUNDS {
-            written += memory_persist::write_pages(memory, &file, &pending, false)?.pages;
+            let round = memory_persist::write_pages(memory, &file, &pending, false, false)?;
+            written += round.pages;
+            written_pages.union(&round.written);
             all_pages.union(&pending);
             rounds += 1;
             pending = memory_persist::collect_dirty(vm, memory)?;
@@ -472,7 +479,7 @@ impl Checkpointer {
         self.machine.gate.pause(PAUSE_TIMEOUT)?;
         let result = self.with_devices_quiesced(|| {
             pending.union(&memory_persist::collect_dirty(vm, memory)?);
-            let stats = memory_persist::write_pages(memory, &file, &pending, false)?;
+            let stats = memory_persist::write_pages(memory, &file, &pending, false, false)?;
             at_stop()?;
             let machine = self.capture()?;
             Ok((stats, machine))
@@ -481,13 +488,19 @@ impl Checkpointer {
         let pause = pause_started.elapsed();
         let (stats, machine) = result?;
         written += stats.pages;
+        written_pages.union(&stats.written);
         all_pages.union(&pending);
 
-        // Durability after the guest runs again: the disks, then the files.
+        // Durability after the guest runs again: the disks, then the files. Pages were
+        // rewritten round after round: the digest is of what the file ends up holding.
         self.flush_disks()?;
         file.sync()?;
+        let digest = DataDigest {
+            crc: file.crc_of(&written_pages)?,
+            pages: written_pages,
+        };
         let pages = base.as_ref().map(|_| all_pages);
-        let manifest = build_manifest(id, layout, machine, base, pages)?;
+        let manifest = build_manifest(id, layout, machine, base, pages, Some(digest))?;
         tracking.base = Some(BaseRef {
             dir: PathBuf::new(),
             id,
@@ -640,6 +653,7 @@ impl Checkpointer {
                 machine,
                 None,
                 None,
+                None,
             )?;
             let io = Error::io("writing the VM state stream");
             out.write_all(&state_file::encode(&manifest)?).map_err(io)?;
@@ -763,6 +777,7 @@ fn build_manifest(
     machine: MachineState,
     base: Option<BaseRef>,
     pages: Option<PageSet>,
+    data: Option<DataDigest>,
 ) -> Result<Manifest> {
     let machine = serde_json::to_value(&machine)
         .map_err(|e| Error::Config(format!("encoding the machine state: {e}")))?;
@@ -771,6 +786,7 @@ fn build_manifest(
         _ => Manifest::new_full(layout, machine),
     };
     manifest.id = id;
+    manifest.data = data;
     Ok(manifest)
 }
 

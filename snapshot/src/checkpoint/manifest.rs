@@ -107,6 +107,22 @@ pub struct Manifest {
     pub pages: Option<PageSet>,
     /// The machine state (vCPUs, VM, devices), as the VMM wrote it.
     pub machine: serde_json::Value,
+    /// Which pages of the memory file hold data and their CRC, for `verify` (format 1.1;
+    /// absent in 1.0 files).
+    #[serde(default)]
+    pub data: Option<DataDigest>,
+}
+
+/// The pages a memory file was written with, and the CRC-32 of their bytes in page order.
+///
+/// Checked on demand (`snapvmm checkpoint verify`, `snapvmm restore --verify`), not on every
+/// load: a restore maps the file lazily and must not read it all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataDigest {
+    /// The pages written (for a full checkpoint, every other page is a hole reading zero).
+    pub pages: PageSet,
+    /// CRC-32 (IEEE) of those pages' bytes, ascending.
+    pub crc: u32,
 }
 
 /// A fresh random id (not cryptographic: it only tells checkpoints apart).
@@ -140,6 +156,7 @@ impl Manifest {
             memory,
             pages: None,
             machine,
+            data: None,
         }
     }
 
@@ -157,6 +174,7 @@ impl Manifest {
             memory,
             pages: Some(pages),
             machine,
+            data: None,
         }
     }
 
@@ -173,6 +191,15 @@ impl Manifest {
             (Some(_), None) => return Err("a diff checkpoint without its page list".into()),
             (None, Some(_)) => return Err("a full checkpoint with a page list".into()),
             _ => {}
+        }
+        if let Some(data) = &self.data {
+            if data.pages.len() != self.memory.total_pages() {
+                return Err(format!(
+                    "data page list covers {} pages, memory has {}",
+                    data.pages.len(),
+                    self.memory.total_pages()
+                ));
+            }
         }
         if let Some(pages) = &self.pages {
             if pages.len() != self.memory.total_pages() {

@@ -216,6 +216,26 @@ impl MemoryFile {
     }
 }
 
+impl MemoryFile {
+    /// CRC-32 of the bytes of `pages`, ascending (what [`super::DataDigest`] holds).
+    pub fn crc_of(&self, pages: &PageSet) -> CheckpointResult<u32> {
+        const CHUNK_PAGES: u64 = 256;
+        let mut buffer = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
+        let mut crc = crc32fast::Hasher::new();
+        for (first, count) in pages.runs() {
+            let mut page = first;
+            while page < first + count {
+                let n = (first + count - page).min(CHUNK_PAGES);
+                let bytes = &mut buffer[..(n * PAGE_SIZE) as usize];
+                self.read_at(bytes, page * PAGE_SIZE)?;
+                crc.update(bytes);
+                page += n;
+            }
+        }
+        Ok(crc.finalize())
+    }
+}
+
 /// Copies pages `pages` (linear page numbers) from `from` to `to`, a megabyte at a time.
 pub fn copy_pages(from: &MemoryFile, to: &MemoryFile, pages: &PageSet) -> CheckpointResult<u64> {
     const CHUNK_PAGES: u64 = 256;

@@ -36,11 +36,12 @@ pub fn merge_chain(top: &Path, out: &Path) -> CheckpointResult<MergeReport> {
     };
     let layout = newest.manifest.memory.clone();
     let data_len = layout.total_bytes();
-    let manifest = Manifest::new_full(layout, newest.manifest.machine.clone());
+    let mut manifest = Manifest::new_full(layout, newest.manifest.machine.clone());
 
     let tmp = memory_path(out).with_extension("tmp");
     let target = MemoryFile::create(&tmp, manifest.id, data_len)?;
     let mut pages_copied = 0;
+    let mut written = super::PageSet::new(data_len / super::PAGE_SIZE);
     for link in &chain {
         let source = MemoryFile::open(&memory_path(&link.dir), link.manifest.id, data_len)?;
         let pages = match &link.manifest.pages {
@@ -50,8 +51,13 @@ pub fn merge_chain(top: &Path, out: &Path) -> CheckpointResult<MergeReport> {
             None => source.data_pages(0, data_len)?,
         };
         pages_copied += copy_pages(&source, &target, &pages)?;
+        written.union(&pages);
     }
     target.sync()?;
+    manifest.data = Some(super::DataDigest {
+        crc: target.crc_of(&written)?,
+        pages: written,
+    });
     std::fs::rename(&tmp, memory_path(out)).map_err(CheckpointError::io(out))?;
     state_file::write(&state_path(out), &manifest)?;
     Ok(MergeReport {

@@ -34,7 +34,7 @@ pub mod page_set;
 pub mod state_file;
 
 pub use error::{CheckpointError, CheckpointResult};
-pub use manifest::{BaseRef, Manifest, MemoryLayout, MemoryRegion};
+pub use manifest::{BaseRef, DataDigest, Manifest, MemoryLayout, MemoryRegion};
 pub use memory_file::MemoryFile;
 pub use page_set::PageSet;
 
@@ -122,4 +122,30 @@ pub fn resolve_chain(dir: &Path) -> CheckpointResult<Vec<ChainLink>> {
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// Checks every memory file of the chain ending at `dir` against its manifest's data CRC;
+/// returns the number of pages read. A checkpoint without a digest (format 1.0) is skipped.
+pub fn verify_chain(dir: &Path) -> CheckpointResult<u64> {
+    let chain = resolve_chain(dir)?;
+    let mut pages = 0;
+    for link in &chain {
+        let Some(data) = &link.manifest.data else {
+            continue;
+        };
+        let path = memory_path(&link.dir);
+        let file = MemoryFile::open(&path, link.manifest.id, link.manifest.memory.total_bytes())?;
+        let crc = file.crc_of(&data.pages)?;
+        if crc != data.crc {
+            return Err(CheckpointError::MemoryFile {
+                path,
+                message: format!(
+                    "data CRC mismatch (stored {:08x}, computed {crc:08x}): guest memory in the file is corrupt",
+                    data.crc
+                ),
+            });
+        }
+        pages += data.pages.count();
+    }
+    Ok(pages)
 }

@@ -234,8 +234,8 @@ mod tests {
 
     #[test]
     fn refuses_huge_sets() {
-        let err = serde_json::from_str::<PageSet>(r#"{"pages":1099511627776,"runs":[]}"#)
-            .unwrap_err();
+        let err =
+            serde_json::from_str::<PageSet>(r#"{"pages":1099511627776,"runs":[]}"#).unwrap_err();
         assert!(err.to_string().contains("page list of"), "{err}");
     }
 

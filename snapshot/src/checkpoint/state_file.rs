@@ -23,8 +23,8 @@ use super::manifest::Manifest;
 pub const MAGIC: [u8; 8] = *b"SNAPVMCK";
 /// The major version written and read.
 pub const MAJOR_VERSION: u16 = 1;
-/// The minor version written.
-pub const MINOR_VERSION: u16 = 0;
+/// The minor version written (1: the manifest's `data` digest).
+pub const MINOR_VERSION: u16 = 1;
 /// Size of the fixed header.
 pub const HEADER_SIZE: usize = 24;
 /// Largest payload accepted (a hostile length must not make us allocate without bound).

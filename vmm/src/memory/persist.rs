@@ -252,30 +252,58 @@ fn host_runs<'a>(
 }
 
 /// What a memory write did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WriteStats {
     /// Pages written.
     pub pages: u64,
     /// Pages skipped because they held only zeroes (left as holes).
     pub zero_pages: u64,
+    /// The pages written.
+    pub written: PageSet,
+    /// CRC-32 of the written bytes in page order, when asked for (`digest`).
+    pub crc: Option<u32>,
 }
 
 /// Writes `pages` of `memory` into `file`. With `skip_zero`, all-zero pages stay holes (for
-/// a full checkpoint's first pass, where a hole reads as zero).
+/// a full checkpoint's first pass, where a hole reads as zero). With `digest`, also the
+/// CRC-32 of what was written; only while the guest is stopped, so the bytes hold still.
 pub fn write_pages(
     memory: &GuestMemoryMmap,
     file: &MemoryFile,
     pages: &PageSet,
     skip_zero: bool,
+    digest: bool,
 ) -> Result<WriteStats> {
     let regions = linear_regions(memory);
-    let mut stats = WriteStats::default();
+    let mut stats = WriteStats {
+        pages: 0,
+        zero_pages: 0,
+        written: PageSet::new(pages.len()),
+        crc: None,
+    };
+    let mut crc = digest.then(crc32fast::Hasher::new);
     let io = |e| Error::io(format!("writing {}", file.path().display()))(e);
+    let mut write = |ptr: *const u8, first: u64, count: u64, stats: &mut WriteStats| {
+        let len = (count * PAGE_SIZE) as usize;
+        if let Some(crc) = &mut crc {
+            // SAFETY: `ptr..ptr + len` lies in guest RAM, and `digest` is only asked for
+            // while the vCPUs are paused and the devices quiesced.
+            crc.update(unsafe { std::slice::from_raw_parts(ptr, len) });
+        }
+        pwrite_all(
+            file.file(),
+            ptr,
+            len,
+            memory_file::HEADER_SIZE + first * PAGE_SIZE,
+        )
+        .map_err(io)?;
+        stats.pages += count;
+        stats.written.insert_range(first, count);
+        Ok::<(), Error>(())
+    };
     for (host, first, count) in host_runs(&regions, pages) {
-        let offset = memory_file::HEADER_SIZE + first * PAGE_SIZE;
         if !skip_zero {
-            pwrite_all(file.file(), host, (count * PAGE_SIZE) as usize, offset).map_err(io)?;
-            stats.pages += count;
+            write(host, first, count, &mut stats)?;
             continue;
         }
         // Coalesce non-zero pages into as few writes as possible.
@@ -290,14 +318,7 @@ pub fn write_pages(
                 (true, Some(start)) => {
                     // SAFETY: pages start..i of this run lie in the mapping.
                     let ptr = unsafe { host.add((start * PAGE_SIZE) as usize) };
-                    pwrite_all(
-                        file.file(),
-                        ptr,
-                        ((i - start) * PAGE_SIZE) as usize,
-                        offset + start * PAGE_SIZE,
-                    )
-                    .map_err(io)?;
-                    stats.pages += i - start;
+                    write(ptr, first + start, i - start, &mut stats)?;
                     run_start = None;
                 }
                 _ => {}
@@ -307,6 +328,7 @@ pub fn write_pages(
             }
         }
     }
+    stats.crc = crc.map(crc32fast::Hasher::finalize);
     Ok(stats)
 }
 
@@ -526,8 +548,10 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let file = MemoryFile::create(&dir.path().join("m"), 1, 8 << 20).unwrap();
-        let stats = write_pages(&memory, &file, &resident, true).unwrap();
+        let stats = write_pages(&memory, &file, &resident, true, true).unwrap();
         assert_eq!(stats.pages, 1, "{stats:?}");
+        assert!(stats.written.contains(5) && stats.written.count() == 1);
+        assert_eq!(stats.crc, Some(file.crc_of(&stats.written).unwrap()));
 
         let other = crate::memory::create(8 << 20).unwrap();
         other
