@@ -479,16 +479,17 @@ impl Checkpointer {
         self.machine.gate.pause(PAUSE_TIMEOUT)?;
         let result = self.with_devices_quiesced(|| {
             pending.union(&memory_persist::collect_dirty(vm, memory)?);
-            let stats = memory_persist::write_pages(memory, &file, &pending, false, false)?;
+            let copied = memory_persist::copy_out(memory, &pending);
             at_stop()?;
             let machine = self.capture()?;
-            Ok((stats, machine))
+            Ok((copied, machine))
         });
         self.machine.gate.resume();
         let pause = pause_started.elapsed();
-        let (stats, machine) = result?;
-        written += stats.pages;
-        written_pages.union(&stats.written);
+        let (copied, machine) = result?;
+        memory_persist::write_copied(&file, &pending, &copied)?;
+        written += pending.count();
+        written_pages.union(&pending);
         all_pages.union(&pending);
 
         // Durability after the guest runs again: the disks, then the files. Pages were

@@ -332,6 +332,39 @@ pub fn write_pages(
     Ok(stats)
 }
 
+/// Copies `pages` out of guest RAM, ascending: a live checkpoint's stop copies its last
+/// dirty pages into memory and writes them once the guest runs again, so no file I/O (which
+/// can block on writeback) happens while the guest waits.
+pub fn copy_out(memory: &GuestMemoryMmap, pages: &PageSet) -> Vec<u8> {
+    let regions = linear_regions(memory);
+    let mut bytes = Vec::with_capacity((pages.count() * PAGE_SIZE) as usize);
+    for (host, _, count) in host_runs(&regions, pages) {
+        // SAFETY: the run lies in guest RAM; the caller has stopped the vCPUs and devices.
+        bytes.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(host, (count * PAGE_SIZE) as usize)
+        });
+    }
+    bytes
+}
+
+/// Writes pages [`copy_out`] copied (`bytes`, ascending) to `file`.
+pub fn write_copied(file: &MemoryFile, pages: &PageSet, bytes: &[u8]) -> Result<()> {
+    let mut offset = 0usize;
+    for (first, count) in pages.runs() {
+        let len = (count * PAGE_SIZE) as usize;
+        let chunk = bytes.get(offset..offset + len).ok_or_else(|| {
+            Error::Memory(format!(
+                "{} copied bytes for {} pages",
+                bytes.len(),
+                pages.count()
+            ))
+        })?;
+        file.write_at(chunk, first * PAGE_SIZE)?;
+        offset += len;
+    }
+    Ok(())
+}
+
 /// Reads `pages` of `file` into `memory` (vCPUs paused, devices quiesced).
 pub fn read_pages(memory: &GuestMemoryMmap, file: &MemoryFile, pages: &PageSet) -> Result<()> {
     let regions = linear_regions(memory);
