@@ -34,7 +34,8 @@ const MSR_RANGES: &[(u32, u32)] = &[
     (0x4b56_4d00, 0x4b56_4dff), // kvmclock and other KVM paravirtual MSRs
 ];
 
-/// The MSRs to save on this host: KVM's index list filtered by [`MSR_RANGES`], ascending.
+/// The MSRs to save on this host: KVM's index list filtered by an allowlist (the TSC,
+/// SYSENTER/SYSCALL, MTRRs, PAT, TSC_DEADLINE, kvmclock and KVM's paravirtual range), ascending.
 pub fn msr_list(kvm: &Kvm) -> Result<Vec<u32>> {
     let list = kvm
         .get_msr_index_list()
