@@ -3,6 +3,9 @@
 //! ```text
 //! snapvmm ctl --api-socket vm.sock info
 //! snapvmm ctl --api-socket vm.sock domblklist
+//! snapvmm ctl --api-socket vm.sock checkpoint-save ckpt1 --live
+//! snapvmm ctl --api-socket vm.sock checkpoint-save ckpt2 --incremental
+//! snapvmm ctl --api-socket vm.sock checkpoint-revert ckpt1
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s1 --disk-only --atomic
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s2 "with memory"
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s3 --internal
@@ -23,11 +26,13 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmm::api::client::ClientError;
+use vmm::api::types::{CheckpointRequest, RevertRequest, RevertResult};
 use vmm::api::types::{
     CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
     SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
 };
 use vmm::api::{ApiClient, VmInfo};
+use vmm::CheckpointReport;
 
 /// How often `--wait` looks at a job.
 const POLL: Duration = Duration::from_millis(50);
@@ -57,6 +62,24 @@ enum Verb {
     Resume,
     /// Stop the VM.
     Shutdown,
+    /// Save a memory, vCPU and device checkpoint of the running VM into DIR.
+    #[command(name = "checkpoint-save")]
+    CheckpointSave {
+        /// The checkpoint directory (created if absent).
+        dir: PathBuf,
+        /// Copy memory while the guest runs; stop it only briefly at the end.
+        #[arg(long)]
+        live: bool,
+        /// Save only what changed since the VM's last checkpoint, as a diff on it.
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// Return the running VM to the checkpoint in DIR, in place (disks are not changed).
+    #[command(name = "checkpoint-revert")]
+    CheckpointRevert {
+        /// The checkpoint directory (a full checkpoint or the top of a diff chain).
+        dir: PathBuf,
+    },
     /// List the disks and their files.
     Domblklist,
     /// Take a snapshot of every writable disk, with the VM's memory unless --disk-only; it
@@ -251,6 +274,49 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                 return print_json(&serde_json::json!({ "ok": true }));
             }
             println!("Domain {done}");
+        }
+        Verb::CheckpointSave {
+            dir,
+            live,
+            incremental,
+        } => {
+            // The VMM may run in another directory: send an absolute path.
+            let request = CheckpointRequest {
+                dir: std::path::absolute(&dir)?,
+                live,
+                incremental,
+            };
+            let report: CheckpointReport =
+                client.call_json("PUT", "/vm/checkpoint", Some(&request))?;
+            if json {
+                return print_json(&report);
+            }
+            let kind = if report.base.is_some() {
+                "diff"
+            } else {
+                "full"
+            };
+            println!(
+                "Checkpoint {} saved ({kind}, {} pages written, paused {:.3} ms)",
+                report.dir.display(),
+                report.pages_written,
+                report.pause_us as f64 / 1000.0
+            );
+        }
+        Verb::CheckpointRevert { dir } => {
+            let request = RevertRequest {
+                dir: std::path::absolute(&dir)?,
+            };
+            let result: RevertResult =
+                client.call_json("PUT", "/vm/checkpoint/revert", Some(&request))?;
+            if json {
+                return print_json(&result);
+            }
+            println!(
+                "Domain reverted to checkpoint {} (paused {:.3} ms)",
+                result.dir.display(),
+                result.pause_us as f64 / 1000.0
+            );
         }
         Verb::Domblklist => {
             let disks: Vec<DiskInfo> = client.get("/disks")?;

@@ -8,9 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod checkpoint;
 mod ctl;
 mod demo;
 mod img;
+mod restore;
 mod run;
 
 /// Command line of the `snapvmm` binary.
@@ -38,6 +40,10 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// Boot the micro-guest on a new qcow2 disk and snapshot, stream and commit it live.
     Demo(demo::DemoArgs),
+    /// Start a VM from a checkpoint directory, where it was saved.
+    Restore(restore::RestoreArgs),
+    /// Work on checkpoint directories offline (merge a diff chain, show one).
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +79,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
         Command::Demo(args) => demo::main(args),
+        Command::Restore(args) => restore::main(args),
+        Command::Checkpoint(args) => checkpoint::main(args),
     };
     ExitCode::from(code)
 }

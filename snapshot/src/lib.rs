@@ -44,6 +44,7 @@
 //! ```
 
 pub mod chain;
+pub mod checkpoint;
 pub mod commit;
 pub mod error;
 pub mod job;

@@ -1,6 +1,7 @@
 //! Assembling a VM from a [`VmConfig`] and running it to its end.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
+use crate::checkpoint::{Checkpointer, Tracking};
 use crate::config::{BootSource, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -22,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{IoBuses, PauseGate, Vcpu, VcpuStart, VcpuThread};
+use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
@@ -43,26 +45,157 @@ pub struct AttachedDisk {
     pub gsi: u32,
 }
 
+/// The parts of a built VM that outlive any one call: what checkpoints save and load.
+pub(crate) struct Machine {
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// Every vCPU's fd, by index.
+    pub vcpus: Vec<SharedVcpuFd>,
+    /// The virtio-mmio transports, in disk order.
+    pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The serial console.
+    pub serial: Arc<Mutex<Serial>>,
+    /// The disks, in device order.
+    pub disks: Vec<AttachedDisk>,
+    /// What the VM was built from (disk paths as first opened).
+    pub config: VmConfig,
+    /// Pauses and resumes the vCPUs.
+    pub gate: Arc<PauseGate>,
+    /// The MSRs a vCPU save reads.
+    pub msr_list: Vec<u32>,
+}
+
 /// A running VM.
 pub struct Vmm {
     // Field order is drop order: vCPUs are joined explicitly before any of these go.
     exit: ExitHandle,
     stop: Arc<AtomicBool>,
     vcpus: Vec<VcpuThread>,
-    pause: Arc<PauseGate>,
-    devices: Vec<Arc<Mutex<MmioTransport>>>,
-    disks: Vec<AttachedDisk>,
-    memory: GuestMemoryMmap,
-    _vm: Vm,
+    checkpointer: Arc<Checkpointer>,
+    machine: Arc<Machine>,
 }
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vmm")
             .field("vcpus", &self.vcpus.len())
-            .field("disks", &self.disks)
+            .field("disks", &self.machine.disks)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`assemble`] builds around guest RAM: everything but the vCPUs.
+struct Assembled {
+    vm: Vm,
+    buses: IoBuses,
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
+    attached: Vec<AttachedDisk>,
+    serial: Arc<Mutex<Serial>>,
+}
+
+/// Checks the VM's shape and returns its memory size in bytes.
+fn check_config(config: &VmConfig) -> Result<u64> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(Error::Config(format!(
+            "{} vCPUs (1 to {MAX_VCPUS})",
+            config.vcpus
+        )));
+    }
+    config
+        .memory_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| Error::Config(format!("{} MiB of memory", config.memory_mib)))
+}
+
+/// Creates the KVM VM over `memory` with its serial console, i8042 and one virtio-blk
+/// device per disk of `config`.
+fn assemble(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    serial: Box<dyn Write + Send>,
+    exit: &ExitHandle,
+) -> Result<Assembled> {
+    let disks = open_disks(config)?;
+    let vm = Vm::new(memory)?;
+
+    let mut buses = IoBuses::default();
+    let trigger = IrqTrigger::new()?;
+    vm.fd()
+        .register_irqfd(trigger.fd(), SERIAL_GSI)
+        .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(trigger, serial)));
+    buses
+        .pio
+        .insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORTS)
+        .map_err(|o| Error::Config(format!("I/O range {:#x}+{} overlaps", o.base, o.len)))?;
+    insert(
+        &mut buses.pio,
+        I8042::new(exit.clone()),
+        I8042_BASE.into(),
+        I8042_PORTS,
+    )?;
+    for &(port, count) in IGNORED_PORT_RANGES {
+        insert(&mut buses.pio, IgnoredPorts, port.into(), count)?;
+    }
+
+    let mut devices = Vec::new();
+    let mut attached = Vec::new();
+    for (index, (disk, read_only)) in disks.into_iter().enumerate() {
+        let disk_config = &config.disks[index];
+        let name = disk.name().to_string();
+        let gsi = layout::virtio_gsi(index).ok_or_else(|| {
+            Error::Config(format!("too many devices: no interrupt left for {name}"))
+        })?;
+        let mmio_base = layout::virtio_mmio_window(index);
+        let block = Block::new(
+            BlockConfig {
+                id: name.clone(),
+                read_only,
+                num_queues: disk_config.num_queues,
+                queue_size: disk_config.queue_size,
+            },
+            disk.clone(),
+        )?;
+        let transport = MmioTransport::new(
+            format!("virtio-blk {name}"),
+            Box::new(block),
+            memory.clone(),
+        )?;
+        vm.fd()
+            .register_irqfd(transport.interrupt().irqfd(), gsi)
+            .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
+        for (queue, event) in transport.notify_events().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    event,
+                    &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        buses
+            .mmio
+            .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
+            .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+        devices.push(transport);
+        attached.push(AttachedDisk {
+            name,
+            disk,
+            read_only,
+            mmio_base,
+            gsi,
+        });
+    }
+    Ok(Assembled {
+        vm,
+        buses,
+        devices,
+        attached,
+        serial,
+    })
 }
 
 /// Opens the serial console's destination.
@@ -109,16 +242,7 @@ impl Vmm {
 
     /// As [`Vmm::start`], with the console going to `serial`.
     pub fn start_with_serial(config: &VmConfig, serial: Box<dyn Write + Send>) -> Result<Self> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "{} vCPUs (1 to {MAX_VCPUS})",
-                config.vcpus
-            )));
-        }
-        let memory_bytes = config
-            .memory_mib
-            .checked_mul(1 << 20)
-            .ok_or_else(|| Error::Config(format!("{} MiB of memory", config.memory_mib)))?;
+        let memory_bytes = check_config(config)?;
         if matches!(config.boot, BootSource::MicroGuest { .. }) && memory_bytes < guest::MIN_MEMORY
         {
             return Err(Error::Config(format!(
@@ -126,81 +250,10 @@ impl Vmm {
                 guest::MIN_MEMORY >> 20
             )));
         }
-        let disks = open_disks(config)?;
         let memory = memory::create(memory_bytes)?;
-        let vm = Vm::new(&memory)?;
         let exit = ExitHandle::new()?;
-
-        let mut buses = IoBuses::default();
-        let trigger = IrqTrigger::new()?;
-        vm.fd()
-            .register_irqfd(trigger.fd(), SERIAL_GSI)
-            .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
-        insert(
-            &mut buses.pio,
-            Serial::new(trigger, serial),
-            SERIAL_PORT.into(),
-            SERIAL_PORTS,
-        )?;
-        insert(
-            &mut buses.pio,
-            I8042::new(exit.clone()),
-            I8042_BASE.into(),
-            I8042_PORTS,
-        )?;
-        for &(port, count) in IGNORED_PORT_RANGES {
-            insert(&mut buses.pio, IgnoredPorts, port.into(), count)?;
-        }
-
-        let mut devices = Vec::new();
-        let mut attached = Vec::new();
-        for (index, (disk, read_only)) in disks.into_iter().enumerate() {
-            let disk_config = &config.disks[index];
-            let name = disk.name().to_string();
-            let gsi = layout::virtio_gsi(index).ok_or_else(|| {
-                Error::Config(format!("too many devices: no interrupt left for {name}"))
-            })?;
-            let mmio_base = layout::virtio_mmio_window(index);
-            let block = Block::new(
-                BlockConfig {
-                    id: name.clone(),
-                    read_only,
-                    num_queues: disk_config.num_queues,
-                    queue_size: disk_config.queue_size,
-                },
-                disk.clone(),
-            )?;
-            let transport = MmioTransport::new(
-                format!("virtio-blk {name}"),
-                Box::new(block),
-                memory.clone(),
-            )?;
-            vm.fd()
-                .register_irqfd(transport.interrupt().irqfd(), gsi)
-                .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
-            for (queue, event) in transport.notify_events().iter().enumerate() {
-                vm.fd()
-                    .register_ioevent(
-                        event,
-                        &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
-                        queue as u32,
-                    )
-                    .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            buses
-                .mmio
-                .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
-                .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
-            devices.push(transport);
-            attached.push(AttachedDisk {
-                name,
-                disk,
-                read_only,
-                mmio_base,
-                gsi,
-            });
-        }
+        let assembled = assemble(config, &memory, serial, &exit)?;
+        let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
         let starts = match &config.boot {
@@ -251,16 +304,97 @@ impl Vmm {
                     .chain((1..config.vcpus).map(|_| VcpuStart::WaitForSipi))
                     .collect()
             }
+            BootSource::Checkpoint(dir) => {
+                return Err(Error::Config(format!(
+                    "{} is a checkpoint: restore it with Vmm::restore",
+                    dir.display()
+                )))
+            }
         };
 
-        let cpuid = vm.supported_cpuid()?;
+        let cpuid = assembled.vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
         for (index, start) in starts.iter().enumerate() {
-            vcpus.push(Vcpu::new(&vm, &cpuid, index as u8, config.vcpus, start)?);
+            vcpus.push(Vcpu::new(
+                &assembled.vm,
+                &cpuid,
+                index as u8,
+                config.vcpus,
+                start,
+            )?);
         }
+        Self::launch(
+            config.clone(),
+            memory,
+            assembled,
+            vcpus,
+            exit,
+            false,
+            Tracking::default(),
+        )
+    }
+
+    /// Builds a VM from the checkpoint in `dir` (a full one or the top of a diff chain) and
+    /// starts it where the checkpoint left it; the console goes to `serial`. Guest RAM maps
+    /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
+    /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
+    pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
+        let loaded = crate::checkpoint::LoadedCheckpoint::open(dir)?;
+        let config = loaded.config()?;
+        let memory_bytes = check_config(&config)?;
+        let memory = memory::create(memory_bytes)?;
+        memory::persist::check_layout(&memory, &loaded.layout())
+            .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
+        let exit = ExitHandle::new()?;
+        // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
+        // the restore in the pagemap (see `memory::persist::written_since_mapped`).
+        let assembled = assemble(&config, &memory, serial, &exit)?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
+        }
+        let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
+        loaded.apply_new(
+            &assembled.vm,
+            &memory,
+            &shared,
+            &assembled.devices,
+            &assembled.serial,
+            &assembled.attached,
+        )?;
+        let tracking = loaded.tracking()?;
+        // The devices restart before the vCPUs run; a failure stops the vCPUs again.
+        for device in &assembled.devices {
+            device.lock().resume()?;
+        }
+        Self::launch(config, memory, assembled, vcpus, exit, paused, tracking)
+    }
+
+    /// Starts the vCPU threads of an assembled VM.
+    fn launch(
+        config: VmConfig,
+        memory: GuestMemoryMmap,
+        assembled: Assembled,
+        vcpus: Vec<Vcpu>,
+        exit: ExitHandle,
+        paused: bool,
+        tracking: Tracking,
+    ) -> Result<Self> {
+        let Assembled {
+            vm,
+            buses,
+            devices,
+            attached,
+            serial,
+        } = assembled;
+        let msr_list = crate::vcpu::persist::msr_list(vm.kvm())?;
+        let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
         let buses = Arc::new(buses);
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseGate::new());
+        if paused {
+            pause.close();
+        }
         let mut threads = Vec::new();
         for vcpu in vcpus {
             match vcpu.start(buses.clone(), exit.clone(), stop.clone(), pause.clone()) {
@@ -281,16 +415,30 @@ impl Vmm {
             config.memory_mib,
             attached.len()
         );
+        let machine = Arc::new(Machine {
+            vm,
+            memory,
+            vcpus: shared,
+            devices,
+            serial,
+            disks: attached,
+            config,
+            gate: pause,
+            msr_list,
+        });
         Ok(Vmm {
             exit,
             stop,
             vcpus: threads,
-            pause,
-            devices,
-            disks: attached,
-            memory,
-            _vm: vm,
+            checkpointer: Arc::new(Checkpointer::new(machine.clone(), tracking)),
+            machine,
         })
+    }
+
+    /// The VM's checkpoint engine: save, revert, live and incremental checkpoints; it is
+    /// also the [`snapshot::vm_state::VmState`] the snapshot tree drives.
+    pub fn checkpointer(&self) -> Arc<Checkpointer> {
+        self.checkpointer.clone()
     }
 
     /// A handle that ends the VM when asked (from a signal handler thread, the API, ...).
@@ -300,17 +448,22 @@ impl Vmm {
 
     /// The gate that pauses and resumes the vCPUs.
     pub fn pause_gate(&self) -> Arc<PauseGate> {
-        self.pause.clone()
+        self.machine.gate.clone()
     }
 
     /// The VM's disks, in device order.
     pub fn disks(&self) -> &[AttachedDisk] {
-        &self.disks
+        &self.machine.disks
+    }
+
+    /// What the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.machine.config
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+        &self.machine.memory
     }
 
     /// Waits for the VM to end, then tears it down: vCPUs stopped, device queues drained,
@@ -329,17 +482,19 @@ impl Vmm {
 
     fn shutdown(mut self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
-        self.pause.forget_threads();
+        self.machine.gate.forget_threads();
         let mut first_error = None;
         for vcpu in self.vcpus.drain(..) {
             if let Err(e) = vcpu.stop(VCPU_STOP_TIMEOUT) {
                 first_error.get_or_insert(e);
             }
         }
-        // Dropping the transports stops each device's queue workers once their requests
-        // complete; only then is a flush final.
-        self.devices.clear();
-        for disk in &self.disks {
+        // Stop each device's queue workers once their requests complete; only then is a
+        // flush final.
+        for device in &self.machine.devices {
+            device.lock().shutdown();
+        }
+        for disk in &self.machine.disks {
             if disk.read_only {
                 continue;
             }

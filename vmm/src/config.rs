@@ -74,6 +74,8 @@ pub enum BootSource {
         /// Seed of the data pattern the workload writes.
         seed: u64,
     },
+    /// Restored from the checkpoint in this directory (see [`crate::Vmm::restore`]).
+    Checkpoint(PathBuf),
     /// A Linux bzImage.
     Linux {
         /// The kernel image.

@@ -57,6 +57,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint's files are damaged, mismatched or could not be written.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] snapshot::checkpoint::CheckpointError),
     /// A vCPU stopped on an exit the VMM cannot handle.
     #[error("vCPU {index}: {message}")]
     Vcpu {

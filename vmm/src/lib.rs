@@ -9,19 +9,21 @@
 //! # Ok::<(), vmm::Error>(())
 //! ```
 //!
-//! Layout, one module per concern (Firecracker style; each device's saved state will sit in
-//! a `persist.rs` beside it):
+//! Layout, one module per concern (Firecracker style; what a checkpoint saves of each part
+//! sits in a `persist.rs` beside it):
 //! - [`memory`]: guest RAM with a dirty bitmap for the VMM's own writes;
 //! - [`vm`], [`vcpu`], [`arch`]: KVM objects, CPUID, MSRs, registers, LAPIC, page tables;
 //! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
 //! - [`guest`]: the micro-guest built from `vmm/guest/` and its boot info;
 //! - [`api`]: the REST API server on a Unix socket, and its client;
 //! - [`console`]: the serial console as timestamped lines, for programs that drive a guest;
-//! - [`builder`]: assembling a VM from a [`config::VmConfig`] and running it.
+//! - [`builder`]: assembling a VM from a [`config::VmConfig`] (or a checkpoint) and running it;
+//! - [`checkpoint`]: saving and loading the running VM (full, incremental, live, streams).
 
 pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod devices;
@@ -33,6 +35,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use builder::{run, AttachedDisk, Vmm};
+pub use checkpoint::{CheckpointOptions, CheckpointReport, Checkpointer};
 pub use error::{Error, Result};
 pub use exit::{ExitHandle, ExitReason};
 pub use snapshot;

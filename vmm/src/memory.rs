@@ -10,6 +10,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::arch::x86_64::layout::{HIGH_RAM_START, MMIO_HOLE_START};
 use crate::error::{Error, Result};
 
+pub mod persist;
+
 /// The guest memory type used throughout the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One region of [`GuestMemoryMmap`].

@@ -20,6 +20,13 @@ use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::vm::Vm;
 
+pub mod persist;
+
+/// A vCPU's file descriptor, shared between its thread (which holds the lock only around
+/// `KVM_RUN` and the exit it handles) and the checkpoint code (which takes it while the vCPU
+/// is parked).
+pub type SharedVcpuFd = Arc<parking_lot::Mutex<VcpuFd>>;
+
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -63,7 +70,7 @@ pub struct IoBuses {
 /// One vCPU, configured and ready to run.
 pub struct Vcpu {
     index: u8,
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -94,7 +101,27 @@ impl Vcpu {
             })
             .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
         }
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd: Arc::new(parking_lot::Mutex::new(fd)),
+        })
+    }
+
+    /// Creates vCPU `index` with nothing set up: a restore writes its whole state.
+    pub fn create_bare(vm: &Vm, index: u8) -> Result<Self> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(Error::kvm(format!("KVM_CREATE_VCPU {index}")))?;
+        Ok(Vcpu {
+            index,
+            fd: Arc::new(parking_lot::Mutex::new(fd)),
+        })
+    }
+
+    /// The vCPU's file descriptor, for saving and loading its state while it is parked.
+    pub fn shared_fd(&self) -> SharedVcpuFd {
+        self.fd.clone()
     }
 
     /// The vCPU's index (and APIC id).
@@ -121,28 +148,58 @@ impl Vcpu {
         Ok(VcpuThread { index, handle })
     }
 
-    fn run(mut self, buses: &IoBuses, exit: &ExitHandle, stop: &AtomicBool, gate: &PauseGate) {
+    fn run(self, buses: &IoBuses, exit: &ExitHandle, stop: &AtomicBool, gate: &PauseGate) {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
             if gate.is_paused() {
+                if let Some(reason) = self.complete_pending_io(buses) {
+                    exit.request(reason);
+                    break;
+                }
                 gate.park(stop);
                 continue;
             }
-            let outcome = match self.fd.run() {
+            let mut fd = self.fd.lock();
+            let outcome = match fd.run() {
                 Ok(vcpu_exit) => handle_exit(index, vcpu_exit, buses),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // A kick: re-check the stop flag. Clear immediate_exit in case it was used.
-                    self.fd.set_kvm_immediate_exit(0);
+                    fd.set_kvm_immediate_exit(0);
                     continue;
                 }
                 Err(e) => Some(ExitReason::Error(format!("vCPU {index}: KVM_RUN: {e}"))),
             };
+            drop(fd);
             if let Some(reason) = outcome {
                 exit.request(reason);
                 break;
             }
         }
         tracing::debug!("vCPU {index} stopped");
+    }
+
+    /// Lets KVM finish an instruction whose port or MMIO read user space just answered
+    /// (KVM completes it on the next `KVM_RUN`): with `immediate_exit` set, `KVM_RUN`
+    /// completes it and returns without entering the guest. Without this, registers saved
+    /// while parked would miss the read's result.
+    fn complete_pending_io(&self, buses: &IoBuses) -> Option<ExitReason> {
+        let mut fd = self.fd.lock();
+        // A string instruction may exit again once per element; bound the loop.
+        for _ in 0..4096 {
+            fd.set_kvm_immediate_exit(1);
+            let result = fd.run();
+            match result {
+                Ok(vcpu_exit) => {
+                    if let Some(reason) = handle_exit(self.index, vcpu_exit, buses) {
+                        fd.set_kvm_immediate_exit(0);
+                        return Some(reason);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        fd.set_kvm_immediate_exit(0);
+        None
     }
 }
 
@@ -286,7 +343,17 @@ impl PauseGate {
                 // `forget_threads` emptied this list, under the lock held here.
                 unsafe { libc::pthread_kill(thread, kick_signal()) };
             }
+            let wanted = threads.len();
             drop(threads);
+            // A kicked vCPU parks within microseconds: poll briefly before sleeping, so a
+            // checkpoint's stop is not rounded up to the sleep's millisecond.
+            let spin_until = Instant::now() + Duration::from_micros(500);
+            while Instant::now() < spin_until {
+                if self.parked.load(Ordering::Acquire) >= wanted {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            }
             if Instant::now() > deadline {
                 self.resume();
                 return Err(Error::Vcpu {
@@ -296,6 +363,12 @@ impl PauseGate {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Closes the gate without kicking anyone: vCPU threads started afterwards park before
+    /// their first `KVM_RUN` (a VM restored paused).
+    pub fn close(&self) {
+        *self.paused.lock() = true;
     }
 
     /// Lets paused vCPUs run again.

@@ -5,6 +5,8 @@
 //! | GET | `/vm` | [`types::VmInfo`] |
 //! | PUT | `/vm/pause`, `/vm/resume`, `/vm/shutdown` | the VM's life |
 //! | GET | `/disks`, `/disks/{disk}` | [`types::DiskInfo`] (virsh `domblklist`) |
+//! | PUT | `/vm/checkpoint` | memory + vCPU + device checkpoint, [`types::CheckpointRequest`] |
+//! | PUT | `/vm/checkpoint/revert` | back to a checkpoint in place, [`types::RevertRequest`] |
 //! | PUT | `/snapshot/disk` | external disk-only snapshot, [`types::SnapshotCreate`] |
 //! | PUT | `/disks/{disk}/stream` | blockpull, [`types::StreamRequest`] |
 //! | PUT | `/disks/{disk}/commit` | blockcommit, [`types::CommitRequest`] |
@@ -125,6 +127,24 @@ pub trait VmControl: Send + Sync {
     fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
         None
     }
+    /// Saves a checkpoint (`/vm/checkpoint`).
+    fn checkpoint(
+        &self,
+        _request: &types::CheckpointRequest,
+    ) -> Result<crate::CheckpointReport, ApiError> {
+        Err(ApiError::NotImplemented(
+            "this VM cannot take checkpoints".into(),
+        ))
+    }
+    /// Returns the VM to a checkpoint in place (`/vm/checkpoint/revert`).
+    fn revert_checkpoint(
+        &self,
+        _request: &types::RevertRequest,
+    ) -> Result<types::RevertResult, ApiError> {
+        Err(ApiError::NotImplemented(
+            "this VM cannot load checkpoints".into(),
+        ))
+    }
 }
 
 /// [`VmControl`] over a running [`crate::Vmm`].
@@ -136,6 +156,17 @@ pub struct VmmControl {
     memory_mib: u64,
     disks: Vec<AttachedDisk>,
     tree: OnceLock<Arc<SnapshotTree>>,
+    checkpointer: Arc<crate::Checkpointer>,
+}
+
+/// Maps a checkpoint failure onto HTTP: bad or mismatched files are the request's fault.
+fn checkpoint_error(e: crate::Error) -> ApiError {
+    match e {
+        crate::Error::Checkpoint(_) | crate::Error::Config(_) => {
+            ApiError::BadRequest(e.to_string())
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
 }
 
 impl VmmControl {
@@ -148,6 +179,7 @@ impl VmmControl {
             memory_mib,
             disks: vmm.disks().to_vec(),
             tree: OnceLock::new(),
+            checkpointer: vmm.checkpointer(),
         })
     }
 
@@ -211,5 +243,47 @@ impl VmControl for VmmControl {
 
     fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
         self.tree.get().cloned()
+    }
+
+    fn checkpoint(
+        &self,
+        request: &types::CheckpointRequest,
+    ) -> Result<crate::CheckpointReport, ApiError> {
+        if self.exit.is_requested() {
+            return Err(ApiError::Conflict("the VM is shutting down".into()));
+        }
+        let options = crate::CheckpointOptions {
+            live: request.live,
+            incremental: request.incremental,
+        };
+        let report = self
+            .checkpointer
+            .checkpoint(&request.dir, options)
+            .map_err(checkpoint_error)?;
+        tracing::info!(
+            "checkpoint {} saved: {} pages, paused {} us",
+            report.dir.display(),
+            report.pages_written,
+            report.pause_us
+        );
+        Ok(report)
+    }
+
+    fn revert_checkpoint(
+        &self,
+        request: &types::RevertRequest,
+    ) -> Result<types::RevertResult, ApiError> {
+        if self.exit.is_requested() {
+            return Err(ApiError::Conflict("the VM is shutting down".into()));
+        }
+        let pause = self
+            .checkpointer
+            .revert(&request.dir)
+            .map_err(checkpoint_error)?;
+        tracing::info!("reverted to checkpoint {}", request.dir.display());
+        Ok(types::RevertResult {
+            dir: request.dir.clone(),
+            pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
+        })
     }
 }

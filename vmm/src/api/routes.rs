@@ -19,6 +19,7 @@ use snapshot::tree::{DeleteOptions, SnapshotTree, TakeOptions};
 use snapshot::{Job, JobStatus};
 use storage::BlockDevice;
 
+use super::types::{CheckpointRequest, RevertRequest};
 use super::types::{
     CommitRequest, DiskInfo, Fault, JobInfo, SnapshotCreate, SnapshotDeleteRequest,
     SnapshotDeleteResult, SnapshotDiskResult, SnapshotResult, SpeedRequest, StreamRequest,
@@ -34,6 +35,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/pause"),
     ("PUT", "/vm/resume"),
     ("PUT", "/vm/shutdown"),
+    ("PUT", "/vm/checkpoint"),
+    ("PUT", "/vm/checkpoint/revert"),
     ("GET", "/disks"),
     ("GET", "/disks/{disk}"),
     ("PUT", "/snapshot/disk"),
@@ -309,6 +312,16 @@ impl Router {
             ("PUT", "/vm/shutdown") => {
                 no_body(body)?;
                 self.vm.shutdown().map(|()| Response::no_content())
+            }
+            ("PUT", "/vm/checkpoint") => {
+                let request: CheckpointRequest = parse_required(body)?;
+                self.vm.checkpoint(&request).map(|r| Response::json(&r))
+            }
+            ("PUT", "/vm/checkpoint/revert") => {
+                let request: RevertRequest = parse_required(body)?;
+                self.vm
+                    .revert_checkpoint(&request)
+                    .map(|r| Response::json(&r))
             }
             ("GET", "/disks") => {
                 let disks: Vec<DiskInfo> =

@@ -230,3 +230,34 @@ pub struct Fault {
     /// What was wrong.
     pub fault_message: String,
 }
+
+/// `PUT /vm/checkpoint`: save the VM's memory, vCPU and device state into a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// The checkpoint directory (created if absent), on the VMM's host.
+    pub dir: std::path::PathBuf,
+    /// Copy memory while the guest runs; stop it only briefly at the end.
+    #[serde(default)]
+    pub live: bool,
+    /// Save only what changed since the VM's last checkpoint (a diff naming it as base).
+    #[serde(default)]
+    pub incremental: bool,
+}
+
+/// `PUT /vm/checkpoint/revert`: return the running VM to a checkpoint, in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    /// The checkpoint directory (a full checkpoint or the top of a diff chain).
+    pub dir: std::path::PathBuf,
+}
+
+/// The answer to `PUT /vm/checkpoint/revert`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertResult {
+    /// The checkpoint loaded.
+    pub dir: std::path::PathBuf,
+    /// How long the vCPUs were stopped, in microseconds.
+    pub pause_us: u64,
+}

@@ -9,6 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::BusDevice;
 use crate::error::{Error, Result};
 
+pub mod persist;
+
 /// Ports covered by the UART.
 pub const SERIAL_PORTS: u64 = 8;
 
@@ -40,7 +42,7 @@ impl Trigger for IrqTrigger {
 
 /// The serial console device.
 pub struct Serial {
-    uart: Uart<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    pub(crate) uart: Uart<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl Serial {

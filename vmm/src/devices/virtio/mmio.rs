@@ -71,6 +71,19 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
+/// The transport's registers, for [`super::persist`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PersistRegisters {
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub active: bool,
+    pub quiesced: bool,
+}
+
 /// One virtio device behind a virtio-mmio register window.
 pub struct MmioTransport {
     name: String,
@@ -84,6 +97,9 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     status: u32,
+    /// The device's queues are back in `queues` for a checkpoint; [`MmioTransport::resume`]
+    /// hands them to the device again.
+    quiesced: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -126,6 +142,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             status: 0,
+            quiesced: false,
         })
     }
 
@@ -142,6 +159,99 @@ impl MmioTransport {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The transport's name ("virtio-blk vda").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Whether the driver has started the device.
+    fn is_active(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// Stops the device once its in-flight requests complete and takes its queues back, so
+    /// their state can be saved. Idempotent.
+    pub fn quiesce(&mut self) {
+        if self.quiesced || !self.is_active() {
+            return;
+        }
+        for (index, queue) in self.device.quiesce() {
+            if let Some(slot) = self.queues.get_mut(usize::from(index)) {
+                *slot = queue;
+            }
+        }
+        self.quiesced = true;
+    }
+
+    /// Restarts a quiesced device on its queues and kicks every queue, so requests the
+    /// guest posted meanwhile are served.
+    pub fn resume(&mut self) -> Result<()> {
+        if !self.quiesced {
+            return Ok(());
+        }
+        self.quiesced = false;
+        if !self.is_active() {
+            return Ok(());
+        }
+        self.activate()?;
+        for event in &self.notify {
+            event
+                .write(1)
+                .map_err(Error::io("kicking a queue after a checkpoint"))?;
+        }
+        Ok(())
+    }
+
+    /// Shuts the device down for good (the VM is ending): waits for in-flight requests.
+    pub fn shutdown(&mut self) {
+        if self.is_active() && !self.quiesced {
+            self.device.reset();
+        }
+        self.quiesced = false;
+    }
+
+    /// Registers and queues as the persist module reads them.
+    pub(super) fn persist_parts(&self) -> (PersistRegisters, &[Queue]) {
+        (
+            PersistRegisters {
+                device_features_select: self.device_features_select,
+                driver_features_select: self.driver_features_select,
+                driver_features: self.driver_features,
+                queue_select: self.queue_select,
+                status: self.status,
+                interrupt_status: self.interrupt.status(),
+                active: self.is_active(),
+                quiesced: self.quiesced,
+            },
+            &self.queues,
+        )
+    }
+
+    /// Replaces registers and queues from a checkpoint, stopping the device first.
+    pub(super) fn restore_parts(
+        &mut self,
+        state: &super::persist::MmioTransportState,
+        queues: Vec<Queue>,
+    ) {
+        if self.is_active() && !self.quiesced {
+            self.device.reset();
+        }
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        self.status = state.status;
+        self.interrupt.set_status(state.interrupt_status);
+        self.queues = queues;
+        // Resume activates the device on the restored queues if the driver had started it.
+        self.quiesced = true;
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

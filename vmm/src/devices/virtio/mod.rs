@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -71,6 +72,11 @@ impl Interrupt {
         }
     }
 
+    /// Sets the pending causes (restoring a checkpoint); raises no interrupt.
+    pub fn set_status(&self, status: u32) {
+        self.status.store(status, Ordering::Release);
+    }
+
     /// Forgets every pending cause (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -120,4 +126,8 @@ pub trait VirtioDevice: Send {
     /// Stops serving and waits for in-flight work to finish; the device can be activated
     /// again afterwards.
     fn reset(&mut self);
+    /// Stops serving once in-flight requests complete and hands back every active queue,
+    /// with its ring positions, by index: for a checkpoint. Requests the guest posted but
+    /// the device had not taken stay in the rings. [`VirtioDevice::activate`] resumes.
+    fn quiesce(&mut self) -> Vec<(u16, Queue)>;
 }

@@ -67,7 +67,7 @@ pub struct Block {
     config_space: [u8; CONFIG_SIZE],
     queue_sizes: Vec<u16>,
     stop: EventFd,
-    workers: Vec<JoinHandle<Queue>>,
+    workers: Vec<(u16, JoinHandle<Queue>)>,
 }
 
 impl std::fmt::Debug for Block {
@@ -138,21 +138,32 @@ impl Block {
         &self.config
     }
 
-    /// Stops the workers and waits for the requests they are running.
-    fn stop_workers(&mut self) {
+    /// The disk it presents.
+    pub fn disk(&self) -> &Arc<dyn DiskBackend> {
+        &self.disk
+    }
+
+    /// Stops the workers and waits for the requests they are running; returns each
+    /// worker's queue by index.
+    fn stop_workers(&mut self) -> Vec<(u16, Queue)> {
+        let mut queues = Vec::new();
         if self.workers.is_empty() {
-            return;
+            return queues;
         }
         if let Err(e) = self.stop.write(1) {
             tracing::error!("virtio-blk {}: stopping workers: {e}", self.config.id);
         }
-        for worker in self.workers.drain(..) {
-            if worker.join().is_err() {
-                tracing::error!("virtio-blk {}: a queue worker panicked", self.config.id);
+        for (index, worker) in self.workers.drain(..) {
+            match worker.join() {
+                Ok(queue) => queues.push((index, queue)),
+                Err(_) => {
+                    tracing::error!("virtio-blk {}: a queue worker panicked", self.config.id)
+                }
             }
         }
         // Consume the stop signal so the next activation starts clean.
         let _ = self.stop.read();
+        queues
     }
 }
 
@@ -243,7 +254,7 @@ impl VirtioDevice for Block {
                 .name(worker.name.clone())
                 .spawn(move || worker.run())
                 .map_err(Error::io("spawning a virtio-blk queue worker"))?;
-            self.workers.push(handle);
+            self.workers.push((index, handle));
         }
         tracing::debug!(
             "virtio-blk {}: activated with {} queue(s)",
@@ -255,6 +266,10 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.stop_workers();
+    }
+
+    fn quiesce(&mut self) -> Vec<(u16, Queue)> {
+        self.stop_workers()
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod persist;
 pub mod request;
 
 pub use backend::{DiskBackend, MemoryDisk};

@@ -1,0 +1,83 @@
+//! `snapvmm restore`: start a VM in this process from a checkpoint directory.
+//!
+//! ```text
+//! snapvmm restore ckpt1 --serial console.log --api-socket vm.sock
+//! ```
+//!
+//! The checkpoint names the disk images it was taken on; they must still be there, the
+//! same size. Guest RAM maps the memory file copy-on-write, so the VM starts without
+//! reading it.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use vmm::config::SerialOutput;
+use vmm::ExitReason;
+
+/// Arguments of `snapvmm restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The checkpoint directory (a full checkpoint or the top of a diff chain).
+    dir: PathBuf,
+    /// Serve the REST API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Serial console destination: stdout, null, or a file [default: stdout].
+    #[arg(long, value_name = "FILE|stdout")]
+    serial: Option<String>,
+    /// Leave the vCPUs paused (resume through the API).
+    #[arg(long, requires = "api_socket")]
+    paused: bool,
+    /// Read every memory file first and check its CRC (slower: the restore is no longer
+    /// lazy).
+    #[arg(long)]
+    verify: bool,
+}
+
+fn restore(args: &RestoreArgs) -> vmm::Result<ExitReason> {
+    if args.verify {
+        vmm::snapshot::checkpoint::verify_chain(&args.dir)?;
+    }
+    let serial: SerialOutput = args.serial.as_deref().unwrap_or("stdout").parse()?;
+    let out = vmm::builder::open_serial(&serial)?;
+    let vm = vmm::Vmm::restore(&args.dir, out, args.paused)?;
+    tracing::info!("restored from {}", args.dir.display());
+    let Some(socket) = &args.api_socket else {
+        return vm.wait();
+    };
+    serve(vm, socket)
+}
+
+fn serve(vm: vmm::Vmm, socket: &Path) -> vmm::Result<ExitReason> {
+    let control = vmm::api::VmmControl::new(&vm, vm.config().vcpus, vm.config().memory_mib);
+    let server = match vmm::api::ApiServer::start(socket, control) {
+        Ok(server) => server,
+        Err(e) => {
+            let _ = vm.stop();
+            return Err(e);
+        }
+    };
+    vm.exit_handle().wait();
+    server.stop();
+    vm.wait()
+}
+
+/// Runs `snapvmm restore`; returns the process exit status.
+pub fn main(args: RestoreArgs) -> u8 {
+    crate::run::init_logging();
+    match restore(&args) {
+        Ok(reason) if reason.is_clean() => 0,
+        Ok(ExitReason::Error(message)) => {
+            eprintln!("snapvmm restore: VM failed: {message}");
+            1
+        }
+        Ok(reason) => {
+            eprintln!("snapvmm restore: VM ended abnormally: {reason:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("snapvmm restore: error: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! Checkpoints of micro-guest VMs: save, revert in place, restore in a new VM or process,
+//! diff chains and merges, live checkpoints, streams, and refusal of damaged files.
+//!
+//! Needs a usable /dev/kvm: without one each test prints why and passes, unless
+//! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
+use vmm::snapshot::checkpoint::{memory_path, state_path, MemoryFile, PAGE_SIZE};
+use vmm::snapshot::vm_state::VmState;
+use vmm::{CheckpointOptions, Vmm};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn kvm_or_skip(test: &str) -> bool {
+    match vmm::check_kvm() {
+        Ok(()) => true,
+        Err(reason) => {
+            if std::env::var("SNAPVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
+            }
+            eprintln!("skipping {test}: KVM unusable: {reason}");
+            false
+        }
+    }
+}
+
+/// The serial console, captured.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn since(&self, mark: usize) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()[mark..]).into_owned()
+    }
+    /// Waits until `done` holds for the text after `mark`.
+    fn wait(&self, mark: usize, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done(&self.since(mark)) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; console:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The `counter N` values in `text`, in order.
+fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Asserts `text` counts 1, 2, 3, ... with no gap or repeat, and returns the last value.
+fn assert_contiguous(text: &str) -> u64 {
+    let values = counters(text);
+    for (i, &v) in values.iter().enumerate() {
+        assert_eq!(v, i as u64 + 1, "counter sequence broken at {i}:\n{text}");
+    }
+    values.last().copied().unwrap_or(0)
+}
+
+fn last_counter(text: &str) -> u64 {
+    counters(text).last().copied().unwrap_or(0)
+}
+
+fn counter_config(vcpus: u8, memory_mib: u64) -> VmConfig {
+    let mut config = VmConfig::new(BootSource::MicroGuest {
+        workload: Workload::Counter,
+        seed: 1,
+    });
+    config.vcpus = vcpus;
+    config.memory_mib = memory_mib;
+    config
+}
+
+fn start(config: &VmConfig) -> (Vmm, Console) {
+    let console = Console::default();
+    let vmm = Vmm::start_with_serial(config, Box::new(console.clone())).expect("start the VM");
+    (vmm, console)
+}
+
+/// Pauses the VM and returns the console text up to the pause.
+fn pause(vmm: &Vmm, console: &Console) -> String {
+    vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    console.text()
+}
+
+#[test]
+fn counter_continues_after_revert_in_place() {
+    if !kvm_or_skip("counter_continues_after_revert_in_place") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("c1");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
+    let saved_text = pause(&vmm, &console);
+    let saved = assert_contiguous(&saved_text);
+    let report = vmm
+        .checkpointer()
+        .checkpoint(&checkpoint, CheckpointOptions::default())
+        .unwrap();
+    assert!(
+        report.pages_written > 0 && report.pages_written < 32 * 256,
+        "{report:?}"
+    );
+    vmm.pause_gate().resume();
+    console.wait(0, "counting on", |t| last_counter(t) >= saved + 4);
+
+    for _ in 0..3 {
+        vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+        let mark = console.len();
+        vmm.checkpointer().revert(&checkpoint).unwrap();
+        vmm.pause_gate().resume();
+        console.wait(mark, "counters after the revert", |t| {
+            counters(t).len() >= 2
+        });
+        // The console after the revert continues the text as it was at the checkpoint.
+        let last = assert_contiguous(&(saved_text.clone() + &console.since(mark)));
+        assert!(last > saved);
+    }
+    vmm.stop().unwrap();
+}
+
+#[test]
+fn counter_continues_in_a_new_vm_on_two_vcpus() {
+    if !kvm_or_skip("counter_continues_in_a_new_vm_on_two_vcpus") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("c1");
+    let (vmm, console) = start(&counter_config(2, 32));
+    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
+    let saved_text = pause(&vmm, &console);
+    assert!(
+        saved_text.starts_with("micro-guest: cpus 2"),
+        "{saved_text}"
+    );
+    let saved = assert_contiguous(&saved_text);
+    vmm.checkpointer()
+        .checkpoint(&checkpoint, CheckpointOptions::default())
+        .unwrap();
+    vmm.stop().unwrap();
+
+    let restored_console = Console::default();
+    let restored = Vmm::restore(&checkpoint, Box::new(restored_console.clone()), false).unwrap();
+    restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
+    let last = assert_contiguous(&(saved_text + &restored_console.text()));
+    assert!(last >= saved + 2);
+    restored.stop().unwrap();
+}
+
+/// Every byte of guest RAM (as the memory file lays it out).
+fn memory_bytes(vmm: &Vmm) -> Vec<u8> {
+    use vmm::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let memory = vmm.memory();
+    let mut bytes = Vec::new();
+    for region in memory.iter() {
+        let mut chunk = vec![0u8; region.len() as usize];
+        memory.read_slice(&mut chunk, region.start_addr()).unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    bytes
+}
+
+/// The guest memory a full checkpoint's memory file holds.
+fn file_bytes(dir: &Path) -> Vec<u8> {
+    let manifest = vmm::snapshot::checkpoint::state_file::read(&state_path(dir)).unwrap();
+    let total = manifest.memory.total_bytes();
+    let file = MemoryFile::open(&memory_path(dir), manifest.id, total).unwrap();
+    let mut bytes = vec![0u8; total as usize];
+    file.read_at(&mut bytes, 0).unwrap();
+    bytes
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .map(|i| i as u64 / PAGE_SIZE)
+}
+
+#[test]
+fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
+    if !kvm_or_skip("diff_chains_restore_to_the_same_memory_as_a_full_checkpoint") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, full, merged) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+        dir.path().join("full"),
+        dir.path().join("merged"),
+    );
+    let (vmm, console) = start(&counter_config(1, 32));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+
+    // Without a base an incremental checkpoint is refused.
+    let err = checkpointer
+        .checkpoint(
+            &a,
+            CheckpointOptions {
+                live: false,
+                incremental: true,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a base"), "{err}");
+
+    checkpointer
+        .checkpoint(&a, CheckpointOptions::default())
+        .unwrap();
+    let incremental = CheckpointOptions {
+        live: false,
+        incremental: true,
+    };
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let report_b = checkpointer.checkpoint(&b, incremental).unwrap();
+    assert!(report_b.base.is_some());
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let saved_text = pause(&vmm, &console);
+    let report_c = checkpointer.checkpoint(&c, incremental).unwrap();
+    // A diff holds what changed: far less than the full checkpoint.
+    let report_full = checkpointer
+        .checkpoint(&full, CheckpointOptions::default())
+        .unwrap();
+    assert!(
+        report_c.pages_written < report_full.pages_written,
+        "diff {report_c:?} full {report_full:?}"
+    );
+    let expected = memory_bytes(&vmm);
+    assert!(first_difference(&expected, &file_bytes(&full)).is_none());
+
+    // Merged, the chain holds exactly what the full checkpoint holds.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"))
+        .args(["checkpoint", "merge"])
+        .arg(&c)
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(first_difference(&expected, &file_bytes(&merged)), None);
+    vmm::snapshot::checkpoint::verify_chain(&c).unwrap();
+    vmm::snapshot::checkpoint::verify_chain(&merged).unwrap();
+
+    // Reverting the running VM to the chain gives the same memory, and it counts on.
+    vmm.pause_gate().resume();
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
+    vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let mark = console.len();
+    checkpointer.revert(&c).unwrap();
+    assert_eq!(first_difference(&expected, &memory_bytes(&vmm)), None);
+    vmm.pause_gate().resume();
+    console.wait(mark, "counters after the revert", |t| {
+        counters(t).len() >= 2
+    });
+    assert_contiguous(&(saved_text.clone() + &console.since(mark)));
+    vmm.stop().unwrap();
+
+    // So does a new VM restored from the chain, paused before its first instruction.
+    let restored_console = Console::default();
+    let restored = Vmm::restore(&c, Box::new(restored_console.clone()), true).unwrap();
+    assert_eq!(first_difference(&expected, &memory_bytes(&restored)), None);
+    restored.pause_gate().resume();
+    restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 2);
+    assert_contiguous(&(saved_text + &restored_console.text()));
+
+    // An incremental checkpoint of the restored VM (its base: the chain it came from)
+    // holds what a full one holds.
+    let (d, full2, merged2) = (
+        dir.path().join("d"),
+        dir.path().join("full2"),
+        dir.path().join("merged2"),
+    );
+    restored.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let report_d = restored.checkpointer().checkpoint(&d, incremental).unwrap();
+    assert!(report_d.base.is_some(), "{report_d:?}");
+    restored
+        .checkpointer()
+        .checkpoint(&full2, CheckpointOptions::default())
+        .unwrap();
+    let expected = memory_bytes(&restored);
+    assert_eq!(first_difference(&expected, &file_bytes(&full2)), None);
+    vmm::snapshot::checkpoint::merge::merge_chain(&d, &merged2).unwrap();
+    assert_eq!(first_difference(&expected, &file_bytes(&merged2)), None);
+    restored.stop().unwrap();
+}
+
+#[test]
+fn live_checkpoints_and_streams_restore_the_counter() {
+    if !kvm_or_skip("live_checkpoints_and_streams_restore_the_counter") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (live, live_diff) = (dir.path().join("live"), dir.path().join("live-diff"));
+    let (vmm, console) = start(&counter_config(1, 64));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let report = checkpointer
+        .checkpoint(
+            &live,
+            CheckpointOptions {
+                live: true,
+                incremental: false,
+            },
+        )
+        .unwrap();
+    assert!(report.live_rounds >= 1, "{report:?}");
+    assert!(
+        !vmm.pause_gate().is_paused(),
+        "a live checkpoint leaves the VM running"
+    );
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    let report = checkpointer
+        .checkpoint(
+            &live_diff,
+            CheckpointOptions {
+                live: true,
+                incremental: true,
+            },
+        )
+        .unwrap();
+    assert!(report.base.is_some(), "{report:?}");
+    // The digests of pages rewritten over live rounds match what the files hold.
+    vmm::snapshot::checkpoint::verify_chain(&live_diff).unwrap();
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 4);
+
+    // Reverting to the live diff: the counter goes back and continues from there.
+    let before = last_counter(&console.text());
+    vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
+    let mark = console.len();
+    checkpointer.revert(&live_diff).unwrap();
+    vmm.pause_gate().resume();
+    console.wait(mark, "counters after the revert", |t| {
+        counters(t).len() >= 2
+    });
+    let after = counters(&console.since(mark));
+    assert!(
+        after[0] <= before,
+        "did not go back: {before} then {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+
+    // A stream (what an internal qcow2 snapshot stores) round-trips through the trait.
+    let state: Arc<dyn VmState> = checkpointer.clone();
+    assert!(state.pause_vcpus().unwrap());
+    let saved_text = console.text();
+    let mut stream = Vec::new();
+    let len = state.save_stream(&mut stream).unwrap();
+    assert_eq!(len, stream.len() as u64);
+    state.resume_vcpus().unwrap();
+    console.wait(0, "more counters", |t| {
+        last_counter(t) >= last_counter(&saved_text) + 3
+    });
+    assert!(state.pause_vcpus().unwrap(), "the VM was running");
+    // A damaged stream is refused and leaves the VM as it was.
+    let mut damaged = stream.clone();
+    let last = damaged.len() - 10;
+    damaged[last] ^= 1;
+    let err = state
+        .load_stream(&mut &damaged[..])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CRC mismatch"), "{err}");
+    let mark = console.len();
+    state.load_stream(&mut &stream[..]).unwrap();
+    state.resume_vcpus().unwrap();
+    console.wait(mark, "counters after the stream load", |t| {
+        counters(t).len() >= 2
+    });
+    let after = counters(&console.since(mark));
+    assert_eq!(after[0], last_counter(&saved_text) + 1, "{after:?}");
+    vmm.stop().unwrap();
+}
+
+#[test]
+fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
+    if !kvm_or_skip("io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk_path = dir.path().join("disk.raw");
+    std::fs::write(&disk_path, vec![0u8; 256 * 1024]).unwrap();
+    let mut config = VmConfig::new(BootSource::MicroGuest {
+        workload: Workload::IoLoop,
+        seed: 5,
+    });
+    config.memory_mib = 32;
+    config.disks.push(DiskConfig::new(&disk_path));
+    let (vmm, console) = start(&config);
+    console.wait(0, "io-loop start", |t| t.contains("io-loop start"));
+    let disk = vmm.disks()[0].disk.clone();
+    let checkpointer = vmm.checkpointer();
+    for cycle in 0..20 {
+        let checkpoint = dir.path().join(format!("c{cycle}"));
+        // The disk is copied at the checkpoint's instant: queues drained, guest stopped.
+        let mut image = vec![0u8; disk.size() as usize];
+        checkpointer
+            .checkpoint_with(&checkpoint, CheckpointOptions::default(), &mut || {
+                disk.read_at(&mut image, 0)
+                    .map_err(|source| vmm::Error::Disk {
+                        name: "vda".into(),
+                        path: disk_path.clone(),
+                        source,
+                    })
+            })
+            .unwrap();
+        let mut after = vec![0u8; disk.size() as usize];
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            disk.read_at(&mut after, 0).unwrap();
+            let changed = after
+                .chunks(16 * 1024)
+                .zip(image.chunks(16 * 1024))
+                .filter(|(a, b)| a != b)
+                .count();
+            if changed >= 3 {
+                // The guest rewrote several chunks since the checkpoint (and likely read
+                // some back): a revert that forgot the disk would make it see data from
+                // its future.
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the guest stopped writing"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Back to the checkpoint, disk first (queues drained), then memory and state.
+        checkpointer
+            .revert_with(&checkpoint, &mut || {
+                disk.write_at(&image, 0).map_err(|source| vmm::Error::Disk {
+                    name: "vda".into(),
+                    path: disk_path.clone(),
+                    source,
+                })
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // This host's KVM runs the loop at tens of operations a second: let it read back what
+    // it wrote across the last revert, then check it never saw a wrong byte or a failure.
+    let mut before = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut before, 0).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut now = before.clone();
+    while now == before {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped writing after the cycles"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        disk.read_at(&mut now, 0).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let text = console.text();
+    assert!(!text.contains("io error"), "{text}");
+    vmm.stop().unwrap();
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_with_a_clear_error() {
+    if !kvm_or_skip("damaged_checkpoints_are_refused_with_a_clear_error") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "a counter", |t| last_counter(t) >= 1);
+    vmm.checkpointer()
+        .checkpoint(&good, CheckpointOptions::default())
+        .unwrap();
+    let copy = |name: &str| {
+        let target = dir.path().join(name);
+        std::fs::create_dir_all(&target).unwrap();
+        for file in ["state", "memory"] {
+            std::fs::copy(good.join(file), target.join(file)).unwrap();
+        }
+        target
+    };
+    let restore_error = |checkpoint: &Path| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"))
+            .arg("restore")
+            .arg(checkpoint)
+            .args(["--serial", "null"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "restored a damaged checkpoint");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    state[100] ^= 0x20;
+    std::fs::write(flipped.join("state"), &state).unwrap();
+    let err = restore_error(&flipped);
+    assert!(
+        err.contains("state file") && err.contains("CRC mismatch"),
+        "{err}"
+    );
+
+    let newer = copy("newer");
+    let mut state = std::fs::read(newer.join("state")).unwrap();
+    state[8] = 9; // major version 9
+    std::fs::write(newer.join("state"), &state).unwrap();
+    let err = restore_error(&newer);
+    assert!(
+        err.contains("format version 9.1; this snapvmm reads 1.x"),
+        "{err}"
+    );
+
+    let truncated = copy("truncated");
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("memory"))
+        .unwrap();
+    memory.set_len(4096 + 16 * 1024 * 1024).unwrap();
+    let err = restore_error(&truncated);
+    assert!(
+        err.contains("memory file") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let foreign = copy("foreign");
+    let other = dir.path().join("other");
+    vmm.checkpointer()
+        .checkpoint(&other, CheckpointOptions::default())
+        .unwrap();
+    std::fs::copy(other.join("memory"), foreign.join("memory")).unwrap();
+    let err = restore_error(&foreign);
+    assert!(err.contains("belongs to checkpoint"), "{err}");
+
+    let garbage = copy("garbage");
+    std::fs::write(garbage.join("state"), b"not a state file at all, no").unwrap();
+    let err = restore_error(&garbage);
+    assert!(err.contains("not a snapvmm checkpoint state file"), "{err}");
+
+    // A flipped byte of guest memory is found by verify (restore maps the file lazily and
+    // does not read it unless asked to).
+    let verify = |checkpoint: &Path| {
+        snapvmm(&[])
+            .args(["checkpoint", "verify"])
+            .arg(checkpoint)
+            .output()
+            .unwrap()
+    };
+    assert!(verify(&good).status.success(), "{:?}", verify(&good));
+    let rotten = copy("rotten");
+    let manifest = vmm::snapshot::checkpoint::state_file::read(&state_path(&rotten)).unwrap();
+    let data = manifest.data.expect("a data digest");
+    let (first_page, _) = data.pages.runs().next().expect("written pages");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rotten.join("memory"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let offset = 4096 + first_page * PAGE_SIZE + 100;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], offset).unwrap();
+    let output = verify(&rotten);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("data CRC mismatch"), "{err}");
+    let output = snapvmm(&[])
+        .arg("restore")
+        .arg(&rotten)
+        .args(["--verify", "--serial", "null"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("data CRC mismatch"),
+        "{output:?}"
+    );
+
+    // In place too, and the VM keeps running as it was.
+    let err = vmm.checkpointer().revert(&flipped).unwrap_err().to_string();
+    assert!(err.contains("CRC mismatch"), "{err}");
+    let mut bigger = counter_config(1, 64);
+    bigger.serial = vmm::config::SerialOutput::Null;
+    let other_vm = Vmm::start_with_serial(&bigger, Box::new(std::io::sink())).unwrap();
+    let err = other_vm
+        .checkpointer()
+        .revert(&good)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not fit this VM") && err.contains("MiB"),
+        "{err}"
+    );
+    other_vm.stop().unwrap();
+    let n = last_counter(&console.text());
+    console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
+    vmm.stop().unwrap();
+}
+
+fn snapvmm(args: &[&std::ffi::OsStr]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_snapvmm"));
+    command.args(args);
+    command
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> String {
+    let output = snapvmm(&[])
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn wait_for_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) {
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("snapvmm did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn counter_continues_after_restore_in_a_new_process() {
+    if !kvm_or_skip("counter_continues_after_restore_in_a_new_process") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, console) = (dir.path().join("vm.sock"), dir.path().join("console"));
+    let checkpoint = dir.path().join("ckpt");
+    let mut child = snapvmm(&[])
+        .args(["run", "--guest", "builtin:counter", "--memory", "32"])
+        .arg("--serial")
+        .arg(&console)
+        .arg("--api-socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    wait_for_file(&console, "3 counters", |t| last_counter(t) >= 3);
+    ctl(&socket, &["pause"]);
+    let saved_text = std::fs::read_to_string(&console).unwrap();
+    let saved = assert_contiguous(&saved_text);
+    let out = ctl(&socket, &["checkpoint-save", checkpoint.to_str().unwrap()]);
+    assert!(out.contains("saved (full"), "{out}");
+    ctl(&socket, &["shutdown"]);
+    wait_exit(&mut child);
+
+    let info = snapvmm(&[])
+        .args(["checkpoint", "info"])
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains(" full id "),
+        "{info:?}"
+    );
+
+    let (socket2, console2) = (dir.path().join("vm2.sock"), dir.path().join("console2"));
+    let mut restored = snapvmm(&[])
+        .arg("restore")
+        .arg(&checkpoint)
+        .arg("--serial")
+        .arg(&console2)
+        .arg("--api-socket")
+        .arg(&socket2)
+        .spawn()
+        .unwrap();
+    let text = wait_for_file(&console2, "counters after restore", |t| {
+        counters(t).len() >= 3
+    });
+    let last = assert_contiguous(&(saved_text.clone() + &text));
+    assert!(last >= saved + 2);
+
+    // Back to the same checkpoint in place, through the API.
+    ctl(&socket2, &["pause"]);
+    let mark = std::fs::read(&console2).unwrap().len();
+    let out = ctl(
+        &socket2,
+        &["checkpoint-revert", checkpoint.to_str().unwrap()],
+    );
+    assert!(out.contains("reverted to checkpoint"), "{out}");
+    ctl(&socket2, &["resume"]);
+    let after = wait_for_file(&console2, "counters after the revert", |t| {
+        counters(t.get(mark..).unwrap_or("")).len() >= 2
+    });
+    ctl(&socket2, &["shutdown"]);
+    wait_exit(&mut restored);
+    assert_contiguous(&(saved_text + &after[mark..]));
+}
+
+#[test]
+fn the_snapshot_tree_hook_saves_and_loads_checkpoints() {
+    if !kvm_or_skip("the_snapshot_tree_hook_saves_and_loads_checkpoints") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("tree");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let state: Arc<dyn VmState> = vmm.checkpointer();
+    // The hook works on a paused VM only.
+    let err = state.save_checkpoint(&checkpoint).unwrap_err().to_string();
+    assert!(err.contains("pause its vCPUs first"), "{err}");
+    assert!(state.pause_vcpus().unwrap());
+    assert!(!state.pause_vcpus().unwrap(), "already paused");
+    let saved_text = console.text();
+    state.save_checkpoint(&checkpoint).unwrap();
+    assert!(vmm.pause_gate().is_paused(), "the save resumed the VM");
+    state.resume_vcpus().unwrap();
+    let saved = last_counter(&saved_text);
+    console.wait(0, "more counters", |t| last_counter(t) >= saved + 3);
+    assert!(state.pause_vcpus().unwrap());
+    let mark = console.len();
+    state.load_checkpoint(&checkpoint).unwrap();
+    state.resume_vcpus().unwrap();
+    console.wait(mark, "counters after the load", |t| counters(t).len() >= 2);
+    assert_contiguous(&(saved_text + &console.since(mark)));
+    vmm.stop().unwrap();
+}
