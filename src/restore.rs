@@ -8,7 +8,7 @@
 //! same size. Guest RAM maps the memory file copy-on-write, so the VM starts without
 //! reading it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use vmm::config::SerialOutput;
@@ -32,6 +32,10 @@ pub struct RestoreArgs {
     /// lazy).
     #[arg(long)]
     verify: bool,
+    /// The snapshot tree's metadata file [default: snapvmm-snapshots.json beside the first
+    /// writable disk's image].
+    #[arg(long, value_name = "FILE", requires = "api_socket")]
+    snapshot_metadata: Option<PathBuf>,
 }
 
 fn restore(args: &RestoreArgs) -> vmm::Result<ExitReason> {
@@ -45,21 +49,7 @@ fn restore(args: &RestoreArgs) -> vmm::Result<ExitReason> {
     let Some(socket) = &args.api_socket else {
         return vm.wait();
     };
-    serve(vm, socket)
-}
-
-fn serve(vm: vmm::Vmm, socket: &Path) -> vmm::Result<ExitReason> {
-    let control = vmm::api::VmmControl::new(&vm, vm.config().vcpus, vm.config().memory_mib);
-    let server = match vmm::api::ApiServer::start(socket, control) {
-        Ok(server) => server,
-        Err(e) => {
-            let _ = vm.stop();
-            return Err(e);
-        }
-    };
-    vm.exit_handle().wait();
-    server.stop();
-    vm.wait()
+    crate::run::serve_api(vm, socket, args.snapshot_metadata.as_deref())
 }
 
 /// Runs `snapvmm restore`; returns the process exit status.

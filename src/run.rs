@@ -177,7 +177,7 @@ fn build_config(args: RunArgs) -> Result<(VmConfig, ApiConfig), String> {
 /// Opens the snapshot tree over the VM's writable disks (none without one): metadata in
 /// `metadata`, or `snapvmm-snapshots.json` beside the first writable disk's image. What is
 /// missing from it is printed as warnings.
-pub(crate) fn open_snapshot_tree(
+fn open_snapshot_tree(
     vm: &vmm::Vmm,
     control: &Arc<vmm::api::VmmControl>,
     metadata: Option<&Path>,
@@ -195,9 +195,8 @@ pub(crate) fn open_snapshot_tree(
         Some(path) => path.to_path_buf(),
         None => first.top().path().with_file_name("snapvmm-snapshots.json"),
     };
-    // The VM's memory and device state, for snapshots with memory; until the VMM provides
-    // it, only disk-only snapshots are offered (the API says so when asked for more).
-    let vm_state: Option<Arc<dyn VmState>> = None;
+    // The VM's memory, vCPU and device state, for snapshots with memory.
+    let vm_state: Option<Arc<dyn VmState>> = Some(vm.checkpointer());
     let tree = SnapshotTree::open(&path, disks, vm_state).map_err(|e| e.to_string())?;
     for problem in tree.problems() {
         eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
@@ -213,8 +212,18 @@ pub(crate) fn open_snapshot_tree(
 /// Runs the VM with the REST API served on `socket` until the VM ends.
 fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> vmm::Result<ExitReason> {
     let vm = vmm::Vmm::start(config)?;
-    let control = vmm::api::VmmControl::new(&vm, config.vcpus, config.memory_mib);
-    match open_snapshot_tree(&vm, &control, api.snapshot_metadata.as_deref()) {
+    serve_api(vm, socket, api.snapshot_metadata.as_deref())
+}
+
+/// Serves the REST API for `vm` on `socket`, with its snapshot tree (metadata in
+/// `metadata`, or the default place), until the VM ends.
+pub(crate) fn serve_api(
+    vm: vmm::Vmm,
+    socket: &Path,
+    metadata: Option<&Path>,
+) -> vmm::Result<ExitReason> {
+    let control = vmm::api::VmmControl::new(&vm, vm.config().vcpus, vm.config().memory_mib);
+    match open_snapshot_tree(&vm, &control, metadata) {
         Ok(Some(tree)) => {
             if let Err(e) = control.set_snapshot_tree(tree) {
                 tracing::warn!("snapshot tree: {e}");

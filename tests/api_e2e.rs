@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use vmm::api::types::{DiskInfo, Fault, VmInfo};
 use vmm::api::{ApiClient, VmState};
-use vmm_util::{kvm_or_skip, qemu_img_check, RunningVm};
+use vmm_util::{counters, kvm_or_skip, last_counter, qemu_img_check, RunningVm};
 
 /// Small: every guest memory access is slow on this host's software KVM.
 const DISK_SIZE: u64 = 256 * 1024;
@@ -178,10 +178,6 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
         "--atomic",
     ]);
     vm.ctl_ok(&["snapshot-create-as", "s3", "--disk-only", "--internal"]);
-    // This VMM cannot save memory yet: the error says what works.
-    let output = vm.ctl(&["snapshot-create-as", "m1"]);
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--disk-only"));
     let tree = vm.ctl_ok(&["snapshot-list", "--tree"]);
     assert!(
         tree.contains("s1\n  |\n  +- s2\n      |\n      +- s3"),
@@ -222,5 +218,68 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
     assert_eq!(images, ["base.qcow2", "base.s1.revert.qcow2"]);
     for image in images {
         qemu_img_check(&dir.path().join(image));
+    }
+}
+
+/// Waits until the `counter` guest printed at least `n` more values after console byte
+/// `mark`; returns those values.
+fn counted_since(vm: &RunningVm, mark: usize, n: usize) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let serial = vm.serial();
+        let values = counters(serial.get(mark..).unwrap_or(""));
+        if values.len() >= n {
+            return values;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter guest stalled; serial:\n{serial}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn snapshots_with_memory_take_the_running_guest_back() {
+    if !kvm_or_skip("snapshots_with_memory_take_the_running_guest_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    vmm_util::qcow2(&base, DISK_SIZE, None);
+    let vm = RunningVm::launch(dir, "builtin:counter", &base);
+    for (name, kind) in [("m1", None), ("i1", Some("--internal"))] {
+        counted_since(&vm, 0, 3);
+        // The guest's counter lives in its memory: at the snapshot it is between the last
+        // value printed before and the first printed after.
+        let before = last_counter(&vm.serial());
+        let mut create = vec!["snapshot-create-as", name];
+        create.extend(kind);
+        vm.ctl_ok(&create);
+        let mark = vm.serial().len();
+        let after = counted_since(&vm, mark, 1)[0];
+        // Run well past the snapshot, then go back to it.
+        counted_since(&vm, mark, 6);
+        let left_at = last_counter(&vm.serial());
+        vm.ctl_ok(&["snapshot-revert", name]);
+        let mark = vm.serial().len();
+        let resumed = counted_since(&vm, mark, 3);
+        assert!(
+            (before..=after).contains(&resumed[0]) && resumed[0] < left_at,
+            "{name}: after the revert the counter went on from {} (snapshot between {before} \
+             and {after}, left at {left_at})",
+            resumed[0]
+        );
+        assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+        assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), name);
+    }
+    let info = vm.ctl_ok(&["snapshot-info", "m1"]);
+    assert!(info.contains("external"), "{info}");
+    let (dir, _) = vm.shutdown();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            qemu_img_check(&path);
+        }
     }
 }

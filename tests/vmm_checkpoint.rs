@@ -4,6 +4,8 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
+mod vmm_util;
+
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -13,21 +15,9 @@ use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
 use vmm::snapshot::checkpoint::{memory_path, state_path, MemoryFile, PAGE_SIZE};
 use vmm::snapshot::vm_state::VmState;
 use vmm::{CheckpointOptions, Vmm};
+use vmm_util::{counters, kvm_or_skip, last_counter};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn kvm_or_skip(test: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            if std::env::var("SNAPVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
-            }
-            eprintln!("skipping {test}: KVM unusable: {reason}");
-            false
-        }
-    }
-}
 
 /// The serial console, captured.
 #[derive(Clone, Default)]
@@ -67,14 +57,6 @@ impl Console {
     }
 }
 
-/// The `counter N` values in `text`, in order.
-fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
 /// Asserts `text` counts 1, 2, 3, ... with no gap or repeat, and returns the last value.
 fn assert_contiguous(text: &str) -> u64 {
     let values = counters(text);
@@ -82,10 +64,6 @@ fn assert_contiguous(text: &str) -> u64 {
         assert_eq!(v, i as u64 + 1, "counter sequence broken at {i}:\n{text}");
     }
     values.last().copied().unwrap_or(0)
-}
-
-fn last_counter(text: &str) -> u64 {
-    counters(text).last().copied().unwrap_or(0)
 }
 
 fn counter_config(vcpus: u8, memory_mib: u64) -> VmConfig {

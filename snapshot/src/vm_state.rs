@@ -19,8 +19,11 @@ pub type VmStateError = Box<dyn std::error::Error + Send + Sync>;
 /// Implementations never change which images the disks use: the caller has already pointed
 /// every disk at the right chain before a load, and drains and flushes the disks around a save.
 pub trait VmState: Send + Sync {
-    /// Holds every vCPU outside guest mode. Returns `true` if the VM was running (so the caller
-    /// knows whether to resume it afterwards) and `false` if it was already paused.
+    /// Holds every vCPU outside guest mode, and lets the VM's in-flight disk requests finish
+    /// and flushes its disks: the saves that follow run while every disk is quiesced, so
+    /// they must neither issue disk I/O nor wait for a device that does. Returns `true` if
+    /// the VM was running (so the caller knows whether to resume it afterwards) and `false`
+    /// if it was already paused (its devices then restart when it is resumed by other means).
     fn pause_vcpus(&self) -> Result<bool, VmStateError>;
 
     /// Lets the vCPUs run again after [`VmState::pause_vcpus`].

@@ -1,4 +1,5 @@
-//! Shared by the tests that run the VMM (`vmm_micro_guest`, `api_e2e`, `api_ctl`, `demo`):
+//! Shared by the tests that run the VMM (`vmm_micro_guest`, `vmm_checkpoint`, `api_e2e`,
+//! `api_ctl`, `demo`):
 //! the KVM skip rule, running `snapvmm` with a deadline, qcow2 disks, `snapvmm ctl`, and a
 //! `snapvmm run --api-socket` child.
 //!
@@ -306,4 +307,17 @@ impl Drop for RunningVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `counter N` values the `counter` workload printed in `text`, in order.
+pub fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The last `counter N` value in `text` (0 before the first).
+pub fn last_counter(text: &str) -> u64 {
+    counters(text).last().copied().unwrap_or(0)
 }

@@ -20,6 +20,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use snapshot::checkpoint::{
     DataDigest, Manifest, MemoryFile, MemoryLayout, PageSet,
 };
 use snapshot::vm_state::{VmState, VmStateError};
+use storage::BlockDevice;
 
 use crate::builder::{AttachedDisk, Machine};
 use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
@@ -158,6 +160,15 @@ pub struct Checkpointer {
     tracking: Mutex<Tracking>,
     /// One checkpoint operation at a time.
     busy: Mutex<()>,
+    /// Set while [`VmState::pause_vcpus`] holds the devices quiesced and the disks flushed
+    /// for the snapshot layer. Its saves run while every disk is quiesced: quiescing a
+    /// device then (which waits for its in-flight requests) or flushing a disk would wait
+    /// on the disks' locks for ever, so both happen at the pause instead, and the devices
+    /// restart when the vCPUs do.
+    held: AtomicBool,
+    /// The disks' tops when the devices were held: what a save made under the snapshot
+    /// layer's disk locks records (asking a quiesced disk for its top would wait for ever).
+    held_tops: Mutex<Vec<Arc<dyn BlockDevice>>>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -183,7 +194,35 @@ impl Checkpointer {
             machine,
             tracking: Mutex::new(tracking),
             busy: Mutex::new(()),
+            held: AtomicBool::new(false),
+            held_tops: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Quiesces every device and flushes the disks for the snapshot layer's hook, until
+    /// [`Checkpointer::release_devices`].
+    fn hold_devices(&self) -> Result<()> {
+        *self.held_tops.lock() = self.machine.disks.iter().map(|d| d.disk.top()).collect();
+        for device in &self.machine.devices {
+            device.lock().quiesce();
+        }
+        self.held.store(true, Ordering::Release);
+        self.flush_disks_now()
+    }
+
+    /// Restarts devices [`VmState::pause_vcpus`] left quiesced; call before the vCPUs run
+    /// again (the API's resume does). A no-op when nothing is held.
+    pub fn release_devices(&self) -> Result<()> {
+        if !self.held.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut resumed = Ok(());
+        for device in &self.machine.devices {
+            if let Err(e) = device.lock().resume() {
+                resumed = Err(e);
+            }
+        }
+        resumed
     }
 
     /// Takes a checkpoint into `dir` (created if absent), pausing the VM as needed; a VM
@@ -266,6 +305,10 @@ impl Checkpointer {
 
     /// Runs `work` with every device quiesced, restarting them afterwards whatever happens.
     fn with_devices_quiesced<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.held.load(Ordering::Acquire) {
+            // Quiesced already, and restarted by `release_devices`.
+            return work();
+        }
         for device in &self.machine.devices {
             device.lock().quiesce();
         }
@@ -281,7 +324,16 @@ impl Checkpointer {
         Ok(value)
     }
 
+    /// Flushes every writable disk, unless the devices are held for the snapshot layer (the
+    /// disks were flushed then, no request has run since, and they may be quiesced now).
     fn flush_disks(&self) -> Result<()> {
+        if self.held.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush_disks_now()
+    }
+
+    fn flush_disks_now(&self) -> Result<()> {
         for disk in &self.machine.disks {
             if !disk.read_only {
                 disk.disk.flush().map_err(|source| Error::Disk {
@@ -294,9 +346,18 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Each disk's top: as it was when the devices were held, or as it is now.
+    fn disk_tops(&self) -> Vec<Arc<dyn BlockDevice>> {
+        if self.held.load(Ordering::Acquire) {
+            return self.held_tops.lock().clone();
+        }
+        self.machine.disks.iter().map(|d| d.disk.top()).collect()
+    }
+
     /// Reads devices, then the VM, then the vCPUs (devices quiesced, vCPUs paused).
     fn capture(&self) -> Result<MachineState> {
         let machine = &self.machine;
+        let tops = self.disk_tops();
         let mut disks = Vec::new();
         for (index, (device, disk)) in machine.devices.iter().zip(&machine.disks).enumerate() {
             let (queues, size) = machine
@@ -306,7 +367,7 @@ impl Checkpointer {
                 .map(|d| (d.num_queues, d.queue_size))
                 .unwrap_or_default();
             disks.push(DiskSnapshot {
-                disk: BlockDiskState::of(disk, queues, size),
+                disk: BlockDiskState::of(disk, &tops[index], queues, size),
                 transport: device.lock().save_state()?,
             });
         }
@@ -587,7 +648,7 @@ impl Checkpointer {
                 .unwrap_or_default();
             saved
                 .disk
-                .check(&BlockDiskState::of(disk, queues, size))
+                .check(&BlockDiskState::of(disk, &disk.disk.top(), queues, size))
                 .map_err(mismatch)?;
             device
                 .lock()
@@ -958,12 +1019,21 @@ fn boxed(e: Error) -> VmStateError {
 
 impl VmState for Checkpointer {
     fn pause_vcpus(&self) -> std::result::Result<bool, VmStateError> {
-        self.pause().map_err(boxed)
+        let was_running = self.pause().map_err(boxed)?;
+        if let Err(e) = self.hold_devices() {
+            let _ = self.release_devices();
+            if was_running {
+                self.machine.gate.resume();
+            }
+            return Err(boxed(e));
+        }
+        Ok(was_running)
     }
 
     fn resume_vcpus(&self) -> std::result::Result<(), VmStateError> {
+        let released = self.release_devices();
         self.machine.gate.resume();
-        Ok(())
+        released.map_err(boxed)
     }
 
     fn save_checkpoint(&self, dir: &Path) -> std::result::Result<(), VmStateError> {

@@ -226,6 +226,10 @@ impl VmControl for VmmControl {
         if !self.gate.is_paused() {
             return Err(ApiError::Conflict("the VM is not paused".into()));
         }
+        // Devices a snapshot left quiesced on a paused VM run again with the vCPUs.
+        self.checkpointer
+            .release_devices()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         self.gate.resume();
         tracing::info!("VM resumed through the API");
         Ok(())

@@ -3,8 +3,11 @@
 //! disk that changed size.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use storage::BlockDevice;
 
 use crate::builder::AttachedDisk;
 
@@ -32,9 +35,15 @@ pub struct BlockDiskState {
 }
 
 impl BlockDiskState {
-    /// The state of `disk`, presented with `num_queues` queues of `queue_size`.
-    pub fn of(disk: &AttachedDisk, num_queues: u16, queue_size: u16) -> Self {
-        let top = disk.disk.top();
+    /// The state of `disk`, whose chain starts at `top`, presented with `num_queues` queues
+    /// of `queue_size`. The top is passed in because the disk may be quiesced (its lock
+    /// held) while a snapshot saves this state.
+    pub fn of(
+        disk: &AttachedDisk,
+        top: &Arc<dyn BlockDevice>,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Self {
         let mut backing_chain = Vec::new();
         let mut layer = top.backing();
         while let Some(current) = layer {
