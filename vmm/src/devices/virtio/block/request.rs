@@ -20,14 +20,14 @@
 //! cannot carry a status: it is returned to the driver with a used length of 0.
 //!
 //! [`RequestProcessor`] keeps its segment lists between requests, so the steady state does no
-//! allocation.
+//! allocation. It works on any vm-memory guest memory: the VMM's own (with a dirty bitmap) and
+//! the frontend's shared memory a vhost-user backend maps.
 
-use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::bitmap::{Bitmap, MS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::backend::DiskBackend;
 use super::{request_type, status, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
-use crate::memory::GuestMemoryMmap;
 
 /// Most non-empty descriptors accepted in one chain (indirect tables can hold 65535).
 pub const MAX_DESCRIPTORS: usize = 1024;
@@ -125,10 +125,10 @@ impl RequestProcessor {
     }
 
     /// Runs the request made of `chain` against `disk` and writes its status byte.
-    pub fn process<D: DiskBackend + ?Sized>(
+    pub fn process<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &mut self,
         chain: impl IntoIterator<Item = DescriptorInfo>,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         limits: DiskLimits<'_>,
     ) -> Completion {
@@ -209,9 +209,9 @@ impl RequestProcessor {
     }
 
     /// Checks and runs the parsed request; returns the data bytes written to the guest.
-    fn execute<D: DiskBackend + ?Sized>(
+    fn execute<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &self,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         limits: DiskLimits<'_>,
     ) -> Outcome {
@@ -268,9 +268,9 @@ impl RequestProcessor {
         }
     }
 
-    fn read_into_guest<D: DiskBackend + ?Sized>(
+    fn read_into_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &self,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         mut offset: u64,
     ) -> Result<(), Failure> {
@@ -294,9 +294,9 @@ impl RequestProcessor {
         Ok(())
     }
 
-    fn write_from_guest<D: DiskBackend + ?Sized>(
+    fn write_from_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &self,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         mut offset: u64,
     ) -> Result<(), Failure> {
@@ -316,9 +316,9 @@ impl RequestProcessor {
         Ok(())
     }
 
-    fn discard_or_zero<D: DiskBackend + ?Sized>(
+    fn discard_or_zero<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &self,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         discard: bool,
         out_len: u64,
@@ -393,10 +393,10 @@ fn check_io(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
 }
 
 /// The guest memory behind `segment`, which must lie within one region.
-fn guest_slice(
-    memory: &GuestMemoryMmap,
+fn guest_slice<M: GuestMemoryBackend>(
+    memory: &M,
     segment: Segment,
-) -> Result<VolatileSlice<'_, impl BitmapSlice + '_>, Failure> {
+) -> Result<VolatileSlice<'_, MS<'_, M>>, Failure> {
     let len = usize::try_from(segment.len).map_err(|_| Failure::Error)?;
     memory
         .get_slice(segment.addr, len)
@@ -404,7 +404,12 @@ fn guest_slice(
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into the stream of `segments`.
-fn gather(memory: &GuestMemoryMmap, segments: &[Segment], skip: u64, out: &mut [u8]) -> bool {
+fn gather<M: GuestMemoryBackend>(
+    memory: &M,
+    segments: &[Segment],
+    skip: u64,
+    out: &mut [u8],
+) -> bool {
     let mut done = 0usize;
     for segment in DataSegments::new(segments, skip) {
         if done == out.len() {
@@ -423,7 +428,7 @@ fn gather(memory: &GuestMemoryMmap, segments: &[Segment], skip: u64, out: &mut [
 }
 
 /// Copies `data` to the start of the stream of `segments`.
-fn scatter(memory: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> bool {
+fn scatter<M: GuestMemoryBackend>(memory: &M, segments: &[Segment], data: &[u8]) -> bool {
     let mut done = 0usize;
     for segment in segments {
         if done == data.len() {
