@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod ctl;
 mod img;
 mod run;
+mod vhost_user_blk;
 
 /// Command line of the `snapvmm` binary.
 #[derive(Debug, Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Run(run::RunArgs),
     /// Drive a running VM through its API socket (virsh's verbs).
     Ctl(ctl::CtlArgs),
+    /// Serve a disk to another VMM's guest as a vhost-user-blk backend.
+    VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Img(args) => img::main(args),
         Command::Run(args) => run::main(args),
         Command::Ctl(args) => ctl::main(args),
+        Command::VhostUserBlk(args) => vhost_user_blk::main(args),
     };
     ExitCode::from(code)
 }

@@ -207,7 +207,7 @@ pub fn main(args: RunArgs) -> u8 {
 }
 
 /// Logs to stderr, filtered by `SNAPVMM_LOG` (e.g. `debug`, `vmm=trace`; default `warn`).
-fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVMM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
