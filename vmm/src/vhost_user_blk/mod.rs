@@ -186,7 +186,11 @@ impl BlkDaemon {
             }
             self.backend.disconnected();
             match result {
-                Ok(()) => tracing::info!("{name}: frontend disconnected"),
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => tracing::info!("{name}: frontend disconnected"),
                 Err(e) => tracing::warn!("{name}: frontend connection ended: {e}"),
             }
         }
