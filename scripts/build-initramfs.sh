@@ -17,8 +17,9 @@
 #                       (or "... FAILED"), unmounts, powers off
 #   ext4-verify         mounts the ext4 on /dev/vda and checks the checksums a previous
 #                       ext4-write-verify recorded: "snapvmm: ext4-verify ok N files"
-#   dd-bench            reads /dev/vda with dd: 1 MiB sequential, then 4 KiB O_DIRECT,
-#                       printing "snapvmm: dd ..." lines with dd's own figures
+#   dd-bench            dd on /dev/vda: 1 MiB sequential reads, 4 KiB O_DIRECT reads, 1 MiB
+#                       and 4 KiB O_DIRECT writes, each on a cold cache, printing
+#                       "snapvmm: dd CASE BYTES SECONDS" lines
 #   shell               an interactive busybox shell on the console
 # The VM then powers off, or resets with `snapvmm.end=reboot` (for VMMs whose way out is the
 # i8042 reset, with reboot=k).
@@ -145,18 +146,27 @@ ext4_verify() {
     umount /mnt
 }
 
-dd_bench() {
-    # dd prints its summary on stderr; one line per run, tagged.
-    for run in "bs=1M count=256" "bs=4k count=16384 iflag=direct"; do
-        echo 3 >/proc/sys/vm/drop_caches
-        result=$(dd if=/dev/vda of=/dev/null $run 2>&1 | tail -n 1)
-        echo "snapvmm: dd read $run: $result"
-    done
+# timed_dd CASE BYTES DD-ARGS...: runs dd on a cold page cache and prints
+# "snapvmm: dd CASE BYTES SECONDS" (busybox's dd prints no timing of its own).
+timed_dd() {
+    name=$1 bytes=$2
+    shift 2
+    sync
     echo 3 >/proc/sys/vm/drop_caches
-    result=$(dd if=/dev/zero of=/dev/vda bs=1M count=256 oflag=direct 2>&1 | tail -n 1)
-    echo "snapvmm: dd write bs=1M count=256 oflag=direct: $result"
-    result=$(dd if=/dev/zero of=/dev/vda bs=4k count=16384 oflag=direct 2>&1 | tail -n 1)
-    echo "snapvmm: dd write bs=4k count=16384 oflag=direct: $result"
+    start=$(cut -d' ' -f1 /proc/uptime)
+    if dd "$@" 2>/dev/null; then
+        end=$(cut -d' ' -f1 /proc/uptime)
+        echo "snapvmm: dd $name $bytes $(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')"
+    else
+        echo "snapvmm: dd $name FAILED"
+    fi
+}
+
+dd_bench() {
+    timed_dd read-1M-seq 268435456 if=/dev/vda of=/dev/null bs=1M count=256
+    timed_dd read-4k-direct 67108864 if=/dev/vda of=/dev/null bs=4k count=16384 iflag=direct
+    timed_dd write-1M-direct 268435456 if=/dev/zero of=/dev/vda bs=1M count=256 oflag=direct
+    timed_dd write-4k-direct 67108864 if=/dev/zero of=/dev/vda bs=4k count=16384 oflag=direct
 }
 
 case $workload in

@@ -407,3 +407,22 @@ fn the_api_sees_one_disk_and_refuses_pause() {
     assert_eq!(control.resume().unwrap_err().status(), 501);
     fixture.stop();
 }
+
+#[test]
+fn check_regions_measures_each_region_against_its_file() {
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+    let shared = SharedMemory::new();
+    let region = |size: usize, offset: u64| {
+        let file = std::fs::File::from(shared.fd.try_clone().unwrap());
+        let mmap = MmapRegion::<()>::from_file(FileOffset::new(file, offset), size).unwrap();
+        GuestRegionMmap::new(mmap, GuestAddress(0)).unwrap()
+    };
+    let memory = |r| GuestMemoryMmap::<()>::from_regions(vec![r]).unwrap();
+    assert!(backend::check_regions(&memory(region(MEMORY, 0))).is_ok());
+    let past_end = backend::check_regions(&memory(region(2 * MEMORY, 0))).unwrap_err();
+    assert!(past_end.contains("past the end"), "{past_end}");
+    assert!(backend::check_regions(&memory(region(MEMORY, 4096))).is_err());
+    // An anonymous region has no file to check against.
+    let anonymous = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+    assert!(backend::check_regions(&anonymous).is_err());
+}
