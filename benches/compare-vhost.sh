@@ -17,6 +17,7 @@
 #
 # Environment:
 #   ROUNDS     boots per backend (default 3)
+#   FORMAT     qcow2 (default) or raw: raw isolates the daemons from the image format
 #   BENCH_DIR  where the temporary directory goes (default $TMPDIR or /tmp)
 #   SNAPVMM    the snapvmm binary (default: target/release/snapvmm, built if missing)
 #
@@ -25,6 +26,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
+FORMAT=${FORMAT:-qcow2}
 snapvmm=${SNAPVMM:-}
 if [ -z "$snapvmm" ]; then
     snapvmm=${CARGO_TARGET_DIR:-$repo/target}/release/snapvmm
@@ -45,9 +47,9 @@ cleanup() {
 trap cleanup EXIT
 
 # A fully allocated image: the guest's writes land in existing clusters on both backends.
-image=$dir/disk.qcow2
-qemu-img create -q -f qcow2 "$image" 512M
-qemu-io -f qcow2 -c "write -P 0x5a 0 512M" "$image" >/dev/null
+image=$dir/disk.$FORMAT
+qemu-img create -q -f "$FORMAT" "$image" 512M
+qemu-io -f "$FORMAT" -c "write -P 0x5a 0 512M" "$image" >/dev/null
 
 # start_backend NAME SOCKET: starts the backend and records its pid.
 start_backend() {
@@ -55,13 +57,13 @@ start_backend() {
     rm -f "$socket"
     case $name in
     snapvmm)
-        "$snapvmm" vhost-user-blk --socket "$socket" --disk "path=$image,format=qcow2" \
+        "$snapvmm" vhost-user-blk --socket "$socket" --disk "path=$image,format=$FORMAT" \
             --num-queues 1 2>>"$dir/snapvmm.log" &
         ;;
     qemu)
         qemu-storage-daemon \
             --blockdev "driver=file,node-name=file,filename=$image,cache.direct=off" \
-            --blockdev driver=qcow2,node-name=disk,file=file \
+            --blockdev "driver=$FORMAT,node-name=disk,file=file" \
             --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$socket,writable=on,num-queues=1" \
             2>>"$dir/qemu.log" &
         ;;
@@ -110,7 +112,7 @@ done
 
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo
-echo "guest dd through vhost-user-blk, median of $ROUNDS boots each (MB/s; TCG guest)"
+echo "guest dd through vhost-user-blk on $FORMAT, median of $ROUNDS boots each (MB/s; TCG guest)"
 printf '%-18s %10s %10s %8s\n' case snapvmm qemu ratio
 for case in read-1M-seq read-4k-direct write-1M-direct write-4k-direct; do
     ours=$(awk -v c="$case" '$1 == "snapvmm" && $2 == c { print $3 }' "$dir/results" | median)

@@ -2,7 +2,9 @@
 //! by the same request parser and queue loop as the VMM's own virtio-blk.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -24,6 +26,9 @@ use crate::devices::virtio::block::{BlockConfig, DiskBackend, ID_BYTES};
 /// The frontend's guest memory as the backend maps it (no dirty log: the frontend's VMM
 /// tracks its own guest's memory).
 pub type FrontendMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// How long a queue worker watches its ring for more requests before going back to sleep.
+const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// Largest config read answered; the vhost-user message size bounds requests anyway.
 const MAX_CONFIG_READ: u32 = 4096;
@@ -93,26 +98,55 @@ impl BlockBackend {
             return;
         };
         let memory = atomic.memory();
-        let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() {
-            return;
-        }
         let limits = DiskLimits {
             read_only: self.config.read_only,
             id: &self.id,
         };
-        let notify = serve_queue(
-            &name,
-            state.get_queue_mut(),
-            &*memory,
-            &mut processor.lock(),
-            &*self.disk,
-            limits,
-        );
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                tracing::warn!("{name}: signalling the frontend: {e}");
+        let mut processor = processor.lock();
+        loop {
+            {
+                // The vring lock is taken per pass (and its read side for at most
+                // POLL_BEFORE_SLEEP while polling), so the frontend's messages
+                // (GET_VRING_BASE on stop) are never held up for long.
+                let mut state = vring.get_mut();
+                if !state.is_enabled() || !state.get_queue().ready() {
+                    return;
+                }
+                let notify = serve_queue(
+                    &name,
+                    state.get_queue_mut(),
+                    &*memory,
+                    &mut processor,
+                    &*self.disk,
+                    limits,
+                );
+                if notify {
+                    if let Err(e) = state.signal_used_queue() {
+                        tracing::warn!("{name}: signalling the frontend: {e}");
+                    }
+                }
             }
+            // Watch the ring a little before sleeping: the driver's next request often
+            // follows its completion closely, and catching it here saves the kick's wake-up
+            // (QEMU's event loop polls the same way). A kick that arrives meanwhile only
+            // finds the ring served.
+            if !poll_avail(vring, &*memory) {
+                return;
+            }
+        }
+    }
+}
+
+/// Spins up to [`POLL_BEFORE_SLEEP`] until the driver makes a request available.
+fn poll_avail<M: GuestMemoryBackend>(vring: &VringRwLock<FrontendMemory>, memory: &M) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    let deadline = Instant::now() + POLL_BEFORE_SLEEP;
+    loop {
+        match queue.avail_idx(memory, Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => return true,
+            Ok(_) if Instant::now() < deadline => std::hint::spin_loop(),
+            _ => return false,
         }
     }
 }

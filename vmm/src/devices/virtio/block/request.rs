@@ -88,11 +88,20 @@ pub struct DiskLimits<'a> {
     pub id: &'a [u8; ID_BYTES],
 }
 
+/// Largest request whose data goes through one bounce buffer (see [`RequestProcessor`]).
+pub const MAX_BOUNCE: u64 = 4 << 20;
+
 /// Parses and runs requests; one per queue worker, reused for every request.
+///
+/// A request's data is usually scattered over many guest pages (a 1 MiB write is 256
+/// descriptors). Rather than one disk call per page, a request of up to [`MAX_BOUNCE`] bytes
+/// in several segments is copied through a bounce buffer and reaches the disk as one call,
+/// which lets the image layer map and transfer whole clusters at once.
 #[derive(Debug, Default)]
 pub struct RequestProcessor {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
+    bounce: Vec<u8>,
 }
 
 /// Why a request failed, mapped onto the status the guest sees.
@@ -121,6 +130,7 @@ impl RequestProcessor {
         RequestProcessor {
             readable: Vec::with_capacity(64),
             writable: Vec::with_capacity(64),
+            bounce: Vec::new(),
         }
     }
 
@@ -210,7 +220,7 @@ impl RequestProcessor {
 
     /// Checks and runs the parsed request; returns the data bytes written to the guest.
     fn execute<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
-        &self,
+        &mut self,
         memory: &M,
         disk: &D,
         limits: DiskLimits<'_>,
@@ -269,7 +279,7 @@ impl RequestProcessor {
     }
 
     fn read_into_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
-        &self,
+        &mut self,
         memory: &M,
         disk: &D,
         mut offset: u64,
@@ -277,6 +287,22 @@ impl RequestProcessor {
         // Check every buffer before touching any, so a bad one fails the request cleanly.
         for segment in &self.writable {
             guest_slice(memory, *segment)?;
+        }
+        let total = total(&self.writable);
+        if self.writable.len() > 1 && total <= MAX_BOUNCE {
+            // One disk read, then scattered into the guest's pages.
+            self.bounce.resize(total as usize, 0);
+            disk.read_at(&mut self.bounce, offset)
+                .map_err(|e| io_failure("read", e))?;
+            let mut done = 0usize;
+            for segment in &self.writable {
+                let slice = guest_slice(memory, *segment)?;
+                let len = slice.len();
+                slice.copy_from(&self.bounce[done..done + len]);
+                slice.bitmap().mark_dirty(0, len);
+                done += len;
+            }
+            return Ok(());
         }
         for segment in &self.writable {
             let slice = guest_slice(memory, *segment)?;
@@ -295,14 +321,32 @@ impl RequestProcessor {
     }
 
     fn write_from_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
-        &self,
+        &mut self,
         memory: &M,
         disk: &D,
         mut offset: u64,
     ) -> Result<(), Failure> {
         let data = DataSegments::new(&self.readable, HEADER_SIZE);
+        let mut count = 0usize;
+        let mut total = 0u64;
         for segment in data.clone() {
             guest_slice(memory, segment)?;
+            count += 1;
+            total += segment.len;
+        }
+        if count > 1 && total <= MAX_BOUNCE {
+            // Gathered from the guest's pages, then one disk write.
+            self.bounce.resize(total as usize, 0);
+            let mut done = 0usize;
+            for segment in data {
+                let slice = guest_slice(memory, segment)?;
+                let len = slice.len();
+                slice.copy_to(&mut self.bounce[done..done + len]);
+                done += len;
+            }
+            return disk
+                .write_at(&self.bounce, offset)
+                .map_err(|e| io_failure("write", e));
         }
         for segment in data {
             let slice = guest_slice(memory, segment)?;
