@@ -79,12 +79,8 @@ pub fn main(args: VhostUserBlkArgs) -> u8 {
                 let _ = vmm::api::VmControl::shutdown(&*control);
             }
         });
-    let result = daemon.run();
-    // Block jobs end (cancelled, leaving a valid chain) before the process does.
-    if let Some(server) = server {
-        server.stop();
-    }
-    match result {
+    // On shutdown the daemon stops the server (and its block jobs) before its final flush.
+    match daemon.run(server) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("snapvmm vhost-user-blk: error: {e}");

@@ -29,7 +29,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::api::types::{VmInfo, VmState};
-use crate::api::{ApiError, VmControl};
+use crate::api::{ApiError, ApiServer, VmControl};
 use crate::builder::{open_disk, AttachedDisk};
 use crate::config::DiskConfig;
 use crate::devices::virtio::block::device::{DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES};
@@ -152,9 +152,10 @@ impl BlkDaemon {
         })
     }
 
-    /// Serves frontends one after the other until [`DaemonControl::shutdown`]; then flushes
-    /// the disk and removes the socket.
-    pub fn run(mut self) -> Result<()> {
+    /// Serves frontends one after the other until [`DaemonControl::shutdown`]; then stops
+    /// `api` (cancelling its block jobs, each leaving a valid chain), flushes the disk (after
+    /// the jobs' last writes) and removes the socket.
+    pub fn run(mut self, api: Option<ApiServer>) -> Result<()> {
         let name = format!("vhost-user-blk-{}", self.backend.config().id);
         while !self.stop.requested.load(Ordering::Acquire) {
             let mut daemon = VhostUserDaemon::new(
@@ -193,6 +194,9 @@ impl BlkDaemon {
                 )) => tracing::info!("{name}: frontend disconnected"),
                 Err(e) => tracing::warn!("{name}: frontend connection ended: {e}"),
             }
+        }
+        if let Some(api) = api {
+            api.stop();
         }
         let flushed = self.disk.flush();
         let _ = std::fs::remove_file(&self.socket);

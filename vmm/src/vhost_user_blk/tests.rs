@@ -113,7 +113,7 @@ impl Fixture {
         };
         let daemon = BlkDaemon::new(&config).unwrap();
         let control = daemon.control();
-        let thread = Some(std::thread::spawn(move || daemon.run()));
+        let thread = Some(std::thread::spawn(move || daemon.run(None)));
         Fixture {
             dir,
             control,
