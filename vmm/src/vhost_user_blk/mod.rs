@@ -18,6 +18,7 @@ pub mod backend;
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use storage::LiveDisk;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::types::{VmInfo, VmState};
 use crate::api::{ApiError, ApiServer, VmControl};
@@ -57,11 +59,62 @@ impl DaemonConfig {
 }
 
 /// Shared between the serving loop and [`DaemonControl`]: how to stop.
-#[derive(Default)]
 struct StopSignal {
     requested: AtomicBool,
     /// The connection being served, to cut it on shutdown.
     connection: Mutex<Option<ShutdownHandle>>,
+    /// Wakes the loop while it waits for the next frontend.
+    wake: EventFd,
+}
+
+impl StopSignal {
+    fn new() -> Result<Self> {
+        Ok(StopSignal {
+            requested: AtomicBool::new(false),
+            connection: Mutex::new(None),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(Error::io("creating the daemon's wake-up eventfd"))?,
+        })
+    }
+
+    /// Waits until a frontend is waiting to be accepted (true) or a stop is requested
+    /// (false).
+    fn wait_for_frontend(&self, listener: &Listener) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if self.requested.load(Ordering::Acquire) {
+                return false;
+            }
+            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("vhost-user-blk: waiting for a frontend: {error}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                continue;
+            }
+            if fds[1].revents != 0 {
+                let _ = self.wake.read();
+                continue;
+            }
+            if fds[0].revents != 0 {
+                return !self.requested.load(Ordering::Acquire);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for StopSignal {
@@ -127,7 +180,7 @@ impl BlkDaemon {
             backend,
             disk,
             read_only: config.disk.read_only,
-            stop: Arc::default(),
+            stop: Arc::new(StopSignal::new()?),
         })
     }
 
@@ -167,6 +220,11 @@ impl BlkDaemon {
                 device: name.clone(),
                 message: e.to_string(),
             })?;
+            // Polled first, so a shutdown needs no connection to end the wait: accept()
+            // then returns at once.
+            if !self.stop.wait_for_frontend(&self.listener) {
+                break;
+            }
             if let Err(e) = daemon.start(&mut self.listener) {
                 // A failed accept or handshake set-up: nothing is served yet; try again.
                 tracing::warn!("{name}: accepting a frontend: {e}");
@@ -254,8 +312,10 @@ impl VmControl for DaemonControl {
         if let Some(connection) = self.stop.connection.lock().as_ref() {
             connection.shutdown();
         }
-        // Wake an accept() waiting for the next frontend; it sees the request and ends.
-        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        // Wake the loop if it is waiting for the next frontend.
+        if let Err(e) = self.stop.wake.write(1) {
+            tracing::warn!("vhost-user-blk: waking the daemon: {e}");
+        }
         Ok(())
     }
 

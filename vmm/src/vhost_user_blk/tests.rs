@@ -426,3 +426,12 @@ fn check_regions_measures_each_region_against_its_file() {
     let anonymous = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
     assert!(backend::check_regions(&anonymous).is_err());
 }
+
+#[test]
+fn shutdown_ends_the_wait_for_a_frontend_even_without_the_socket_file() {
+    let fixture = Fixture::start(1);
+    std::thread::sleep(Duration::from_millis(100));
+    // Someone removed the socket: the daemon cannot be reached by path, but still stops.
+    std::fs::remove_file(fixture.socket()).unwrap();
+    fixture.stop();
+}
