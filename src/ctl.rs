@@ -40,7 +40,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// Arguments of `snapvmm ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The VM's API socket (`snapvmm run --api-socket`).
+    /// The API socket (`snapvmm run --api-socket` or `snapvmm vhost-user-blk --api-socket`).
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
     /// Print the API's JSON answer instead of text.

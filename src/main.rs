@@ -14,6 +14,7 @@ mod demo;
 mod img;
 mod restore;
 mod run;
+mod vhost_user_blk;
 
 /// Command line of the `snapvmm` binary.
 #[derive(Debug, Parser)]
@@ -44,6 +45,8 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Work on checkpoint directories offline (merge a diff chain, show one).
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Serve a disk to another VMM's guest as a vhost-user-blk backend.
+    VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::main(args),
         Command::Restore(args) => restore::main(args),
         Command::Checkpoint(args) => checkpoint::main(args),
+        Command::VhostUserBlk(args) => vhost_user_blk::main(args),
     };
     ExitCode::from(code)
 }

@@ -4,8 +4,10 @@
 //!
 //! This host's KVM is software-only (kvm_pvm): a stock kernel gets through early boot but not
 //! much further, so the tests read the console until the ACPI table lines appear and then stop
-//! the VM. Where /proc/cpuinfo shows vmx or svm the kernel must also boot fully (to the
-//! root-mount panic: there is no root disk); elsewhere that part is skipped, saying why.
+//! the VM. Where /proc/cpuinfo shows vmx or svm the kernel must also boot fully, into the
+//! busybox initramfs of `scripts/build-initramfs.sh`, whose `read-vda` workload loads the
+//! virtio modules, reads all of /dev/vda through our virtio-mmio disk and prints
+//! `snapvmm: read-vda ok`; elsewhere that part is skipped, saying why.
 //!
 //! Two images of the same kernel: the uncompressed ELF `vmlinux` the fetch script extracts
 //! (about 25 s to the ACPI lines here), and the bzImage itself, whose decompressor alone takes
@@ -26,7 +28,7 @@ use vmm::arch::x86_64::acpi::{self, MmioDevice};
 const EARLY_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// As [`EARLY_BOOT_TIMEOUT`] for the bzImage, whose decompressor runs first.
 const BZIMAGE_EARLY_BOOT_TIMEOUT: Duration = Duration::from_secs(400);
-/// How long a full boot to the root-mount panic may take (hardware virtualization only).
+/// How long a full boot to the initramfs's workload may take (hardware virtualization only).
 const FULL_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Guest RAM: the E820 lines below are for this size.
 const MEMORY_MIB: u64 = 128;
@@ -82,6 +84,23 @@ fn kernel_or_skip(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The busybox initramfs of `scripts/build-initramfs.sh` (built or found cached).
+fn initramfs(test: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-initramfs.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{test}: running {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{test}: {} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
 /// Whether the host CPU has hardware virtualization, or why not.
 fn hardware_virtualization() -> Result<(), String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
@@ -102,17 +121,23 @@ fn hardware_virtualization() -> Result<(), String> {
 }
 
 /// `snapvmm run --kernel` with the console in `serial`, one raw disk so the DSDT has a
-/// virtio-mmio device, and a panic that resets the VM.
-fn start(kernel: &Path, dir: &Path, serial: &Path) -> Child {
+/// virtio-mmio device, and a panic that resets the VM. With `initrd`, the kernel boots into
+/// it and runs its `read-vda` workload, which ends in a reset (`snapvmm.end=reboot`).
+fn start(kernel: &Path, initrd: Option<&Path>, dir: &Path, serial: &Path) -> Child {
     let disk = dir.join("disk.raw");
     std::fs::write(&disk, vec![0u8; 64 * 1024]).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_snapvmm"))
-        .arg("run")
-        .arg("--kernel")
-        .arg(kernel)
+    let mut cmdline =
+        String::from("console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 loglevel=8");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_snapvmm"));
+    command.arg("run").arg("--kernel").arg(kernel);
+    if let Some(initrd) = initrd {
+        command.arg("--initrd").arg(initrd);
+        cmdline.push_str(" snapvmm.workload=read-vda snapvmm.end=reboot");
+    }
+    command
         .args([
             "--cmdline",
-            "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 loglevel=8",
+            &cmdline,
             "--memory",
             &MEMORY_MIB.to_string(),
             "--serial",
@@ -241,9 +266,10 @@ fn debian_bzimage_sees_our_e820_map_and_acpi_tables() {
 fn boot_and_check(test: &str, kernel: &Path, timeout: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("console.log");
-    let started = Instant::now();
-    let mut child = start(kernel, dir.path(), &serial);
     let full_boot = hardware_virtualization();
+    let initrd = full_boot.as_ref().ok().map(|()| initramfs(test));
+    let started = Instant::now();
+    let mut child = start(kernel, initrd.as_deref(), dir.path(), &serial);
     let (console, seen) = watch(&mut child, &serial, timeout, early_boot_done);
     let early = started.elapsed();
     let stop = |mut child: Child| {
@@ -294,15 +320,15 @@ fn boot_and_check(test: &str, kernel: &Path, timeout: Duration) {
             eprintln!("{test}: skipping the full boot: {reason}");
         }
         Ok(()) => {
-            // No root disk: a fully booted kernel ends in the root-mount panic, and with
-            // panic=1 reboot=k it resets the VM through the i8042, which ends snapvmm cleanly.
-            let panic_line = "Kernel panic - not syncing: VFS: Unable to mount root fs";
+            // The initramfs loads the virtio modules, reads /dev/vda through our virtio-mmio
+            // disk and resets the VM (reboot=k: the i8042), which ends snapvmm cleanly.
+            let ok_line = "snapvmm: read-vda ok";
             let (console, seen) = watch(&mut child, &serial, FULL_BOOT_TIMEOUT, |text| {
-                text.contains(panic_line)
+                text.contains(ok_line)
             });
             if !seen {
                 stop(child);
-                panic!("no full boot within {FULL_BOOT_TIMEOUT:?}; console:\n{console}");
+                panic!("no {ok_line:?} within {FULL_BOOT_TIMEOUT:?}; console:\n{console}");
             }
             let status = child.wait().expect("wait");
             assert!(

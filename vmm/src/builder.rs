@@ -13,7 +13,7 @@ use storage::LiveDisk;
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
 use crate::checkpoint::{Checkpointer, Tracking};
-use crate::config::{BootSource, SerialOutput, VmConfig, MAX_VCPUS};
+use crate::config::{BootSource, DiskConfig, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
 use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
@@ -216,20 +216,24 @@ pub fn open_serial(output: &SerialOutput) -> Result<Box<dyn Write + Send>> {
 pub fn open_disks(config: &VmConfig) -> Result<Vec<(Arc<LiveDisk>, bool)>> {
     let mut disks = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
-        let name = config.disk_name(index);
-        let options = storage::OpenOptions {
-            read_only: disk.read_only,
-            format: disk.format,
-            ..Default::default()
-        };
-        let top = storage::open(&disk.path, &options).map_err(|source| Error::Disk {
-            name: name.clone(),
-            path: disk.path.clone(),
-            source,
-        })?;
-        disks.push((LiveDisk::new(name, top), disk.read_only));
+        disks.push((open_disk(&config.disk_name(index), disk)?, disk.read_only));
     }
     Ok(disks)
+}
+
+/// Opens the image chain of `disk` as a live disk called `name`.
+pub fn open_disk(name: &str, disk: &DiskConfig) -> Result<Arc<LiveDisk>> {
+    let options = storage::OpenOptions {
+        read_only: disk.read_only,
+        format: disk.format,
+        ..Default::default()
+    };
+    let top = storage::open(&disk.path, &options).map_err(|source| Error::Disk {
+        name: name.to_string(),
+        path: disk.path.clone(),
+        source,
+    })?;
+    Ok(LiveDisk::new(name, top))
 }
 
 impl Vmm {

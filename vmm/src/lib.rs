@@ -32,6 +32,7 @@ pub mod exit;
 pub mod guest;
 pub mod memory;
 pub mod vcpu;
+pub mod vhost_user_blk;
 pub mod vm;
 
 pub use builder::{run, AttachedDisk, Vmm};

@@ -25,7 +25,8 @@
 //! 4xx/5xx with a [`types::Fault`] body; no request can stop the VM except `/vm/shutdown`.
 //!
 //! The server talks to the VM only through [`VmControl`], so it is tested against a fake VM;
-//! [`VmmControl`] is the implementation over a running [`crate::Vmm`].
+//! [`VmmControl`] is the implementation over a running [`crate::Vmm`], and
+//! [`crate::vhost_user_blk::DaemonControl`] the one over a vhost-user-blk daemon's disk.
 
 pub mod client;
 pub mod routes;

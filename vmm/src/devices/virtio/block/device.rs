@@ -9,13 +9,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskBackend;
-use super::request::{
-    DescriptorInfo, DiskLimits, RequestProcessor, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
-};
+use super::queue::serve_queue;
+use super::request::{DiskLimits, RequestProcessor, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use super::{features, ID_BYTES, SECTOR_SHIFT, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
     Activation, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
@@ -31,7 +30,7 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Most queues a disk may have.
 pub const MAX_NUM_QUEUES: u16 = 16;
 /// Size of the config space we expose (`virtio_blk_config` up to `write_zeroes_may_unmap`).
-const CONFIG_SIZE: usize = 60;
+pub const CONFIG_SIZE: usize = 60;
 
 /// How a block device presents its disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,52 +81,14 @@ impl std::fmt::Debug for Block {
 impl Block {
     /// A device presenting `disk` as `config` describes.
     pub fn new(config: BlockConfig, disk: Arc<dyn DiskBackend>) -> Result<Self> {
-        let invalid = |message: String| Error::Device {
-            device: format!("virtio-blk {}", config.id),
-            message,
-        };
-        if config.num_queues == 0 || config.num_queues > MAX_NUM_QUEUES {
-            return Err(invalid(format!(
-                "{} queues (1 to {MAX_NUM_QUEUES})",
-                config.num_queues
-            )));
-        }
-        if !config.queue_size.is_power_of_two()
-            || config.queue_size > 32768
-            || config.queue_size < 4
-        {
-            return Err(invalid(format!(
-                "queue size {} is not a power of two in 4..=32768",
-                config.queue_size
-            )));
-        }
-        let mut id = [0u8; ID_BYTES];
-        let name = config.id.as_bytes();
-        let n = name.len().min(ID_BYTES);
-        id[..n].copy_from_slice(&name[..n]);
-
-        let mut features = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | (1 << features::SEG_MAX)
-            | (1 << features::BLK_SIZE)
-            | (1 << features::FLUSH);
-        if config.num_queues > 1 {
-            features |= 1 << features::MQ;
-        }
-        if config.read_only {
-            features |= 1 << features::RO;
-        } else {
-            features |= (1 << features::DISCARD) | (1 << features::WRITE_ZEROES);
-        }
-        let config_space = build_config_space(disk.size(), &config);
+        config.check()?;
         Ok(Block {
             queue_sizes: vec![config.queue_size; usize::from(config.num_queues)],
+            id: config.id_bytes(),
+            features: config.features(),
+            config_space: config.config_space(disk.size()),
             config,
             disk,
-            id,
-            features,
-            config_space,
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("creating a stop eventfd"))?,
             workers: Vec::new(),
         })
@@ -167,24 +128,88 @@ impl Block {
     }
 }
 
-/// Lays out `virtio_blk_config` (virtio 1.2 §5.2.4), little-endian.
-fn build_config_space(disk_size: u64, config: &BlockConfig) -> [u8; CONFIG_SIZE] {
-    let mut space = [0u8; CONFIG_SIZE];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        space[offset..offset + bytes.len()].copy_from_slice(bytes);
+impl BlockConfig {
+    /// Checks the queue shape: 1..=16 queues of a power-of-two size in 4..=32768.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |message: String| Error::Device {
+            device: format!("virtio-blk {}", self.id),
+            message,
+        };
+        if self.num_queues == 0 || self.num_queues > MAX_NUM_QUEUES {
+            return Err(invalid(format!(
+                "{} queues (1 to {MAX_NUM_QUEUES})",
+                self.num_queues
+            )));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size > 32768 || self.queue_size < 4 {
+            return Err(invalid(format!(
+                "queue size {} is not a power of two in 4..=32768",
+                self.queue_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The GET_ID answer: the id's first 20 bytes, zero-padded.
+    pub fn id_bytes(&self) -> [u8; ID_BYTES] {
+        let mut id = [0u8; ID_BYTES];
+        let name = self.id.as_bytes();
+        let n = name.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&name[..n]);
+        id
+    }
+
+    /// The virtio feature bits offered for this disk, whatever the transport.
+    pub fn features(&self) -> u64 {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << features::SEG_MAX)
+            | (1 << features::BLK_SIZE)
+            | (1 << features::FLUSH);
+        if self.num_queues > 1 {
+            features |= 1 << features::MQ;
+        }
+        if self.read_only {
+            features |= 1 << features::RO;
+        } else {
+            features |= (1 << features::DISCARD) | (1 << features::WRITE_ZEROES);
+        }
+        features
+    }
+
+    /// Lays out `virtio_blk_config` (virtio 1.2 §5.2.4), little-endian, for a disk of
+    /// `disk_size` bytes.
+    pub fn config_space(&self, disk_size: u64) -> [u8; CONFIG_SIZE] {
+        let mut space = [0u8; CONFIG_SIZE];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            space[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &(disk_size >> SECTOR_SHIFT).to_le_bytes()); // capacity in sectors
+                                                            // seg_max: the header and the status take two descriptors of a queue-sized chain.
+        put(12, &u32::from(self.queue_size - 2).to_le_bytes());
+        put(20, &512u32.to_le_bytes()); // blk_size
+        put(34, &self.num_queues.to_le_bytes());
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[1]); // write_zeroes_may_unmap
+        space
+    }
+}
+
+/// Copies `config_space[offset..]` into `data`; bytes past its end read as zero.
+pub fn read_config_space(config_space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
     };
-    put(0, &(disk_size >> SECTOR_SHIFT).to_le_bytes()); // capacity in sectors
-                                                        // seg_max: the header and the status take two descriptors of a queue-sized chain.
-    put(12, &u32::from(config.queue_size - 2).to_le_bytes());
-    put(20, &512u32.to_le_bytes()); // blk_size
-    put(34, &config.num_queues.to_le_bytes());
-    put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
-    put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
-    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
-    put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-    put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
-    put(56, &[1]); // write_zeroes_may_unmap
-    space
+    if let Some(available) = config_space.get(start..) {
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
 }
 
 impl VirtioDevice for Block {
@@ -201,14 +226,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(available) = self.config_space.get(start..) {
-            let n = available.len().min(data.len());
-            data[..n].copy_from_slice(&available[..n]);
-        }
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -335,45 +353,18 @@ impl QueueWorker {
 
     /// Runs every available request, then interrupts the guest if it asked to be.
     fn process_queue(&mut self) {
-        let memory = &self.memory;
         let limits = DiskLimits {
             read_only: self.read_only,
             id: &self.id,
         };
-        let mut completed = 0usize;
-        loop {
-            if let Err(e) = self.queue.disable_notification(memory) {
-                tracing::warn!("{}: {e}", self.name);
-                break;
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = self.queue.pop_descriptor_chain(memory) {
-                popped += 1;
-                let head = chain.head_index();
-                let completion = self.processor.process(
-                    chain.map(DescriptorInfo::from),
-                    memory,
-                    &*self.disk,
-                    limits,
-                );
-                if let Err(e) = self.queue.add_used(memory, head, completion.used_len) {
-                    tracing::warn!("{}: returning descriptor {head}: {e}", self.name);
-                    break;
-                }
-            }
-            completed += popped;
-            // Re-enable notifications; if requests arrived meanwhile, go round again. A ring
-            // that yields nothing (a corrupt avail index) must not spin the worker.
-            match self.queue.enable_notification(memory) {
-                Ok(true) if popped > 0 => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!("{}: {e}", self.name);
-                    break;
-                }
-            }
-        }
-        if completed > 0 && self.queue.needs_notification(memory).unwrap_or(true) {
+        if serve_queue(
+            &self.name,
+            &mut self.queue,
+            &self.memory,
+            &mut self.processor,
+            &*self.disk,
+            limits,
+        ) {
             self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
         }
     }

@@ -5,11 +5,13 @@
 //!   request completes with IOERR or UNSUPP.
 //! - [`device`]: the [`Block`] device: features, config space, and one worker thread per
 //!   active queue.
+//! - [`queue`]: draining one queue, shared with the vhost-user backend.
 //! - [`backend`]: the disk trait and an in-memory disk for tests and fuzzing.
 
 pub mod backend;
 pub mod device;
 pub mod persist;
+pub mod queue;
 pub mod request;
 
 pub use backend::{DiskBackend, MemoryDisk};

@@ -20,14 +20,14 @@
 //! cannot carry a status: it is returned to the driver with a used length of 0.
 //!
 //! [`RequestProcessor`] keeps its segment lists between requests, so the steady state does no
-//! allocation.
+//! allocation. It works on any vm-memory guest memory: the VMM's own (with a dirty bitmap) and
+//! the frontend's shared memory a vhost-user backend maps.
 
-use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::bitmap::{Bitmap, MS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::backend::DiskBackend;
 use super::{request_type, status, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
-use crate::memory::GuestMemoryMmap;
 
 /// Most non-empty descriptors accepted in one chain (indirect tables can hold 65535).
 pub const MAX_DESCRIPTORS: usize = 1024;
@@ -88,11 +88,20 @@ pub struct DiskLimits<'a> {
     pub id: &'a [u8; ID_BYTES],
 }
 
+/// Largest request whose data goes through one bounce buffer (see [`RequestProcessor`]).
+pub const MAX_BOUNCE: u64 = 4 << 20;
+
 /// Parses and runs requests; one per queue worker, reused for every request.
+///
+/// A request's data is usually scattered over many guest pages (a 1 MiB write is 256
+/// descriptors). Rather than one disk call per page, a request of up to [`MAX_BOUNCE`] bytes
+/// in several segments is copied through a bounce buffer and reaches the disk as one call,
+/// which lets the image layer map and transfer whole clusters at once.
 #[derive(Debug, Default)]
 pub struct RequestProcessor {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
+    bounce: Vec<u8>,
 }
 
 /// Why a request failed, mapped onto the status the guest sees.
@@ -121,14 +130,15 @@ impl RequestProcessor {
         RequestProcessor {
             readable: Vec::with_capacity(64),
             writable: Vec::with_capacity(64),
+            bounce: Vec::new(),
         }
     }
 
     /// Runs the request made of `chain` against `disk` and writes its status byte.
-    pub fn process<D: DiskBackend + ?Sized>(
+    pub fn process<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &mut self,
         chain: impl IntoIterator<Item = DescriptorInfo>,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         limits: DiskLimits<'_>,
     ) -> Completion {
@@ -209,9 +219,9 @@ impl RequestProcessor {
     }
 
     /// Checks and runs the parsed request; returns the data bytes written to the guest.
-    fn execute<D: DiskBackend + ?Sized>(
-        &self,
-        memory: &GuestMemoryMmap,
+    fn execute<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+        &mut self,
+        memory: &M,
         disk: &D,
         limits: DiskLimits<'_>,
     ) -> Outcome {
@@ -268,15 +278,31 @@ impl RequestProcessor {
         }
     }
 
-    fn read_into_guest<D: DiskBackend + ?Sized>(
-        &self,
-        memory: &GuestMemoryMmap,
+    fn read_into_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+        &mut self,
+        memory: &M,
         disk: &D,
         mut offset: u64,
     ) -> Result<(), Failure> {
         // Check every buffer before touching any, so a bad one fails the request cleanly.
         for segment in &self.writable {
             guest_slice(memory, *segment)?;
+        }
+        let total = total(&self.writable);
+        if self.writable.len() > 1 && total <= MAX_BOUNCE {
+            // One disk read, then scattered into the guest's pages.
+            self.bounce.resize(total as usize, 0);
+            disk.read_at(&mut self.bounce, offset)
+                .map_err(|e| io_failure("read", e))?;
+            let mut done = 0usize;
+            for segment in &self.writable {
+                let slice = guest_slice(memory, *segment)?;
+                let len = slice.len();
+                slice.copy_from(&self.bounce[done..done + len]);
+                slice.bitmap().mark_dirty(0, len);
+                done += len;
+            }
+            return Ok(());
         }
         for segment in &self.writable {
             let slice = guest_slice(memory, *segment)?;
@@ -294,15 +320,33 @@ impl RequestProcessor {
         Ok(())
     }
 
-    fn write_from_guest<D: DiskBackend + ?Sized>(
-        &self,
-        memory: &GuestMemoryMmap,
+    fn write_from_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+        &mut self,
+        memory: &M,
         disk: &D,
         mut offset: u64,
     ) -> Result<(), Failure> {
         let data = DataSegments::new(&self.readable, HEADER_SIZE);
+        let mut count = 0usize;
+        let mut total = 0u64;
         for segment in data.clone() {
             guest_slice(memory, segment)?;
+            count += 1;
+            total += segment.len;
+        }
+        if count > 1 && total <= MAX_BOUNCE {
+            // Gathered from the guest's pages, then one disk write.
+            self.bounce.resize(total as usize, 0);
+            let mut done = 0usize;
+            for segment in data {
+                let slice = guest_slice(memory, segment)?;
+                let len = slice.len();
+                slice.copy_to(&mut self.bounce[done..done + len]);
+                done += len;
+            }
+            return disk
+                .write_at(&self.bounce, offset)
+                .map_err(|e| io_failure("write", e));
         }
         for segment in data {
             let slice = guest_slice(memory, segment)?;
@@ -316,9 +360,9 @@ impl RequestProcessor {
         Ok(())
     }
 
-    fn discard_or_zero<D: DiskBackend + ?Sized>(
+    fn discard_or_zero<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &self,
-        memory: &GuestMemoryMmap,
+        memory: &M,
         disk: &D,
         discard: bool,
         out_len: u64,
@@ -393,10 +437,10 @@ fn check_io(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
 }
 
 /// The guest memory behind `segment`, which must lie within one region.
-fn guest_slice(
-    memory: &GuestMemoryMmap,
+fn guest_slice<M: GuestMemoryBackend>(
+    memory: &M,
     segment: Segment,
-) -> Result<VolatileSlice<'_, impl BitmapSlice + '_>, Failure> {
+) -> Result<VolatileSlice<'_, MS<'_, M>>, Failure> {
     let len = usize::try_from(segment.len).map_err(|_| Failure::Error)?;
     memory
         .get_slice(segment.addr, len)
@@ -404,7 +448,12 @@ fn guest_slice(
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into the stream of `segments`.
-fn gather(memory: &GuestMemoryMmap, segments: &[Segment], skip: u64, out: &mut [u8]) -> bool {
+fn gather<M: GuestMemoryBackend>(
+    memory: &M,
+    segments: &[Segment],
+    skip: u64,
+    out: &mut [u8],
+) -> bool {
     let mut done = 0usize;
     for segment in DataSegments::new(segments, skip) {
         if done == out.len() {
@@ -423,7 +472,7 @@ fn gather(memory: &GuestMemoryMmap, segments: &[Segment], skip: u64, out: &mut [
 }
 
 /// Copies `data` to the start of the stream of `segments`.
-fn scatter(memory: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> bool {
+fn scatter<M: GuestMemoryBackend>(memory: &M, segments: &[Segment], data: &[u8]) -> bool {
     let mut done = 0usize;
     for segment in segments {
         if done == data.len() {

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::devices::virtio::block::MemoryDisk;
+use crate::memory::GuestMemoryMmap;
 use proptest::prelude::*;
 
 const MEMORY: u64 = 1 << 20;
