@@ -132,8 +132,8 @@ fn api_malformed_requests_get_4xx_and_the_vm_keeps_running() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no disk named"), "{stderr}");
-    let output = vm.ctl(&["snapshot-create-as", "s1"]);
-    assert!(!output.status.success(), "without --disk-only");
+    let output = vm.ctl(&["snapshot-create-as", "bad/name"]);
+    assert!(!output.status.success(), "a snapshot name with '/'");
 
     let info: VmInfo = client.get("/vm").unwrap();
     assert_eq!(info.state, VmState::Running);
@@ -250,24 +250,23 @@ fn snapshots_with_memory_take_the_running_guest_back() {
     let vm = RunningVm::launch(dir, "builtin:counter", &base);
     for (name, kind) in [("m1", None), ("i1", Some("--internal"))] {
         counted_since(&vm, 0, 3);
-        // The guest's counter lives in its memory: at the snapshot it is between the last
-        // value printed before and the first printed after.
+        // The guest's counter lives in its memory: at the snapshot it was at least the last
+        // value printed before (the console file may lag the guest a little, never lead it).
         let before = last_counter(&vm.serial());
         let mut create = vec!["snapshot-create-as", name];
         create.extend(kind);
         vm.ctl_ok(&create);
-        let mark = vm.serial().len();
-        let after = counted_since(&vm, mark, 1)[0];
         // Run well past the snapshot, then go back to it.
-        counted_since(&vm, mark, 6);
+        let mark = vm.serial().len();
+        counted_since(&vm, mark, 12);
         let left_at = last_counter(&vm.serial());
         vm.ctl_ok(&["snapshot-revert", name]);
         let mark = vm.serial().len();
         let resumed = counted_since(&vm, mark, 3);
         assert!(
-            (before..=after).contains(&resumed[0]) && resumed[0] < left_at,
-            "{name}: after the revert the counter went on from {} (snapshot between {before} \
-             and {after}, left at {left_at})",
+            before <= resumed[0] && resumed[0] + 8 <= left_at,
+            "{name}: after the revert the counter went on from {} (at least {before} at the \
+             snapshot, {left_at} when reverted)",
             resumed[0]
         );
         assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
