@@ -17,11 +17,14 @@
 //! Skips (printing why) without a usable /dev/kvm unless `SNAPVMM_REQUIRE_KVM=1`, without a
 //! kernel it can fetch likewise, and without `iasl` unless `SNAPVMM_REQUIRE_IASL=1`.
 
+mod vmm_util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm::arch::x86_64::acpi::{self, MmioDevice};
+use vmm_util::kvm_or_skip;
 
 /// How long the ELF kernel may take to print its ACPI table lines: about 25 s on this host's
 /// software KVM, well under a second with hardware virtualization.
@@ -35,19 +38,6 @@ const MEMORY_MIB: u64 = 128;
 
 fn required(var: &str) -> bool {
     std::env::var(var).as_deref() == Ok("1")
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            if required("SNAPVMM_REQUIRE_KVM") {
-                panic!("{test}: KVM required (SNAPVMM_REQUIRE_KVM=1) but unusable: {reason}");
-            }
-            eprintln!("skipping {test}: KVM unusable: {reason}");
-            false
-        }
-    }
 }
 
 /// The Debian kernel, fetched (or found cached) by the repository's script.

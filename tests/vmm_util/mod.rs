@@ -1,4 +1,4 @@
-//! Shared by the tests that run the VMM (`vmm_micro_guest`, `vmm_checkpoint`, `api_e2e`,
+//! Shared by the tests that run the VMM (`vmm_micro_guest`, `vmm_checkpoint`, `vmm_linux`, `api_e2e`,
 //! `api_ctl`, `demo`):
 //! the KVM skip rule, running `snapvmm` with a deadline, qcow2 disks, `snapvmm ctl`, and a
 //! `snapvmm run --api-socket` child.

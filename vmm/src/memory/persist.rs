@@ -201,33 +201,11 @@ fn pwrite_all(
 }
 
 /// Reads `len` bytes from `file` at byte `offset` into host `ptr`.
-fn pread_all(
-    file: &File,
-    mut ptr: *mut u8,
-    mut len: usize,
-    mut offset: u64,
-) -> std::io::Result<()> {
-    while len > 0 {
-        // SAFETY: `ptr..ptr + len` is guest RAM the caller holds still (vCPUs paused,
-        // devices quiesced).
-        let n = unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), len, offset as libc::off_t) };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let n = n as usize;
-        // SAFETY: `n <= len`.
-        ptr = unsafe { ptr.add(n) };
-        len -= n;
-        offset += n as u64;
-    }
-    Ok(())
+fn pread_all(file: &File, ptr: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+    // SAFETY: `ptr..ptr + len` is guest RAM mapped for the VM's lifetime, and the caller
+    // holds it still (vCPUs paused, devices quiesced), so nothing else touches it meanwhile.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
 /// Splits linear page runs of `pages` at region boundaries: (host pointer, first linear
