@@ -588,6 +588,20 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// The progress bar of a block job (hidden when `quiet`).
+fn job_bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 /// Polls `disk`'s job until `done`, drawing a progress bar unless `quiet`.
 fn wait_for(
     client: &ApiClient,
@@ -595,17 +609,7 @@ fn wait_for(
     quiet: bool,
     done: impl Fn(&JobInfo) -> bool,
 ) -> Result<JobInfo, CtlError> {
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(0);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    };
+    let bar = job_bar(quiet);
     loop {
         let job: JobInfo = client.get(&job_path(disk, ""))?;
         bar.set_message(format!("{} {}", job_title(&job), job.status));
@@ -715,17 +719,7 @@ fn delete_with_progress(
         let client = ApiClient::new(&worker_socket)?;
         Ok(client.call_json("PUT", &path, Some(&request))?)
     });
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new(0);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    };
+    let bar = job_bar(quiet);
     let client = ApiClient::new(socket)?;
     while !worker.is_finished() {
         if let Ok(jobs) = client.get::<Vec<JobInfo>>("/snapshot-jobs") {

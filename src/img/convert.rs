@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use storage::raw::RawImage;
 use storage::{BlockDevice, ImageFormat, OpenOptions};
 
 use super::chain::Chain;
 use super::error::CliError;
 use super::options::{create_settings, help_text, split_options, wants_help};
+use super::progress::Bar;
 use super::{flush, open_image, parse_format};
 
 /// Bytes copied per read; large enough to stream, small enough to stay off the heap's mind.
@@ -127,17 +127,8 @@ pub fn run(args: ConvertArgs) -> Result<u8, CliError> {
         },
     )?;
     let chain = Chain::new(source);
-    let progress = if args.progress {
-        let bar = ProgressBar::new(size);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} ({percent}%) {bytes_per_sec} eta {eta}",
-        ) {
-            bar.set_style(style);
-        }
-        Some(bar)
-    } else {
-        None
-    };
+    let progress = Bar::new(args.progress);
+    progress.update(0, size);
 
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0u64;
@@ -161,18 +152,13 @@ pub fn run(args: ConvertArgs) -> Result<u8, CliError> {
                     ))
                 })?;
                 at += n as u64;
-                if let Some(bar) = &progress {
-                    bar.inc(n as u64);
-                }
+                progress.update(at, size);
             }
-        } else if let Some(bar) = &progress {
-            bar.inc(extent.length);
         }
         offset += extent.length;
+        progress.update(offset, size);
     }
     flush(&target)?;
-    if let Some(bar) = progress {
-        bar.finish();
-    }
+    progress.finish();
     Ok(0)
 }

@@ -1,4 +1,4 @@
-//! The `-p` progress bar of the long-running verbs (commit, rebase): bytes done of bytes
+//! The `-p` progress bar of the long-running verbs (convert, commit, rebase): bytes done of bytes
 //! in all, drawn with indicatif, or nothing at all without `-p`.
 
 use indicatif::{ProgressBar, ProgressStyle};

@@ -147,13 +147,7 @@ impl SnapshotTree {
                         ..Default::default()
                     },
                 )?)?;
-                let mut meta = self.meta.lock();
-                if let Some(r) = meta.images.iter_mut().find(|r| r.path == top) {
-                    r.backing = below;
-                }
-                meta.images.retain(|r| r.path != image);
-                drop(meta);
-                remove_file(&image);
+                self.forget_merged(&top, below, &image);
             }
             Merge::Commit { disk, top, image } => {
                 tracing::info!(image = %top.display(), into = %image.display(), "merging by commit");
@@ -191,15 +185,21 @@ impl SnapshotTree {
                     None => None,
                 };
                 crate::offline::rebase(&top, name.as_deref(), format, false, &mut |_, _| {})?;
-                let mut meta = self.meta.lock();
-                if let Some(r) = meta.images.iter_mut().find(|r| r.path == top) {
-                    r.backing = below;
-                }
-                meta.images.retain(|r| r.path != image);
-                drop(meta);
-                remove_file(&image);
+                self.forget_merged(&top, below, &image);
             }
         }
         Ok(())
+    }
+
+    /// After `image` was merged into `top` (which now reads through to `below`): records the
+    /// new link, forgets `image` and removes its file.
+    fn forget_merged(&self, top: &Path, below: Option<PathBuf>, image: &Path) {
+        let mut meta = self.meta.lock();
+        if let Some(r) = meta.images.iter_mut().find(|r| r.path == top) {
+            r.backing = below;
+        }
+        meta.images.retain(|r| r.path != image);
+        drop(meta);
+        remove_file(image);
     }
 }

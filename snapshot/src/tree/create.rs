@@ -72,18 +72,7 @@ impl SnapshotTree {
                     .map_err(|e| Error::InvalidArgument(format!("{}: {e}", parent.display())))?;
             }
         }
-        info.state = self.probe_state();
-        let was_running = if info.memory {
-            let running = self.pause()?;
-            info.state = if running {
-                RunState::Running
-            } else {
-                RunState::Paused
-            };
-            running
-        } else {
-            false
-        };
+        let was_running = self.pause_for(info)?;
         let vm = self.vm_state.clone();
         let result = external_snapshot_with(&overlays, || match (&vm, &checkpoint) {
             (Some(vm), Some(dir)) => vm.save_checkpoint(dir),
@@ -128,6 +117,21 @@ impl SnapshotTree {
         Ok(())
     }
 
+    /// Records the VM's state in `info` and, for a snapshot with memory, pauses the vCPUs
+    /// (then the state is what they were in); returns whether to resume them afterwards.
+    fn pause_for(&self, info: &mut SnapshotInfo) -> Result<bool> {
+        info.state = self.probe_state();
+        if !info.memory {
+            return Ok(false);
+        }
+        let running = self.pause()?;
+        info.state = match running {
+            true => RunState::Running,
+            false => RunState::Paused,
+        };
+        Ok(running)
+    }
+
     fn create_internal(&self, info: &mut SnapshotInfo) -> Result<()> {
         info.kind = SnapshotKind::Internal;
         for disk in &self.disks {
@@ -143,18 +147,7 @@ impl SnapshotTree {
             }
         }
         let claims = self.claim_all("snapshot")?;
-        info.state = self.probe_state();
-        let was_running = if info.memory {
-            let running = self.pause()?;
-            info.state = if running {
-                RunState::Running
-            } else {
-                RunState::Paused
-            };
-            running
-        } else {
-            false
-        };
+        let was_running = self.pause_for(info)?;
         let result = self.take_internal(info);
         drop(claims);
         let resumed = self.resume_if(was_running);

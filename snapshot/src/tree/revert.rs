@@ -93,10 +93,15 @@ impl SnapshotTree {
         created.keep = true;
         self.record_created(&created.paths, snapshot);
         self.seal_left(&old_tops);
-        let run = if snapshot.memory {
-            snapshot.state == RunState::Running
-        } else {
-            was_running
+        self.resume_after_revert(snapshot, was_running)
+    }
+
+    /// Resumes the vCPUs after a revert: as the snapshot had them when it holds memory,
+    /// as they were before the revert otherwise.
+    fn resume_after_revert(&self, snapshot: &SnapshotInfo, was_running: bool) -> Result<()> {
+        let run = match snapshot.memory {
+            true => snapshot.state == RunState::Running,
+            false => was_running,
         };
         self.resume_if(run)
     }
@@ -230,12 +235,7 @@ impl SnapshotTree {
             }
         }
         self.seal_left(&old_tops);
-        let run = if snapshot.memory {
-            snapshot.state == RunState::Running
-        } else {
-            was_running
-        };
-        self.resume_if(run)
+        self.resume_after_revert(snapshot, was_running)
     }
 
     /// The critical section of an internal revert; returns the tops left (in-place disks'
