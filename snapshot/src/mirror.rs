@@ -5,12 +5,13 @@
 //! granule *after* writing it, and the mirror clears the mark *before* reading it. A write
 //! that races a copy therefore always leaves the granule marked, and it is copied again.
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use storage::live::DirtyBitmap;
 use storage::{Allocation, BlockDevice};
 
 use crate::error::Result;
+use crate::pipeline;
 
 /// Marks every granule of `source` whose data comes from a layer above `base_depth`: what a
 /// commit into the layer at `base_depth` must copy.
@@ -78,11 +79,15 @@ pub fn copy_dirty(
     Ok(copied)
 }
 
-/// Runs of the source read ahead of the writer by [`drain_dirty`].
-const READ_AHEAD: usize = 2;
-
-/// One run taken from the bitmap and read: (offset, length, reads as zeroes, data).
-type ReadRun = (u64, u64, bool, Vec<u8>);
+/// One run taken from the bitmap and read by [`drain_dirty`].
+#[derive(Debug, Default)]
+struct ReadRun {
+    offset: u64,
+    len: u64,
+    /// Reads as zeroes: written as a zero write.
+    zero: bool,
+    data: Vec<u8>,
+}
 
 /// Copies runs of dirty granules, reading ahead on a helper thread, until the bitmap is
 /// empty or `step` says stop; returns the bytes copied.
@@ -99,69 +104,40 @@ pub fn drain_dirty(
     cursor: &mut u64,
     mut step: impl FnMut(u64) -> Result<bool>,
 ) -> Result<u64> {
-    let start = *cursor;
-    std::thread::scope(|scope| {
-        let (full_tx, full_rx) = mpsc::sync_channel::<Result<ReadRun>>(READ_AHEAD);
-        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-        for _ in 0..=READ_AHEAD {
-            let _ = empty_tx.send(Vec::new());
-        }
-        let reader = scope.spawn(move || {
-            let mut cursor = start;
-            while let Ok(mut buf) = empty_rx.recv() {
-                let Some((offset, len)) = bitmap.take_run(cursor, MAX_RUN) else {
-                    break;
-                };
-                cursor = (offset + len) / bitmap.granule();
-                buf.resize(len as usize, 0);
-                let run = match source.read_at(&mut buf, offset) {
-                    Ok(()) => Ok((offset, len, buf.iter().all(|&b| b == 0), buf)),
-                    Err(e) => {
-                        bitmap.mark(offset, len);
-                        Err(e.into())
-                    }
-                };
-                let failed = run.is_err();
-                if let Err(mpsc::SendError(Ok((offset, len, ..)))) = full_tx.send(run) {
-                    bitmap.mark(offset, len);
-                    break;
-                }
-                if failed {
-                    break;
-                }
+    let mut copied = 0;
+    let mut at = *cursor;
+    let outcome = pipeline::read_ahead(
+        |run: &mut ReadRun| {
+            let Some((offset, len)) = bitmap.take_run(at, MAX_RUN) else {
+                return Ok(false);
+            };
+            at = (offset + len) / bitmap.granule();
+            run.data.resize(len as usize, 0);
+            if let Err(e) = source.read_at(&mut run.data, offset) {
+                bitmap.mark(offset, len);
+                return Err(e.into());
             }
-            cursor
-        });
-        let mut copied = 0;
-        let mut write = || -> Result<()> {
-            while let Ok(run) = full_rx.recv() {
-                let (offset, len, zero, buf) = run?;
-                let written = match zero {
-                    true => target.write_zeroes(offset, len),
-                    false => target.write_at(&buf, offset),
-                };
-                if let Err(e) = written {
-                    bitmap.mark(offset, len);
-                    return Err(e.into());
-                }
-                let _ = empty_tx.send(buf);
-                copied += len;
-                if !step(len)? {
-                    break;
-                }
+            run.offset = offset;
+            run.len = len;
+            run.zero = run.data.iter().all(|&b| b == 0);
+            Ok(true)
+        },
+        |run| {
+            let written = match run.zero {
+                true => target.write_zeroes(run.offset, run.len),
+                false => target.write_at(&run.data, run.offset),
+            };
+            if let Err(e) = written {
+                bitmap.mark(run.offset, run.len);
+                return Err(e.into());
             }
-            Ok(())
-        };
-        let outcome = write();
-        // No more buffers: the reader ends after its current run; what it had read and
-        // not handed over yet goes back into the bitmap.
-        drop(empty_tx);
-        for run in full_rx.iter().flatten() {
-            bitmap.mark(run.0, run.1);
-        }
-        *cursor = reader.join().expect("mirror reader panicked");
-        outcome.map(|()| copied)
-    })
+            copied += run.len;
+            step(run.len)
+        },
+        |run| bitmap.mark(run.offset, run.len),
+    );
+    *cursor = at;
+    outcome.map(|()| copied)
 }
 
 #[cfg(test)]

@@ -5,69 +5,121 @@
 //! commit and stream jobs are such loops). With reads running one or two chunks ahead, a
 //! copy costs about what its writes cost. Only reads move to the helper thread: checkpoints
 //! (pause, cancel), throttling and progress stay with the writer, so a paused or cancelled
-//! job stops writing at once, and the reader stops as soon as its buffers are not returned.
+//! job stops writing at once, and the reader stops as soon as the writer does. The active
+//! commit's mirror uses the same [`read_ahead`] on runs taken from its dirty bitmap.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use storage::{Allocation, BlockDevice};
 
 use crate::error::Result;
 
-/// Chunks the reader may have ready before the writer takes them.
+/// Items the reader may have ready before the writer takes them.
 const READ_AHEAD: usize = 2;
 
-/// Splits `0..size` into `chunk`-sized pieces, calls `read` on each on a helper thread and
-/// `write` on each, in order, on the calling thread; the first error from either ends the
-/// copy and is returned.
+/// Runs `read` on a helper thread and `write` on the calling thread, on the same items in
+/// the same order, the reader up to [`READ_AHEAD`] items ahead.
 ///
-/// `T` is the per-chunk state handed from `read` to `write` (runs and their data): a few
-/// of them circulate between the two threads, so their buffers are allocated once.
-pub(crate) fn overlapped<T, R, W>(size: u64, chunk: u64, read: R, mut write: W) -> Result<()>
+/// `read` fills an item and returns `Ok(true)`, or `Ok(false)` when there is nothing left;
+/// `write` returns `Ok(false)` to stop early. The first error from either ends the run and
+/// is returned. Items read but never written (an early stop, an error) go to `unwritten`,
+/// so a caller that took work from somewhere (a dirty bitmap) can put it back.
+///
+/// `T` is the state handed from `read` to `write` (runs and their data): a few of them
+/// circulate between the two threads, so their buffers are allocated once.
+pub(crate) fn read_ahead<T, R, W, U>(read: R, mut write: W, mut unwritten: U) -> Result<()>
+where
+    T: Default + Send,
+    R: FnMut(&mut T) -> Result<bool> + Send,
+    W: FnMut(&mut T) -> Result<bool>,
+    U: FnMut(T),
+{
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Result<T>>(READ_AHEAD);
+        let (empty_tx, empty_rx) = mpsc::channel::<T>();
+        for _ in 0..=READ_AHEAD {
+            // Cannot fail: the receiver is alive until the reader ends.
+            let _ = empty_tx.send(T::default());
+        }
+        let stop = &stop;
+        scope.spawn(move || {
+            let mut read = read;
+            // Ends when the writer stops (no buffer comes back), at the end, or on an error.
+            while let Ok(mut item) = empty_rx.recv() {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let result = match read(&mut item) {
+                    Ok(false) => return,
+                    Ok(true) => Ok(item),
+                    Err(e) => Err(e),
+                };
+                let failed = result.is_err();
+                if full_tx.send(result).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut run = || -> Result<()> {
+            while let Ok(item) = full_rx.recv() {
+                let mut item = item?;
+                let go_on = write(&mut item)?;
+                let _ = empty_tx.send(item);
+                if !go_on {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let outcome = run();
+        // The reader reads nothing more, and ends once it finds no buffer coming back; what
+        // it read and did not hand over yet is passed back unwritten.
+        stop.store(true, Ordering::Release);
+        drop(empty_tx);
+        for item in full_rx.iter().flatten() {
+            unwritten(item);
+        }
+        outcome
+    })
+}
+
+/// One chunk of [`overlapped`]: its byte range and the caller's state.
+#[derive(Debug, Default)]
+struct Chunk<T> {
+    start: u64,
+    end: u64,
+    state: T,
+}
+
+/// Splits `0..size` into `chunk`-sized pieces, calls `read` on each on a helper thread and
+/// `write` on each, in order, on the calling thread (see [`read_ahead`]).
+pub(crate) fn overlapped<T, R, W>(size: u64, chunk: u64, mut read: R, mut write: W) -> Result<()>
 where
     T: Default + Send,
     R: FnMut(u64, u64, &mut T) -> Result<()> + Send,
     W: FnMut(u64, u64, &mut T) -> Result<()>,
 {
     assert!(chunk > 0, "overlapped: zero chunk size");
-    std::thread::scope(|scope| {
-        let (full_tx, full_rx) = mpsc::sync_channel::<(u64, u64, Result<T>)>(READ_AHEAD);
-        let (empty_tx, empty_rx) = mpsc::channel::<T>();
-        for _ in 0..=READ_AHEAD {
-            // Cannot fail: the receiver is alive until the reader ends.
-            let _ = empty_tx.send(T::default());
-        }
-        scope.spawn(move || {
-            let mut read = read;
-            let mut start = 0;
-            while start < size {
-                // The writer stopped (error, cancel) and dropped its end: stop reading.
-                let Ok(mut state) = empty_rx.recv() else {
-                    return;
-                };
-                let end = start.saturating_add(chunk).min(size);
-                let result = read(start, end, &mut state).map(|()| state);
-                let failed = result.is_err();
-                if full_tx.send((start, end, result)).is_err() || failed {
-                    return;
-                }
-                start = end;
+    let mut next = 0;
+    read_ahead(
+        move |item: &mut Chunk<T>| {
+            if next >= size {
+                return Ok(false);
             }
-        });
-        let mut run = || -> Result<()> {
-            while let Ok((start, end, state)) = full_rx.recv() {
-                let mut state = state?;
-                write(start, end, &mut state)?;
-                let _ = empty_tx.send(state);
-            }
-            Ok(())
-        };
-        let outcome = run();
-        // Both ends dropped here, so a reader waiting for a buffer or a slot wakes and ends
-        // before the scope joins it.
-        drop(full_rx);
-        drop(empty_tx);
-        outcome
-    })
+            item.start = next;
+            item.end = next.saturating_add(chunk).min(size);
+            read(item.start, item.end, &mut item.state)?;
+            next = item.end;
+            Ok(true)
+        },
+        |item| {
+            write(item.start, item.end, &mut item.state)?;
+            Ok(true)
+        },
+        drop,
+    )
 }
 
 /// The runs of one chunk that a commit copies down, and their data back to back.
