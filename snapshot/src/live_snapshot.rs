@@ -15,7 +15,7 @@
 //! The stall the guest sees is step 2: the hook and pointer swaps, no I/O at all. It does
 //! not depend on the size of the disks or of their caches.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,7 +166,9 @@ fn prepare(overlays: &[DiskOverlay], prepared: &mut Prepared) -> Result<()> {
         // Recorded before creating: a half-written file is removed on rollback too.
         prepared.created.push(path.clone());
         storage::qcow2::create(path, &options)?;
-        sync_parent(path);
+        if let Err(e) = storage::file::sync_parent_dir(path) {
+            tracing::warn!(path = %path.display(), error = %e, "fsync of the overlay's directory failed");
+        }
         let backing = old_top.clone();
         let overlay = Qcow2Image::open_with(path, false, &OpenOptions::default(), |_, _| {
             Ok(backing.clone())
@@ -187,17 +189,6 @@ fn prepare(overlays: &[DiskOverlay], prepared: &mut Prepared) -> Result<()> {
         prepared.old_tops.push(old_top);
     }
     Ok(())
-}
-
-/// Makes a new directory entry durable (power loss, not just a crash of this process).
-fn sync_parent(path: &Path) {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        tracing::warn!(dir = %dir.display(), error = %e, "fsync of directory failed");
-    }
 }
 
 /// Step 2: the critical section.

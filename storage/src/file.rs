@@ -313,3 +313,13 @@ impl ImageFile {
         Ok(())
     }
 }
+
+/// Makes a new or renamed directory entry for `path` durable (power loss, not just a crash of
+/// this process) by syncing the directory holding it.
+pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -258,9 +258,7 @@ impl TreeFile {
             .map_err(|e| io("write temporary file", e))?;
         drop(file);
         std::fs::rename(&temp, path).map_err(|e| io("rename into place", e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("fsync directory", e))?;
+        storage::file::sync_parent_dir(path).map_err(|e| io("fsync directory", e))?;
         Ok(())
     }
 

@@ -206,7 +206,9 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         let _ = std::fs::remove_file(&temp);
     }
     written?;
-    sync_directory(path);
+    if let Err(e) = crate::file::sync_parent_dir(path) {
+        tracing::warn!(path = %path.display(), error = %e, "fsync of the image's directory failed");
+    }
     Ok(())
 }
 
@@ -232,17 +234,6 @@ fn temporary_name(path: &Path) -> std::path::PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.creating-{}-{n}", std::process::id()))
-}
-
-/// Makes the rename durable (power loss, not just a crash of this process).
-fn sync_directory(path: &Path) {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        tracing::warn!(dir = %dir.display(), error = %e, "fsync of directory failed");
-    }
 }
 
 /// Writes a new, empty image with `header` and `layout` to `path`, and syncs it.
