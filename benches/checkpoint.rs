@@ -94,10 +94,18 @@ fn save(c: &mut Criterion) {
             let target: PathBuf = dir.path().join(format!("save-{kind}-{mib}"));
             group.throughput(Throughput::Bytes(mib << 20));
             group.bench_function(BenchmarkId::new(kind, mib), |b| {
-                b.iter(|| {
-                    vmm.checkpointer()
-                        .checkpoint(&target, CheckpointOptions::default())
-                        .unwrap()
+                b.iter_custom(|iterations| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        // A checkpoint never overwrites one: clear the last (untimed).
+                        let _ = std::fs::remove_dir_all(&target);
+                        let started = std::time::Instant::now();
+                        vmm.checkpointer()
+                            .checkpoint(&target, CheckpointOptions::default())
+                            .unwrap();
+                        total += started.elapsed();
+                    }
+                    total
                 })
             });
             vmm.pause_gate().resume();
@@ -148,13 +156,15 @@ fn live_pause(c: &mut Criterion) {
         b.iter_custom(|iterations| {
             let mut total = Duration::ZERO;
             for _ in 0..iterations {
+                // A checkpoint never overwrites one: clear the last (untimed).
+                let _ = std::fs::remove_dir_all(&target);
                 let report = vmm
                     .checkpointer()
                     .checkpoint(
                         &target,
                         CheckpointOptions {
                             live: true,
-                            incremental: false,
+                            ..Default::default()
                         },
                     )
                     .unwrap();

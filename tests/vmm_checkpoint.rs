@@ -205,8 +205,8 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
         .checkpoint(
             &a,
             CheckpointOptions {
-                live: false,
                 incremental: true,
+                ..Default::default()
             },
         )
         .unwrap_err()
@@ -217,8 +217,8 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
         .checkpoint(&a, CheckpointOptions::default())
         .unwrap();
     let incremental = CheckpointOptions {
-        live: false,
         incremental: true,
+        ..Default::default()
     };
     let n = last_counter(&console.text());
     console.wait(0, "more counters", |t| last_counter(t) >= n + 2);
@@ -309,7 +309,7 @@ fn live_checkpoints_and_streams_restore_the_counter() {
             &live,
             CheckpointOptions {
                 live: true,
-                incremental: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -326,6 +326,7 @@ fn live_checkpoints_and_streams_restore_the_counter() {
             CheckpointOptions {
                 live: true,
                 incremental: true,
+                ..Default::default()
             },
         )
         .unwrap();

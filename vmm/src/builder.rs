@@ -12,7 +12,7 @@ use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
-use crate::checkpoint::{Checkpointer, Tracking};
+use crate::checkpoint::{Checkpointer, LoadedCheckpoint, Tracking};
 use crate::config::{BootSource, DiskConfig, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -23,49 +23,14 @@ use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
+pub use crate::machine::AttachedDisk;
+use crate::machine::Machine;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A disk attached to a running VM.
-#[derive(Debug, Clone)]
-pub struct AttachedDisk {
-    /// vda, vdb, ... or the disk's id.
-    pub name: String,
-    /// The live handle the device does I/O through; snapshots re-point it.
-    pub disk: Arc<LiveDisk>,
-    /// Presented read-only.
-    pub read_only: bool,
-    /// Guest-physical base of its virtio-mmio window.
-    pub mmio_base: u64,
-    /// Its interrupt.
-    pub gsi: u32,
-}
-
-/// The parts of a built VM that outlive any one call: what checkpoints save and load.
-pub(crate) struct Machine {
-    /// The KVM VM.
-    pub vm: Vm,
-    /// Guest RAM.
-    pub memory: GuestMemoryMmap,
-    /// Every vCPU's fd, by index.
-    pub vcpus: Vec<SharedVcpuFd>,
-    /// The virtio-mmio transports, in disk order.
-    pub devices: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The serial console.
-    pub serial: Arc<Mutex<Serial>>,
-    /// The disks, in device order.
-    pub disks: Vec<AttachedDisk>,
-    /// What the VM was built from (disk paths as first opened).
-    pub config: VmConfig,
-    /// Pauses and resumes the vCPUs.
-    pub gate: Arc<PauseGate>,
-    /// The MSRs a vCPU save reads.
-    pub msr_list: Vec<u32>,
-}
 
 /// A running VM.
 pub struct Vmm {
@@ -343,7 +308,7 @@ impl Vmm {
     /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
     /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
     pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
-        let loaded = crate::checkpoint::LoadedCheckpoint::open(dir)?;
+        let loaded = LoadedCheckpoint::open(dir)?;
         let config = loaded.config()?;
         let memory_bytes = check_config(&config)?;
         let memory = memory::create(memory_bytes)?;

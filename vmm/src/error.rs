@@ -60,6 +60,35 @@ pub enum Error {
     /// A checkpoint's files are damaged, mismatched or could not be written.
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] snapshot::checkpoint::CheckpointError),
+    /// A checkpoint would be saved into a directory that already holds something, and
+    /// replacing it was not asked for.
+    #[error("checkpoint directory {dir} exists and is not empty (ask to replace it)")]
+    CheckpointExists {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Replacing the checkpoint in a directory was asked for and refused: something
+    /// depends on it, or it is not a checkpoint.
+    #[error("checkpoint {dir} cannot be replaced: {reason}")]
+    CheckpointInUse {
+        /// The directory.
+        dir: PathBuf,
+        /// What depends on it (or why it is not replaceable).
+        reason: String,
+    },
+    /// A virtqueue's driver published an available index more than the queue size ahead
+    /// of the device's: the ring is broken and the device stops serving it.
+    #[error("{queue}: broken ring: available index {avail}, next to serve {next}, size {size}")]
+    BrokenRing {
+        /// The queue ("vda-q0").
+        queue: String,
+        /// The available index the driver published.
+        avail: u16,
+        /// The next entry the device would take.
+        next: u16,
+        /// The queue's size.
+        size: u16,
+    },
     /// A vCPU stopped on an exit the VMM cannot handle.
     #[error("vCPU {index}: {message}")]
     Vcpu {

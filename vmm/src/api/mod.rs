@@ -260,6 +260,7 @@ impl VmControl for VmmControl {
         let options = crate::CheckpointOptions {
             live: request.live,
             incremental: request.incremental,
+            ..Default::default()
         };
         let report = self
             .checkpointer

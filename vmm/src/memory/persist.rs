@@ -20,6 +20,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::GuestMemoryMmap;
 use crate::error::{Error, Result};
+use crate::persist::Persist;
 use crate::vm::Vm;
 
 /// One region of guest RAM as a run of linear pages.
@@ -79,6 +80,61 @@ pub fn check_layout(
         ));
     }
     Ok(())
+}
+
+/// One memory file of a checkpoint chain, as loading it into RAM needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLayer<'a> {
+    /// The memory file, opened (and its size checked) with [`MemoryFile::open`].
+    pub file: &'a MemoryFile,
+    /// For a diff, the pages it holds; `None` for the full checkpoint at the bottom.
+    pub pages: Option<&'a PageSet>,
+}
+
+/// Guest RAM: a checkpoint stores its layout in the manifest and its pages in memory files.
+impl Persist for GuestMemoryMmap {
+    type State = MemoryLayout;
+    type SaveArgs<'a> = ();
+    /// The chain's memory files, full checkpoint first.
+    type RestoreArgs<'a> = &'a [MemoryLayer<'a>];
+
+    /// The layout (the pages go to the memory file separately: [`write_pages`]).
+    fn save(&self, _args: ()) -> Result<MemoryLayout> {
+        Ok(layout(self))
+    }
+
+    /// The saved layout must describe this RAM.
+    fn check(&self, state: &MemoryLayout) -> Result<()> {
+        check_layout(self, state).map_err(Error::Memory)
+    }
+
+    /// Loads the chain: the full checkpoint mapped (lazily, `MAP_PRIVATE`), then each diff's
+    /// pages copied in, in order.
+    fn restore(&self, layers: &[MemoryLayer<'_>], state: &MemoryLayout) -> Result<()> {
+        self.check(state)?;
+        let Some((full, diffs)) = layers.split_first() else {
+            return Err(Error::Memory("no memory file to load".into()));
+        };
+        if full.pages.is_some() {
+            return Err(Error::Memory(format!(
+                "{} is a diff, not the full checkpoint of its chain",
+                full.file.path().display()
+            )));
+        }
+        map_file(self, full.file)?;
+        for layer in diffs {
+            match layer.pages {
+                Some(pages) => read_pages(self, layer.file, pages)?,
+                None => {
+                    return Err(Error::Memory(format!(
+                        "{} is a full checkpoint above the bottom of its chain",
+                        layer.file.path().display()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `/proc/self/pagemap` bits.

@@ -14,6 +14,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::persist::Persist;
 
 /// MSR ranges worth saving: those a guest or KVM's paravirtual features keep state in.
 /// Anything else KVM lists (performance counters, machine-check banks) is reset state.
@@ -106,8 +107,50 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     }
 }
 
-/// Saves vCPU `index`'s state; it must be outside `KVM_RUN`.
-pub fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState> {
+/// What saving a vCPU needs besides its fd.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuSaveArgs<'a> {
+    /// The vCPU's index (recorded, and named in errors).
+    pub index: u8,
+    /// The MSRs to read ([`msr_list`]).
+    pub msrs: &'a [u32],
+}
+
+/// How a vCPU is being restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuRestoreArgs {
+    /// A fresh vCPU that never ran: CPUID can only be set then, and must be; the TSC rate
+    /// is set too.
+    pub first_time: bool,
+}
+
+impl Persist for VcpuFd {
+    type State = VcpuState;
+    type SaveArgs<'a> = VcpuSaveArgs<'a>;
+    type RestoreArgs<'a> = VcpuRestoreArgs;
+
+    /// Saves the vCPU's state; it must be outside `KVM_RUN`.
+    fn save(&self, args: VcpuSaveArgs<'_>) -> Result<VcpuState> {
+        save(self, args.index, args.msrs)
+    }
+
+    /// The saved CPUID and MSR lists must fit KVM's arrays.
+    fn check(&self, state: &VcpuState) -> Result<()> {
+        let index = state.index;
+        CpuId::from_entries(&state.cpuid)
+            .map_err(|e| Error::Config(format!("vCPU {index}: saved CPUID: {e:?}")))?;
+        Msrs::from_entries(&state.msrs)
+            .map_err(|e| Error::Config(format!("vCPU {index}: saved MSRs: {e:?}")))?;
+        Ok(())
+    }
+
+    /// Writes the state into the vCPU, outside `KVM_RUN`.
+    fn restore(&self, args: VcpuRestoreArgs, state: &VcpuState) -> Result<()> {
+        restore(self, state, args.first_time)
+    }
+}
+
+fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState> {
     let what = |ioctl: &str| format!("{ioctl} (vCPU {index})");
     let mp_state = fd
         .get_mp_state()
@@ -148,7 +191,7 @@ pub fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState> {
 
 /// Writes `state` into a vCPU outside `KVM_RUN`; `first_time` for a fresh vCPU (CPUID can
 /// only be set before the vCPU first runs, and must be then).
-pub fn restore(fd: &VcpuFd, state: &VcpuState, first_time: bool) -> Result<()> {
+fn restore(fd: &VcpuFd, state: &VcpuState, first_time: bool) -> Result<()> {
     let index = state.index;
     let what = |ioctl: &str| format!("{ioctl} (vCPU {index})");
     if first_time {

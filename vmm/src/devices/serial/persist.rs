@@ -6,6 +6,7 @@ use vm_superio::Serial as Uart;
 
 use super::{IrqTrigger, Serial};
 use crate::error::{Error, Result};
+use crate::persist::Persist;
 
 /// Receive FIFO depth of the 16550A vm-superio emulates.
 const FIFO_SIZE: usize = 64;
@@ -35,9 +36,44 @@ pub struct SerialSnapshot {
     pub in_buffer: Vec<u8>,
 }
 
+/// The console is shared with the I/O bus the vCPUs drive: it is saved and restored
+/// through its lock.
+impl Persist for parking_lot::Mutex<Serial> {
+    type State = SerialSnapshot;
+    type SaveArgs<'a> = ();
+    type RestoreArgs<'a> = ();
+
+    /// The UART's registers and receive FIFO.
+    fn save(&self, _args: ()) -> Result<SerialSnapshot> {
+        Ok(self.lock().save_state())
+    }
+
+    /// The saved FIFO must fit the UART's.
+    fn check(&self, state: &SerialSnapshot) -> Result<()> {
+        check_fifo(state)
+    }
+
+    /// Loads the registers and FIFO, keeping the output and the interrupt line.
+    fn restore(&self, _args: (), state: &SerialSnapshot) -> Result<()> {
+        self.lock().restore_state(state)
+    }
+}
+
+fn check_fifo(state: &SerialSnapshot) -> Result<()> {
+    if state.in_buffer.len() > FIFO_SIZE {
+        return Err(Error::Device {
+            device: "serial".into(),
+            message: format!(
+                "saved receive FIFO holds {} bytes, more than {FIFO_SIZE}",
+                state.in_buffer.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Serial {
-    /// The UART's state.
-    pub fn save_state(&self) -> SerialSnapshot {
+    fn save_state(&self) -> SerialSnapshot {
         let s = self.uart.state();
         SerialSnapshot {
             baud_divisor_low: s.baud_divisor_low,
@@ -53,17 +89,8 @@ impl Serial {
         }
     }
 
-    /// Loads `state`, keeping the output and the interrupt line.
-    pub fn restore_state(&mut self, state: &SerialSnapshot) -> Result<()> {
-        if state.in_buffer.len() > FIFO_SIZE {
-            return Err(Error::Device {
-                device: "serial".into(),
-                message: format!(
-                    "saved receive FIFO holds {} bytes, more than {FIFO_SIZE}",
-                    state.in_buffer.len()
-                ),
-            });
-        }
+    fn restore_state(&mut self, state: &SerialSnapshot) -> Result<()> {
+        check_fifo(state)?;
         let dup = || {
             self.uart
                 .interrupt_evt()
@@ -107,18 +134,25 @@ mod tests {
 
     #[test]
     fn registers_survive_a_round_trip() {
-        let mut serial = Serial::new(IrqTrigger::new().unwrap(), Box::new(std::io::sink()));
-        serial.write(7, &[0x5a]); // scratch
-        serial.write(3, &[0x03]); // 8N1
-        let state = serial.save_state();
-        let mut other = Serial::new(IrqTrigger::new().unwrap(), Box::new(std::io::sink()));
-        other.restore_state(&state).unwrap();
+        let serial = parking_lot::Mutex::new(Serial::new(
+            IrqTrigger::new().unwrap(),
+            Box::new(std::io::sink()),
+        ));
+        serial.lock().write(7, &[0x5a]); // scratch
+        serial.lock().write(3, &[0x03]); // 8N1
+        let state = serial.save(()).unwrap();
+        let other = parking_lot::Mutex::new(Serial::new(
+            IrqTrigger::new().unwrap(),
+            Box::new(std::io::sink()),
+        ));
+        other.restore((), &state).unwrap();
         let mut scratch = [0u8];
-        other.read(7, &mut scratch);
+        other.lock().read(7, &mut scratch);
         assert_eq!(scratch[0], 0x5a);
-        assert_eq!(other.save_state(), state);
+        assert_eq!(other.save(()).unwrap(), state);
         let mut bad = state;
         bad.in_buffer = vec![0; 65];
-        assert!(other.restore_state(&bad).is_err());
+        assert!(other.check(&bad).is_err());
+        assert!(other.restore((), &bad).is_err());
     }
 }

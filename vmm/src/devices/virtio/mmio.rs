@@ -71,7 +71,8 @@ pub mod status {
     pub const FAILED: u32 = 0x80;
 }
 
-/// The transport's registers, for [`super::persist`].
+/// The transport's registers as a checkpoint saves them (the `persist` module beside this one
+/// converts them to and from its saved form).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PersistRegisters {
     pub device_features_select: u32,
@@ -235,20 +236,17 @@ impl MmioTransport {
     }
 
     /// Replaces registers and queues from a checkpoint, stopping the device first.
-    pub(super) fn restore_parts(
-        &mut self,
-        state: &super::persist::MmioTransportState,
-        queues: Vec<Queue>,
-    ) {
+    /// `regs.active` and `regs.quiesced` are ignored: they follow from the status.
+    pub(super) fn restore_parts(&mut self, regs: &PersistRegisters, queues: Vec<Queue>) {
         if self.is_active() && !self.quiesced {
             self.device.reset();
         }
-        self.device_features_select = state.device_features_select;
-        self.driver_features_select = state.driver_features_select;
-        self.driver_features = state.driver_features;
-        self.queue_select = state.queue_select;
-        self.status = state.status;
-        self.interrupt.set_status(state.interrupt_status);
+        self.device_features_select = regs.device_features_select;
+        self.driver_features_select = regs.driver_features_select;
+        self.driver_features = regs.driver_features;
+        self.queue_select = regs.queue_select;
+        self.status = regs.status;
+        self.interrupt.set_status(regs.interrupt_status);
         self.queues = queues;
         // Resume activates the device on the restored queues if the driver had started it.
         self.quiesced = true;

@@ -4,8 +4,9 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
-use super::mmio::MmioTransport;
+use super::mmio::{MmioTransport, PersistRegisters};
 use crate::error::{Error, Result};
+use crate::persist::Persist;
 
 /// One virtqueue: what the driver configured and how far the device got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,75 +92,96 @@ pub struct MmioTransportState {
     pub queues: Vec<QueueSnapshot>,
 }
 
-impl MmioTransport {
+/// The transport is shared with the MMIO bus the vCPUs drive: it is saved and restored
+/// through its lock.
+impl Persist for parking_lot::Mutex<MmioTransport> {
+    type State = MmioTransportState;
+    type SaveArgs<'a> = ();
+    type RestoreArgs<'a> = ();
+
     /// The transport's state; quiesce it first, or an active device's queues are missing.
-    pub fn save_state(&self) -> Result<MmioTransportState> {
-        let (regs, queues) = self.persist_parts();
-        if regs.active && !regs.quiesced {
-            return Err(Error::Device {
-                device: self.name().to_string(),
-                message: "saved while its queues are running (not quiesced)".into(),
-            });
-        }
-        Ok(MmioTransportState {
-            device_type: self.device().device_type(),
-            device_features_select: regs.device_features_select,
-            driver_features_select: regs.driver_features_select,
-            driver_features: regs.driver_features,
-            queue_select: regs.queue_select,
-            status: regs.status,
-            interrupt_status: regs.interrupt_status,
-            queues: queues.iter().map(QueueSnapshot::of).collect(),
-        })
+    fn save(&self, _args: ()) -> Result<MmioTransportState> {
+        save(&self.lock())
     }
 
     /// Checks `state` fits this transport's device without changing anything.
-    pub fn check_state(&self, state: &MmioTransportState) -> std::result::Result<(), String> {
-        let device = self.device();
-        if state.device_type != device.device_type() {
-            return Err(format!(
-                "{}: saved device type {}, this device is type {}",
-                self.name(),
-                state.device_type,
-                device.device_type()
-            ));
-        }
-        let max_sizes = device.queue_max_sizes();
-        if state.queues.len() != max_sizes.len() {
-            return Err(format!(
-                "{}: saved {} queues, the device has {}",
-                self.name(),
-                state.queues.len(),
-                max_sizes.len()
-            ));
-        }
-        for (index, (queue, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
-            queue
-                .to_queue(max)
-                .map_err(|e| format!("{} queue {index}: {e}", self.name()))?;
-        }
-        Ok(())
+    fn check(&self, state: &MmioTransportState) -> Result<()> {
+        let transport = self.lock();
+        queues_of(&transport, state).map(drop)
     }
 
     /// Loads `state`: the device stops (waiting for its requests), the registers and queues
     /// take the saved values, and the transport is left quiesced: [`MmioTransport::resume`]
     /// restarts the device once guest memory holds the checkpoint too.
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<()> {
-        self.check_state(state).map_err(|message| Error::Device {
-            device: self.name().to_string(),
-            message,
-        })?;
-        let max_sizes = self.device().queue_max_sizes().to_vec();
-        let mut queues = Vec::new();
-        for (queue, max) in state.queues.iter().zip(max_sizes) {
-            queues.push(queue.to_queue(max).map_err(|message| Error::Device {
-                device: self.name().to_string(),
-                message,
-            })?);
-        }
-        self.restore_parts(state, queues);
+    fn restore(&self, _args: (), state: &MmioTransportState) -> Result<()> {
+        let mut transport = self.lock();
+        let queues = queues_of(&transport, state)?;
+        let regs = PersistRegisters {
+            device_features_select: state.device_features_select,
+            driver_features_select: state.driver_features_select,
+            driver_features: state.driver_features,
+            queue_select: state.queue_select,
+            status: state.status,
+            interrupt_status: state.interrupt_status,
+            active: false,
+            quiesced: true,
+        };
+        transport.restore_parts(&regs, queues);
         Ok(())
     }
+}
+
+fn save(transport: &MmioTransport) -> Result<MmioTransportState> {
+    let (regs, queues) = transport.persist_parts();
+    if regs.active && !regs.quiesced {
+        return Err(Error::Device {
+            device: transport.name().to_string(),
+            message: "saved while its queues are running (not quiesced)".into(),
+        });
+    }
+    Ok(MmioTransportState {
+        device_type: transport.device().device_type(),
+        device_features_select: regs.device_features_select,
+        driver_features_select: regs.driver_features_select,
+        driver_features: regs.driver_features,
+        queue_select: regs.queue_select,
+        status: regs.status,
+        interrupt_status: regs.interrupt_status,
+        queues: queues.iter().map(QueueSnapshot::of).collect(),
+    })
+}
+
+/// The queues `state` describes, after checking it fits the transport's device.
+fn queues_of(transport: &MmioTransport, state: &MmioTransportState) -> Result<Vec<Queue>> {
+    let invalid = |message: String| Error::Device {
+        device: transport.name().to_string(),
+        message,
+    };
+    let device = transport.device();
+    if state.device_type != device.device_type() {
+        return Err(invalid(format!(
+            "saved device type {}, this device is type {}",
+            state.device_type,
+            device.device_type()
+        )));
+    }
+    let max_sizes = device.queue_max_sizes();
+    if state.queues.len() != max_sizes.len() {
+        return Err(invalid(format!(
+            "saved {} queues, the device has {}",
+            state.queues.len(),
+            max_sizes.len()
+        )));
+    }
+    let mut queues = Vec::with_capacity(max_sizes.len());
+    for (index, (queue, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
+        queues.push(
+            queue
+                .to_queue(max)
+                .map_err(|e| invalid(format!("queue {index}: {e}")))?,
+        );
+    }
+    Ok(queues)
 }
 
 #[cfg(test)]
@@ -170,53 +192,62 @@ mod tests {
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::block::{Block, BlockConfig, MemoryDisk};
 
-    fn transport() -> MmioTransport {
+    fn transport() -> parking_lot::Mutex<MmioTransport> {
         let memory = crate::memory::create(4 << 20).unwrap();
         let block = Block::new(BlockConfig::new("vda"), Arc::new(MemoryDisk::new(4096))).unwrap();
-        MmioTransport::new("virtio-blk vda", Box::new(block), memory).unwrap()
+        parking_lot::Mutex::new(
+            MmioTransport::new("virtio-blk vda", Box::new(block), memory).unwrap(),
+        )
+    }
+
+    fn check_error(
+        transport: &parking_lot::Mutex<MmioTransport>,
+        state: &MmioTransportState,
+    ) -> String {
+        transport.check(state).unwrap_err().to_string()
     }
 
     #[test]
     fn registers_and_queues_round_trip() {
-        let mut source = transport();
-        // ACKNOWLEDGE | DRIVER | FEATURES_OK (features 0 are refused: VERSION_1 missing), then
-        // a queue configured but the device not started.
-        source.write(0x070, &3u32.to_le_bytes());
-        source.write(0x024, &1u32.to_le_bytes());
-        source.write(0x020, &1u32.to_le_bytes()); // VIRTIO_F_VERSION_1
-        source.write(0x070, &11u32.to_le_bytes());
-        source.write(0x038, &64u32.to_le_bytes());
-        source.write(0x080, &0x10000u32.to_le_bytes());
-        let state = source.save_state().unwrap();
+        let source = transport();
+        {
+            let mut source = source.lock();
+            // ACKNOWLEDGE | DRIVER | FEATURES_OK (features 0 are refused: VERSION_1
+            // missing), then a queue configured but the device not started.
+            source.write(0x070, &3u32.to_le_bytes());
+            source.write(0x024, &1u32.to_le_bytes());
+            source.write(0x020, &1u32.to_le_bytes()); // VIRTIO_F_VERSION_1
+            source.write(0x070, &11u32.to_le_bytes());
+            source.write(0x038, &64u32.to_le_bytes());
+            source.write(0x080, &0x10000u32.to_le_bytes());
+        }
+        let state = source.save(()).unwrap();
         assert_eq!(state.status, 11);
         assert_eq!(state.queues[0].size, 64);
         assert_eq!(state.queues[0].desc_table, 0x10000);
 
-        let mut target = transport();
-        target.restore_state(&state).unwrap();
-        target.resume().unwrap();
-        assert_eq!(target.save_state().unwrap(), state);
+        let target = transport();
+        target.restore((), &state).unwrap();
+        target.lock().resume().unwrap();
+        assert_eq!(target.save(()).unwrap(), state);
     }
 
     #[test]
     fn refuses_states_of_another_device() {
         let target = transport();
-        let good = target.save_state().unwrap();
+        let good = target.save(()).unwrap();
         let mut other_type = good.clone();
         other_type.device_type = 1;
-        assert!(target
-            .check_state(&other_type)
-            .unwrap_err()
-            .contains("device type"));
+        assert!(check_error(&target, &other_type).contains("device type"));
         let mut more_queues = good.clone();
         more_queues.queues.push(more_queues.queues[0]);
-        assert!(target
-            .check_state(&more_queues)
-            .unwrap_err()
-            .contains("2 queues"));
-        let mut bigger = good;
+        assert!(check_error(&target, &more_queues).contains("2 queues"));
+        let mut bigger = good.clone();
         bigger.queues[0].max_size = 1024;
         bigger.queues[0].size = 1024;
-        assert!(target.check_state(&bigger).unwrap_err().contains("maximum"));
+        assert!(check_error(&target, &bigger).contains("maximum"));
+        // A refused restore changes nothing.
+        assert!(target.restore((), &bigger).is_err());
+        assert_eq!(target.save(()).unwrap(), good);
     }
 }

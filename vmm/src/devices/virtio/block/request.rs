@@ -19,8 +19,11 @@
 //! flags). A chain without a writable byte, or whose status byte lies outside guest memory,
 //! cannot carry a status: it is returned to the driver with a used length of 0.
 //!
-//! [`RequestProcessor`] keeps its segment lists between requests, so the steady state does no
-//! allocation. It works on any vm-memory guest memory: the VMM's own (with a dirty bitmap) and
+//! Guest memory is only ever touched with volatile copies (vm-memory's [`VolatileSlice`]):
+//! the guest can change its buffers while a request runs, so they are never handed to the
+//! disk as Rust slices; data goes through the processor's bounce buffer instead.
+//! [`RequestProcessor`] keeps its segment lists and bounce buffer between requests, so the
+//! steady state does no allocation. It works on any vm-memory guest memory: the VMM's own (with a dirty bitmap) and
 //! the frontend's shared memory a vhost-user backend maps.
 
 use vm_memory::bitmap::{Bitmap, MS};
@@ -88,15 +91,16 @@ pub struct DiskLimits<'a> {
     pub id: &'a [u8; ID_BYTES],
 }
 
-/// Largest request whose data goes through one bounce buffer (see [`RequestProcessor`]).
+/// Largest chunk of a request's data the bounce buffer holds (see [`RequestProcessor`]).
 pub const MAX_BOUNCE: u64 = 4 << 20;
 
 /// Parses and runs requests; one per queue worker, reused for every request.
 ///
 /// A request's data is usually scattered over many guest pages (a 1 MiB write is 256
-/// descriptors). Rather than one disk call per page, a request of up to [`MAX_BOUNCE`] bytes
-/// in several segments is copied through a bounce buffer and reaches the disk as one call,
-/// which lets the image layer map and transfer whole clusters at once.
+/// descriptors). Its data is copied through a bounce buffer (volatile copies from or to the
+/// guest's pages) and reaches the disk as one call per [`MAX_BOUNCE`] bytes, which lets the
+/// image layer map and transfer whole clusters at once. The buffer is kept between
+/// requests.
 #[derive(Debug, Default)]
 pub struct RequestProcessor {
     readable: Vec<Segment>,
@@ -278,84 +282,56 @@ impl RequestProcessor {
         }
     }
 
+    /// Reads the disk into the guest's writable buffers, through the bounce buffer a
+    /// [`MAX_BOUNCE`] chunk at a time: the disk never sees guest memory as a Rust slice
+    /// (the guest may change it under us, which a `&mut [u8]` forbids), and the copy into
+    /// the guest's pages is a volatile one.
     fn read_into_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &mut self,
         memory: &M,
         disk: &D,
-        mut offset: u64,
+        offset: u64,
     ) -> Result<(), Failure> {
         // Check every buffer before touching any, so a bad one fails the request cleanly.
         for segment in &self.writable {
             guest_slice(memory, *segment)?;
         }
         let total = total(&self.writable);
-        if self.writable.len() > 1 && total <= MAX_BOUNCE {
-            // One disk read, then scattered into the guest's pages.
-            self.bounce.resize(total as usize, 0);
-            disk.read_at(&mut self.bounce, offset)
+        let mut done = 0u64;
+        while done < total {
+            let len = (total - done).min(MAX_BOUNCE) as usize;
+            let chunk = bounce(&mut self.bounce, len);
+            disk.read_at(chunk, offset + done)
                 .map_err(|e| io_failure("read", e))?;
-            let mut done = 0usize;
-            for segment in &self.writable {
-                let slice = guest_slice(memory, *segment)?;
-                let len = slice.len();
-                slice.copy_from(&self.bounce[done..done + len]);
-                slice.bitmap().mark_dirty(0, len);
-                done += len;
-            }
-            return Ok(());
-        }
-        for segment in &self.writable {
-            let slice = guest_slice(memory, *segment)?;
-            let guard = slice.ptr_guard_mut();
-            // SAFETY: `slice` covers `slice.len()` bytes of one guest memory region (checked by
-            // get_slice), mapped for as long as `memory` is borrowed. The guest may touch the
-            // bytes concurrently, like a DMA target; the disk only stores into them.
-            let buffer = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
-            disk.read_at(buffer, offset)
-                .map_err(|e| io_failure("read", e))?;
-            // The VMM's own stores are invisible to KVM's dirty log: record them.
-            slice.bitmap().mark_dirty(0, slice.len());
-            offset += segment.len;
+            scatter_at(memory, &self.writable, done, chunk)?;
+            done += len as u64;
         }
         Ok(())
     }
 
+    /// Writes the guest's data buffers to the disk, gathered (volatile copies) into the
+    /// bounce buffer a [`MAX_BOUNCE`] chunk at a time.
     fn write_from_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
         &mut self,
         memory: &M,
         disk: &D,
-        mut offset: u64,
+        offset: u64,
     ) -> Result<(), Failure> {
-        let data = DataSegments::new(&self.readable, HEADER_SIZE);
-        let mut count = 0usize;
         let mut total = 0u64;
-        for segment in data.clone() {
+        for segment in DataSegments::new(&self.readable, HEADER_SIZE) {
             guest_slice(memory, segment)?;
-            count += 1;
             total += segment.len;
         }
-        if count > 1 && total <= MAX_BOUNCE {
-            // Gathered from the guest's pages, then one disk write.
-            self.bounce.resize(total as usize, 0);
-            let mut done = 0usize;
-            for segment in data {
-                let slice = guest_slice(memory, segment)?;
-                let len = slice.len();
-                slice.copy_to(&mut self.bounce[done..done + len]);
-                done += len;
+        let mut done = 0u64;
+        while done < total {
+            let len = (total - done).min(MAX_BOUNCE) as usize;
+            let chunk = bounce(&mut self.bounce, len);
+            if !gather(memory, &self.readable, HEADER_SIZE + done, chunk) {
+                return Err(Failure::Error);
             }
-            return disk
-                .write_at(&self.bounce, offset)
-                .map_err(|e| io_failure("write", e));
-        }
-        for segment in data {
-            let slice = guest_slice(memory, segment)?;
-            let guard = slice.ptr_guard();
-            // SAFETY: as in `read_into_guest`; the disk only loads from the bytes.
-            let buffer = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
-            disk.write_at(buffer, offset)
+            disk.write_at(chunk, offset + done)
                 .map_err(|e| io_failure("write", e))?;
-            offset += segment.len;
+            done += len as u64;
         }
         Ok(())
     }
@@ -445,6 +421,47 @@ fn guest_slice<M: GuestMemoryBackend>(
     memory
         .get_slice(segment.addr, len)
         .map_err(|_| Failure::Error)
+}
+
+/// The first `len` bytes of the reused bounce buffer, growing it (once) if needed: the
+/// steady state allocates nothing.
+fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
+}
+
+/// Copies `data` into the stream of `segments` from `skip` bytes in, with volatile
+/// stores, marking the pages dirty (the VMM's stores are invisible to KVM's dirty log).
+fn scatter_at<M: GuestMemoryBackend>(
+    memory: &M,
+    segments: &[Segment],
+    skip: u64,
+    data: &[u8],
+) -> Result<(), Failure> {
+    let mut done = 0usize;
+    for segment in DataSegments::new(segments, skip) {
+        if done == data.len() {
+            break;
+        }
+        let take = (data.len() - done).min(usize::try_from(segment.len).unwrap_or(usize::MAX));
+        let slice = guest_slice(
+            memory,
+            Segment {
+                addr: segment.addr,
+                len: take as u64,
+            },
+        )?;
+        slice.copy_from(&data[done..done + take]);
+        slice.bitmap().mark_dirty(0, take);
+        done += take;
+    }
+    if done == data.len() {
+        Ok(())
+    } else {
+        Err(Failure::Error)
+    }
 }
 
 /// Copies `out.len()` bytes starting `skip` bytes into the stream of `segments`.

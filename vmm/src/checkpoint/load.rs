@@ -1,0 +1,300 @@
+//! Loading a checkpoint: reading and checking a chain from disk ([`LoadedCheckpoint`]), then
+//! loading it into the paused running VM (a revert) or into a VM just built for it
+//! ([`crate::Vmm::restore`]); and loading a VM-state stream.
+//!
+//! Order (DESIGN §5): memory, VM, devices, vCPUs, then the devices restart. Everything is
+//! checked against the VM before anything changes.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use snapshot::checkpoint::{
+    memory_path, resolve_chain, state_file, state_path, BaseRef, ChainLink, CheckpointError,
+    MemoryFile, MemoryLayout, PageSet,
+};
+
+use super::capture::{MachineState, RestoreTarget, VmHandle};
+use super::tracking::{Backing, Tracking};
+use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
+use crate::devices::serial::Serial;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::error::{Error, Result};
+use crate::machine::AttachedDisk;
+use crate::memory::persist::{self as memory_persist, MemoryLayer};
+use crate::memory::GuestMemoryMmap;
+use crate::persist::Persist;
+use crate::vcpu::SharedVcpuFd;
+use crate::vm::Vm;
+
+/// Largest page list a stream may announce (bytes of JSON).
+const MAX_STREAM_PAGE_LIST: u64 = 64 << 20;
+
+fn absolute(dir: &Path) -> Result<PathBuf> {
+    dir.canonicalize()
+        .map_err(Error::io(format!("resolving {}", dir.display())))
+}
+
+/// A checkpoint read and checked from disk: its chain, machine state and open memory files.
+#[derive(Debug)]
+pub(crate) struct LoadedCheckpoint {
+    dir: PathBuf,
+    chain: Vec<ChainLink>,
+    machine: MachineState,
+    /// One per link, full checkpoint first.
+    files: Vec<Arc<MemoryFile>>,
+}
+
+impl LoadedCheckpoint {
+    /// Reads the chain ending at `dir`, its machine state, and opens (and checks) every
+    /// memory file.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let chain = resolve_chain(dir)?;
+        let top = chain
+            .last()
+            .ok_or_else(|| Error::Checkpoint(CheckpointError::Chain("empty chain".into())))?;
+        let machine = machine_state(&top.manifest.machine, &state_path(dir))?;
+        let total = top.manifest.memory.total_bytes();
+        let mut files = Vec::new();
+        for link in &chain {
+            files.push(Arc::new(MemoryFile::open(
+                &memory_path(&link.dir),
+                link.manifest.id,
+                total,
+            )?));
+        }
+        Ok(LoadedCheckpoint {
+            dir: dir.to_path_buf(),
+            chain,
+            machine,
+            files,
+        })
+    }
+
+    fn top(&self) -> &ChainLink {
+        // `open` and the stream path build a non-empty chain.
+        &self.chain[self.chain.len() - 1]
+    }
+
+    fn full_file(&self) -> Arc<MemoryFile> {
+        self.files[0].clone()
+    }
+
+    /// The next diff's base once this checkpoint is in RAM.
+    fn base_ref(&self) -> Result<BaseRef> {
+        Ok(BaseRef {
+            dir: absolute(&self.dir)?,
+            id: self.top().manifest.id,
+        })
+    }
+
+    /// The tracking of a VM built by [`crate::Vmm::restore`] from this checkpoint: no dirty
+    /// log yet (turning it on would double the restore time), changes found in the pagemap.
+    pub(crate) fn tracking(&self) -> Result<Tracking> {
+        Ok(Tracking::restored(self.base_ref()?, self.full_file()))
+    }
+
+    /// The memory layout saved.
+    pub(crate) fn layout(&self) -> MemoryLayout {
+        self.top().manifest.memory.clone()
+    }
+
+    /// The configuration to rebuild the saved VM: its shape and the disks' images at
+    /// checkpoint time.
+    pub(crate) fn config(&self) -> Result<VmConfig> {
+        let state = &self.machine;
+        let mut config = VmConfig::new(BootSource::Checkpoint(self.dir.clone()));
+        config.vcpus = state.vcpu_count;
+        config.memory_mib = state.memory_mib;
+        config.serial = SerialOutput::Null;
+        for (index, saved) in state.disks.iter().enumerate() {
+            let disk = &saved.disk;
+            let mut entry = DiskConfig::new(disk.top.clone());
+            entry.read_only = disk.read_only;
+            entry.num_queues = disk.num_queues;
+            entry.queue_size = disk.queue_size;
+            if disk.name != default_disk_name(index) {
+                entry.id = Some(disk.name.clone());
+            }
+            config.disks.push(entry);
+        }
+        Ok(config)
+    }
+
+    /// Loads memory: the full checkpoint mapped, then each diff's pages copied in.
+    fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+        let layers: Vec<MemoryLayer<'_>> = self
+            .chain
+            .iter()
+            .zip(&self.files)
+            .enumerate()
+            .map(|(index, (link, file))| MemoryLayer {
+                file,
+                // The bottom is mapped whole; each diff above brings its own pages.
+                pages: if index == 0 {
+                    None
+                } else {
+                    link.manifest.pages.as_ref()
+                },
+            })
+            .collect();
+        memory.restore(&layers, &self.layout())
+    }
+
+    /// Loads everything into a VM just built for it ([`crate::Vmm::restore`]); the devices
+    /// are left quiesced for the caller to resume once the vCPUs exist.
+    pub(crate) fn apply_new(
+        &self,
+        vm: &Vm,
+        memory: &GuestMemoryMmap,
+        vcpus: &[SharedVcpuFd],
+        devices: &[Arc<Mutex<MmioTransport>>],
+        serial: &Arc<Mutex<Serial>>,
+        disks: &[AttachedDisk],
+    ) -> Result<()> {
+        for (saved, disk) in self.machine.disks.iter().zip(disks) {
+            disk.check(&saved.disk).map_err(|e| {
+                Error::Checkpoint(CheckpointError::Mismatch(format!(
+                    "{e} ({})",
+                    saved.disk.top.display()
+                )))
+            })?;
+        }
+        self.load_memory(memory)?;
+        let target = RestoreTarget {
+            vm,
+            vcpus,
+            devices,
+            serial,
+        };
+        self.machine.restore_into(target, true)
+    }
+}
+
+/// The machine state a manifest holds, checked for a consistent vCPU count.
+fn machine_state(value: &serde_json::Value, source: &Path) -> Result<MachineState> {
+    let bad = |message: String| {
+        Error::Checkpoint(CheckpointError::StateFile {
+            path: source.to_path_buf(),
+            message,
+        })
+    };
+    let machine: MachineState =
+        serde_json::from_value(value.clone()).map_err(|e| bad(format!("machine state: {e}")))?;
+    if machine.vcpus.len() != usize::from(machine.vcpu_count) || machine.vcpus.is_empty() {
+        return Err(bad(format!(
+            "{} vCPU states for {} vCPUs",
+            machine.vcpus.len(),
+            machine.vcpu_count
+        )));
+    }
+    Ok(machine)
+}
+
+/// Checks `loaded` fits the VM before anything is changed.
+pub(super) fn check_fits(vm: &VmHandle, loaded: &LoadedCheckpoint) -> Result<()> {
+    vm.check_fits(&loaded.dir, &loaded.machine, &loaded.layout())
+}
+
+/// Loads a checked checkpoint into the paused VM, running `before_load` first (devices
+/// quiesced), and makes it the next diff's base.
+pub(super) fn load_paused(
+    vm: &VmHandle,
+    tracking: &Mutex<Tracking>,
+    loaded: &LoadedCheckpoint,
+    before_load: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    vm.require_paused()?;
+    vm.with_devices_quiesced(|| {
+        before_load()?;
+        loaded.load_memory(vm.memory())?;
+        loaded.machine.restore_into(vm.target(), false)
+    })?;
+    adopt(vm, &mut tracking.lock(), loaded)
+}
+
+/// Makes `loaded` (just loaded into RAM) the base of the next incremental checkpoint.
+fn adopt(vm: &VmHandle, tracking: &mut Tracking, loaded: &LoadedCheckpoint) -> Result<()> {
+    let machine = &vm.machine;
+    tracking.enable_dirty_logging(machine)?;
+    // What the guest wrote before the load is gone from RAM: start the window afresh.
+    memory_persist::collect_dirty(&machine.vm, &machine.memory)?;
+    tracking.forget_changes();
+    tracking.base = Some(loaded.base_ref()?);
+    tracking.backing = Some(Backing::new(loaded.full_file()));
+    Ok(())
+}
+
+/// Loads a stream from [`super::save::save_stream`] into the paused VM; memory is staged
+/// and its CRC checked before anything changes.
+pub(super) fn load_stream(
+    vm: &VmHandle,
+    tracking: &Mutex<Tracking>,
+    input: &mut dyn Read,
+) -> Result<()> {
+    vm.require_paused()?;
+    let source = Path::new("VM state stream");
+    let manifest = state_file::read_from(input, source)?;
+    let machine_state = machine_state(&manifest.machine, source)?;
+    let loaded = LoadedCheckpoint {
+        dir: source.to_path_buf(),
+        chain: vec![ChainLink {
+            dir: source.to_path_buf(),
+            manifest,
+        }],
+        machine: machine_state,
+        files: Vec::new(),
+    };
+    check_fits(vm, &loaded)?;
+    let bad = |message: String| {
+        Error::Checkpoint(CheckpointError::StateFile {
+            path: source.into(),
+            message,
+        })
+    };
+    let mut len = [0u8; 8];
+    input
+        .read_exact(&mut len)
+        .map_err(|e| bad(format!("reading the page list length: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_STREAM_PAGE_LIST {
+        return Err(bad(format!("page list of {len} bytes")));
+    }
+    let mut list = vec![0u8; len as usize];
+    input
+        .read_exact(&mut list)
+        .map_err(|e| bad(format!("reading the page list: {e}")))?;
+    let pages: PageSet =
+        serde_json::from_slice(&list).map_err(|e| bad(format!("page list: {e}")))?;
+    let memory = vm.memory();
+    if pages.len() != loaded.layout().total_pages() {
+        return Err(bad(format!(
+            "page list covers {} pages, memory has {}",
+            pages.len(),
+            loaded.layout().total_pages()
+        )));
+    }
+    let staged = memory_persist::StagedMemory::new(memory)?;
+    let computed = staged.read_stream(&pages, input)?;
+    let mut crc = [0u8; 4];
+    input
+        .read_exact(&mut crc)
+        .map_err(|e| bad(format!("reading the memory CRC: {e}")))?;
+    let stored = u32::from_le_bytes(crc);
+    if stored != computed {
+        return Err(bad(format!(
+            "memory CRC mismatch (stored {stored:08x}, computed {computed:08x}): the stream is corrupt"
+        )));
+    }
+    vm.with_devices_quiesced(|| {
+        staged.commit(memory)?;
+        loaded.machine.restore_into(vm.target(), false)
+    })?;
+    // RAM is anonymous again; the next incremental checkpoint needs a new base.
+    let mut tracking = tracking.lock();
+    tracking.backing = None;
+    tracking.base = None;
+    tracking.forget_changes();
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! The parts of a built VM that outlive any one call, shared by the running [`crate::Vmm`]
+//! and its [`crate::Checkpointer`]: what checkpoints save and load.
+//!
+//! It sits below both the builder (which assembles it) and the checkpoint code (which
+//! saves and loads it), so neither has to reach into the other.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use storage::LiveDisk;
+
+use crate::config::VmConfig;
+use crate::devices::serial::Serial;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::memory::GuestMemoryMmap;
+use crate::vcpu::{PauseGate, SharedVcpuFd};
+use crate::vm::Vm;
+
+/// A disk attached to a running VM.
+#[derive(Debug, Clone)]
+pub struct AttachedDisk {
+    /// vda, vdb, ... or the disk's id.
+    pub name: String,
+    /// The live handle the device does I/O through; snapshots re-point it.
+    pub disk: Arc<LiveDisk>,
+    /// Presented read-only.
+    pub read_only: bool,
+    /// Guest-physical base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+}
+
+/// The parts of a built VM that outlive any one call: what checkpoints save and load.
+pub(crate) struct Machine {
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// Every vCPU's fd, by index.
+    pub vcpus: Vec<SharedVcpuFd>,
+    /// The virtio-mmio transports, in disk order.
+    pub devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The serial console.
+    pub serial: Arc<Mutex<Serial>>,
+    /// The disks, in device order.
+    pub disks: Vec<AttachedDisk>,
+    /// What the VM was built from (disk paths as first opened).
+    pub config: VmConfig,
+    /// Pauses and resumes the vCPUs.
+    pub gate: Arc<PauseGate>,
+    /// The MSRs a vCPU save reads.
+    pub msr_list: Vec<u32>,
+}
