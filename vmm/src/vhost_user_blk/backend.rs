@@ -112,14 +112,21 @@ impl BlockBackend {
                 if !state.is_enabled() || !state.get_queue().ready() {
                     return;
                 }
-                let notify = serve_queue(
+                let notify = match serve_queue(
                     &name,
                     state.get_queue_mut(),
                     &*memory,
                     &mut processor,
                     &*self.disk,
                     limits,
-                );
+                ) {
+                    Ok(notify) => notify,
+                    Err(e) => {
+                        // A broken ring: stop serving it rather than poll it for ever.
+                        tracing::error!("{e}");
+                        return;
+                    }
+                };
                 if notify {
                     if let Err(e) = state.signal_used_queue() {
                         tracing::warn!("{name}: signalling the frontend: {e}");

@@ -157,9 +157,14 @@ impl MmioTransport {
         &self.notify
     }
 
-    /// The device status register.
+    /// The device status register, with DEVICE_NEEDS_RESET if the device reported an
+    /// error it cannot recover from.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     /// The transport's name ("virtio-blk vda").
@@ -226,7 +231,8 @@ impl MmioTransport {
                 driver_features_select: self.driver_features_select,
                 driver_features: self.driver_features,
                 queue_select: self.queue_select,
-                status: self.status,
+                // A device that needs a reset still does after a restore.
+                status: self.status(),
                 interrupt_status: self.interrupt.status(),
                 active: self.is_active(),
                 quiesced: self.quiesced,
@@ -387,7 +393,7 @@ impl MmioTransport {
                 .map(|q| u32::from(q.ready()))
                 .unwrap_or(0),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             // The configuration space never changes under the driver.
             reg::CONFIG_GENERATION => 0,
             _ => {

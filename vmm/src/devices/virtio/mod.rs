@@ -9,7 +9,7 @@ pub mod block;
 pub mod mmio;
 pub mod persist;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -36,6 +36,9 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// The device hit an error it cannot recover from (a broken ring) and needs a reset:
+    /// the transport shows DEVICE_NEEDS_RESET until the driver resets the device.
+    needs_reset: AtomicBool,
 }
 
 impl Interrupt {
@@ -46,6 +49,7 @@ impl Interrupt {
         Ok(Arc::new(Interrupt {
             status: AtomicU32::new(0),
             irqfd,
+            needs_reset: AtomicBool::new(false),
         }))
     }
 
@@ -72,14 +76,29 @@ impl Interrupt {
         }
     }
 
-    /// Sets the pending causes (restoring a checkpoint); raises no interrupt.
+    /// Sets the pending causes (restoring a checkpoint, whose status register carries any
+    /// reset the device needed); raises no interrupt.
     pub fn set_status(&self, status: u32) {
         self.status.store(status, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
     }
 
-    /// Forgets every pending cause (device reset).
+    /// Forgets every pending cause and a needed reset (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Reports that the device needs a reset (virtio 1.2 §2.1.2): the transport shows
+    /// DEVICE_NEEDS_RESET, and the driver gets a configuration change interrupt.
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::Release);
+        self.trigger(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// Whether the device reported that it needs a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 }
 

@@ -267,6 +267,7 @@ impl VirtioDevice for Block {
                 processor: RequestProcessor::new(),
                 read_only: self.config.read_only,
                 id: self.id,
+                broken: false,
             };
             let handle = std::thread::Builder::new()
                 .name(worker.name.clone())
@@ -309,6 +310,8 @@ struct QueueWorker {
     processor: RequestProcessor,
     read_only: bool,
     id: [u8; ID_BYTES],
+    /// The driver broke the ring: the queue is no longer served until a reset.
+    broken: bool,
 }
 
 impl QueueWorker {
@@ -351,13 +354,17 @@ impl QueueWorker {
         self.queue
     }
 
-    /// Runs every available request, then interrupts the guest if it asked to be.
+    /// Runs every available request, then interrupts the guest if it asked to be. A broken
+    /// ring stops the queue for good and reports DEVICE_NEEDS_RESET.
     fn process_queue(&mut self) {
+        if self.broken {
+            return;
+        }
         let limits = DiskLimits {
             read_only: self.read_only,
             id: &self.id,
         };
-        if serve_queue(
+        match serve_queue(
             &self.name,
             &mut self.queue,
             &self.memory,
@@ -365,7 +372,13 @@ impl QueueWorker {
             &*self.disk,
             limits,
         ) {
-            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+            Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!("{e}; the device needs a reset");
+                self.broken = true;
+                self.interrupt.signal_needs_reset();
+            }
         }
     }
 }
@@ -374,6 +387,7 @@ impl QueueWorker {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::MemoryDisk;
+    use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
 
     #[test]
     fn config_space_layout() {
@@ -406,6 +420,59 @@ mod tests {
         assert_ne!(block.features() & (1 << features::RO), 0);
         assert_eq!(block.features() & (1 << features::DISCARD), 0);
         assert_eq!(block.features() & (1 << features::WRITE_ZEROES), 0);
+    }
+
+    /// Finding 11 (issue 13): a driver that publishes an available index far ahead gets
+    /// DEVICE_NEEDS_RESET (and a configuration interrupt), and its queue is no longer
+    /// served; a device reset clears it.
+    #[test]
+    fn a_broken_ring_needs_a_reset() {
+        use crate::devices::bus::BusDevice;
+        use crate::devices::virtio::mmio::{status, MmioTransport};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let memory = crate::memory::create(2 << 20).unwrap();
+        let block = Block::new(BlockConfig::new("vda"), Arc::new(MemoryDisk::new(4096))).unwrap();
+        let mut transport =
+            MmioTransport::new("virtio-blk vda", Box::new(block), memory.clone()).unwrap();
+        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+        write(0x070, status::ACKNOWLEDGE | status::DRIVER);
+        write(0x024, 1);
+        write(0x020, 1); // VIRTIO_F_VERSION_1
+        write(
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        write(0x038, 16); // QueueNum
+        write(0x080, 0x1000); // descriptors
+        write(0x090, 0x2000); // available ring
+        write(0x0a0, 0x3000); // used ring
+        write(0x044, 1); // QueueReady
+        memory.write_obj(100u16, GuestAddress(0x2002)).unwrap();
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(0x070, ok);
+        write(0x050, 0); // QueueNotify
+        let read_status = |transport: &mut MmioTransport| {
+            let mut bytes = [0u8; 4];
+            transport.read(0x070, &mut bytes);
+            u32::from_le_bytes(bytes)
+        };
+        // The worker reports it; wait for it (bounded, so a regression fails, not hangs).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while read_status(&mut transport) & status::DEVICE_NEEDS_RESET == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no DEVICE_NEEDS_RESET"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read_status(&mut transport), ok | status::DEVICE_NEEDS_RESET);
+        assert_ne!(transport.interrupt().status() & VIRTIO_MMIO_INT_CONFIG, 0);
+        // The ring was not consumed.
+        let used: u16 = memory.read_obj(GuestAddress(0x3002)).unwrap();
+        assert_eq!(used, 0);
+        transport.write(0x070, &0u32.to_le_bytes());
+        assert_eq!(read_status(&mut transport), 0);
     }
 
     #[test]
