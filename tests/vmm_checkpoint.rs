@@ -751,3 +751,198 @@ fn the_snapshot_tree_hook_saves_and_loads_checkpoints() {
     assert_contiguous(&(saved_text + &console.since(mark)));
     vmm.stop().unwrap();
 }
+
+/// The mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Entries of `dir` whose name starts with `prefix`.
+fn entries_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// Issue 13, findings 7 and 2: a checkpoint never overwrites a directory that holds
+/// something unless asked to replace it, and never a checkpoint something depends on (the
+/// base of a diff beside it, this VM's next diff base, a snapshot tree's own); a failed save
+/// leaves nothing under the final name; directories are 0700 and files 0600.
+#[test]
+fn existing_checkpoints_are_never_overwritten() {
+    if !kvm_or_skip("existing_checkpoints_are_never_overwritten") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    let (vmm, console) = start(&counter_config(1, 32));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let incremental = CheckpointOptions {
+        incremental: true,
+        ..Default::default()
+    };
+    let replace = CheckpointOptions {
+        replace: true,
+        ..Default::default()
+    };
+    checkpointer
+        .checkpoint(&a, CheckpointOptions::default())
+        .unwrap();
+    checkpointer.checkpoint(&b, incremental).unwrap();
+    let a_state = std::fs::read(state_path(&a)).unwrap();
+
+    // Private whatever the umask: the test process runs with the usual 022.
+    for checkpoint in [&a, &b] {
+        assert_eq!(mode(checkpoint), 0o700, "{}", checkpoint.display());
+        assert_eq!(mode(&state_path(checkpoint)), 0o600);
+        assert_eq!(mode(&memory_path(checkpoint)), 0o600);
+    }
+
+    // Not without asking, whatever it is.
+    let err = checkpointer
+        .checkpoint(&a, CheckpointOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, vmm::Error::CheckpointExists { dir } if dir == &a),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&a.display().to_string()), "{err}");
+    // Not a checkpoint something depends on: `b` is based on `a`, and is this VM's base.
+    for target in [&a, &b] {
+        let err = checkpointer.checkpoint(target, replace).unwrap_err();
+        assert!(
+            matches!(&err, vmm::Error::CheckpointInUse { .. }),
+            "{}: {err}",
+            target.display()
+        );
+    }
+    assert_eq!(std::fs::read(state_path(&a)).unwrap(), a_state);
+    vmm::snapshot::checkpoint::verify_chain(&b).unwrap();
+
+    // Nor anything that is not a checkpoint, nor a snapshot tree's checkpoint.
+    let junk = dir.path().join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("keep"), b"precious").unwrap();
+    let err = checkpointer.checkpoint(&junk, replace).unwrap_err();
+    assert!(err.to_string().contains("no state file"), "{err}");
+    let tree_owned = dir.path().join("vm.checkpoints").join("s1");
+    checkpointer
+        .checkpoint(&tree_owned, CheckpointOptions::default())
+        .unwrap();
+    let err = checkpointer.checkpoint(&tree_owned, replace).unwrap_err();
+    assert!(err.to_string().contains("snapshot tree"), "{err}");
+    assert_eq!(std::fs::read(junk.join("keep")).unwrap(), b"precious");
+
+    // Once nothing depends on it (the VM's base moved to `c`, and nothing beside names
+    // `b`), `b` may be replaced: it is then a full checkpoint.
+    checkpointer
+        .checkpoint(&c, CheckpointOptions::default())
+        .unwrap();
+    let report = checkpointer.checkpoint(&b, replace).unwrap();
+    assert_eq!(report.dir, b.canonicalize().unwrap());
+    assert!(report.base.is_none());
+    vmm::snapshot::checkpoint::verify_chain(&b).unwrap();
+    assert_eq!(mode(&b), 0o700);
+
+    // An empty directory is fine; a failed save leaves nothing behind under any name.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    checkpointer
+        .checkpoint(&empty, CheckpointOptions::default())
+        .unwrap();
+    let failed = dir.path().join("failed");
+    let err = checkpointer
+        .checkpoint_with(&failed, CheckpointOptions::default(), &mut || {
+            Err(vmm::Error::Config("refused at the stop".into()))
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("refused at the stop"), "{err}");
+    assert!(!failed.exists(), "a failed save left {}", failed.display());
+    assert_eq!(entries_starting(dir.path(), "."), Vec::<String>::new());
+    vmm.stop().unwrap();
+}
+
+/// Issue 13, finding 8: a save that fails after it took pages out of the dirty log gives
+/// them back, so the next diff holds them; and its base stays the last durable checkpoint.
+/// The save is made to fail at its very end: `at_stop` puts a directory where the
+/// checkpoint must go, so it cannot be put into place.
+#[test]
+fn a_failed_save_keeps_its_dirty_pages_for_the_next_diff() {
+    if !kvm_or_skip("a_failed_save_keeps_its_dirty_pages_for_the_next_diff") {
+        return;
+    }
+    use vmm::vm_memory::{Bytes, GuestAddress};
+    let dir = tempfile::tempdir().unwrap();
+    let (vmm, console) = start(&counter_config(1, 32));
+    let checkpointer = vmm.checkpointer();
+    console.wait(0, "2 counters", |t| last_counter(t) >= 2);
+    let base = dir.path().join("base");
+    checkpointer
+        .checkpoint(&base, CheckpointOptions::default())
+        .unwrap();
+
+    // Pages the micro-guest leaves alone; the VMM's own writes are tracked like the guest's.
+    let markers = [0x1c0_0000u64, 0x1d0_0000, 0x1e0_0000];
+    let mut step = 0;
+    let mut failing = |name: &str, options: CheckpointOptions, marker: u64| {
+        vmm.memory()
+            .write_slice(&[0xa5; 64], GuestAddress(marker))
+            .unwrap();
+        let target = dir.path().join(name);
+        let blocker = target.clone();
+        let err = checkpointer
+            .checkpoint_with(&target, options, &mut || {
+                std::fs::create_dir_all(blocker.join("memory").join("in-the-way")).unwrap();
+                Ok(())
+            })
+            .unwrap_err();
+        step += 1;
+        err
+    };
+    let incremental = CheckpointOptions {
+        incremental: true,
+        ..Default::default()
+    };
+    // A diff that fails, then a full save that fails, then a live full save that fails.
+    failing("fail-diff", incremental, markers[0]);
+    failing("fail-full", CheckpointOptions::default(), markers[1]);
+    failing(
+        "fail-live",
+        CheckpointOptions {
+            live: true,
+            ..Default::default()
+        },
+        markers[2],
+    );
+    assert_eq!(step, 3);
+
+    let next = dir.path().join("next");
+    let report = checkpointer.checkpoint(&next, incremental).unwrap();
+    assert_eq!(
+        report.base.as_deref(),
+        Some(base.canonicalize().unwrap().as_path()),
+        "the diff's base is the last checkpoint that was saved"
+    );
+    let manifest = vmm::snapshot::checkpoint::state_file::read(&state_path(&next)).unwrap();
+    let pages = manifest.pages.expect("a diff lists its pages");
+    let file = MemoryFile::open(&memory_path(&next), manifest.id, 32 << 20).unwrap();
+    for marker in markers {
+        assert!(
+            pages.contains(marker / PAGE_SIZE),
+            "the diff misses the page at {marker:#x} a failed save collected"
+        );
+        let mut bytes = [0u8; 64];
+        file.read_at(&mut bytes, marker).unwrap();
+        assert_eq!(bytes, [0xa5; 64], "page at {marker:#x}");
+    }
+    vmm::snapshot::checkpoint::verify_chain(&next).unwrap();
+    vmm.stop().unwrap();
+}
