@@ -61,9 +61,13 @@ pub struct MachineState {
 /// The objects of a VM a machine state is restored into (a running VM's, or those of one
 /// just built for a checkpoint).
 pub(super) struct RestoreTarget<'a> {
+    /// The KVM VM.
     pub vm: &'a Vm,
+    /// Every vCPU, by index.
     pub vcpus: &'a [SharedVcpuFd],
+    /// The virtio-mmio transports, in disk order.
     pub devices: &'a [Arc<Mutex<MmioTransport>>],
+    /// The serial console.
     pub serial: &'a Mutex<Serial>,
 }
 
@@ -86,6 +90,7 @@ impl MachineState {
 /// The running VM as the checkpoint code drives it: pausing, quiescing devices (also on
 /// behalf of the snapshot layer), flushing disks, and capturing and checking state.
 pub(super) struct VmHandle {
+    /// The VM's parts.
     pub machine: Arc<Machine>,
     /// Set while [`snapshot::vm_state::VmState::pause_vcpus`] holds the devices quiesced
     /// and the disks flushed for the snapshot layer. Its saves run while every disk is
@@ -99,6 +104,7 @@ pub(super) struct VmHandle {
 }
 
 impl VmHandle {
+    /// The handle of `machine`, nothing held.
     pub fn new(machine: Arc<Machine>) -> Self {
         VmHandle {
             machine,
@@ -107,6 +113,7 @@ impl VmHandle {
         }
     }
 
+    /// Guest RAM.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.machine.memory
     }
@@ -120,6 +127,7 @@ impl VmHandle {
         Ok(true)
     }
 
+    /// Refuses to go on while the vCPUs run.
     pub fn require_paused(&self) -> Result<()> {
         if self.machine.gate.is_paused() {
             Ok(())

@@ -67,10 +67,15 @@ pub struct CheckpointReport {
 
 /// What a save wrote into its directory, before the state file.
 pub(super) struct Saved {
+    /// The manifest, for the state file.
     pub manifest: Manifest,
+    /// Pages written to the memory file.
     pub pages_written: u64,
+    /// Touched pages left as holes.
     pub zero_pages: u64,
+    /// Live copy rounds.
     pub live_rounds: usize,
+    /// How long the vCPUs were stopped.
     pub pause: Duration,
 }
 
@@ -108,6 +113,7 @@ fn create_memory_file(dir: &Path, id: u64, layout: &MemoryLayout) -> Result<Memo
     Ok(file)
 }
 
+/// The manifest of a checkpoint `id` holding `machine` (a diff if `base` and `pages`).
 pub(super) fn build_manifest(
     id: u64,
     layout: MemoryLayout,

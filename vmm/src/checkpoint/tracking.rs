@@ -25,6 +25,7 @@ pub(crate) struct Backing {
 }
 
 impl Backing {
+    /// The backing of RAM mapped from `file`.
     pub fn new(file: Arc<MemoryFile>) -> Self {
         Backing {
             file,
@@ -45,11 +46,14 @@ impl Backing {
 /// of the next diff, and the memory file RAM is mapped from.
 #[derive(Debug, Default)]
 pub(crate) struct Tracking {
+    /// KVM logs dirty pages (turned on at the first save or load that needs it).
     pub dirty_logging: bool,
     /// RAM was mapped from the base's memory file and dirty logging is not on yet: what
     /// changed since the base is what the pagemap shows as written since the mapping.
     pub changes_in_pagemap: bool,
+    /// The next diff's base: the last checkpoint this VM saved durably or loaded.
     pub base: Option<BaseRef>,
+    /// The memory file guest RAM is mapped from, if any.
     pub backing: Option<Backing>,
     /// Pages changed since `base` that a failed save took out of the dirty log.
     carried: Option<PageSet>,
