@@ -25,14 +25,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vmm::api::client::ClientError;
-use vmm::api::types::{CheckpointRequest, RevertRequest, RevertResult};
-use vmm::api::types::{
+use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
+use snapvmm_api::types::{
     CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
     SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
 };
-use vmm::api::{ApiClient, VmInfo};
-use vmm::CheckpointReport;
+use snapvmm_api::Error as ClientError;
+use snapvmm_api::{ApiClient, VmInfo};
 
 /// How often `--wait` looks at a job.
 const POLL: Duration = Duration::from_millis(50);

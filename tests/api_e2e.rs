@@ -11,8 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::api::types::{DiskInfo, Fault, VmInfo};
-use vmm::api::{ApiClient, VmState};
+use snapvmm_api::types::{DiskInfo, Fault, VmInfo};
+use snapvmm_api::{ApiClient, VmState};
 use vmm_util::{counters, kvm_or_skip, last_counter, qemu_img_check, RunningVm};
 
 /// Small: every guest memory access is slow on this host's software KVM.
@@ -203,7 +203,7 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
     assert!(dir.path().join("snapvmm-snapshots.json").exists());
     let vm = RunningVm::launch(dir, "builtin:counter", &top);
     assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s1");
-    let listed: Vec<vmm::api::types::SnapshotInfo> =
+    let listed: Vec<snapvmm_api::types::SnapshotInfo> =
         serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
     assert_eq!(listed.len(), 1);
     vm.ctl_ok(&["snapshot-delete", "s1"]);
@@ -381,7 +381,7 @@ fn io_loop_survives_random_snapshot_create_revert_delete() {
             "seed {seed}, after {steps:?}:\n{serial}"
         );
     }
-    let listed: Vec<vmm::api::types::SnapshotInfo> =
+    let listed: Vec<snapvmm_api::types::SnapshotInfo> =
         serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
     let mut names: Vec<_> = listed.iter().map(|s| s.name.clone()).collect();
     names.sort();

@@ -1,6 +1,12 @@
-//! The JSON bodies of the REST API, one serde type per body (see `docs/openapi.json`).
+//! The values [`super::Control`] takes and answers: requests and results, one serde type each.
+//!
+//! They are also the REST API's JSON bodies (`docs/openapi.json`), which is why they derive
+//! serde with fixed field names: a program embedding the VMM and a client of the HTTP API
+//! speak the same types.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::checkpoint::CheckpointReport;
 
 /// Whether the guest's vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,13 +228,6 @@ impl From<snapshot::JobInfo> for JobInfo {
             error: info.error,
         }
     }
-}
-
-/// The body of every error response (Firecracker's shape).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fault {
-    /// What was wrong.
-    pub fault_message: String,
 }
 
 /// `PUT /vm/checkpoint`: save the VM's memory, vCPU and device state into a directory.
