@@ -75,6 +75,15 @@ fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
     let disks: Vec<DiskInfo> = serde_json::from_str(&vm.ctl_ok(&["domblklist", "--json"])).unwrap();
     assert_eq!(disks[0].backing_chain, [base.display().to_string()]);
 
+    // base.qcow2 is the image s1 froze: committing into it would change what reverting to
+    // s1 brings back (issue 13, finding 4), so it is refused and nothing changes.
+    let refused = vm.ctl(&["blockcommit", "vda", "--active", "--pivot", "--wait"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "commit into s1's image accepted");
+    assert!(stderr.contains("409") && stderr.contains("s1"), "{stderr}");
+    // Once the tree forgets the snapshots (their images stay), base may take the commit.
+    vm.ctl_ok(&["snapshot-delete", "s1", "--children", "--metadata"]);
+
     // Commit the active layer into base and pivot onto it.
     let out = vm.ctl_ok(&["blockcommit", "vda", "--active", "--pivot", "--wait"]);
     assert!(out.contains("Successfully pivoted"), "{out}");

@@ -66,7 +66,7 @@ pub struct SnapshotDisk {
 }
 
 /// `PUT /snapshot/disk`: an external disk-only snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     /// The snapshot's name (used in the default overlay file names).
@@ -231,7 +231,7 @@ impl From<snapshot::JobInfo> for JobInfo {
 }
 
 /// `PUT /vm/checkpoint`: save the VM's memory, vCPU and device state into a directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
     /// The checkpoint directory (created if absent), on the VMM's host.
@@ -245,7 +245,7 @@ pub struct CheckpointRequest {
 }
 
 /// `PUT /vm/checkpoint/revert`: return the running VM to a checkpoint, in place.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevertRequest {
     /// The checkpoint directory (a full checkpoint or the top of a diff chain).
@@ -259,4 +259,54 @@ pub struct RevertResult {
     pub dir: std::path::PathBuf,
     /// How long the vCPUs were stopped, in microseconds.
     pub pause_us: u64,
+}
+
+impl SnapshotCreate {
+    /// Snapshot `name` of every writable disk, one disk after the other, overlays beside
+    /// the active layers.
+    pub fn new(name: impl Into<String>) -> Self {
+        SnapshotCreate {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TreeSnapshotCreate {
+    /// An external snapshot `name` with memory (the VM's state with its disks).
+    pub fn with_memory(name: impl Into<String>) -> Self {
+        TreeSnapshotCreate {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// An external disk-only snapshot `name`.
+    pub fn disk_only(name: impl Into<String>) -> Self {
+        TreeSnapshotCreate {
+            name: name.into(),
+            disk_only: true,
+            ..Default::default()
+        }
+    }
+}
+
+impl CommitRequest {
+    /// Commit the active layer into its backing file; the disk pivots on completion.
+    pub fn active() -> Self {
+        CommitRequest {
+            active: true,
+            ..Default::default()
+        }
+    }
+}
+
+impl CheckpointRequest {
+    /// A full, paused checkpoint into `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        CheckpointRequest {
+            dir: dir.into(),
+            ..Default::default()
+        }
+    }
 }
