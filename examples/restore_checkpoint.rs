@@ -1,8 +1,6 @@
-//! Boots the micro-guest `counter`, saves a checkpoint of its memory, vCPUs and devices,
-//! stops it, and restores the checkpoint in a new VM, which counts on from where it was.
-//! `cargo run --example restore_checkpoint` (needs /dev/kvm).
+//! Boots the micro-guest `counter`, saves a checkpoint, stops it, and restores the checkpoint
+//! in a new VM that counts on. `cargo run --example restore_checkpoint` (needs /dev/kvm).
 use std::{fs::File, thread::sleep, time::Duration};
-
 use storage::qcow2::{create, CreateOptions};
 use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload::Counter};
 use vmm::control::types::CheckpointRequest;
@@ -11,8 +9,10 @@ use vmm::{Sandbox, SandboxOptions};
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (disk, checkpoint) = (dir.path().join("disk.qcow2"), dir.path().join("ckpt"));
-    let mut image = CreateOptions::default();
-    image.size = Some(1 << 20);
+    let image = CreateOptions {
+        size: Some(1 << 20),
+        ..Default::default()
+    };
     create(&disk, &image)?;
     let (workload, seed) = (Counter, 1);
     let mut config = VmConfig::new(BootSource::MicroGuest { workload, seed });

@@ -8,24 +8,24 @@ use vmm::{Sandbox, SandboxOptions};
 
 fn count(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let last = text.lines().rfind(|l| l.starts_with("counter"));
-    last.unwrap_or("-").to_string()
+    String::from(text.lines().rfind(|l| l.contains("counter")).unwrap_or("-"))
 }
 
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("disk.qcow2");
-    let log = dir.path().join("console.log");
-    let mut image = CreateOptions::default();
-    image.size = Some(1 << 20);
+    let (disk, log) = (dir.path().join("disk.qcow2"), dir.path().join("c.log"));
+    let image = CreateOptions {
+        size: Some(1 << 20),
+        ..Default::default()
+    };
     create(&disk, &image)?;
     let (workload, seed) = (Counter, 1);
     let mut config = VmConfig::new(BootSource::MicroGuest { workload, seed });
     config.disks.push(DiskConfig::new(&disk));
     config.serial = SerialOutput::File(log.clone());
     let sandbox = Sandbox::start(&config, &SandboxOptions::default())?;
-    let control = sandbox.control();
     sleep(Duration::from_millis(500));
+    let control = sandbox.control();
     let info = control.snapshot_create(&TreeSnapshotCreate::with_memory("s1"))?;
     println!("snapshot {} taken at {}", info.name, count(&log));
     sleep(Duration::from_millis(1000));

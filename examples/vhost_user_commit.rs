@@ -11,8 +11,10 @@ use vmm::control::types::{CommitRequest, SnapshotCreate};
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.qcow2");
-    let mut image = CreateOptions::default();
-    image.size = Some(1 << 20);
+    let image = CreateOptions {
+        size: Some(1 << 20),
+        ..Default::default()
+    };
     create(&disk, &image)?;
     let config = DaemonConfig {
         socket: dir.path().join("blk.sock"),
@@ -22,7 +24,6 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let daemon = BlkDaemon::new(&config)?;
     let control = daemon.control();
     let serving = std::thread::spawn(move || daemon.run(|| {}));
-
     let result = control.disk_snapshot(&SnapshotCreate::new("s1"))?;
     println!("vda moved onto {}", result.disks[0].overlay);
     control.commit("vda", &CommitRequest::active())?;
