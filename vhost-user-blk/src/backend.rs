@@ -56,7 +56,7 @@ impl std::fmt::Debug for BlockBackend {
 
 impl BlockBackend {
     /// A backend presenting `disk` as `config` describes.
-    pub fn new(config: BlockConfig, disk: Arc<dyn DiskBackend>) -> crate::Result<Self> {
+    pub fn new(config: BlockConfig, disk: Arc<dyn DiskBackend>) -> crate::error::Result<Self> {
         config.check()?;
         Ok(BlockBackend {
             id: config.id_bytes(),
