@@ -25,14 +25,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vmm::api::client::ClientError;
-use vmm::api::types::{CheckpointRequest, RevertRequest, RevertResult};
-use vmm::api::types::{
+use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
+use snapvmm_api::types::{
     CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
     SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
 };
-use vmm::api::{ApiClient, VmInfo};
-use vmm::CheckpointReport;
+use snapvmm_api::Error as ClientError;
+use snapvmm_api::{ApiClient, VmInfo};
 
 /// How often `--wait` looks at a job.
 const POLL: Duration = Duration::from_millis(50);
@@ -73,6 +72,9 @@ enum Verb {
         /// Save only what changed since the VM's last checkpoint, as a diff on it.
         #[arg(long)]
         incremental: bool,
+        /// Replace a checkpoint already in DIR (refused when a diff or the VM depends on it).
+        #[arg(long)]
+        replace: bool,
     },
     /// Return the running VM to the checkpoint in DIR, in place (disks are not changed).
     #[command(name = "checkpoint-revert")]
@@ -279,12 +281,14 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             dir,
             live,
             incremental,
+            replace,
         } => {
             // The VMM may run in another directory: send an absolute path.
             let request = CheckpointRequest {
                 dir: std::path::absolute(&dir)?,
                 live,
                 incremental,
+                replace,
             };
             let report: CheckpointReport =
                 client.call_json("PUT", "/vm/checkpoint", Some(&request))?;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use vmm::config::SerialOutput;
-use vmm::ExitReason;
+use vmm::{ExitReason, Sandbox, SandboxOptions};
 
 /// Arguments of `snapvmm restore`.
 #[derive(Debug, Args)]
@@ -38,18 +38,29 @@ pub struct RestoreArgs {
     snapshot_metadata: Option<PathBuf>,
 }
 
-fn restore(args: &RestoreArgs) -> vmm::Result<ExitReason> {
+fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
+    let text = |e: vmm::Error| e.to_string();
     if args.verify {
-        vmm::snapshot::checkpoint::verify_chain(&args.dir)?;
+        vmm::snapshot::checkpoint::verify_chain(&args.dir).map_err(|e| text(e.into()))?;
     }
-    let serial: SerialOutput = args.serial.as_deref().unwrap_or("stdout").parse()?;
-    let out = vmm::builder::open_serial(&serial)?;
-    let vm = vmm::Vmm::restore(&args.dir, out, args.paused)?;
-    tracing::info!("restored from {}", args.dir.display());
+    let serial: SerialOutput = args
+        .serial
+        .as_deref()
+        .unwrap_or("stdout")
+        .parse()
+        .map_err(text)?;
+    let out = vmm::builder::open_serial(&serial).map_err(text)?;
     let Some(socket) = &args.api_socket else {
-        return vm.wait();
+        let vm = vmm::Vmm::restore(&args.dir, out, args.paused).map_err(text)?;
+        tracing::info!("restored from {}", args.dir.display());
+        return vm.wait().map_err(text);
     };
-    crate::run::serve_api(vm, socket, args.snapshot_metadata.as_deref())
+    let options = SandboxOptions {
+        snapshot_metadata: args.snapshot_metadata.clone(),
+    };
+    let sandbox = Sandbox::restore(&args.dir, out, args.paused, &options).map_err(text)?;
+    tracing::info!("restored from {}", args.dir.display());
+    crate::run::serve_api(sandbox, socket)
 }
 
 /// Runs `snapvmm restore`; returns the process exit status.

@@ -16,15 +16,12 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
 use serde::Deserialize;
-use snapshot::tree::{RunState, SnapshotTree};
-use snapshot::vm_state::VmState;
-use vmm::api::VmControl;
+use snapvmm_api::ApiServer;
 use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload};
-use vmm::ExitReason;
+use vmm::{ExitReason, Sandbox, SandboxOptions};
 
 /// Arguments of `snapvmm run`.
 #[derive(Debug, Args)]
@@ -174,78 +171,32 @@ fn build_config(args: RunArgs) -> Result<(VmConfig, ApiConfig), String> {
     Ok((config, api))
 }
 
-/// Opens the snapshot tree over the VM's writable disks (none without one): metadata in
-/// `metadata`, or `snapvmm-snapshots.json` beside the first writable disk's image. What is
-/// missing from it is printed as warnings.
-fn open_snapshot_tree(
-    vm: &vmm::Vmm,
-    control: &Arc<vmm::api::VmmControl>,
-    metadata: Option<&Path>,
-) -> Result<Option<Arc<SnapshotTree>>, String> {
-    let disks: Vec<_> = vm
-        .disks()
-        .iter()
-        .filter(|d| !d.read_only)
-        .map(|d| d.disk.clone())
-        .collect();
-    let Some(first) = disks.first() else {
-        return Ok(None);
+/// Runs the VM with the REST API served on `socket` until the VM ends.
+fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<ExitReason, String> {
+    let options = SandboxOptions {
+        snapshot_metadata: api.snapshot_metadata.clone(),
     };
-    let path = match metadata {
-        Some(path) => path.to_path_buf(),
-        None => first.top().path().with_file_name("snapvmm-snapshots.json"),
-    };
-    // The VM's memory, vCPU and device state, for snapshots with memory.
-    let vm_state: Option<Arc<dyn VmState>> = Some(vm.checkpointer());
-    let tree = SnapshotTree::open(&path, disks, vm_state).map_err(|e| e.to_string())?;
-    for problem in tree.problems() {
+    let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
+    serve_api(sandbox, socket)
+}
+
+/// Serves the REST API for `sandbox` on `socket` until its VM ends. Problems found in the
+/// snapshot metadata are printed as warnings first.
+pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, String> {
+    for problem in sandbox.warnings() {
         eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
     }
-    let probe = control.clone();
-    tree.set_state_probe(Arc::new(move || match probe.info().state {
-        vmm::api::VmState::Paused => RunState::Paused,
-        _ => RunState::Running,
-    }));
-    Ok(Some(Arc::new(tree)))
-}
-
-/// Runs the VM with the REST API served on `socket` until the VM ends.
-fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> vmm::Result<ExitReason> {
-    let vm = vmm::Vmm::start(config)?;
-    serve_api(vm, socket, api.snapshot_metadata.as_deref())
-}
-
-/// Serves the REST API for `vm` on `socket`, with its snapshot tree (metadata in
-/// `metadata`, or the default place), until the VM ends.
-pub(crate) fn serve_api(
-    vm: vmm::Vmm,
-    socket: &Path,
-    metadata: Option<&Path>,
-) -> vmm::Result<ExitReason> {
-    let control = vmm::api::VmmControl::new(&vm, vm.config().vcpus, vm.config().memory_mib);
-    match open_snapshot_tree(&vm, &control, metadata) {
-        Ok(Some(tree)) => {
-            if let Err(e) = control.set_snapshot_tree(tree) {
-                tracing::warn!("snapshot tree: {e}");
-            }
-        }
-        Ok(None) => {}
-        Err(message) => {
-            let _ = vm.stop();
-            return Err(vmm::Error::Config(format!("snapshot metadata: {message}")));
-        }
-    }
-    let server = match vmm::api::ApiServer::start(socket, control) {
+    let server = match ApiServer::start(socket, sandbox.control().clone()) {
         Ok(server) => server,
         Err(e) => {
-            let _ = vm.stop();
-            return Err(e);
+            let _ = sandbox.stop();
+            return Err(e.to_string());
         }
     };
     // Stop the server, and with it any block job, before the VM's disks are flushed.
-    vm.exit_handle().wait();
+    sandbox.exit_handle().wait();
     server.stop();
-    vm.wait()
+    sandbox.wait().map_err(|e| e.to_string())
 }
 
 /// Runs `snapvmm run`; returns the process exit status.
@@ -263,7 +214,7 @@ pub fn main(args: RunArgs) -> u8 {
     }
     let result = match &api.socket {
         Some(socket) => run_with_api(&config, &api, socket),
-        None => vmm::run(&config),
+        None => vmm::run(&config).map_err(|e| e.to_string()),
     };
     match result {
         Ok(reason) if reason.is_clean() => {

@@ -10,8 +10,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use snapvmm_api::ApiServer;
+use vhost_user_blk::{BlkDaemon, DaemonConfig};
 use vmm::config::DiskConfig;
-use vmm::vhost_user_blk::{BlkDaemon, DaemonConfig};
 
 /// Arguments of `snapvmm vhost-user-blk`.
 #[derive(Debug, Args)]
@@ -59,7 +60,7 @@ pub fn main(args: VhostUserBlkArgs) -> u8 {
         }
     };
     let server = match &args.api_socket {
-        Some(path) => match vmm::api::ApiServer::start(path, daemon.control()) {
+        Some(path) => match ApiServer::start(path, daemon.control()) {
             Ok(server) => Some(server),
             Err(e) => {
                 eprintln!("snapvmm vhost-user-blk: error: {e}");
@@ -76,11 +77,17 @@ pub fn main(args: VhostUserBlkArgs) -> u8 {
             // SAFETY: waits for one of the blocked signals in `signals`.
             if unsafe { libc::sigwait(&signals, &mut signal) } == 0 {
                 tracing::info!("signal {signal}: shutting down");
-                let _ = vmm::api::VmControl::shutdown(&*control);
+                let _ = control.shutdown();
             }
         });
-    // On shutdown the daemon stops the server (and its block jobs) before its final flush.
-    match daemon.run(server) {
+    // On shutdown the daemon stops the server (no request is left in flight) and cancels
+    // its block jobs before its final flush.
+    let stop_server = move || {
+        if let Some(server) = server {
+            server.stop();
+        }
+    };
+    match daemon.run(stop_server) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("snapvmm vhost-user-blk: error: {e}");

@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use snapshot::tree::SnapshotTree;
 use snapshot::vm_state::VmStateError;
+use snapvmm_api::types::{DiskInfo, JobInfo, SnapshotResult};
+use snapvmm_api::types::{SnapshotDeleteResult, SnapshotInfo};
+use snapvmm_api::{ApiServer, VmInfo, VmState};
 use storage::{LiveDisk, OpenOptions};
-use vmm::api::types::{DiskInfo, JobInfo, SnapshotResult};
-use vmm::api::types::{SnapshotDeleteResult, SnapshotInfo};
-use vmm::api::{ApiError, ApiServer, VmControl, VmInfo, VmState};
-use vmm::AttachedDisk;
+use vmm::control::{ControlError, Disk, Machine};
+use vmm::Control;
 
+/// A machine whose life is a state variable: `ctl` is what is under test.
 struct FakeVm {
     state: Mutex<VmState>,
-    disks: Vec<AttachedDisk>,
-    tree: Option<Arc<SnapshotTree>>,
 }
 
 /// The VM side of snapshots with memory: its "memory" is a byte buffer.
@@ -55,33 +55,27 @@ impl snapshot::vm_state::VmState for FakeMemory {
     }
 }
 
-impl VmControl for FakeVm {
-    fn info(&self) -> VmInfo {
-        VmInfo {
-            state: *self.state.lock().unwrap(),
-            vcpus: 1,
-            memory_mib: 32,
-            disks: self.disks.len(),
-            version: "fake".into(),
-        }
+impl Machine for FakeVm {
+    fn state(&self) -> VmState {
+        *self.state.lock().unwrap()
     }
-    fn pause(&self) -> Result<(), ApiError> {
+    fn vcpus(&self) -> u8 {
+        1
+    }
+    fn memory_mib(&self) -> u64 {
+        32
+    }
+    fn pause(&self) -> Result<(), ControlError> {
         *self.state.lock().unwrap() = VmState::Paused;
         Ok(())
     }
-    fn resume(&self) -> Result<(), ApiError> {
+    fn resume(&self) -> Result<(), ControlError> {
         *self.state.lock().unwrap() = VmState::Running;
         Ok(())
     }
-    fn shutdown(&self) -> Result<(), ApiError> {
+    fn shutdown(&self) -> Result<(), ControlError> {
         *self.state.lock().unwrap() = VmState::ShuttingDown;
         Ok(())
-    }
-    fn disks(&self) -> Vec<AttachedDisk> {
-        self.disks.clone()
-    }
-    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
-        self.tree.clone()
     }
 }
 
@@ -89,6 +83,7 @@ struct Fixture {
     dir: tempfile::TempDir,
     socket: PathBuf,
     vm: Arc<FakeVm>,
+    disk: Arc<LiveDisk>,
     _server: ApiServer,
 }
 
@@ -122,22 +117,20 @@ impl Fixture {
             )
         });
         let vm = Arc::new(FakeVm {
-            tree,
             state: Mutex::new(VmState::Running),
-            disks: vec![AttachedDisk {
-                name: "vda".into(),
-                disk,
-                read_only: false,
-                mmio_base: 0xd000_0000,
-                gsi: 5,
-            }],
         });
+        let control = Control::new(
+            vm.clone(),
+            vec![Disk::new("vda", disk.clone(), false)],
+            tree,
+        );
         let socket = dir.path().join("api.sock");
-        let server = ApiServer::start(&socket, vm.clone()).unwrap();
+        let server = ApiServer::start(&socket, Arc::new(control)).unwrap();
         Fixture {
             dir,
             socket,
             vm,
+            disk,
             _server: server,
         }
     }
@@ -161,7 +154,7 @@ impl Fixture {
     }
 
     fn top(&self) -> PathBuf {
-        self.vm.disks[0].disk.top().path().to_path_buf()
+        self.disk.top().path().to_path_buf()
     }
 }
 
@@ -208,7 +201,7 @@ fn ctl_snapshot_blockpull_blockcommit_blockjob() {
     // Data in every MiB: a stream copies 1 MiB per throttle slice, so a throttled one
     // cannot copy it all at once.
     for offset in [0x8_0000, 0x18_0000, 0x28_0000, 0x38_0000] {
-        f.vm.disks[0].disk.write_at(&[0xa5; 65536], offset).unwrap();
+        f.disk.write_at(&[0xa5; 65536], offset).unwrap();
     }
     let result: SnapshotResult =
         serde_json::from_str(&f.ok(&["snapshot-create-as", "s2", "--disk-only", "--json"]))
@@ -244,10 +237,10 @@ fn ctl_snapshot_blockpull_blockcommit_blockjob() {
     assert!(out.contains("Successfully pivoted"), "{out}");
     assert_eq!(f.top(), f.path("base.qcow2"));
     let mut back = [0u8; 16];
-    f.vm.disks[0].disk.read_at(&mut back, 4096).unwrap();
+    f.disk.read_at(&mut back, 4096).unwrap();
     assert_eq!(back, [0x5a; 16]);
     for offset in [0x8_0000, 0x18_0000, 0x28_0000, 0x38_0000] {
-        f.vm.disks[0].disk.read_at(&mut back, offset).unwrap();
+        f.disk.read_at(&mut back, offset).unwrap();
         assert_eq!(back, [0xa5; 16]);
     }
 
@@ -268,7 +261,7 @@ fn ctl_snapshot_tree_verbs() {
         memory: Mutex::new(b"memory one".to_vec()),
     });
     let f = Fixture::with_tree(memory.clone());
-    let disk = f.vm.disks[0].disk.clone();
+    let disk = f.disk.clone();
     let out = f.ok(&["snapshot-create-as", "one", "first snapshot"]);
     assert!(out.contains("Domain snapshot one created"), "{out}");
     disk.write_at(&[1; 4096], 0).unwrap();

@@ -11,8 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::api::types::{DiskInfo, Fault, VmInfo};
-use vmm::api::{ApiClient, VmState};
+use snapvmm_api::types::{DiskInfo, Fault, VmInfo};
+use snapvmm_api::{ApiClient, VmState};
 use vmm_util::{counters, kvm_or_skip, last_counter, qemu_img_check, RunningVm};
 
 /// Small: every guest memory access is slow on this host's software KVM.
@@ -74,6 +74,15 @@ fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
     assert!(out.contains("Pull complete"), "{out}");
     let disks: Vec<DiskInfo> = serde_json::from_str(&vm.ctl_ok(&["domblklist", "--json"])).unwrap();
     assert_eq!(disks[0].backing_chain, [base.display().to_string()]);
+
+    // base.qcow2 is the image s1 froze: committing into it would change what reverting to
+    // s1 brings back (issue 13, finding 4), so it is refused and nothing changes.
+    let refused = vm.ctl(&["blockcommit", "vda", "--active", "--pivot", "--wait"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "commit into s1's image accepted");
+    assert!(stderr.contains("409") && stderr.contains("s1"), "{stderr}");
+    // Once the tree forgets the snapshots (their images stay), base may take the commit.
+    vm.ctl_ok(&["snapshot-delete", "s1", "--children", "--metadata"]);
 
     // Commit the active layer into base and pivot onto it.
     let out = vm.ctl_ok(&["blockcommit", "vda", "--active", "--pivot", "--wait"]);
@@ -203,7 +212,7 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
     assert!(dir.path().join("snapvmm-snapshots.json").exists());
     let vm = RunningVm::launch(dir, "builtin:counter", &top);
     assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s1");
-    let listed: Vec<vmm::api::types::SnapshotInfo> =
+    let listed: Vec<snapvmm_api::types::SnapshotInfo> =
         serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
     assert_eq!(listed.len(), 1);
     vm.ctl_ok(&["snapshot-delete", "s1"]);
@@ -381,7 +390,7 @@ fn io_loop_survives_random_snapshot_create_revert_delete() {
             "seed {seed}, after {steps:?}:\n{serial}"
         );
     }
-    let listed: Vec<vmm::api::types::SnapshotInfo> =
+    let listed: Vec<snapvmm_api::types::SnapshotInfo> =
         serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
     let mut names: Vec<_> = listed.iter().map(|s| s.name.clone()).collect();
     names.sort();
@@ -395,4 +404,258 @@ fn io_loop_survives_random_snapshot_create_revert_delete() {
             qemu_img_check(&path);
         }
     }
+}
+
+// The same flows against the typed layer directly: a `Sandbox` in this process and its
+// `Control`, no HTTP, as a program embedding the VMM drives them.
+
+/// A VM running `workload` on a fresh `base.qcow2` in a temporary directory, its console in
+/// `serial.log` there.
+struct TypedVm {
+    dir: tempfile::TempDir,
+    sandbox: vmm::Sandbox,
+}
+
+impl TypedVm {
+    fn start(workload: vmm::config::Workload) -> TypedVm {
+        use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        vmm_util::qcow2(&base, DISK_SIZE, None);
+        let mut config = VmConfig::new(BootSource::MicroGuest { workload, seed: 1 });
+        config.disks.push(DiskConfig::new(&base));
+        config.serial = SerialOutput::File(dir.path().join("serial.log"));
+        let sandbox = vmm::Sandbox::start(&config, &vmm::SandboxOptions::default()).unwrap();
+        assert!(sandbox.warnings().is_empty(), "{:?}", sandbox.warnings());
+        TypedVm { dir, sandbox }
+    }
+
+    fn control(&self) -> &vmm::Control {
+        self.sandbox.control()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(self.path("serial.log")).unwrap_or_default()
+    }
+
+    /// Waits until the guest printed `n` more lines starting with `prefix` after console
+    /// byte `mark`; returns the console from `mark` on.
+    fn wait_lines(&self, mark: usize, prefix: &str, n: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let serial = self.serial();
+            let since = serial.get(mark..).unwrap_or("").to_string();
+            if since.lines().filter(|l| l.starts_with(prefix)).count() >= n {
+                return since;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest stalled; serial:\n{serial}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The complete console lines once the paused guest's console stopped growing.
+    fn settled(&self) -> String {
+        let mut last = self.serial();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut now = self.serial();
+            if now.len() == last.len() {
+                now.truncate(now.rfind('\n').map_or(0, |i| i + 1));
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Pauses the guest and returns its counter once the console caught up.
+    fn pause_at_counter(&self) -> u64 {
+        self.control().pause().unwrap();
+        last_counter(&self.settled())
+    }
+
+    /// Resumes the guest and returns the first counter values it prints.
+    fn resume_counting(&self) -> Vec<u64> {
+        let mark = self.serial().len();
+        self.control().resume().unwrap();
+        counters(&self.wait_lines(mark, "counter ", 3))
+    }
+
+    /// Shuts the VM down, waits for it, and checks every image with `qemu-img check`.
+    fn shutdown(self) -> String {
+        self.control().shutdown().unwrap();
+        let reason = self.sandbox.wait().unwrap();
+        assert!(reason.is_clean(), "{reason:?}");
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "qcow2") {
+                qemu_img_check(&path);
+            }
+        }
+        std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
+    }
+}
+
+/// Asserts the guest went on from `at` (give or take the line a pause cut short), below
+/// `left_at`, counting by one.
+fn went_back(what: &str, resumed: &[u64], at: u64, left_at: u64) {
+    assert!(
+        (at..=at + 2).contains(&resumed[0]) && resumed[0] < left_at,
+        "{what}: the counter went on from {} (at the snapshot {at}, when reverted {left_at})",
+        resumed[0]
+    );
+    assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
+}
+
+#[test]
+fn typed_snapshot_create_list_revert_delete_with_memory() {
+    use vmm::control::types::{SnapshotDeleteRequest, TreeSnapshotCreate};
+    if !kvm_or_skip("typed_snapshot_create_list_revert_delete_with_memory") {
+        return;
+    }
+    let vm = TypedVm::start(vmm::config::Workload::Counter);
+    let control = vm.control();
+    for (name, internal) in [("m1", false), ("i1", true)] {
+        vm.wait_lines(0, "counter ", 3);
+        let at = vm.pause_at_counter();
+        let request = TreeSnapshotCreate {
+            internal,
+            ..TreeSnapshotCreate::with_memory(name)
+        };
+        let info = control.snapshot_create(&request).unwrap();
+        assert!(info.memory, "{info:?}");
+        control.resume().unwrap();
+        let mark = vm.serial().len();
+        vm.wait_lines(mark, "counter ", 12);
+        let left_at = vm.pause_at_counter();
+        assert_eq!(control.snapshot_revert(name).unwrap().name, name);
+        went_back(name, &vm.resume_counting(), at, left_at);
+        assert_eq!(control.snapshot_current().unwrap().name, name);
+    }
+    let names: Vec<String> = control
+        .snapshot_list()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["m1", "i1"]);
+    assert_eq!(
+        control.snapshot_info("i1").unwrap().parent.as_deref(),
+        Some("m1")
+    );
+    let deleted = control
+        .snapshot_delete("m1", &SnapshotDeleteRequest::default())
+        .unwrap();
+    assert_eq!(deleted.deleted, ["m1"]);
+    assert!(control.snapshot_jobs().unwrap().is_empty());
+    assert_eq!(control.snapshot_list().unwrap().len(), 1);
+    // The guest goes on after the delete's merges.
+    let mark = vm.serial().len();
+    vm.wait_lines(mark, "counter ", 2);
+    vm.shutdown();
+}
+
+#[test]
+fn typed_disk_only_snapshot_stream_and_active_commit_under_io_loop() {
+    use snapshot::JobStatus;
+    use vmm::control::types::{CommitRequest, SnapshotCreate, StreamRequest};
+    if !kvm_or_skip("typed_disk_only_snapshot_stream_and_active_commit_under_io_loop") {
+        return;
+    }
+    let vm = TypedVm::start(vmm::config::Workload::IoLoop);
+    let control = vm.control();
+    let (base, s1, s2) = (
+        vm.path("base.qcow2"),
+        vm.path("base.s1.qcow2"),
+        vm.path("base.s1.s2.qcow2"),
+    );
+    vm.wait_lines(0, "io-loop ops ", 1);
+    let atomic = SnapshotCreate {
+        atomic: true,
+        ..SnapshotCreate::new("s1")
+    };
+    let result = control.disk_snapshot(&atomic).unwrap();
+    assert_eq!(result.disks[0].overlay, s1.display().to_string());
+    let result = control.disk_snapshot(&SnapshotCreate::new("s2")).unwrap();
+    assert_eq!(result.disks[0].previous, s1.display().to_string());
+    let disk = control.disk("vda").unwrap();
+    assert_eq!(disk.source, s2.display().to_string());
+    assert_eq!(disk.backing_chain.len(), 2);
+
+    // Pull s1 into s2, keeping base below.
+    let pull = StreamRequest {
+        base: Some(base.display().to_string()),
+        speed: 0,
+    };
+    assert_eq!(control.stream("vda", &pull).unwrap().kind, "stream");
+    let wait = Duration::from_secs(60);
+    let job = control
+        .job_wait("vda", wait, |s| s == JobStatus::Concluded)
+        .unwrap();
+    assert_eq!(job.outcome.as_deref(), Some("completed"), "{job:?}");
+    let disk = control.disk("vda").unwrap();
+    assert_eq!(disk.backing_chain, [base.display().to_string()]);
+
+    // Commit the active layer into base and pivot onto it.
+    let job = control.commit("vda", &CommitRequest::active()).unwrap();
+    assert_eq!(job.kind, "active-commit");
+    let ready = |s| s == JobStatus::Ready || s == JobStatus::Concluded;
+    let job = control.job_wait("vda", wait, ready).unwrap();
+    assert_eq!(job.status, "ready", "{job:?}");
+    control.job_complete("vda").unwrap();
+    let job = control
+        .job_wait("vda", wait, |s| s == JobStatus::Concluded)
+        .unwrap();
+    assert_eq!(job.outcome.as_deref(), Some("completed"), "{job:?}");
+    let disk = control.disk("vda").unwrap();
+    assert_eq!(disk.source, base.display().to_string());
+    assert!(disk.backing_chain.is_empty() && disk.job.is_none());
+    // The guest goes on on base, reading back and verifying what it wrote before.
+    let mark = vm.serial().len();
+    vm.wait_lines(mark, "io-loop ops ", 2);
+    let serial = vm.shutdown();
+    assert_eq!(io_errors(&serial), 0, "{serial}");
+}
+
+#[test]
+fn typed_checkpoint_save_and_revert_in_place() {
+    use vmm::control::types::{CheckpointRequest, RevertRequest};
+    if !kvm_or_skip("typed_checkpoint_save_and_revert_in_place") {
+        return;
+    }
+    let vm = TypedVm::start(vmm::config::Workload::Counter);
+    let control = vm.control();
+    vm.wait_lines(0, "counter ", 3);
+    let at = vm.pause_at_counter();
+    let dir = vm.path("ckpt");
+    let report = control
+        .checkpoint_save(&CheckpointRequest::new(&dir))
+        .unwrap();
+    assert_eq!(report.dir, dir);
+    assert!(report.pages_written > 0, "{report:?}");
+    control.resume().unwrap();
+    let mark = vm.serial().len();
+    vm.wait_lines(mark, "counter ", 12);
+    let left_at = vm.pause_at_counter();
+    let reverted = control
+        .checkpoint_revert(&RevertRequest { dir: dir.clone() })
+        .unwrap();
+    assert_eq!(reverted.dir, dir);
+    went_back("checkpoint", &vm.resume_counting(), at, left_at);
+    // A checkpoint that is not there is the caller's error, and the VM runs on.
+    let missing = control.checkpoint_revert(&RevertRequest {
+        dir: vm.path("nope"),
+    });
+    assert!(
+        matches!(missing, Err(vmm::ControlError::InvalidArgument(_))),
+        "{missing:?}"
+    );
+    assert_eq!(control.info().state, VmState::Running);
+    vm.shutdown();
 }

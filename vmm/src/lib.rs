@@ -15,17 +15,19 @@
 //! - [`vm`], [`vcpu`], [`arch`]: KVM objects, CPUID, MSRs, registers, LAPIC, page tables;
 //! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
 //! - [`guest`]: the micro-guest built from `vmm/guest/` and its boot info;
-//! - [`api`]: the REST API server on a Unix socket, and its client;
+//! - [`control`]: the typed control layer, [`Control`]: one handle over a machine, its disks,
+//!   its snapshot tree and its block jobs (the REST API, in `snapvmm-api`, maps onto it);
+//! - [`sandbox`]: a running VM with its [`Control`], the entry point for embedding programs;
 //! - [`console`]: the serial console as timestamped lines, for programs that drive a guest;
 //! - [`builder`]: assembling a VM from a [`config::VmConfig`] (or a checkpoint) and running it;
 //! - [`checkpoint`]: saving and loading the running VM (full, incremental, live, streams).
 
-pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod error;
 pub mod exit;
@@ -33,14 +35,16 @@ pub mod guest;
 mod machine;
 pub mod memory;
 pub mod persist;
+pub mod sandbox;
 pub mod vcpu;
-pub mod vhost_user_blk;
 pub mod vm;
 
 pub use builder::{run, AttachedDisk, Vmm};
 pub use checkpoint::{CheckpointOptions, CheckpointReport, Checkpointer};
+pub use control::{Control, ControlError, Machine};
 pub use error::{Error, Result};
 pub use exit::{ExitHandle, ExitReason};
+pub use sandbox::{Sandbox, SandboxOptions};
 pub use snapshot;
 pub use storage;
 pub use vm::check_kvm;

@@ -11,34 +11,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::types::Fault;
-
-/// Why a call to the API failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The socket could not be reached.
-    #[error("cannot connect to {path}: {source}")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// HTTP failed on the connection.
-    #[error("HTTP: {0}")]
-    Http(String),
-    /// The server answered with an error status.
-    #[error("{status}: {message}")]
-    Status {
-        /// The HTTP status.
-        status: u16,
-        /// The server's `fault_message`, or the body.
-        message: String,
-    },
-    /// The answer is not the JSON expected.
-    #[error("unexpected answer: {0}")]
-    Decode(String),
-}
+use crate::error::Error;
+use crate::types::Fault;
 
 /// A raw answer: status and body text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,28 +42,23 @@ impl ApiClient {
     }
 
     /// Sends `body` (raw bytes) with `method` to `path`; any status is returned as is.
-    pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<RawResponse, ClientError> {
+    pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<RawResponse, Error> {
         let method = Method::from_bytes(method.as_bytes())
-            .map_err(|e| ClientError::Http(format!("method {method:?}: {e}")))?;
+            .map_err(|e| Error::Http(format!("method {method:?}: {e}")))?;
         self.runtime
             .block_on(self.send(method, path, Bytes::copy_from_slice(body)))
     }
 
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<RawResponse, ClientError> {
+    async fn send(&self, method: Method, path: &str, body: Bytes) -> Result<RawResponse, Error> {
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
-            .map_err(|source| ClientError::Connect {
+            .map_err(|source| Error::Connect {
                 path: self.path.clone(),
                 source,
             })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(|e| Error::Http(e.to_string()))?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("API client connection: {e}");
@@ -101,17 +70,17 @@ impl ApiClient {
             .header(HOST, "localhost")
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(body))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(|e| Error::Http(e.to_string()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(|e| Error::Http(e.to_string()))?;
         let status = response.status().as_u16();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
+            .map_err(|e| Error::Http(e.to_string()))?
             .to_bytes();
         drop(sender);
         let _ = driver.await;
@@ -121,16 +90,16 @@ impl ApiClient {
         })
     }
 
-    /// Sends `body` as JSON; an error status becomes [`ClientError::Status`]. Returns the
+    /// Sends `body` as JSON; an error status becomes [`Error::Status`]. Returns the
     /// answer's body text (empty for 204).
     pub fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
-    ) -> Result<String, ClientError> {
+    ) -> Result<String, Error> {
         let bytes = match body {
-            Some(body) => serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?,
+            Some(body) => serde_json::to_vec(body).map_err(|e| Error::Http(e.to_string()))?,
             None => Vec::new(),
         };
         let response = self.raw(method, path, &bytes)?;
@@ -138,7 +107,7 @@ impl ApiClient {
             let message = serde_json::from_str::<Fault>(&response.body)
                 .map(|f| f.fault_message)
                 .unwrap_or(response.body);
-            return Err(ClientError::Status {
+            return Err(Error::Status {
                 status: response.status,
                 message,
             });
@@ -152,13 +121,13 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<T, Error> {
         let text = self.call(method, path, body)?;
-        serde_json::from_str(&text).map_err(|e| ClientError::Decode(format!("{e}: {text}")))
+        serde_json::from_str(&text).map_err(|e| Error::Decode(format!("{e}: {text}")))
     }
 
     /// `GET path`, decoded as `T`.
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         self.call_json("GET", path, None::<&()>)
     }
 }

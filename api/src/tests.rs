@@ -1,4 +1,6 @@
-//! The server against a fake VM: real sockets, real disks in a temporary directory, no KVM.
+//! The server against a test machine: real sockets, real disks and a real snapshot tree in a
+//! temporary directory, no KVM. Only the machine's life cycle is a stand-in: it is the HTTP
+//! layer that is under test.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -7,56 +9,50 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use snapshot::tree::SnapshotTree;
 use storage::qcow2::{create, CreateOptions};
 use storage::{LiveDisk, OpenOptions};
+use vmm::control::{ControlError, Disk, Machine};
+use vmm::Control;
 
-use snapshot::tree::SnapshotTree;
+use crate::routes::ROUTES;
+use crate::types::{DiskInfo, JobInfo, SnapshotResult};
+use crate::*;
 
-use super::routes::ROUTES;
-use super::types::{DiskInfo, JobInfo, SnapshotResult};
-use super::*;
-
-struct FakeVm {
+/// A machine whose life is a state variable.
+struct TestMachine {
     state: Mutex<VmState>,
-    disks: Vec<AttachedDisk>,
-    tree: Arc<SnapshotTree>,
 }
 
-impl VmControl for FakeVm {
-    fn info(&self) -> VmInfo {
-        VmInfo {
-            state: *self.state.lock(),
-            vcpus: 2,
-            memory_mib: 64,
-            disks: self.disks.len(),
-            version: "test".into(),
-        }
+impl Machine for TestMachine {
+    fn state(&self) -> VmState {
+        *self.state.lock()
     }
-    fn pause(&self) -> Result<(), ApiError> {
+    fn vcpus(&self) -> u8 {
+        2
+    }
+    fn memory_mib(&self) -> u64 {
+        64
+    }
+    fn pause(&self) -> std::result::Result<(), ControlError> {
         let mut state = self.state.lock();
         if *state != VmState::Running {
-            return Err(ApiError::Conflict("not running".into()));
+            return Err(ControlError::Conflict("not running".into()));
         }
         *state = VmState::Paused;
         Ok(())
     }
-    fn resume(&self) -> Result<(), ApiError> {
+    fn resume(&self) -> std::result::Result<(), ControlError> {
         let mut state = self.state.lock();
         if *state != VmState::Paused {
-            return Err(ApiError::Conflict("not paused".into()));
+            return Err(ControlError::Conflict("not paused".into()));
         }
         *state = VmState::Running;
         Ok(())
     }
-    fn shutdown(&self) -> Result<(), ApiError> {
+    fn shutdown(&self) -> std::result::Result<(), ControlError> {
         *self.state.lock() = VmState::ShuttingDown;
         Ok(())
-    }
-    fn disks(&self) -> Vec<AttachedDisk> {
-        self.disks.clone()
-    }
-    fn snapshot_tree(&self) -> Option<Arc<SnapshotTree>> {
-        Some(self.tree.clone())
     }
 }
 
@@ -64,7 +60,8 @@ struct Fixture {
     dir: tempfile::TempDir,
     server: ApiServer,
     client: ApiClient,
-    vm: Arc<FakeVm>,
+    machine: Arc<TestMachine>,
+    disks: Vec<Disk>,
 }
 
 fn qcow2(path: &Path, size: u64) -> Arc<LiveDisk> {
@@ -83,14 +80,9 @@ fn qcow2(path: &Path, size: u64) -> Arc<LiveDisk> {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut disks = Vec::new();
-    for (index, name) in ["vda", "vdb"].iter().enumerate() {
-        disks.push(AttachedDisk {
-            name: name.to_string(),
-            disk: qcow2(&dir.path().join(format!("{name}.qcow2")), 4 << 20),
-            read_only: false,
-            mmio_base: 0xd000_0000 + index as u64 * 0x1000,
-            gsi: 5 + index as u32,
-        });
+    for name in ["vda", "vdb"] {
+        let disk = qcow2(&dir.path().join(format!("{name}.qcow2")), 4 << 20);
+        disks.push(Disk::new(name, disk, false));
     }
     let tree = SnapshotTree::open(
         dir.path().join("snapshots.json"),
@@ -98,19 +90,19 @@ fn fixture() -> Fixture {
         None,
     )
     .unwrap();
-    let vm = Arc::new(FakeVm {
+    let machine = Arc::new(TestMachine {
         state: Mutex::new(VmState::Running),
-        disks,
-        tree: Arc::new(tree),
     });
+    let control = Control::new(machine.clone(), disks.clone(), Some(Arc::new(tree)));
     let socket = dir.path().join("api.sock");
-    let server = ApiServer::start(&socket, vm.clone()).unwrap();
+    let server = ApiServer::start(&socket, Arc::new(control)).unwrap();
     let client = ApiClient::new(&socket).unwrap();
     Fixture {
         dir,
         server,
         client,
-        vm,
+        machine,
+        disks,
     }
 }
 
@@ -145,7 +137,7 @@ fn vm_info_and_lifecycle() {
     assert_eq!(info.state, VmState::Running);
     assert_eq!(info.disks, 2);
     f.client.call("PUT", "/vm/pause", None::<&()>).unwrap();
-    assert_eq!(*f.vm.state.lock(), VmState::Paused);
+    assert_eq!(*f.machine.state.lock(), VmState::Paused);
     let again = f.client.raw("PUT", "/vm/pause", b"").unwrap();
     assert_eq!(again.status, 409);
     fault(&again);
@@ -223,7 +215,7 @@ fn malformed_requests_get_4xx_with_a_message() {
 #[test]
 fn snapshot_stream_and_active_commit() {
     let f = fixture();
-    let vda = f.vm.disks[0].disk.clone();
+    let vda = f.disks[0].disk.clone();
     vda.write_at(b"before", 0).unwrap();
     let result: SnapshotResult = f
         .client
@@ -238,7 +230,7 @@ fn snapshot_stream_and_active_commit() {
     assert_eq!(result.disks[0].overlay, overlay.display().to_string());
     assert_eq!(vda.top().path(), overlay.as_path());
     assert_eq!(
-        f.vm.disks[1].disk.top().path(),
+        f.disks[1].disk.top().path(),
         f.dir.path().join("vdb.s1.qcow2").as_path(),
         "atomic: vdb rolled back too"
     );
@@ -274,7 +266,7 @@ fn snapshot_stream_and_active_commit() {
     assert!(disk.backing_chain.is_empty());
 
     // Active commit of vdb into its base, then pivot.
-    f.vm.disks[1].disk.write_at(b"vdb data", 0).unwrap();
+    f.disks[1].disk.write_at(b"vdb data", 0).unwrap();
     let job: JobInfo = f
         .client
         .call_json(
@@ -301,7 +293,7 @@ fn snapshot_stream_and_active_commit() {
         .unwrap();
     let job = wait_job(&f.client, "vdb", |j| j.status == "concluded");
     assert_eq!(job.outcome.as_deref(), Some("completed"), "{job:?}");
-    let vdb = &f.vm.disks[1].disk;
+    let vdb = &f.disks[1].disk;
     assert_eq!(vdb.top().path(), f.dir.path().join("vdb.qcow2").as_path());
     let mut back = [0u8; 8];
     vdb.read_at(&mut back, 0).unwrap();
@@ -310,7 +302,7 @@ fn snapshot_stream_and_active_commit() {
 
 #[test]
 fn openapi_document_matches_the_server() {
-    let text = include_str!("../../../docs/openapi.json");
+    let text = include_str!("../../docs/openapi.json");
     let document: serde_json::Value = serde_json::from_str(text).unwrap();
     let paths = document["paths"].as_object().expect("paths");
     let mut documented = BTreeSet::new();
@@ -369,7 +361,7 @@ fn openapi_document_matches_the_server() {
 #[test]
 fn stopping_the_server_cancels_running_jobs() {
     let f = fixture();
-    let vda = f.vm.disks[0].disk.clone();
+    let vda = f.disks[0].disk.clone();
     // A stream copies 1 MiB per throttle slice: data in two MiBs makes it wait.
     vda.write_at(&[7; 65536], 0).unwrap();
     vda.write_at(&[7; 65536], 2 << 20).unwrap();
@@ -401,9 +393,9 @@ fn stopping_the_server_cancels_running_jobs() {
 
 #[test]
 fn snapshot_tree_routes() {
-    use super::types::{SnapshotDeleteResult, SnapshotInfo};
+    use crate::types::{SnapshotDeleteResult, SnapshotInfo};
     let f = fixture();
-    let vda = f.vm.disks[0].disk.clone();
+    let vda = f.disks[0].disk.clone();
     vda.write_at(b"first", 0).unwrap();
     let info: SnapshotInfo = f
         .client

@@ -1,6 +1,12 @@
-//! The JSON bodies of the REST API, one serde type per body (see `docs/openapi.json`).
+//! The values [`super::Control`] takes and answers: requests and results, one serde type each.
+//!
+//! They are also the REST API's JSON bodies (`docs/openapi.json`), which is why they derive
+//! serde with fixed field names: a program embedding the VMM and a client of the HTTP API
+//! speak the same types.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::checkpoint::CheckpointReport;
 
 /// Whether the guest's vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +66,7 @@ pub struct SnapshotDisk {
 }
 
 /// `PUT /snapshot/disk`: an external disk-only snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     /// The snapshot's name (used in the default overlay file names).
@@ -224,15 +230,8 @@ impl From<snapshot::JobInfo> for JobInfo {
     }
 }
 
-/// The body of every error response (Firecracker's shape).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fault {
-    /// What was wrong.
-    pub fault_message: String,
-}
-
 /// `PUT /vm/checkpoint`: save the VM's memory, vCPU and device state into a directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
     /// The checkpoint directory (created if absent), on the VMM's host.
@@ -243,10 +242,15 @@ pub struct CheckpointRequest {
     /// Save only what changed since the VM's last checkpoint (a diff naming it as base).
     #[serde(default)]
     pub incremental: bool,
+    /// Replace a checkpoint already in `dir`; refused when anything depends on it (a diff
+    /// names it as base, or it is the VM's current base). Without it an existing directory
+    /// that is not empty is refused.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 /// `PUT /vm/checkpoint/revert`: return the running VM to a checkpoint, in place.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevertRequest {
     /// The checkpoint directory (a full checkpoint or the top of a diff chain).
@@ -260,4 +264,54 @@ pub struct RevertResult {
     pub dir: std::path::PathBuf,
     /// How long the vCPUs were stopped, in microseconds.
     pub pause_us: u64,
+}
+
+impl SnapshotCreate {
+    /// Snapshot `name` of every writable disk, one disk after the other, overlays beside
+    /// the active layers.
+    pub fn new(name: impl Into<String>) -> Self {
+        SnapshotCreate {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TreeSnapshotCreate {
+    /// An external snapshot `name` with memory (the VM's state with its disks).
+    pub fn with_memory(name: impl Into<String>) -> Self {
+        TreeSnapshotCreate {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// An external disk-only snapshot `name`.
+    pub fn disk_only(name: impl Into<String>) -> Self {
+        TreeSnapshotCreate {
+            name: name.into(),
+            disk_only: true,
+            ..Default::default()
+        }
+    }
+}
+
+impl CommitRequest {
+    /// Commit the active layer into its backing file; the disk pivots on completion.
+    pub fn active() -> Self {
+        CommitRequest {
+            active: true,
+            ..Default::default()
+        }
+    }
+}
+
+impl CheckpointRequest {
+    /// A full, paused checkpoint into `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        CheckpointRequest {
+            dir: dir.into(),
+            ..Default::default()
+        }
+    }
 }

@@ -18,10 +18,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::devices::virtio::block::device::{read_config_space, CONFIG_SIZE};
-use crate::devices::virtio::block::queue::serve_queue;
-use crate::devices::virtio::block::request::{DiskLimits, RequestProcessor};
-use crate::devices::virtio::block::{BlockConfig, DiskBackend, ID_BYTES};
+use vmm::devices::virtio::block::device::{read_config_space, CONFIG_SIZE};
+use vmm::devices::virtio::block::queue::serve_queue;
+use vmm::devices::virtio::block::request::{DiskLimits, RequestProcessor};
+use vmm::devices::virtio::block::{BlockConfig, DiskBackend, ID_BYTES};
 
 /// The frontend's guest memory as the backend maps it (no dirty log: the frontend's VMM
 /// tracks its own guest's memory).
@@ -56,7 +56,7 @@ impl std::fmt::Debug for BlockBackend {
 
 impl BlockBackend {
     /// A backend presenting `disk` as `config` describes.
-    pub fn new(config: BlockConfig, disk: Arc<dyn DiskBackend>) -> crate::Result<Self> {
+    pub fn new(config: BlockConfig, disk: Arc<dyn DiskBackend>) -> crate::error::Result<Self> {
         config.check()?;
         Ok(BlockBackend {
             id: config.id_bytes(),

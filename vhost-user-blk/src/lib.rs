@@ -6,14 +6,16 @@
 //! - [`BlkDaemon`] (here): listens on the vhost-user socket and serves one frontend at a time;
 //!   when it disconnects the disk stays open and the next frontend (a restarted QEMU) finds
 //!   it again.
-//! - [`DaemonControl`]: the REST API's view of the daemon ([`crate::api::VmControl`]), so
-//!   `snapvmm ctl` snapshots, streams and commits the disk while a guest uses it.
+//! - [`DaemonMachine`]: the daemon as a [`vmm::Machine`] under a [`vmm::Control`] (no vCPUs,
+//!   one disk), so a program, or `snapvmm ctl` through the REST API, snapshots, streams and
+//!   commits the disk while a guest uses it.
 //!
 //! The frontend is not trusted: its memory table is checked against the files it sends,
 //! every ring and descriptor is bounds-checked by virtio-queue and the request parser, and a
 //! protocol error ends that connection only.
 
 pub mod backend;
+pub mod error;
 
 #[cfg(test)]
 mod tests;
@@ -30,15 +32,19 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::types::{VmInfo, VmState};
-use crate::api::{ApiError, ApiServer, VmControl};
-use crate::builder::{open_disk, AttachedDisk};
-use crate::config::DiskConfig;
-use crate::devices::virtio::block::device::{DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES};
-use crate::devices::virtio::block::BlockConfig;
-use crate::error::{Error, Result};
+use vmm::builder::open_disk;
+use vmm::config::DiskConfig;
+use vmm::control::types::VmState;
+use vmm::control::{ControlError, Disk, Machine};
+use vmm::devices::virtio::block::device::{DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES};
+use vmm::devices::virtio::block::BlockConfig;
+use vmm::Control;
 
 pub use backend::BlockBackend;
+pub use error::{Error, Result};
+
+/// How long the daemon waits for each block job it cancels on the way out.
+const JOB_CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How the daemon is set up.
 #[derive(Debug, Clone)]
@@ -58,7 +64,7 @@ impl DaemonConfig {
     }
 }
 
-/// Shared between the serving loop and [`DaemonControl`]: how to stop.
+/// Shared between the serving loop and [`DaemonMachine`]: how to stop.
 struct StopSignal {
     requested: AtomicBool,
     /// The connection being served, to cut it on shutdown.
@@ -72,8 +78,12 @@ impl StopSignal {
         Ok(StopSignal {
             requested: AtomicBool::new(false),
             connection: Mutex::new(None),
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(Error::io("creating the daemon's wake-up eventfd"))?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                Error::Io {
+                    what: "creating the daemon's wake-up eventfd",
+                    source,
+                }
+            })?,
         })
     }
 
@@ -132,8 +142,8 @@ pub struct BlkDaemon {
     listener: Listener,
     backend: Arc<BlockBackend>,
     disk: Arc<LiveDisk>,
-    read_only: bool,
     stop: Arc<StopSignal>,
+    control: Arc<Control>,
 }
 
 impl std::fmt::Debug for BlkDaemon {
@@ -157,7 +167,7 @@ impl BlkDaemon {
         let name = config.disk_name();
         let disk = open_disk(&name, &config.disk)?;
         let block = BlockConfig {
-            id: name,
+            id: name.clone(),
             read_only: config.disk.read_only,
             num_queues: config.num_queues,
             queue_size: DEFAULT_QUEUE_SIZE,
@@ -174,13 +184,20 @@ impl BlkDaemon {
             config.disk.path.display(),
             config.socket.display()
         );
+        let stop = Arc::new(StopSignal::new()?);
+        let machine = Arc::new(DaemonMachine {
+            socket: config.socket.clone(),
+            num_queues: config.num_queues,
+            stop: stop.clone(),
+        });
+        let disks = vec![Disk::new(name, disk.clone(), config.disk.read_only)];
         Ok(BlkDaemon {
             socket: config.socket.clone(),
             listener,
             backend,
             disk,
-            read_only: config.disk.read_only,
-            stop: Arc::new(StopSignal::new()?),
+            stop,
+            control: Arc::new(Control::new(machine, disks, None)),
         })
     }
 
@@ -189,26 +206,17 @@ impl BlkDaemon {
         &self.socket
     }
 
-    /// The API's handle on this daemon.
-    pub fn control(&self) -> Arc<DaemonControl> {
-        Arc::new(DaemonControl {
-            socket: self.socket.clone(),
-            disk: AttachedDisk {
-                name: self.backend.config().id.clone(),
-                disk: self.disk.clone(),
-                read_only: self.read_only,
-                mmio_base: 0,
-                gsi: 0,
-            },
-            num_queues: self.backend.config().num_queues,
-            stop: self.stop.clone(),
-        })
+    /// The control handle on this daemon: its disk, block jobs and disk-only snapshots;
+    /// [`Control::shutdown`] ends [`BlkDaemon::run`].
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
     }
 
-    /// Serves frontends one after the other until [`DaemonControl::shutdown`]; then stops
-    /// `api` (cancelling its block jobs, each leaving a valid chain), flushes the disk (after
-    /// the jobs' last writes) and removes the socket.
-    pub fn run(mut self, api: Option<ApiServer>) -> Result<()> {
+    /// Serves frontends one after the other until [`Control::shutdown`]. Then runs
+    /// `before_flush` (stop an API server there, so no request is still in flight), cancels
+    /// the block jobs (each leaves a valid chain), flushes the disk after the jobs' last
+    /// writes, and removes the socket.
+    pub fn run(mut self, before_flush: impl FnOnce()) -> Result<()> {
         let name = format!("vhost-user-blk-{}", self.backend.config().id);
         while !self.stop.requested.load(Ordering::Acquire) {
             let mut daemon = VhostUserDaemon::new(
@@ -253,46 +261,38 @@ impl BlkDaemon {
                 Err(e) => tracing::warn!("{name}: frontend connection ended: {e}"),
             }
         }
-        if let Some(api) = api {
-            api.stop();
-        }
+        before_flush();
+        self.control.cancel_jobs(JOB_CANCEL_TIMEOUT);
         let flushed = self.disk.flush();
         let _ = std::fs::remove_file(&self.socket);
         flushed.map_err(|source| Error::Disk {
             name: self.backend.config().id.clone(),
-            path: self.socket.clone(),
+            socket: self.socket.clone(),
             source,
         })
     }
 }
 
-/// [`VmControl`] for a vhost-user-blk daemon: one disk, no vCPUs.
+/// The daemon as a [`Machine`]: no vCPUs and no memory of its own (the guest's belong to the
+/// frontend's VMM); shutting it down ends [`BlkDaemon::run`].
 #[derive(Debug)]
-pub struct DaemonControl {
+pub struct DaemonMachine {
     socket: PathBuf,
-    disk: AttachedDisk,
     num_queues: u16,
     stop: Arc<StopSignal>,
 }
 
-impl VmControl for DaemonControl {
-    fn info(&self) -> VmInfo {
-        VmInfo {
-            state: if self.stop.requested.load(Ordering::Acquire) {
-                VmState::ShuttingDown
-            } else {
-                VmState::Running
-            },
-            // The guest's vCPUs and memory belong to the frontend's VMM.
-            vcpus: 0,
-            memory_mib: 0,
-            disks: 1,
-            version: env!("CARGO_PKG_VERSION").to_string(),
+impl Machine for DaemonMachine {
+    fn state(&self) -> VmState {
+        if self.stop.requested.load(Ordering::Acquire) {
+            VmState::ShuttingDown
+        } else {
+            VmState::Running
         }
     }
 
-    fn pause(&self) -> std::result::Result<(), ApiError> {
-        Err(ApiError::NotImplemented(format!(
+    fn pause(&self) -> std::result::Result<(), ControlError> {
+        Err(ControlError::Unsupported(format!(
             "a vhost-user-blk daemon has no vCPUs to pause ({} queue(s) on {}): pause the \
              frontend's VM",
             self.num_queues,
@@ -300,14 +300,14 @@ impl VmControl for DaemonControl {
         )))
     }
 
-    fn resume(&self) -> std::result::Result<(), ApiError> {
-        Err(ApiError::NotImplemented(
+    fn resume(&self) -> std::result::Result<(), ControlError> {
+        Err(ControlError::Unsupported(
             "a vhost-user-blk daemon has no vCPUs to resume".into(),
         ))
     }
 
-    fn shutdown(&self) -> std::result::Result<(), ApiError> {
-        tracing::info!("vhost-user-blk: shutdown requested through the API");
+    fn shutdown(&self) -> std::result::Result<(), ControlError> {
+        tracing::info!("vhost-user-blk: shutdown requested");
         self.stop.requested.store(true, Ordering::Release);
         if let Some(connection) = self.stop.connection.lock().as_ref() {
             connection.shutdown();
@@ -317,9 +317,5 @@ impl VmControl for DaemonControl {
             tracing::warn!("vhost-user-blk: waking the daemon: {e}");
         }
         Ok(())
-    }
-
-    fn disks(&self) -> Vec<AttachedDisk> {
-        vec![self.disk.clone()]
     }
 }

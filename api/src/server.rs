@@ -16,9 +16,10 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 
-use super::routes::{Response, Router};
-use super::{ApiError, VmControl};
+use vmm::Control;
+
 use crate::error::{Error, Result};
+use crate::routes::{Response, Router};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
@@ -42,45 +43,39 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` and serves `vm` from a new thread. A stale socket file at `path`
-    /// is replaced; any other file there is an error.
-    pub fn start(path: &Path, vm: Arc<dyn VmControl>) -> Result<Self> {
+    /// Listens on `path` and serves `control` from a new thread. A stale socket file at
+    /// `path` is replaced; any other file there is an error.
+    pub fn start(path: &Path, control: Arc<Control>) -> Result<Self> {
+        let socket_error = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| Error::Socket { path, what, source }
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                return Err(Error::Config(format!(
-                    "API socket {}: a file that is not a socket is in the way",
-                    path.display()
-                )));
+                return Err(Error::SocketInUse {
+                    path: path.to_path_buf(),
+                    reason: "a file that is not a socket is in the way",
+                });
             }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(Error::Config(format!(
-                    "API socket {}: another process is serving it",
-                    path.display()
-                )));
+                return Err(Error::SocketInUse {
+                    path: path.to_path_buf(),
+                    reason: "another process is serving it",
+                });
             }
-            std::fs::remove_file(path).map_err(Error::io(format!(
-                "removing the stale API socket {}",
-                path.display()
-            )))?;
+            std::fs::remove_file(path).map_err(socket_error("removing the stale socket"))?;
         }
         // Bound under a temporary name and renamed once its mode is 0600, so no client
         // can ever connect while the socket is open to others.
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let temp = path.with_file_name(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_file(&temp);
-        let listener = std::os::unix::net::UnixListener::bind(&temp).map_err(Error::io(
-            format!("binding the API socket {}", temp.display()),
-        ))?;
+        let listener = std::os::unix::net::UnixListener::bind(&temp)
+            .map_err(socket_error("binding it under a temporary name"))?;
         let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
-            .map_err(Error::io(format!(
-                "setting the mode of API socket {}",
-                temp.display()
-            )))
+            .map_err(socket_error("setting its mode"))
             .and_then(|()| {
-                std::fs::rename(&temp, path).map_err(Error::io(format!(
-                    "moving the API socket into place at {}",
-                    path.display()
-                )))
+                std::fs::rename(&temp, path).map_err(socket_error("moving it into place"))
             });
         if let Err(e) = placed {
             let _ = std::fs::remove_file(&temp);
@@ -88,20 +83,20 @@ impl ApiServer {
         }
         listener
             .set_nonblocking(true)
-            .map_err(Error::io("making the API socket non-blocking"))?;
+            .map_err(socket_error("making it non-blocking"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(Error::io("creating the API server's runtime"))?;
+            .map_err(socket_error("creating the server's runtime"))?;
         let (stop, stopped) = oneshot::channel();
-        let router = Arc::new(Router::new(vm));
+        let router = Arc::new(Router::new(control));
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn({
                 let router = router.clone();
                 move || runtime.block_on(serve(listener, router, stopped))
             })
-            .map_err(Error::io("spawning the API server thread"))?;
+            .map_err(socket_error("spawning the server thread"))?;
         tracing::info!("API server on {}", path.display());
         Ok(ApiServer {
             path: path.to_path_buf(),
@@ -207,16 +202,16 @@ async fn answer(
             let body = body.to_bytes();
             match tokio::task::spawn_blocking(move || router.handle(&method, &path, &body)).await {
                 Ok(response) => response,
-                Err(e) => Response::error(&ApiError::Internal(format!("handler failed: {e}"))),
+                Err(e) => Response::error(&Error::Internal(format!("handler failed: {e}"))),
             }
         }
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                Response::error(&ApiError::PayloadTooLarge(MAX_BODY))
+                Response::error(&Error::PayloadTooLarge(MAX_BODY))
             } else {
-                Response::error(&ApiError::BadRequest(format!("reading the body: {e}")))
+                Response::error(&Error::BadRequest(format!("reading the body: {e}")))
             }
         }
     };

@@ -1,0 +1,146 @@
+//! A running VM with its [`Control`]: the entry point for programs that embed the VMM.
+//!
+//! [`Sandbox::start`] boots a VM, opens its snapshot tree over the writable disks and builds
+//! the control handle; [`Sandbox::restore`] does the same from a checkpoint. The metadata of
+//! the tree lives in `snapvmm-snapshots.json` beside the first writable disk's image unless
+//! [`SandboxOptions::snapshot_metadata`] names another file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use snapshot::tree::SnapshotTree;
+use snapshot::vm_state::VmState;
+
+use crate::builder::Vmm;
+use crate::config::VmConfig;
+use crate::control::{Control, Disk, VmMachine};
+use crate::error::{Error, Result};
+use crate::exit::{ExitHandle, ExitReason};
+
+/// The tree's metadata file, beside the first writable disk, unless told otherwise.
+pub const DEFAULT_METADATA: &str = "snapvmm-snapshots.json";
+
+/// How long [`Sandbox::wait`] waits for each block job it cancels.
+const JOB_CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a [`Sandbox`] is set up beyond the VM's own configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxOptions {
+    /// The snapshot tree's metadata file [default: [`DEFAULT_METADATA`] beside the first
+    /// writable disk's image].
+    pub snapshot_metadata: Option<PathBuf>,
+}
+
+/// A running VM and its [`Control`].
+#[derive(Debug)]
+pub struct Sandbox {
+    vmm: Vmm,
+    control: Arc<Control>,
+    warnings: Vec<String>,
+}
+
+impl Sandbox {
+    /// Boots a VM as `config` describes and takes control of it.
+    pub fn start(config: &VmConfig, options: &SandboxOptions) -> Result<Self> {
+        Sandbox::with_vmm(Vmm::start(config)?, options)
+    }
+
+    /// Starts a VM from the checkpoint in `dir` (a full checkpoint or the top of a diff
+    /// chain), its console going to `serial`, and takes control of it. With `paused` its
+    /// vCPUs wait for [`Control::resume`].
+    pub fn restore(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &SandboxOptions,
+    ) -> Result<Self> {
+        Sandbox::with_vmm(Vmm::restore(dir, serial, paused)?, options)
+    }
+
+    /// Takes control of an already running `vmm`. On error the VM is stopped.
+    pub fn with_vmm(vmm: Vmm, options: &SandboxOptions) -> Result<Self> {
+        let tree = match open_snapshot_tree(&vmm, options.snapshot_metadata.as_deref()) {
+            Ok(tree) => tree,
+            Err(message) => {
+                let _ = vmm.stop();
+                return Err(Error::Config(format!("snapshot metadata: {message}")));
+            }
+        };
+        let warnings = tree
+            .as_ref()
+            .map(|t| t.problems().to_vec())
+            .unwrap_or_default();
+        let disks = vmm.disks().iter().map(Disk::from).collect();
+        let machine = Arc::new(VmMachine::new(&vmm));
+        let control = Arc::new(Control::new(machine, disks, tree));
+        Ok(Sandbox {
+            vmm,
+            control,
+            warnings,
+        })
+    }
+
+    /// The control handle; clone it to use from other threads.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// What was wrong with the snapshot metadata's files when it was opened (missing
+    /// images, a disk opened on another image than the one last recorded), for the caller
+    /// to report. The tree still opened: the remaining snapshots can be used or deleted.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The VM.
+    pub fn vmm(&self) -> &Vmm {
+        &self.vmm
+    }
+
+    /// Signals and waits for the VM's end (from a guest reset, a shutdown request, ...).
+    pub fn exit_handle(&self) -> ExitHandle {
+        self.vmm.exit_handle()
+    }
+
+    /// Waits until the VM is asked to stop, cancels the block jobs still running (each
+    /// leaves a valid chain), then waits for the VM to end and its disks to be flushed.
+    pub fn wait(self) -> Result<ExitReason> {
+        self.vmm.exit_handle().wait();
+        self.control.cancel_jobs(JOB_CANCEL_TIMEOUT);
+        self.vmm.wait()
+    }
+
+    /// Stops the VM now: block jobs are cancelled first, then the VM ends and its disks are
+    /// flushed.
+    pub fn stop(self) -> Result<ExitReason> {
+        self.vmm.exit_handle().request(ExitReason::Stopped);
+        self.wait()
+    }
+}
+
+/// Opens the snapshot tree over `vmm`'s writable disks (none without one): metadata in
+/// `metadata`, or [`DEFAULT_METADATA`] beside the first writable disk's image.
+fn open_snapshot_tree(
+    vmm: &Vmm,
+    metadata: Option<&Path>,
+) -> std::result::Result<Option<Arc<SnapshotTree>>, String> {
+    let disks: Vec<_> = vmm
+        .disks()
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| d.disk.clone())
+        .collect();
+    let Some(first) = disks.first() else {
+        return Ok(None);
+    };
+    let path = match metadata {
+        Some(path) => path.to_path_buf(),
+        None => first.top().path().with_file_name(DEFAULT_METADATA),
+    };
+    // The VM's memory, vCPU and device state, for snapshots with memory.
+    let vm_state: Option<Arc<dyn VmState>> = Some(vmm.checkpointer());
+    let tree = SnapshotTree::open(&path, disks, vm_state).map_err(|e| e.to_string())?;
+    Ok(Some(Arc::new(tree)))
+}
