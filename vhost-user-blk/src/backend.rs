@@ -44,6 +44,9 @@ pub struct BlockBackend {
     /// a table that did not (queues are then left alone).
     memory: RwLock<Option<FrontendMemory>>,
     processors: Vec<Mutex<RequestProcessor>>,
+    /// Ends the frontend's connection: called when its ring is broken, so a hostile or
+    /// buggy frontend costs one error, not a worker spinning on its queue for ever.
+    on_broken_ring: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for BlockBackend {
@@ -66,6 +69,7 @@ impl BlockBackend {
                 .map(|_| Mutex::new(RequestProcessor::new()))
                 .collect(),
             memory: RwLock::new(None),
+            on_broken_ring: std::sync::OnceLock::new(),
             config,
             disk,
         })
@@ -74,6 +78,14 @@ impl BlockBackend {
     /// The device's configuration.
     pub fn config(&self) -> &BlockConfig {
         &self.config
+    }
+
+    /// Sets what ends the frontend's connection when one of its rings turns out broken
+    /// (an avail index further ahead than the queue is long): the daemon cuts the
+    /// connection, and [`BlockBackend::disconnected`] then flushes the disk. Only the first
+    /// call takes effect.
+    pub fn set_broken_ring_handler(&self, handler: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_broken_ring.set(Box::new(handler));
     }
 
     /// Forgets the frontend's memory when it goes away, and makes its writes durable.
@@ -122,8 +134,13 @@ impl BlockBackend {
                 ) {
                     Ok(notify) => notify,
                     Err(e) => {
-                        // A broken ring: stop serving it rather than poll it for ever.
-                        tracing::error!("{e}");
+                        // A broken ring: stop serving it rather than poll it for ever, and
+                        // end the connection; what was written so far is flushed when the
+                        // daemon sees the disconnect.
+                        tracing::error!("{e}: disconnecting the frontend");
+                        if let Some(disconnect) = self.on_broken_ring.get() {
+                            disconnect();
+                        }
                         return;
                     }
                 };

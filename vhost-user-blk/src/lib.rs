@@ -185,6 +185,14 @@ impl BlkDaemon {
             config.socket.display()
         );
         let stop = Arc::new(StopSignal::new()?);
+        let cut = Arc::downgrade(&stop);
+        backend.set_broken_ring_handler(move || {
+            if let Some(stop) = cut.upgrade() {
+                if let Some(connection) = stop.connection.lock().as_ref() {
+                    connection.shutdown();
+                }
+            }
+        });
         let machine = Arc::new(DaemonMachine {
             socket: config.socket.clone(),
             num_queues: config.num_queues,

@@ -438,3 +438,34 @@ fn shutdown_ends_the_wait_for_a_frontend_even_without_the_socket_file() {
     std::fs::remove_file(fixture.socket()).unwrap();
     fixture.stop();
 }
+
+/// Issue 13, finding 11: a frontend that publishes an avail index more than the queue size
+/// ahead used to leave the worker spinning on the ring for ever, so new frontends timed out
+/// and shutdown never finished. Now the connection is cut, and the next frontend is served.
+#[test]
+fn an_avail_index_far_ahead_disconnects_the_frontend() {
+    let fixture = Fixture::start(1);
+    let memory = SharedMemory::new();
+    let mut frontend = connect(&fixture.socket());
+    frontend
+        .set_mem_table(&[memory.region(MEMORY as u64)])
+        .unwrap();
+    let (kick, _call) = setup_queue(&mut frontend, memory.base as u64).unwrap();
+    memory.write(AVAIL + 2, &(QUEUE_SIZE + 5).to_le_bytes());
+    kick.write(1).unwrap();
+    // The daemon ends the session: the next message finds the socket closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while frontend.get_features().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon kept serving a frontend whose ring is broken"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(frontend);
+    // A well-behaved frontend is served afterwards.
+    let mut frontend = connect(&fixture.socket());
+    assert_eq!(frontend.get_queue_num().unwrap(), 1);
+    drop(frontend);
+    fixture.stop();
+}
