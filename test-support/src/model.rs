@@ -41,7 +41,9 @@ impl Model {
     /// The map, even after a writer thread panicked while holding it (its panic is reported
     /// by [`Writers::stop`]).
     fn gens(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
-        self.gens.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.gens
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

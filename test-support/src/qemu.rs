@@ -29,6 +29,30 @@ pub fn describe<S: AsRef<OsStr>>(program: &str, args: &[S], out: &Output) -> Str
     )
 }
 
+/// Runs `program args` in `dir` (tests that compare outputs use relative file names),
+/// returning its output whatever the exit status.
+pub fn run_in(dir: &Path, program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// [`run_in`] a command that must succeed; returns its stdout.
+pub fn ok_in(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = run_in(dir, program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
+        dir.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs qemu-img and panics unless it succeeds; returns its stdout.
 pub fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> String {
     let out = run("qemu-img", args);
@@ -244,9 +268,9 @@ pub fn qemu_chain(path: &Path) -> Vec<PathBuf> {
         .unwrap_or_else(|| panic!("qemu-img info {}: not an array", path.display()))
         .iter()
         .map(|layer| {
-            let name = layer["filename"]
-                .as_str()
-                .unwrap_or_else(|| panic!("qemu-img info {}: a layer without filename", path.display()));
+            let name = layer["filename"].as_str().unwrap_or_else(|| {
+                panic!("qemu-img info {}: a layer without filename", path.display())
+            });
             std::fs::canonicalize(name).unwrap_or_else(|_| PathBuf::from(name))
         })
         .collect()
