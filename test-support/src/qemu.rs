@@ -147,7 +147,7 @@ fn json_u64(output: &str, key: &str) -> u64 {
 
 /// The `qemu-img check` arguments for `path`; `-U` because a live test may still hold the
 /// image open.
-fn check_args<'a>(path: &'a Path, json: bool) -> Vec<&'a OsStr> {
+fn check_args(path: &Path, json: bool) -> Vec<&OsStr> {
     let mut args: Vec<&OsStr> = vec!["check".as_ref(), "-U".as_ref()];
     if json {
         args.push("--output=json".as_ref());
