@@ -38,9 +38,10 @@ impl Need {
     }
 }
 
-/// `test` cannot run because of `reason`: panics when `need` is required, otherwise prints
-/// `skipped: TEST: REASON` on stderr. Always returns false, so a test can
-/// `return skip(...)`-style bail out from a probe.
+/// `test` cannot run because of `reason`: panics (at the caller) when `need` is required,
+/// otherwise prints `skipped: TEST: REASON` on stderr. Always returns false, so a probe can
+/// end with `|| skip(...)`.
+#[track_caller]
 pub fn skip(need: Need, test: &str, reason: impl Display) -> bool {
     if need.required() {
         panic!("{test}: {}=1 but {reason}", need.variable());
@@ -64,6 +65,7 @@ pub fn qemu_available() -> bool {
 }
 
 /// Whether `test` can use qemu-img and qemu-io; otherwise [`skip`]s it under [`Need::Qemu`].
+#[track_caller]
 pub fn have_qemu(test: &str) -> bool {
     qemu_available()
         || skip(
@@ -74,6 +76,7 @@ pub fn have_qemu(test: &str) -> bool {
 }
 
 /// Whether `test` can use `iasl`; otherwise [`skip`]s it under [`Need::Iasl`].
+#[track_caller]
 pub fn have_iasl(test: &str) -> bool {
     // Only whether it starts: the exit status of `iasl -v` is not relied on.
     Command::new("iasl").arg("-v").output().is_ok()
@@ -87,6 +90,7 @@ pub fn have_iasl(test: &str) -> bool {
 /// Whether `test` can use KVM; otherwise [`skip`]s it under [`Need::Kvm`], saying why KVM is
 /// unusable.
 #[cfg(feature = "vm")]
+#[track_caller]
 pub fn have_kvm(test: &str) -> bool {
     match vmm::check_kvm() {
         Ok(()) => true,
