@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use test_support::require::have_kvm;
 use vmm::config::{BootSource, VmConfig, Workload};
 use vmm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm::{CheckpointOptions, Vmm};
@@ -66,18 +67,8 @@ fn dirty_all(vmm: &Vmm) {
     }
 }
 
-fn kvm_ok() -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            eprintln!("checkpoint benches skipped: KVM unusable: {reason}");
-            false
-        }
-    }
-}
-
 fn save(c: &mut Criterion) {
-    if !kvm_ok() {
+    if !have_kvm("checkpoint benches") {
         return;
     }
     let mut group = c.benchmark_group("save");
@@ -142,7 +133,7 @@ fn plain_write(path: &Path, bytes: &[u8]) {
 }
 
 fn live_pause(c: &mut Criterion) {
-    if !kvm_ok() {
+    if !have_kvm("checkpoint benches") {
         return;
     }
     let mut group = c.benchmark_group("live_pause");
@@ -190,7 +181,7 @@ fn live_pause(c: &mut Criterion) {
 }
 
 fn restore_and_revert(c: &mut Criterion) {
-    if !kvm_ok() {
+    if !have_kvm("checkpoint benches") {
         return;
     }
     let dir = bench_dir();

@@ -15,7 +15,6 @@
 //! `SNAPVMM_BENCH_JOB_MIB` changes the 128 MiB. qemu-img is skipped if not installed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,28 +24,13 @@ use snapshot::commit::{commit, CommitOptions};
 use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
 use snapshot::stream::{stream, StreamOptions};
 use snapshot::JobStatus;
-use storage::qcow2::{create, CreateOptions};
-use storage::{BlockDevice, ImageFormat, LiveDisk, OpenOptions};
+use storage::{ImageFormat, LiveDisk};
+use test_support::image::{open_rw, qcow2};
+use test_support::qemu::ok_in;
+use test_support::require::have_qemu;
 
 const GIB: u64 = 1 << 30;
 const SWITCHES_PER_CHAIN: u32 = 32;
-
-fn image(path: &Path, size: u64, backing: Option<&str>) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(size),
-            backing_file: backing.map(str::to_string),
-            backing_format: backing.map(|_| ImageFormat::Qcow2),
-            ..CreateOptions::default()
-        },
-    )
-    .expect("create image");
-}
-
-fn open(path: &Path) -> Arc<dyn BlockDevice> {
-    storage::open(path, &OpenOptions::default()).expect("open image")
-}
 
 /// Disks under a 4 KiB random-write load from two threads, rebuilt on demand.
 struct Rig {
@@ -89,8 +73,8 @@ impl Rig {
                     .dir
                     .path()
                     .join(format!("d{i}.g{}.qcow2", self.generation));
-                image(&path, size, None);
-                LiveDisk::new(format!("vd{i}"), open(&path))
+                qcow2(&path, size, None);
+                LiveDisk::new(format!("vd{i}"), open_rw(&path))
             })
             .collect();
         self.stop = Arc::new(AtomicBool::new(false));
@@ -208,8 +192,8 @@ impl Template {
         let bytes = mib << 20;
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data.qcow2");
-        image(&data, bytes, None);
-        let dev = open(&data);
+        qcow2(&data, bytes, None);
+        let dev = open_rw(&data);
         let mut chunk = vec![0u8; 1 << 20];
         for (i, b) in chunk.iter_mut().enumerate() {
             *b = (i % 251) as u8 | 1;
@@ -219,7 +203,11 @@ impl Template {
         }
         dev.flush().expect("flush");
         drop(dev);
-        image(&dir.path().join("empty.qcow2"), bytes, Some("data.qcow2"));
+        qcow2(
+            &dir.path().join("empty.qcow2"),
+            bytes,
+            Some(Path::new("data.qcow2")),
+        );
         Template { dir, bytes }
     }
 
@@ -239,7 +227,7 @@ impl Template {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().join("base.qcow2");
         let top = dir.path().join("top.qcow2");
-        image(&base, self.bytes, None);
+        qcow2(&base, self.bytes, None);
         std::fs::copy(self.dir.path().join("data.qcow2"), &top).expect("copy");
         // Point the data layer at the empty base (header only: both read the same).
         snapshot::offline::rebase(
@@ -254,29 +242,9 @@ impl Template {
     }
 }
 
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("qemu-img not installed: skipping the qemu-img side of the job benches");
-    }
-    ok
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    let status = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .expect("run qemu-img");
-    assert!(status.success(), "qemu-img {args:?} failed");
-}
-
 fn jobs(c: &mut Criterion) {
     let template = Template::new();
-    let qemu = have_qemu();
+    let qemu = have_qemu("the qemu-img side of the job benches");
 
     let mut group = c.benchmark_group("stream");
     group.sample_size(10);
@@ -287,7 +255,7 @@ fn jobs(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let (_dir, _data, empty) = template.copy();
-                let live = LiveDisk::new("vda", open(&empty));
+                let live = LiveDisk::new("vda", open_rw(&empty));
                 let start = Instant::now();
                 stream(&live, StreamOptions::default())
                     .expect("stream")
@@ -305,7 +273,11 @@ fn jobs(c: &mut Criterion) {
                 for _ in 0..iters {
                     let (dir, _data, _empty) = template.copy();
                     let start = Instant::now();
-                    qemu_img(dir.path(), &["rebase", "-q", "-b", "", "empty.qcow2"]);
+                    ok_in(
+                        dir.path(),
+                        "qemu-img",
+                        &["rebase", "-q", "-b", "", "empty.qcow2"],
+                    );
                     total += start.elapsed();
                 }
                 total
@@ -323,7 +295,7 @@ fn jobs(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let (_dir, _base, top) = template.copy_as_top();
-                let live = LiveDisk::new("vda", open(&top));
+                let live = LiveDisk::new("vda", open_rw(&top));
                 let start = Instant::now();
                 let job = commit(&live, CommitOptions::default()).expect("commit");
                 assert!(job.wait_for(Duration::from_secs(600), |s| s == JobStatus::Ready));
@@ -353,7 +325,7 @@ fn jobs(c: &mut Criterion) {
                 for _ in 0..iters {
                     let (dir, _base, _top) = template.copy_as_top();
                     let start = Instant::now();
-                    qemu_img(dir.path(), &["commit", "-q", "-d", "top.qcow2"]);
+                    ok_in(dir.path(), "qemu-img", &["commit", "-q", "-d", "top.qcow2"]);
                     total += start.elapsed();
                 }
                 total

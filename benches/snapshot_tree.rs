@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use snapshot::tree::{DeleteOptions, SnapshotTree, TakeOptions};
-use storage::qcow2::{create, CreateOptions};
-use storage::{LiveDisk, OpenOptions};
+use storage::LiveDisk;
+use test_support::image::{open_rw, qcow2};
 
 const GIB: u64 = 1 << 30;
 
@@ -33,18 +33,8 @@ fn data_mib() -> u64 {
 /// A tree over one fresh disk in `dir` whose active image holds `mib` MiB of data.
 fn setup(dir: &Path, mib: u64) -> (Arc<LiveDisk>, SnapshotTree) {
     let path = dir.join("vda.qcow2");
-    create(
-        &path,
-        &CreateOptions {
-            size: Some(GIB),
-            ..Default::default()
-        },
-    )
-    .expect("create");
-    let disk = LiveDisk::new(
-        "vda",
-        storage::open(&path, &OpenOptions::default()).expect("open"),
-    );
+    qcow2(&path, GIB, None);
+    let disk = LiveDisk::new("vda", open_rw(&path));
     fill(&disk, mib);
     let tree =
         SnapshotTree::open(dir.join("snapshots.json"), vec![disk.clone()], None).expect("tree");

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use storage::qcow2::{self, CreateOptions};
 use storage::raw::RawImage;
 use storage::{BlockDevice, ImageFormat, OpenOptions};
+use test_support::image::snapvmm_create;
 
 const CLUSTER_SIZE: u64 = 64 << 10;
 const SMALL: usize = 4 << 10;
@@ -107,15 +107,7 @@ impl Fixture {
         let raw_path = dir.path().join("disk.raw");
         RawImage::create(&raw_path, size).expect("create raw");
         let base_path = dir.path().join("base.qcow2");
-        qcow2::create(
-            &base_path,
-            &CreateOptions {
-                size: Some(size),
-                cluster_size: CLUSTER_SIZE,
-                ..CreateOptions::default()
-            },
-        )
-        .expect("create qcow2");
+        snapvmm_create(&base_path, Some(size), CLUSTER_SIZE, 3, 16, None);
         let raw = open(&raw_path, ImageFormat::Raw, false);
         let qcow2 = open(&base_path, ImageFormat::Qcow2, false);
         fill(&*raw);
@@ -147,17 +139,15 @@ impl Fixture {
 }
 
 fn create_overlay(path: &Path, backing: &Path) {
-    qcow2::create(
+    let backing = backing.to_string_lossy();
+    snapvmm_create(
         path,
-        &CreateOptions {
-            size: None,
-            cluster_size: CLUSTER_SIZE,
-            backing_file: Some(backing.to_string_lossy().into_owned()),
-            backing_format: Some(ImageFormat::Qcow2),
-            ..CreateOptions::default()
-        },
-    )
-    .expect("create overlay");
+        None,
+        CLUSTER_SIZE,
+        3,
+        16,
+        Some((&backing, ImageFormat::Qcow2)),
+    );
 }
 
 fn read_4k_random(c: &mut Criterion, fx: &Fixture) {

@@ -38,7 +38,8 @@ use snapshot::commit::{commit, CommitOptions};
 use snapshot::live_snapshot::{external_snapshot_with, DiskOverlay};
 use snapshot::JobStatus;
 use storage::qcow2::{create, CreateOptions};
-use storage::OpenOptions;
+use test_support::image::{open_rw, qcow2};
+use test_support::require::have_kvm;
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
 use vmm::console::{Console, SerialLine};
 use vmm::Vmm;
@@ -47,17 +48,6 @@ use vmm::Vmm;
 const DISK_SIZE: u64 = 16 << 20;
 /// How long the guest may stay silent before a benchmark gives up.
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Whether KVM is usable; says why not otherwise.
-fn kvm(bench: &str) -> bool {
-    match vmm::check_kvm() {
-        Ok(()) => true,
-        Err(reason) => {
-            eprintln!("skipping {bench}: KVM unusable: {reason}");
-            false
-        }
-    }
-}
 
 /// The host's TSC ticks per second, against `Instant` over 200 ms.
 fn tsc_hz() -> f64 {
@@ -77,15 +67,8 @@ fn ticks(ticks: u64, hz: f64) -> Duration {
 /// A qcow2 disk of [`DISK_SIZE`] with every cluster allocated (so the benchmarks measure
 /// requests, not cluster allocation).
 fn filled_disk(path: &Path) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(DISK_SIZE),
-            ..Default::default()
-        },
-    )
-    .expect("create disk");
-    let disk = storage::open(path, &OpenOptions::default()).expect("open disk");
+    qcow2(path, DISK_SIZE, None);
+    let disk = open_rw(path);
     let data = vec![0xa5u8; 1 << 20];
     for offset in (0..DISK_SIZE).step_by(data.len()) {
         disk.write_at(&data, offset).expect("fill disk");
@@ -112,7 +95,7 @@ impl Write for FirstByte {
 }
 
 fn vm_start(c: &mut Criterion) {
-    if !kvm("vm_start") {
+    if !have_kvm("vm_start") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -247,7 +230,7 @@ impl Drop for BenchVm {
 
 /// The host's TSC rate and a running `io-bench` guest, or `None` (said why) without KVM.
 fn io_bench(bench: &str) -> Option<(f64, BenchVm)> {
-    kvm(bench).then(|| (tsc_hz(), BenchVm::start()))
+    have_kvm(bench).then(|| (tsc_hz(), BenchVm::start()))
 }
 
 fn guest_io(c: &mut Criterion) {

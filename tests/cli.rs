@@ -6,91 +6,39 @@
 //! them to fail instead (CI machines with QEMU installed set it).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use test_support::qemu::{ok_in, qemu_img_major, run_in};
+use test_support::require::have_qemu;
 
 const SNAPVMM: &str = env!("CARGO_BIN_EXE_snapvmm");
-
-/// Whether qemu-img and qemu-io can run here; explains a skip on stderr.
-fn have_qemu(test: &str) -> bool {
-    let works = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if works("qemu-img") && works("qemu-io") {
-        return true;
-    }
-    if std::env::var("SNAPVMM_REQUIRE_QEMU").as_deref() == Ok("1") {
-        panic!("{test}: qemu-img/qemu-io not found and SNAPVMM_REQUIRE_QEMU=1");
-    }
-    eprintln!(
-        "skipping {test}: qemu-img and qemu-io are not installed (apt-get install qemu-utils)"
-    );
-    false
-}
-
-/// Runs `program args` in `dir`.
-fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Runs a command that must succeed and returns its stdout.
-fn ok(dir: &Path, program: &str, args: &[&str]) -> String {
-    let out = run(dir, program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 fn snapvmm(dir: &Path, args: &[&str]) -> String {
     let mut all = vec!["img"];
     all.extend_from_slice(args);
-    ok(dir, SNAPVMM, &all)
+    ok_in(dir, SNAPVMM, &all)
 }
 
 fn snapvmm_raw(dir: &Path, args: &[&str]) -> Output {
     let mut all = vec!["img"];
     all.extend_from_slice(args);
-    run(dir, SNAPVMM, &all)
+    run_in(dir, SNAPVMM, &all)
 }
 
 /// Both tools' stdout for the same verb and arguments (`qemu-img VERB ...` against
 /// `snapvmm img VERB ...`).
 fn both(dir: &Path, args: &[&str]) -> (String, String) {
-    (ok(dir, "qemu-img", args), snapvmm(dir, args))
+    (ok_in(dir, "qemu-img", args), snapvmm(dir, args))
 }
 
 /// Asserts that the two tools print the same thing.
 fn assert_same(dir: &Path, args: &[&str]) {
     let (qemu, ours) = both(dir, args);
     assert_output_matches(&qemu, &ours, &format!("snapvmm img {args:?}"));
-}
-
-/// qemu-img's major version (Debian 12 ships 7.2; this project's machines 10.0).
-fn qemu_major() -> u32 {
-    let out = Command::new("qemu-img").arg("--version").output();
-    let version = out.map(|o| text(&o.stdout)).unwrap_or_default();
-    version
-        .split_whitespace()
-        .nth(2)
-        .and_then(|v| v.split('.').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Keys newer qemu-img versions print and older ones do not: `children` (info, 8.0) and
@@ -139,7 +87,7 @@ fn drop_child_nodes(human: &str) -> String {
 /// Byte-for-byte equality against qemu-img 10 (what snapvmm imitates); against an older
 /// qemu-img, equality once the fields it predates are set aside.
 fn assert_output_matches(qemu: &str, ours: &str, what: &str) {
-    if qemu == ours || qemu_major() >= 10 {
+    if qemu == ours || qemu_img_major() >= 10 {
         assert_eq!(ours, qemu, "{what} differs from qemu-img");
         return;
     }
@@ -150,13 +98,13 @@ fn assert_output_matches(qemu: &str, ours: &str, what: &str) {
     match (json(qemu), json(ours)) {
         (Some(q), Some(mut o)) => {
             drop_newer_keys(&q, &mut o);
-            assert_eq!(o, q, "{what} differs from qemu-img {}", qemu_major());
+            assert_eq!(o, q, "{what} differs from qemu-img {}", qemu_img_major());
         }
         _ => assert_eq!(
             drop_child_nodes(ours),
             drop_child_nodes(qemu),
             "{what} differs from qemu-img {}",
-            qemu_major()
+            qemu_img_major()
         ),
     }
 }
@@ -177,12 +125,12 @@ fn without_timing(output: &str) -> Vec<String> {
 /// A two-layer chain with data, zero clusters and holes in both layers, written by qemu-io:
 /// base.qcow2 (4 MiB) ← top.qcow2.
 fn qemu_chain(dir: &Path) {
-    ok(
+    ok_in(
         dir,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
     );
-    ok(
+    ok_in(
         dir,
         "qemu-io",
         &[
@@ -197,7 +145,7 @@ fn qemu_chain(dir: &Path) {
             "base.qcow2",
         ],
     );
-    ok(
+    ok_in(
         dir,
         "qemu-img",
         &[
@@ -212,7 +160,7 @@ fn qemu_chain(dir: &Path) {
             "top.qcow2",
         ],
     );
-    ok(
+    ok_in(
         dir,
         "qemu-io",
         &[
@@ -258,12 +206,12 @@ fn created_images_agree_with_qemu_img() {
         // The same "Formatting ..." line as qemu-img, which runs second so the file it
         // leaves is compared against what snapvmm wrote before.
         let ours_info = snapvmm(d, &["info", "--output", "json", file]);
-        let qemu_info = ok(d, "qemu-img", &["info", "--output", "json", file]);
+        let qemu_info = ok_in(d, "qemu-img", &["info", "--output", "json", file]);
         assert_output_matches(&qemu_info, &ours_info, &format!("info of {file}"));
         if file.ends_with(".qcow2") {
-            ok(d, "qemu-img", &["check", file]);
+            ok_in(d, "qemu-img", &["check", file]);
         }
-        let qemu_line = ok(d, "qemu-img", &create);
+        let qemu_line = ok_in(d, "qemu-img", &create);
         assert_eq!(line, qemu_line, "Formatting line for {args:?}");
     }
 
@@ -274,13 +222,16 @@ fn created_images_agree_with_qemu_img() {
             "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "o.qcow2",
         ],
     );
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(d, "qemu-img", &["info", "--output", "json", "o.qcow2"]))
-            .expect("qemu-img info JSON");
+    let info: serde_json::Value = serde_json::from_str(&ok_in(
+        d,
+        "qemu-img",
+        &["info", "--output", "json", "o.qcow2"],
+    ))
+    .expect("qemu-img info JSON");
     assert_eq!(info["virtual-size"], 1u64 << 30);
     assert_eq!(info["backing-filename"], "a.qcow2");
     assert_eq!(info["backing-filename-format"], "qcow2");
-    ok(d, "qemu-img", &["check", "o.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "o.qcow2"]);
     assert_same(d, &["info", "--backing-chain", "o.qcow2"]);
     assert_same(
         d,
@@ -296,8 +247,8 @@ fn info_matches_qemu_img_on_qemu_images() {
     let dir = tempdir();
     let d = dir.path();
     qemu_chain(d);
-    ok(d, "qemu-img", &["snapshot", "-c", "first", "base.qcow2"]);
-    ok(
+    ok_in(d, "qemu-img", &["snapshot", "-c", "first", "base.qcow2"]);
+    ok_in(
         d,
         "qemu-img",
         &["snapshot", "-c", "second one", "base.qcow2"],
@@ -369,7 +320,7 @@ fn snapvmm_writes_are_read_back_by_qemu_io() {
             "top.qcow2",
         ],
     );
-    let read = ok(
+    let read = ok_in(
         d,
         "qemu-io",
         &[
@@ -394,8 +345,8 @@ fn snapvmm_writes_are_read_back_by_qemu_io() {
         ],
     );
     assert!(!read.contains("Pattern verification failed"), "{read}");
-    ok(d, "qemu-img", &["check", "base.qcow2"]);
-    ok(d, "qemu-img", &["check", "top.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "base.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "top.qcow2"]);
 }
 
 #[test]
@@ -440,7 +391,7 @@ fn qemu_io_writes_are_read_back_by_snapvmm() {
     );
     assert!(text(&bad.stderr).contains("first mismatch at offset 1048576"));
     // qemu-io agrees on both.
-    let qemu_bad = run(
+    let qemu_bad = run_in(
         d,
         "qemu-io",
         &["-r", "-c", "read -P 0x11 1M 64k", "top.qcow2"],
@@ -460,8 +411,8 @@ fn map_matches_qemu_img() {
     let d = dir.path();
     qemu_chain(d);
     // A raw image with holes under a larger qcow2 overlay.
-    ok(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "4M"]);
-    ok(
+    ok_in(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "4M"]);
+    ok_in(
         d,
         "qemu-io",
         &[
@@ -474,15 +425,15 @@ fn map_matches_qemu_img() {
             "r.raw",
         ],
     );
-    ok(
+    ok_in(
         d,
         "qemu-img",
         &[
             "create", "-q", "-f", "qcow2", "-b", "r.raw", "-F", "raw", "rt.qcow2", "8M",
         ],
     );
-    ok(d, "qemu-io", &["-c", "write -P 3 0 64k", "rt.qcow2"]);
-    ok(
+    ok_in(d, "qemu-io", &["-c", "write -P 3 0 64k", "rt.qcow2"]);
+    ok_in(
         d,
         "qemu-img",
         &["create", "-q", "-f", "raw", "empty.raw", "0"],
@@ -574,7 +525,7 @@ fn check_exit_codes_and_repair_match_qemu_img() {
     leak_a_cluster(&d.join("leak.qcow2"));
     for output in ["human", "json"] {
         let ours = snapvmm_raw(d, &["check", "--output", output, "leak.qcow2"]);
-        let qemu = run(d, "qemu-img", &["check", "--output", output, "leak.qcow2"]);
+        let qemu = run_in(d, "qemu-img", &["check", "--output", output, "leak.qcow2"]);
         assert_eq!(ours.status.code(), Some(3));
         assert_eq!(qemu.status.code(), Some(3));
         assert_output_matches(
@@ -585,7 +536,7 @@ fn check_exit_codes_and_repair_match_qemu_img() {
     }
     std::fs::copy(d.join("leak.qcow2"), d.join("leak2.qcow2")).unwrap();
     let repaired = snapvmm_raw(d, &["check", "-r", "leaks", "leak.qcow2"]);
-    let qemu_repaired = run(d, "qemu-img", &["check", "-r", "leaks", "leak2.qcow2"]);
+    let qemu_repaired = run_in(d, "qemu-img", &["check", "-r", "leaks", "leak2.qcow2"]);
     assert_eq!(
         repaired.status.code(),
         Some(0),
@@ -596,24 +547,24 @@ fn check_exit_codes_and_repair_match_qemu_img() {
     assert_eq!(text(&repaired.stdout), text(&qemu_repaired.stdout));
     assert!(text(&repaired.stdout).contains("1 leaked clusters\n"));
     assert_eq!(code(&["check", "leak.qcow2"]), Some(0));
-    ok(d, "qemu-img", &["check", "leak.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "leak.qcow2"]);
 
     // Corruption (a referenced data cluster with refcount 0): exit 2 until -r all.
     std::fs::copy(d.join("base.qcow2"), d.join("bad.qcow2")).unwrap();
     corrupt_a_refcount(&d.join("bad.qcow2"), 5);
     let ours = snapvmm_raw(d, &["check", "bad.qcow2"]);
-    let qemu = run(d, "qemu-img", &["check", "bad.qcow2"]);
+    let qemu = run_in(d, "qemu-img", &["check", "bad.qcow2"]);
     assert_eq!(ours.status.code(), Some(2));
     assert_eq!(qemu.status.code(), Some(2));
     assert_eq!(text(&ours.stdout), text(&qemu.stdout));
     assert_eq!(code(&["check", "-r", "all", "bad.qcow2"]), Some(0));
-    ok(d, "qemu-img", &["check", "bad.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "bad.qcow2"]);
 
     // Raw images have no checks: qemu-img's exit code 63.
-    ok(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    ok_in(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     assert_eq!(code(&["check", "r.raw"]), Some(63));
     assert_eq!(
-        run(d, "qemu-img", &["check", "r.raw"]).status.code(),
+        run_in(d, "qemu-img", &["check", "r.raw"]).status.code(),
         Some(63)
     );
 }
@@ -645,14 +596,14 @@ fn convert_flattens_a_chain() {
         ("flat.raw", "raw"),
         ("small.qcow2", "qcow2"),
     ] {
-        let cmp = ok(
+        let cmp = ok_in(
             d,
             "qemu-img",
             &["compare", "-f", "qcow2", "-F", format, "top.qcow2", file],
         );
         assert!(cmp.contains("Images are identical."), "{file}: {cmp}");
         let info: serde_json::Value =
-            serde_json::from_str(&ok(d, "qemu-img", &["info", "--output", "json", file]))
+            serde_json::from_str(&ok_in(d, "qemu-img", &["info", "--output", "json", file]))
                 .expect("qemu-img info JSON");
         assert!(
             info.get("backing-filename").is_none(),
@@ -660,12 +611,12 @@ fn convert_flattens_a_chain() {
         );
         assert_eq!(info["virtual-size"], 4u64 << 20);
         if format == "qcow2" {
-            ok(d, "qemu-img", &["check", file]);
+            ok_in(d, "qemu-img", &["check", file]);
         }
     }
     // Zero and unallocated ranges are not written: the qcow2 output is as compact as
     // qemu-img convert's.
-    ok(
+    ok_in(
         d,
         "qemu-img",
         &["convert", "-O", "qcow2", "top.qcow2", "qemu.qcow2"],
@@ -677,7 +628,7 @@ fn convert_flattens_a_chain() {
     // Refuses to overwrite its own source.
     let out = snapvmm_raw(d, &["convert", "-O", "qcow2", "top.qcow2", "base.qcow2"]);
     assert_eq!(out.status.code(), Some(1));
-    ok(d, "qemu-img", &["check", "base.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "base.qcow2"]);
 }
 
 #[test]
@@ -712,9 +663,9 @@ fn bench_writes_what_it_says() {
     );
     assert_eq!(lines[1], "Sending flush every 50 requests");
     assert!(lines[2].starts_with("Run completed in ") && lines[2].ends_with(" seconds."));
-    let read = ok(d, "qemu-io", &["-r", "-c", "read -P 0xab 0 1M", "b.qcow2"]);
+    let read = ok_in(d, "qemu-io", &["-r", "-c", "read -P 0xab 0 1M", "b.qcow2"]);
     assert!(!read.contains("Pattern verification failed"), "{read}");
-    ok(d, "qemu-img", &["check", "b.qcow2"]);
+    ok_in(d, "qemu-img", &["check", "b.qcow2"]);
     // Reads with O_DIRECT and a spreading step.
     let out = snapvmm(
         d,

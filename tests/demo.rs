@@ -4,13 +4,18 @@
 //! Needs a usable /dev/kvm: without one the KVM tests print why and pass, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes them fail.
 
-mod vmm_util;
-
+use std::process::Command;
 use std::time::Duration;
 
-use vmm_util::{assert_success, kvm_or_skip, run_with_timeout, snapvmm};
+use test_support::require::have_kvm;
+use test_support::vm::{assert_success, run_with_timeout};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A command running the `snapvmm` binary under test.
+fn snapvmm() -> Command {
+    test_support::snapvmm_binary!().command()
+}
 
 /// The steps, in order, as the table names them.
 const STEPS: [&str; 10] = [
@@ -28,7 +33,7 @@ const STEPS: [&str; 10] = [
 
 #[test]
 fn demo_prints_every_step_and_succeeds() {
-    if !kvm_or_skip("demo_prints_every_step_and_succeeds") {
+    if !have_kvm("demo_prints_every_step_and_succeeds") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -88,7 +93,7 @@ fn demo_prints_every_step_and_succeeds() {
 
 #[test]
 fn demo_json_report() {
-    if !kvm_or_skip("demo_json_report") {
+    if !have_kvm("demo_json_report") {
         return;
     }
     let mut command = snapvmm();

@@ -4,38 +4,24 @@
 //! snapvmm on the other, and compares what the images read as (`qemu-img compare`), their
 //! backing chains, and `qemu-img check`.
 
-mod live_util;
-
 use std::path::Path;
 use std::process::Command;
 
-const SNAPVMM: &str = env!("CARGO_BIN_EXE_snapvmm");
+use test_support::qemu::{assert_check_clean, ok_in};
+use test_support::require::have_qemu;
 
-fn run(dir: &Path, program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+const SNAPVMM: &str = env!("CARGO_BIN_EXE_snapvmm");
 
 /// base (64 KiB clusters) <- mid (16 KiB) <- top, with overlapping data, zero writes and a
 /// sub-cluster write in each, under `dir`; then the same files copied to `dir/q/`.
 fn chain(dir: &Path) -> std::path::PathBuf {
-    let io = |file: &str, cmd: &str| run(dir, "qemu-io", &["-f", "qcow2", "-c", cmd, file]);
-    run(
+    let io = |file: &str, cmd: &str| ok_in(dir, "qemu-io", &["-f", "qcow2", "-c", cmd, file]);
+    ok_in(
         dir,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
     );
-    run(
+    ok_in(
         dir,
         "qemu-img",
         &[
@@ -52,7 +38,7 @@ fn chain(dir: &Path) -> std::path::PathBuf {
             "mid.qcow2",
         ],
     );
-    run(
+    ok_in(
         dir,
         "qemu-img",
         &[
@@ -98,7 +84,7 @@ fn same_contents(a: &Path, b: &Path) {
 }
 
 fn backing_of(path: &Path) -> Option<String> {
-    let out = run(
+    let out = ok_in(
         path.parent().unwrap(),
         "qemu-img",
         &["info", "-U", "--output=json", path.to_str().unwrap()],
@@ -109,7 +95,7 @@ fn backing_of(path: &Path) -> Option<String> {
 
 /// Whether `top` holds any data itself (qemu-img map depth 0).
 fn holds_data(top: &Path) -> bool {
-    let out = run(
+    let out = ok_in(
         top.parent().unwrap(),
         "qemu-img",
         &["map", "-U", "--output=json", top.to_str().unwrap()],
@@ -123,18 +109,18 @@ fn holds_data(top: &Path) -> bool {
 
 #[test]
 fn img_commit_matches_qemu_img_and_empties_the_top() {
-    if !live_util::have_qemu("img_commit") {
+    if !have_qemu("img_commit") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let q = chain(d);
-    let out = run(d, SNAPVMM, &["img", "commit", "-p", "top.qcow2"]);
+    let out = ok_in(d, SNAPVMM, &["img", "commit", "-p", "top.qcow2"]);
     assert!(out.contains("Image committed."), "{out}");
-    run(&q, "qemu-img", &["commit", "-q", "top.qcow2"]);
+    ok_in(&q, "qemu-img", &["commit", "-q", "top.qcow2"]);
     for f in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
         same_contents(&d.join(f), &q.join(f));
-        live_util::assert_qemu_check_clean(&d.join(f));
+        assert_check_clean(&d.join(f));
     }
     assert!(!holds_data(&d.join("top.qcow2")), "top was not emptied");
     assert_eq!(
@@ -145,18 +131,18 @@ fn img_commit_matches_qemu_img_and_empties_the_top() {
 
 #[test]
 fn img_commit_with_base_matches_qemu_img() {
-    if !live_util::have_qemu("img_commit_base") {
+    if !have_qemu("img_commit_base") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let q = chain(d);
-    run(
+    ok_in(
         d,
         SNAPVMM,
         &["img", "commit", "-q", "-b", "base.qcow2", "top.qcow2"],
     );
-    run(
+    ok_in(
         &q,
         "qemu-img",
         &["commit", "-q", "-b", "base.qcow2", "top.qcow2"],
@@ -165,19 +151,19 @@ fn img_commit_with_base_matches_qemu_img() {
     same_contents(&d.join("base.qcow2"), &q.join("base.qcow2"));
     same_contents(&d.join("top.qcow2"), &q.join("base.qcow2"));
     assert!(holds_data(&d.join("top.qcow2")));
-    live_util::assert_qemu_check_clean(&d.join("base.qcow2"));
+    assert_check_clean(&d.join("base.qcow2"));
 }
 
 #[test]
 fn img_rebase_safe_standalone_and_onto_base_keep_contents() {
-    if !live_util::have_qemu("img_rebase") {
+    if !have_qemu("img_rebase") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let q = chain(d);
     // Onto base, skipping mid: what mid held is copied into top.
-    run(
+    ok_in(
         d,
         SNAPVMM,
         &[
@@ -196,24 +182,24 @@ fn img_rebase_safe_standalone_and_onto_base_keep_contents() {
         backing_of(&d.join("top.qcow2")).as_deref(),
         Some("base.qcow2")
     );
-    live_util::assert_qemu_check_clean(&d.join("top.qcow2"));
+    assert_check_clean(&d.join("top.qcow2"));
     // Standalone, beside qemu-img doing the same.
-    run(d, SNAPVMM, &["img", "rebase", "-b", "", "top.qcow2"]);
-    run(&q, "qemu-img", &["rebase", "-q", "-b", "", "top.qcow2"]);
+    ok_in(d, SNAPVMM, &["img", "rebase", "-b", "", "top.qcow2"]);
+    ok_in(&q, "qemu-img", &["rebase", "-q", "-b", "", "top.qcow2"]);
     same_contents(&d.join("top.qcow2"), &q.join("top.qcow2"));
     assert_eq!(backing_of(&d.join("top.qcow2")), None);
-    live_util::assert_qemu_check_clean(&d.join("top.qcow2"));
+    assert_check_clean(&d.join("top.qcow2"));
 }
 
 #[test]
 fn img_rebase_unsafe_rewrites_only_the_header() {
-    if !live_util::have_qemu("img_rebase_unsafe") {
+    if !have_qemu("img_rebase_unsafe") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     chain(d);
-    run(
+    ok_in(
         d,
         SNAPVMM,
         &[
@@ -227,7 +213,7 @@ fn img_rebase_unsafe_rewrites_only_the_header() {
             "top.qcow2",
         ],
     );
-    run(
+    ok_in(
         d,
         "qemu-img",
         &[

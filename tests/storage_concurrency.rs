@@ -5,18 +5,16 @@
 //!
 //! Each scenario runs buffered and with `O_DIRECT`, with 4 KiB and 64 KiB clusters, v2 and v3.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use common::{
-    assert_check_clean, assert_same, need_qemu, pattern, qemu_read_all, read_all, snapvmm_create,
-    write_raw,
-};
 use storage::{Allocation, BlockDevice, ImageFormat, OpenOptions};
+use test_support::image::{read_all, snapvmm_create, write_raw};
+use test_support::pattern::{assert_same, pattern};
+use test_support::qemu::{assert_check_clean, qemu_read_all};
+use test_support::require::have_qemu;
 
 const MIB: u64 = 1 << 20;
 const THREADS: usize = 4;
@@ -503,7 +501,7 @@ fn allocate_and_free_race(setup: Setup) {
 
 #[test]
 fn distinct_subranges_of_one_cluster_all_survive() {
-    if !need_qemu("distinct_subranges_of_one_cluster_all_survive") {
+    if !have_qemu("distinct_subranges_of_one_cluster_all_survive") {
         return;
     }
     for setup in BUFFERED {
@@ -513,7 +511,7 @@ fn distinct_subranges_of_one_cluster_all_survive() {
 
 #[test]
 fn distinct_subranges_of_one_cluster_all_survive_direct_io() {
-    if !need_qemu("distinct_subranges_of_one_cluster_all_survive_direct_io") {
+    if !have_qemu("distinct_subranges_of_one_cluster_all_survive_direct_io") {
         return;
     }
     for setup in DIRECT {
@@ -523,7 +521,7 @@ fn distinct_subranges_of_one_cluster_all_survive_direct_io() {
 
 #[test]
 fn overlapping_sector_writes_never_mix() {
-    if !need_qemu("overlapping_sector_writes_never_mix") {
+    if !have_qemu("overlapping_sector_writes_never_mix") {
         return;
     }
     for setup in BUFFERED {
@@ -533,7 +531,7 @@ fn overlapping_sector_writes_never_mix() {
 
 #[test]
 fn overlapping_sector_writes_never_mix_direct_io() {
-    if !need_qemu("overlapping_sector_writes_never_mix_direct_io") {
+    if !have_qemu("overlapping_sector_writes_never_mix_direct_io") {
         return;
     }
     for setup in DIRECT {
@@ -543,7 +541,7 @@ fn overlapping_sector_writes_never_mix_direct_io() {
 
 #[test]
 fn churn_keeps_untouched_data_stable() {
-    if !need_qemu("churn_keeps_untouched_data_stable") {
+    if !have_qemu("churn_keeps_untouched_data_stable") {
         return;
     }
     for setup in BUFFERED.into_iter().chain(DIRECT) {
@@ -553,7 +551,7 @@ fn churn_keeps_untouched_data_stable() {
 
 #[test]
 fn racing_allocations_and_frees() {
-    if !need_qemu("racing_allocations_and_frees") {
+    if !have_qemu("racing_allocations_and_frees") {
         return;
     }
     for setup in BUFFERED.into_iter().chain(DIRECT) {

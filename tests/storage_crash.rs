@@ -18,16 +18,17 @@
 //! also reopened for writing. `SNAPVMM_CRASH_SEED` replays a run; `SNAPVMM_CRASH_TRIALS`
 //! sets the number of trials per configuration.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_check_consistent, need_qemu, pattern, snapvmm_create, write_raw};
 use rand::{Rng, SeedableRng};
 use storage::{ImageFormat, OpenOptions};
+use test_support::image::{snapvmm_create, write_raw};
+use test_support::pattern::pattern;
+use test_support::qemu::assert_check_consistent;
+use test_support::require::have_qemu;
 
 const CHILD_ENV: &str = "SNAPVMM_CRASH_CHILD";
 /// Operations a child performs at most before it stops on its own.
@@ -118,11 +119,11 @@ fn op_at(seed: u64, seq: u64, size: u64, cluster_size: u64) -> (CrashOp, bool) {
     (op, flush)
 }
 
-/// Marks this file's sector tags (see `common::sector_tag`).
+/// Marks this file's sector tags (see `test_support::pattern::sector_tag`).
 const MARKER: u8 = 0xa5;
 
 fn sector_data(seq: u64, sector: u64, count: u64) -> Vec<u8> {
-    common::tagged_sectors(MARKER, seq, sector, count)
+    test_support::pattern::tagged_sectors(MARKER, seq, sector, count)
 }
 
 /// The child: opens the image, performs operations from `first_seq` on, and records the
@@ -198,7 +199,7 @@ fn matches(value: Value, actual: &[u8], lba: u64, old: &[u8], below: &[u8]) -> b
     let at = (lba * SECTOR) as usize;
     match value {
         Value::Old => actual == &old[at..at + SECTOR as usize],
-        Value::Tag(seq) => common::holds_tag(MARKER, seq, lba, actual),
+        Value::Tag(seq) => test_support::pattern::holds_tag(MARKER, seq, lba, actual),
         Value::Zero => actual.iter().all(|&b| b == 0),
         Value::Below => actual == &below[at..at + SECTOR as usize],
     }
@@ -283,7 +284,7 @@ fn read_image(path: &Path) -> Vec<u8> {
     };
     let disk = storage::open(path, &options)
         .unwrap_or_else(|e| panic!("crashed image {} does not open: {e}", path.display()));
-    common::read_all(&*disk)
+    test_support::image::read_all(&*disk)
 }
 
 struct Totals {
@@ -326,7 +327,7 @@ fn run_series(config: Config, trials: u64, seed: u64, totals: &mut Totals) {
                 ImageFormat::Qcow2 => {
                     let base = dir.path().join("base.qcow2");
                     snapvmm_create(&base, Some(size), 65536, 3, 16, None);
-                    let disk = common::open_rw(&base);
+                    let disk = test_support::image::open_rw(&base);
                     disk.write_at(&data, 0).expect("fill base");
                     drop(disk);
                     "base.qcow2"
@@ -455,7 +456,7 @@ fn run_series(config: Config, trials: u64, seed: u64, totals: &mut Totals) {
         next_seq += MAX_OPS_PER_TRIAL;
     }
     // The image left by the last crash takes further writes and closes clean of errors.
-    let disk = common::open_rw(&image);
+    let disk = test_support::image::open_rw(&image);
     disk.write_at(
         &vec![0x3cu8; 3 * config.cluster_size as usize],
         config.cluster_size / 2,
@@ -481,7 +482,7 @@ fn refcount_table_offset(image: &Path) -> u64 {
 
 #[test]
 fn sigkill_during_writes_never_corrupts() {
-    if !need_qemu("sigkill_during_writes_never_corrupts") {
+    if !have_qemu("sigkill_during_writes_never_corrupts") {
         return;
     }
     let seed = std::env::var("SNAPVMM_CRASH_SEED")

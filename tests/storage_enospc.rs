@@ -12,16 +12,16 @@
 //! The child is this test binary re-executed with `SNAPVMM_ENOSPC_CHILD` set (the
 //! `enospc_child_process` test turns into the writer; in a normal run it does nothing).
 
-mod common;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_check_clean, assert_check_consistent, need_qemu, qemu_img, snapvmm_create};
 use rand::{Rng, SeedableRng};
 use storage::OpenOptions;
+use test_support::image::snapvmm_create;
+use test_support::qemu::{assert_check_clean, assert_check_consistent, qemu_img};
+use test_support::require::have_qemu;
 
 const CHILD_ENV: &str = "SNAPVMM_ENOSPC_CHILD";
 const SECTOR: u64 = 512;
@@ -63,11 +63,11 @@ fn op_at(seed: u64, seq: u64, size: u64, cluster_size: u64) -> SectorOp {
     }
 }
 
-/// Marks this file's sector tags (see `common::sector_tag`).
+/// Marks this file's sector tags (see `test_support::pattern::sector_tag`).
 const MARKER: u8 = 0xc3;
 
 fn sector_data(seq: u64, sector: u64, count: u64) -> Vec<u8> {
-    common::tagged_sectors(MARKER, seq, sector, count)
+    test_support::pattern::tagged_sectors(MARKER, seq, sector, count)
 }
 
 /// `image log limit seed size cluster_size`
@@ -159,7 +159,7 @@ fn matches(value: Value, actual: &[u8], lba: u64, old: &[u8]) -> bool {
     let at = (lba * SECTOR) as usize;
     match value {
         Value::Old => actual == &old[at..at + SECTOR as usize],
-        Value::Tag(seq) => common::holds_tag(MARKER, seq, lba, actual),
+        Value::Tag(seq) => test_support::pattern::holds_tag(MARKER, seq, lba, actual),
         Value::Zero => actual.iter().all(|&b| b == 0),
     }
 }
@@ -195,14 +195,14 @@ fn trial(config: &Config, seed: u64, rng: &mut impl Rng) -> (u64, u64, bool) {
         config.refcount_bits,
         None,
     );
-    let disk = common::open_rw(&image);
+    let disk = test_support::image::open_rw(&image);
     for at in (0..config.prefill).step_by(1 << 16) {
         let len = (1u64 << 16).min(config.prefill - at);
-        disk.write_at(&common::pattern(at, len as usize), at)
+        disk.write_at(&test_support::pattern::pattern(at, len as usize), at)
             .expect("prefill");
     }
     drop(disk);
-    let old = common::read_all(&*common::open_ro(&image));
+    let old = test_support::image::read_all(&*test_support::image::open_ro(&image));
     let table_before = refcount_table_offset(&image);
     let len = std::fs::metadata(&image).expect("stat").len();
     let limit = match config.limit_near {
@@ -290,7 +290,7 @@ fn trial(config: &Config, seed: u64, rng: &mut impl Rng) -> (u64, u64, bool) {
             }
         }
     }
-    let actual = common::read_all(&*common::open_ro(&image));
+    let actual = test_support::image::read_all(&*test_support::image::open_ro(&image));
     for lba in 0..sectors {
         let got = &actual[lba * SECTOR as usize..(lba + 1) * SECTOR as usize];
         let ok = std::iter::once(&durable[lba])
@@ -305,7 +305,7 @@ fn trial(config: &Config, seed: u64, rng: &mut impl Rng) -> (u64, u64, bool) {
         );
     }
     // With room again: more writes, a clean close, and a repair of the leaks leaves nothing.
-    let disk = common::open_rw(&image);
+    let disk = test_support::image::open_rw(&image);
     disk.write_at(
         &vec![0x77u8; 3 * config.cluster_size as usize],
         config.size / 2,
@@ -326,7 +326,7 @@ fn trial(config: &Config, seed: u64, rng: &mut impl Rng) -> (u64, u64, bool) {
 
 #[test]
 fn running_out_of_space_never_corrupts() {
-    if !need_qemu("running_out_of_space_never_corrupts") {
+    if !have_qemu("running_out_of_space_never_corrupts") {
         return;
     }
     let seed = std::env::var("SNAPVMM_ENOSPC_SEED")

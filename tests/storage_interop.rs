@@ -9,16 +9,16 @@
 //! - Writes through snapvmm never damage an internal snapshot: `qemu-img snapshot -a` brings
 //!   back the old data.
 
-mod common;
-
 use std::path::Path;
 
-use common::{
-    assert_check_clean, assert_qemu_compare_equal, assert_same, compressible, mixed_ops, need_qemu,
-    open_ro, open_rw, pattern, qemu_create, qemu_img, qemu_io, qemu_read_all, read_all,
-    snapvmm_create, write_raw, Model, Op,
-};
 use storage::{Allocation, ImageFormat};
+use test_support::image::{open_ro, open_rw, read_all, snapvmm_create, write_raw};
+use test_support::pattern::{assert_same, compressible, pattern};
+use test_support::qemu::{
+    assert_check_clean, assert_qemu_compare_equal, qemu_create, qemu_img, qemu_io, qemu_read_all,
+};
+use test_support::reference::{mixed_ops, Model, Op};
+use test_support::require::have_qemu;
 
 const MIB: u64 = 1 << 20;
 
@@ -104,7 +104,7 @@ fn qemu_io_commands(size: u64, cluster_size: u64) -> Vec<String> {
 fn write_through_snapvmm_and_judge(image: &Path, model: &mut Model, ops: &[Op], what: &str) {
     let mut disk = open_rw(image);
     for op in ops {
-        common::apply(&mut disk, image, op);
+        test_support::reference::apply(&mut disk, image, op);
         model.apply(op);
     }
     assert_same(
@@ -154,7 +154,7 @@ fn qemu_made_round_trip(options: &str, size: u64, cluster_size: u64, seed: u64) 
 
 #[test]
 fn qemu_images_of_every_cluster_size_and_compat() {
-    if !need_qemu("qemu_images_of_every_cluster_size_and_compat") {
+    if !have_qemu("qemu_images_of_every_cluster_size_and_compat") {
         return;
     }
     for (i, &cs) in [512u64, 4096, 65536, 2 * MIB].iter().enumerate() {
@@ -172,7 +172,7 @@ fn qemu_images_of_every_cluster_size_and_compat() {
 
 #[test]
 fn qemu_images_of_every_refcount_width() {
-    if !need_qemu("qemu_images_of_every_refcount_width") {
+    if !have_qemu("qemu_images_of_every_refcount_width") {
         return;
     }
     for (i, bits) in [1u32, 2, 4, 8, 16, 32, 64].into_iter().enumerate() {
@@ -183,7 +183,7 @@ fn qemu_images_of_every_refcount_width() {
 
 #[test]
 fn qemu_images_with_odd_sizes_and_options() {
-    if !need_qemu("qemu_images_with_odd_sizes_and_options") {
+    if !have_qemu("qemu_images_with_odd_sizes_and_options") {
         return;
     }
     // A disk that ends in the middle of a cluster, one with lazy refcounts (clean), and
@@ -336,7 +336,7 @@ fn backed_round_trip(
 
 #[test]
 fn qemu_overlays_over_raw_and_qcow2_backing_files() {
-    if !need_qemu("qemu_overlays_over_raw_and_qcow2_backing_files") {
+    if !have_qemu("qemu_overlays_over_raw_and_qcow2_backing_files") {
         return;
     }
     let mut seed = 40;
@@ -355,7 +355,7 @@ fn qemu_overlays_over_raw_and_qcow2_backing_files() {
 
 #[test]
 fn compressed_images_zlib_and_zstd() {
-    if !need_qemu("compressed_images_zlib_and_zstd") {
+    if !have_qemu("compressed_images_zlib_and_zstd") {
         return;
     }
     let cases = [
@@ -423,7 +423,7 @@ fn compressed_images_zlib_and_zstd() {
 
 #[test]
 fn qemu_zero_clusters() {
-    if !need_qemu("qemu_zero_clusters") {
+    if !have_qemu("qemu_zero_clusters") {
         return;
     }
     for (compat, backed) in [
@@ -630,7 +630,7 @@ fn snapshot_round_trip(compat: &str, cs: u64, seed: u64) {
 
 #[test]
 fn writes_never_damage_internal_snapshots() {
-    if !need_qemu("writes_never_damage_internal_snapshots") {
+    if !have_qemu("writes_never_damage_internal_snapshots") {
         return;
     }
     snapshot_round_trip("1.1", 65536, 80);
@@ -641,7 +641,7 @@ fn writes_never_damage_internal_snapshots() {
 
 #[test]
 fn refcount_table_growth() {
-    if !need_qemu("refcount_table_growth") {
+    if !have_qemu("refcount_table_growth") {
         return;
     }
     // 512-byte clusters: one refcount table cluster covers 64 refcount blocks, i.e. 8 MiB of
@@ -687,7 +687,7 @@ fn refcount_table_growth() {
 
 #[test]
 fn snapvmm_created_images_pass_qemu_check() {
-    if !need_qemu("snapvmm_created_images_pass_qemu_check") {
+    if !have_qemu("snapvmm_created_images_pass_qemu_check") {
         return;
     }
     let mut configs: Vec<(u64, u32, u32)> = Vec::new();
@@ -731,7 +731,7 @@ fn snapvmm_created_images_pass_qemu_check() {
 
 #[test]
 fn snapvmm_created_overlays_over_raw_and_qcow2() {
-    if !need_qemu("snapvmm_created_overlays_over_raw_and_qcow2") {
+    if !have_qemu("snapvmm_created_overlays_over_raw_and_qcow2") {
         return;
     }
     for (i, (base_format, version, cs)) in [
@@ -796,7 +796,7 @@ fn qemu_io_then_die(image: &Path, commands: &[&str]) {
         args.push((*c).into());
     }
     args.push(image.display().to_string());
-    let out = common::run("qemu-io", &args);
+    let out = test_support::qemu::run("qemu-io", &args);
     assert!(!out.status.success(), "qemu-io survived sigraise 9");
 }
 
@@ -810,7 +810,7 @@ fn incompatible_features(image: &Path) -> u64 {
 /// active one and each snapshot's) and clears the dirty bit.
 #[test]
 fn lazy_refcounts_dirty_image_is_rebuilt() {
-    if !need_qemu("lazy_refcounts_dirty_image_is_rebuilt") {
+    if !have_qemu("lazy_refcounts_dirty_image_is_rebuilt") {
         return;
     }
     for (cs, with_snapshot) in [(4096u64, false), (65536, true), (512, true)] {
@@ -849,7 +849,7 @@ fn lazy_refcounts_dirty_image_is_rebuilt() {
             "{what}: QEMU left no dirty bit"
         );
         assert!(
-            !common::qemu_check(&image).clean(),
+            !test_support::qemu::qemu_check(&image).clean(),
             "{what}: QEMU's refcounts are not stale, nothing to rebuild"
         );
         let expected = qemu_read_all(&image);
@@ -891,7 +891,7 @@ fn bitmap_image(dir: &Path) -> (std::path::PathBuf, Model) {
     model.data = qemu_read_all(&image);
     let mut disk = open_rw(&image);
     for op in mixed_ops(size, 65536, 150, 30) {
-        common::apply(&mut disk, &image, &op);
+        test_support::reference::apply(&mut disk, &image, &op);
         model.apply(&op);
     }
     drop(disk);
@@ -902,12 +902,12 @@ fn bitmap_image(dir: &Path) -> (std::path::PathBuf, Model) {
 /// still find the image free of corruption, with the data snapvmm wrote.
 #[test]
 fn images_with_persistent_bitmaps_stay_consistent() {
-    if !need_qemu("images_with_persistent_bitmaps_stay_consistent") {
+    if !have_qemu("images_with_persistent_bitmaps_stay_consistent") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let (image, model) = bitmap_image(dir.path());
-    common::assert_check_consistent(&image);
+    test_support::qemu::assert_check_consistent(&image);
     assert_same(
         &qemu_read_all(&image),
         &model.data,
@@ -927,7 +927,7 @@ fn images_with_persistent_bitmaps_stay_consistent() {
 /// bitmaps in-use, to leave no leak.
 #[test]
 fn images_with_persistent_bitmaps_leave_no_leak() {
-    if !need_qemu("images_with_persistent_bitmaps_leave_no_leak") {
+    if !have_qemu("images_with_persistent_bitmaps_leave_no_leak") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -940,7 +940,7 @@ fn images_with_persistent_bitmaps_leave_no_leak() {
 /// the image checks clean.
 #[test]
 fn qemu_and_snapvmm_take_turns() {
-    if !need_qemu("qemu_and_snapvmm_take_turns") {
+    if !have_qemu("qemu_and_snapvmm_take_turns") {
         return;
     }
     for (compat, cs) in [("1.1", 65536u64), ("0.10", 4096), ("1.1", 512)] {

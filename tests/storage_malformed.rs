@@ -2,14 +2,14 @@
 //! give a clear `Err` whose message names the problem, never a panic (every call runs
 //! inside `catch_unwind`) and never data read through a broken mapping.
 
-mod common;
-
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{need_qemu, qemu_create, qemu_img, qemu_io, snapvmm_create};
 use storage::{BlockDevice, ImageFormat, OpenOptions};
+use test_support::image::snapvmm_create;
+use test_support::qemu::{qemu_create, qemu_img, qemu_io};
+use test_support::require::have_qemu;
 
 const CLUSTER: u64 = 65536;
 const COPIED: u64 = 1 << 63;
@@ -80,7 +80,7 @@ fn fixtures() -> Fixtures {
     let v3 = make("v3.qcow2", "1.1");
     let v2 = make("v2.qcow2", "0.10");
     let raw = dir.path().join("compressible.raw");
-    std::fs::write(&raw, common::compressible(7, 1 << 20)).expect("write raw");
+    std::fs::write(&raw, test_support::pattern::compressible(7, 1 << 20)).expect("write raw");
     let c = dir.path().join("compressed.qcow2");
     qemu_img(&[
         "convert".as_ref(),
@@ -225,7 +225,7 @@ fn header_case(
 
 #[test]
 fn malformed_headers_are_refused() {
-    if !need_qemu("malformed_headers_are_refused") {
+    if !have_qemu("malformed_headers_are_refused") {
         return;
     }
     let f = fixtures();
@@ -585,7 +585,7 @@ fn malformed_headers_are_refused() {
 /// `buf[offset..end]` panics with start > end.
 #[test]
 fn fuzz_reproducer_backing_offset_overflow() {
-    if !need_qemu("fuzz_reproducer_backing_offset_overflow") {
+    if !have_qemu("fuzz_reproducer_backing_offset_overflow") {
         return;
     }
     let f = fixtures();
@@ -615,7 +615,7 @@ fn fuzz_reproducer_backing_offset_overflow() {
 
 #[test]
 fn bad_mapping_entries_fail_reads() {
-    if !need_qemu("bad_mapping_entries_fail_reads") {
+    if !have_qemu("bad_mapping_entries_fail_reads") {
         return;
     }
     let f = fixtures();
@@ -695,7 +695,7 @@ fn bad_mapping_entries_fail_reads() {
 /// write on metadata") and marks the image corrupt.
 #[test]
 fn guest_writes_never_overwrite_metadata() {
-    if !need_qemu("guest_writes_never_overwrite_metadata") {
+    if !have_qemu("guest_writes_never_overwrite_metadata") {
         return;
     }
     let f = fixtures();
@@ -727,7 +727,7 @@ fn guest_writes_never_overwrite_metadata() {
 /// The corrupt bit opens the image read-only: reads work, writes are refused.
 #[test]
 fn corrupt_bit_opens_read_only() {
-    if !need_qemu("corrupt_bit_opens_read_only") {
+    if !have_qemu("corrupt_bit_opens_read_only") {
         return;
     }
     let f = fixtures();
@@ -759,7 +759,7 @@ fn corrupt_bit_opens_read_only() {
 /// the open fails.
 #[test]
 fn bad_magic() {
-    if !need_qemu("bad_magic") {
+    if !have_qemu("bad_magic") {
         return;
     }
     let f = fixtures();
@@ -809,7 +809,7 @@ fn backing_chain_loops_are_refused() {
     set_backing(&mut header, "link.qcow2");
     std::fs::write(&a, &header).expect("write a");
     expect_open_error("loop a->link(b)->a", &b, &OpenOptions::default(), "loop");
-    if need_qemu("backing_chain_loops_are_refused (qemu-img rebase)") {
+    if have_qemu("backing_chain_loops_are_refused (qemu-img rebase)") {
         // The same loop written by qemu-img itself.
         let d = dir.path().join("d.qcow2");
         let e = dir.path().join("e.qcow2");

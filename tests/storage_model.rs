@@ -8,17 +8,16 @@
 //!
 //! `PROPTEST_CASES` overrides the number of cases (32 by default, to keep CI fast).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{
-    assert_check_clean, assert_same, need_qemu, open_rw, pattern, qemu_create, qemu_img,
-    qemu_read_all, read_all, snapvmm_create, write_raw, Model, Op,
-};
 use proptest::prelude::*;
 use storage::{Allocation, BlockDevice, ImageFormat};
+use test_support::image::{open_rw, read_all, snapvmm_create, write_raw};
+use test_support::pattern::{assert_same, pattern};
+use test_support::qemu::{assert_check_clean, qemu_create, qemu_img, qemu_read_all};
+use test_support::reference::{Model, Op};
+use test_support::require::have_qemu;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -313,11 +312,14 @@ fn run_case(chain: &Chain, ops: &[AbstractOp], seed: u64) {
         model.apply(&op);
         match &op {
             Op::Reopen => {
-                drop(std::mem::replace(&mut disk, Arc::new(common::NullDevice)));
+                drop(std::mem::replace(
+                    &mut disk,
+                    Arc::new(test_support::reference::NullDevice),
+                ));
                 disk = open_chain(&overlay, chain);
                 assert_same(&read_all(&*disk), &model.data, &format!("after {op:?}"));
             }
-            _ => common::apply(&mut disk, &overlay, &op),
+            _ => test_support::reference::apply(&mut disk, &overlay, &op),
         }
         if let Op::Write { offset, len, .. }
         | Op::Zeroes { offset, len }
@@ -372,7 +374,7 @@ proptest! {
         ops in proptest::collection::vec(op_strategy(), 1..48),
         seed in any::<u64>(),
     ) {
-        if !need_qemu("chain_matches_model") {
+        if !have_qemu("chain_matches_model") {
             return Ok(());
         }
         run_case(&chain, &ops, seed);
@@ -382,7 +384,7 @@ proptest! {
 /// Fixed sequences for corner cases the random search may take long to hit.
 #[test]
 fn corner_cases() {
-    if !need_qemu("corner_cases") {
+    if !have_qemu("corner_cases") {
         return;
     }
     let at = |cluster: u64, anchor: u8, length_class: u8, length: u64| Where {

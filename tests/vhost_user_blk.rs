@@ -17,25 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_support::qemu::assert_check_clean;
+use test_support::require::{skip, Need};
+
 /// The whole first boot, writes and jobs included; about 30 s under TCG here.
 const FIRST_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// A boot that only verifies.
 const VERIFY_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const DISK_MIB: u64 = 128;
 const MEMORY_MIB: u64 = 256;
-
-fn required() -> bool {
-    std::env::var("SNAPVMM_REQUIRE_QEMU").as_deref() == Ok("1")
-}
-
-/// Returns false (after printing why) when `test` cannot run here, or panics when required.
-fn skip(test: &str, reason: &str) -> bool {
-    if required() {
-        panic!("{test}: SNAPVMM_REQUIRE_QEMU=1 but {reason}");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
-    false
-}
 
 fn tool_runs(tool: &str, arg: &str) -> bool {
     Command::new(tool)
@@ -261,6 +251,7 @@ fn linux_ext4_on_our_daemon_through_snapshot_stream_and_active_commit() {
     let test = "linux_ext4_on_our_daemon_through_snapshot_stream_and_active_commit";
     if !tool_runs("qemu-system-x86_64", "--version") {
         skip(
+            Need::Qemu,
             test,
             "qemu-system-x86_64 not found (Debian package qemu-system-x86)",
         );
@@ -272,14 +263,14 @@ fn linux_ext4_on_our_daemon_through_snapshot_stream_and_active_commit() {
         ("e2fsck", "-V"),
     ] {
         if !tool_runs(tool, arg) {
-            skip(test, &format!("{tool} not found"));
+            skip(Need::Qemu, test, format_args!("{tool} not found"));
             return;
         }
     }
     let (kernel, initramfs) = match guest_fixture() {
         Ok(fixture) => fixture,
         Err(reason) => {
-            skip(test, &format!("no guest fixture: {reason}"));
+            skip(Need::Qemu, test, format_args!("no guest fixture: {reason}"));
             return;
         }
     };
@@ -407,12 +398,7 @@ fn linux_ext4_on_our_daemon_through_snapshot_stream_and_active_commit() {
     assert!(status.success(), "daemon ended with {status}:\n{log}");
 
     for image in [&base, &s1, &s2] {
-        let out = run_ok("qemu-img", &["check", image.to_str().unwrap()]);
-        assert!(
-            out.contains("No errors were found"),
-            "{}:\n{out}",
-            image.display()
-        );
+        assert_check_clean(image);
     }
     // s1 holds everything: the stream emptied base into it, the commit s2's writes.
     let info = run_ok(

@@ -17,14 +17,12 @@
 //! Skips (printing why) without a usable /dev/kvm unless `SNAPVMM_REQUIRE_KVM=1`, without a
 //! kernel it can fetch likewise, and without `iasl` unless `SNAPVMM_REQUIRE_IASL=1`.
 
-mod vmm_util;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_support::require::{have_iasl, have_kvm, skip, Need};
 use vmm::arch::x86_64::acpi::{self, MmioDevice};
-use vmm_util::kvm_or_skip;
 
 /// How long the ELF kernel may take to print its ACPI table lines: about 25 s on this host's
 /// software KVM, well under a second with hardware virtualization.
@@ -35,10 +33,6 @@ const BZIMAGE_EARLY_BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const FULL_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Guest RAM: the E820 lines below are for this size.
 const MEMORY_MIB: u64 = 128;
-
-fn required(var: &str) -> bool {
-    std::env::var(var).as_deref() == Ok("1")
-}
 
 /// The Debian kernel, fetched (or found cached) by the repository's script.
 fn kernel_or_skip(test: &str) -> Option<PathBuf> {
@@ -65,10 +59,7 @@ fn kernel_or_skip(test: &str) -> Option<PathBuf> {
         Ok(path) if path.is_file() => Some(path),
         Ok(path) => panic!("{test}: the fetch script named {path:?}, which is no file"),
         Err(reason) => {
-            if required("SNAPVMM_REQUIRE_KVM") {
-                panic!("{test}: no guest kernel (SNAPVMM_REQUIRE_KVM=1): {reason}");
-            }
-            eprintln!("skipping {test}: no guest kernel: {reason}");
+            skip(Need::Kvm, test, format_args!("no guest kernel: {reason}"));
             None
         }
     }
@@ -208,7 +199,7 @@ fn early_boot_done(console: &str) -> bool {
 #[test]
 fn debian_vmlinux_sees_our_e820_map_and_acpi_tables() {
     let test = "debian_vmlinux_sees_our_e820_map_and_acpi_tables";
-    if !kvm_or_skip(test) {
+    if !have_kvm(test) {
         return;
     }
     let Some(bzimage) = kernel_or_skip(test) else {
@@ -221,10 +212,7 @@ fn debian_vmlinux_sees_our_e820_map_and_acpi_tables() {
              for Debian's kernel)",
             vmlinux.display()
         );
-        if required("SNAPVMM_REQUIRE_KVM") {
-            panic!("{test}: SNAPVMM_REQUIRE_KVM=1 but {reason}");
-        }
-        eprintln!("skipping {test}: {reason}");
+        skip(Need::Kvm, test, reason);
         return;
     }
     boot_and_check(test, &vmlinux, EARLY_BOOT_TIMEOUT);
@@ -234,7 +222,7 @@ fn debian_vmlinux_sees_our_e820_map_and_acpi_tables() {
 fn debian_bzimage_sees_our_e820_map_and_acpi_tables() {
     let test = "debian_bzimage_sees_our_e820_map_and_acpi_tables";
     if let Err(reason) = hardware_virtualization() {
-        if !required("SNAPVMM_LINUX_BZIMAGE") {
+        if std::env::var("SNAPVMM_LINUX_BZIMAGE").as_deref() != Ok("1") {
             eprintln!(
                 "skipping {test}: {reason}; the bzImage decompressor takes minutes there \
                  (SNAPVMM_LINUX_BZIMAGE=1 runs it anyway)"
@@ -242,7 +230,7 @@ fn debian_bzimage_sees_our_e820_map_and_acpi_tables() {
             return;
         }
     }
-    if !kvm_or_skip(test) {
+    if !have_kvm(test) {
         return;
     }
     let Some(bzimage) = kernel_or_skip(test) else {
@@ -364,12 +352,7 @@ fn without_comments(asl: &str) -> String {
 #[test]
 fn dsdt_disassembles_with_iasl() {
     let test = "dsdt_disassembles_with_iasl";
-    let probe = Command::new("iasl").arg("-v").output();
-    if probe.is_err() {
-        if required("SNAPVMM_REQUIRE_IASL") {
-            panic!("{test}: iasl required (SNAPVMM_REQUIRE_IASL=1) but not found");
-        }
-        eprintln!("skipping {test}: iasl not found (Debian package acpica-tools)");
+    if !have_iasl(test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

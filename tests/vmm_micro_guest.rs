@@ -5,26 +5,30 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
-mod vmm_util;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use storage::OpenOptions;
-use vmm_util::{assert_success, kvm_or_skip, snapvmm};
+use test_support::require::have_kvm;
+use test_support::vm::assert_success;
 
 /// Disks are small: on this host's software KVM every guest memory access is slow.
 const DISK_SIZE: u64 = 256 * 1024;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A command running the `snapvmm` binary under test.
+fn snapvmm() -> Command {
+    test_support::snapvmm_binary!().command()
+}
+
 fn run_with_timeout(command: Command) -> Output {
-    vmm_util::run_with_timeout(command, RUN_TIMEOUT)
+    test_support::vm::run_with_timeout(command, RUN_TIMEOUT)
 }
 
 fn qcow2(path: &Path, backing: Option<&Path>) {
-    vmm_util::qcow2(path, DISK_SIZE, backing);
+    test_support::image::qcow2(path, DISK_SIZE, backing);
 }
 
 fn raw(path: &Path, fill: u8) {
@@ -136,7 +140,7 @@ fn disks() -> Disks {
 
 #[test]
 fn write_verify_on_a_qcow2_chain_and_a_raw_disk() {
-    if !kvm_or_skip("write_verify_on_a_qcow2_chain_and_a_raw_disk") {
+    if !have_kvm("write_verify_on_a_qcow2_chain_and_a_raw_disk") {
         return;
     }
     let disks = disks();
@@ -181,7 +185,7 @@ fn write_verify_on_a_qcow2_chain_and_a_raw_disk() {
 
 #[test]
 fn two_vcpus_and_a_read_only_disk() {
-    if !kvm_or_skip("two_vcpus_and_a_read_only_disk") {
+    if !have_kvm("two_vcpus_and_a_read_only_disk") {
         return;
     }
     let disks = disks();
@@ -219,7 +223,7 @@ fn two_vcpus_and_a_read_only_disk() {
 
 #[test]
 fn counter_counts_up_on_two_vcpus() {
-    if !kvm_or_skip("counter_counts_up_on_two_vcpus") {
+    if !have_kvm("counter_counts_up_on_two_vcpus") {
         return;
     }
     let mut counters = Vec::new();
@@ -251,7 +255,7 @@ fn counter_counts_up_on_two_vcpus() {
 
 #[test]
 fn io_bench_reports_timed_windows() {
-    if !kvm_or_skip("io_bench_reports_timed_windows") {
+    if !have_kvm("io_bench_reports_timed_windows") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -5,71 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proptest::prelude::*;
-use storage::qcow2::{create, CreateOptions, Qcow2Image};
+use storage::qcow2::Qcow2Image;
 use storage::{BlockDevice, OpenOptions};
-
-/// Whether qemu-img is usable; without it the test is skipped unless CI demands it.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("SNAPVMM_REQUIRE_QEMU").is_err(),
-            "qemu-img is required (SNAPVMM_REQUIRE_QEMU is set) but not found"
-        );
-        eprintln!("skipping: qemu-img not found");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img check` exit status: 0 clean, 3 leaks only, 2 corruption.
-fn qemu_check(path: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-q"])
-        .arg(path)
-        .output()
-        .expect("qemu-img check");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn assert_clean(path: &Path) {
-    let (code, text) = qemu_check(path);
-    assert_eq!(code, 0, "qemu-img check {}: {text}", path.display());
-}
-
-fn qemu_verify(path: &Path, pattern: u8, offset: u64, len: u64) {
-    let out = run(Command::new("qemu-io").args([
-        "-c",
-        &format!("read -P {pattern} {offset} {len}"),
-        path.to_str().unwrap(),
-    ]));
-    assert!(
-        !out.contains("verification failed"),
-        "{}: expected {pattern:#x} at {offset}+{len}: {out}",
-        path.display()
-    );
-}
+use test_support::image::snapvmm_create;
+use test_support::qemu::{
+    assert_check_clean, qemu_check, qemu_create, qemu_img, qemu_io, CheckResult,
+};
+use test_support::require::have_qemu;
 
 fn open_qcow2(path: &Path) -> Qcow2Image {
     Qcow2Image::open(path, &OpenOptions::default()).expect("open")
@@ -77,22 +19,13 @@ fn open_qcow2(path: &Path) -> Qcow2Image {
 
 fn new_image(dir: &Path, name: &str, size: u64, cluster_size: u64, version: u32) -> PathBuf {
     let path = dir.join(name);
-    create(
-        &path,
-        &CreateOptions {
-            size: Some(size),
-            cluster_size,
-            version,
-            ..Default::default()
-        },
-    )
-    .expect("create");
+    snapvmm_create(&path, Some(size), cluster_size, version, 16, None);
     path
 }
 
 #[test]
 fn snapvmm_snapshots_work_in_qemu() {
-    if !have_qemu() {
+    if !have_qemu("snapvmm_snapshots_work_in_qemu") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -105,47 +38,53 @@ fn snapvmm_snapshots_work_in_qemu() {
         image.create_snapshot("two", 5_000_000_000, 0).unwrap();
         image.write_at(&vec![3u8; 4096], 0).unwrap();
     }
-    assert_clean(&path);
-    let list = run(Command::new("qemu-img").args(["snapshot", "-l"]).arg(&path));
+    assert_check_clean(&path);
+    let list = qemu_img(&["snapshot".as_ref(), "-l".as_ref(), path.as_os_str()]);
     assert!(list.contains("one") && list.contains("two"), "{list}");
     assert!(list.contains("0000:00:05.000"), "vm clock shown: {list}");
-    qemu_verify(&path, 3, 0, 4096);
+    qemu_io(&path, "qcow2", &["read -P 3 0 4096"]);
 
     let copy = dir.path().join("b.qcow2");
     std::fs::copy(&path, &copy).unwrap();
-    run(Command::new("qemu-img")
-        .args(["snapshot", "-a", "one"])
-        .arg(&copy));
-    qemu_verify(&copy, 1, 0, 300_000);
-    run(Command::new("qemu-img")
-        .args(["snapshot", "-a", "two"])
-        .arg(&copy));
-    qemu_verify(&copy, 1, 0, 50_000);
-    qemu_verify(&copy, 2, 50_000, 100_000);
-    qemu_verify(&copy, 1, 150_000, 150_000);
-    run(Command::new("qemu-img")
-        .args(["snapshot", "-d", "one"])
-        .arg(&copy));
-    assert_clean(&copy);
+    qemu_img(&[
+        "snapshot".as_ref(),
+        "-a".as_ref(),
+        "one".as_ref(),
+        copy.as_os_str(),
+    ]);
+    qemu_io(&copy, "qcow2", &["read -P 1 0 300000"]);
+    qemu_img(&[
+        "snapshot".as_ref(),
+        "-a".as_ref(),
+        "two".as_ref(),
+        copy.as_os_str(),
+    ]);
+    qemu_io(&copy, "qcow2", &["read -P 1 0 50000"]);
+    qemu_io(&copy, "qcow2", &["read -P 2 50000 100000"]);
+    qemu_io(&copy, "qcow2", &["read -P 1 150000 150000"]);
+    qemu_img(&[
+        "snapshot".as_ref(),
+        "-d".as_ref(),
+        "one".as_ref(),
+        copy.as_os_str(),
+    ]);
+    assert_check_clean(&copy);
 }
 
 #[test]
 fn qemu_snapshots_work_in_snapvmm() {
-    if !have_qemu() {
+    if !have_qemu("qemu_snapshots_work_in_snapvmm") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
-        .arg(&path)
-        .arg("16M"));
+    qemu_create(&path, "cluster_size=4096", Some(16 << 20));
     let p = path.to_str().unwrap();
-    run(Command::new("qemu-io").args(["-c", "write -P 5 0 1M", p]));
-    run(Command::new("qemu-img").args(["snapshot", "-c", "first", p]));
-    run(Command::new("qemu-io").args(["-c", "write -P 6 512k 1M", p]));
-    run(Command::new("qemu-img").args(["snapshot", "-c", "second", p]));
-    run(Command::new("qemu-io").args(["-c", "write -P 7 0 8k", p]));
+    qemu_io(&path, "qcow2", &["write -P 5 0 1M"]);
+    qemu_img(&["snapshot", "-c", "first", p]);
+    qemu_io(&path, "qcow2", &["write -P 6 512k 1M"]);
+    qemu_img(&["snapshot", "-c", "second", p]);
+    qemu_io(&path, "qcow2", &["write -P 7 0 8k"]);
     {
         let mut image = open_qcow2(&path);
         let names: Vec<_> = image.snapshots().iter().map(|s| s.name.clone()).collect();
@@ -158,16 +97,16 @@ fn qemu_snapshots_work_in_snapvmm() {
         assert!(buf.iter().all(|&b| b == 5));
         image.delete_snapshot("first").unwrap();
     }
-    assert_clean(&path);
-    run(Command::new("qemu-img").args(["snapshot", "-a", "second", p]));
-    qemu_verify(&path, 5, 0, 512 << 10);
-    qemu_verify(&path, 6, 512 << 10, 1 << 20);
-    assert_clean(&path);
+    assert_check_clean(&path);
+    qemu_img(&["snapshot", "-a", "second", p]);
+    qemu_io(&path, "qcow2", &["read -P 5 0 512k"]);
+    qemu_io(&path, "qcow2", &["read -P 6 512k 1M"]);
+    assert_check_clean(&path);
 }
 
 #[test]
 fn vm_state_is_stored_as_qemu_does() {
-    if !have_qemu() {
+    if !have_qemu("vm_state_is_stored_as_qemu_does") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -191,11 +130,11 @@ fn vm_state_is_stored_as_qemu_does() {
             .read_vm_state("with-state", &mut past, state.len() as u64)
             .is_err());
     }
-    assert_clean(&path);
-    let list = run(Command::new("qemu-img").args(["snapshot", "-l"]).arg(&path));
+    assert_check_clean(&path);
+    let list = qemu_img(&["snapshot".as_ref(), "-l".as_ref(), path.as_os_str()]);
     assert!(list.contains("4.77 MiB"), "VM SIZE column: {list}");
     // The VM state left the active layer: the disk still reads as before.
-    qemu_verify(&path, 9, 0, 4096);
+    qemu_io(&path, "qcow2", &["read -P 9 0 4096"]);
     let image = open_qcow2(&path);
     let mut back = vec![0u8; 4096];
     image
@@ -206,7 +145,7 @@ fn vm_state_is_stored_as_qemu_does() {
 
 #[test]
 fn snapshots_are_independent() {
-    if !have_qemu() {
+    if !have_qemu("snapshots_are_independent") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -222,7 +161,7 @@ fn snapshots_are_independent() {
         image.delete_snapshot(&format!("s{i}")).unwrap();
     }
     drop(image);
-    assert_clean(&path);
+    assert_check_clean(&path);
     let mut image = open_qcow2(&path);
     for (name, top) in [("s1", 1u8), ("s5", 5u8)] {
         image.apply_snapshot(name).unwrap();
@@ -242,7 +181,7 @@ fn snapshots_are_independent() {
     image.read_at(&mut buf, 4096).unwrap();
     assert!(buf.iter().all(|&b| b == 1));
     drop(image);
-    assert_clean(&path);
+    assert_check_clean(&path);
 }
 
 #[derive(Debug, Clone)]
@@ -275,7 +214,7 @@ proptest! {
     /// snapshot's contents; `qemu-img check` clean after each sequence.
     #[test]
     fn snapshot_model(ops in proptest::collection::vec(op_strategy(), 1..40), small in any::<bool>()) {
-        if !have_qemu() {
+        if !have_qemu("snapshot_model") {
             return Ok(());
         }
         let cluster_size = if small { 512 } else { 4096 };
@@ -321,7 +260,7 @@ proptest! {
             prop_assert!(buf == model, "active content after {:?}", op);
         }
         drop(image);
-        let (code, text) = qemu_check(&path);
+        let CheckResult { exit: code, output: text, .. } = qemu_check(&path);
         prop_assert_eq!(code, 0, "qemu-img check: {}", text);
         // Every snapshot, applied in turn, holds exactly its data.
         let mut image = open_qcow2(&path);
@@ -332,7 +271,7 @@ proptest! {
             prop_assert!(&buf == data, "snapshot {} content", name);
         }
         drop(image);
-        let (code, text) = qemu_check(&path);
+        let CheckResult { exit: code, output: text, .. } = qemu_check(&path);
         prop_assert_eq!(code, 0, "qemu-img check after applies: {}", text);
     }
 }
@@ -438,7 +377,7 @@ fn crash_during_snapshot_operations() {
         crash_child(Path::new(&path));
         return;
     }
-    if !have_qemu() {
+    if !have_qemu("crash_during_snapshot_operations") {
         return;
     }
     use rand::Rng;
@@ -504,14 +443,22 @@ fn crash_during_snapshot_operations() {
         let active = read_clusters(&image);
         drop(image);
         if version == 2 {
-            let (code, _) = qemu_check(&path);
+            let code = qemu_check(&path).exit;
             if code != 0 {
-                run(Command::new("qemu-img")
-                    .args(["check", "-q", "-r", "all"])
-                    .arg(&path));
+                qemu_img(&[
+                    "check".as_ref(),
+                    "-q".as_ref(),
+                    "-r".as_ref(),
+                    "all".as_ref(),
+                    path.as_os_str(),
+                ]);
             }
         }
-        let (code, text) = qemu_check(&path);
+        let CheckResult {
+            exit: code,
+            output: text,
+            ..
+        } = qemu_check(&path);
         assert!(
             code == 0 || code == 3,
             "trial {trial}: qemu-img check after crash (acked {acked:?}): {text}"
@@ -545,7 +492,11 @@ fn crash_during_snapshot_operations() {
         }
         drop(image);
         // Leaks from the crash may remain (allowed); corruption may not.
-        let (code, text) = qemu_check(&path);
+        let CheckResult {
+            exit: code,
+            output: text,
+            ..
+        } = qemu_check(&path);
         assert!(
             code == 0 || code == 3,
             "trial {trial}: check after applies: {text}"
