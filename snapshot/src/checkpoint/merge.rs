@@ -21,7 +21,7 @@ pub struct MergeReport {
 /// machine state of `top`. `out` is created if absent and must not be part of the chain.
 pub fn merge_chain(top: &Path, out: &Path) -> CheckpointResult<MergeReport> {
     let chain = resolve_chain(top)?;
-    std::fs::create_dir_all(out).map_err(CheckpointError::io(out))?;
+    super::create_private_dir(out)?;
     let out_canonical = out.canonicalize().map_err(CheckpointError::io(out))?;
     for link in &chain {
         if link.dir.canonicalize().ok().as_deref() == Some(out_canonical.as_path()) {
