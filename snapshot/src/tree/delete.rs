@@ -19,9 +19,9 @@ impl SnapshotTree {
         };
         let mut deleted = Vec::new();
         for target in targets {
-            self.delete_one(&target, options.metadata_only)?;
+            let unnamed = self.delete_one(&target, options.metadata_only)?;
             deleted.push(target);
-            self.save()?;
+            self.remove_unnamed(unnamed)?;
         }
         if !options.metadata_only {
             self.compact()?;
@@ -47,17 +47,16 @@ impl SnapshotTree {
         out
     }
 
-    fn delete_one(&self, name: &str, metadata_only: bool) -> Result<()> {
+    /// Forgets snapshot `name`; returns its checkpoint directory, to be removed once the
+    /// metadata no longer names it.
+    fn delete_one(&self, name: &str, metadata_only: bool) -> Result<Vec<PathBuf>> {
         let snapshot = self.get(name)?;
+        let mut unnamed = Vec::new();
         if !metadata_only {
             if snapshot.kind == SnapshotKind::Internal {
                 self.delete_internal(&snapshot)?;
             }
-            if let Some(dir) = &snapshot.checkpoint {
-                if let Err(e) = std::fs::remove_dir_all(dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "removing a checkpoint failed");
-                }
-            }
+            unnamed.extend(snapshot.checkpoint.clone());
         }
         let mut meta = self.meta.lock();
         meta.snapshots.retain(|s| s.name != name);
@@ -79,7 +78,7 @@ impl SnapshotTree {
             }
         }
         tracing::info!(snapshot = name, metadata_only, "snapshot deleted");
-        Ok(())
+        Ok(unnamed)
     }
 
     fn delete_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {

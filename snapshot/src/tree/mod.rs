@@ -537,6 +537,14 @@ impl SnapshotTree {
         }
     }
 
+    /// After an operation returned: an intent still pending belongs to a failure that
+    /// removed its files on the way out (a committed operation clears it).
+    fn clear_failed_intent(&self) {
+        if self.meta.lock().pending.is_some() {
+            self.clear_intent();
+        }
+    }
+
     /// Removes files (or checkpoint directories) the in-memory metadata no longer names:
     /// first the metadata is written naming them as to be removed, so a crash in between
     /// leaves no file unaccounted for; then they go.
