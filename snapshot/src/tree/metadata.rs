@@ -569,4 +569,67 @@ mod tests {
             .to_string()
             .contains("invalid JSON"));
     }
+
+    #[test]
+    fn validating_thousands_of_snapshots_takes_linear_work() {
+        // The worst case for loop detection: one long line of parents.
+        let n = 4000u64;
+        let mut file = TreeFile::new(vec!["vda".into()]);
+        let template = sample().snapshots[0].clone();
+        for i in 0..n {
+            let mut s = template.clone();
+            s.name = format!("s{i}");
+            s.parent = i.checked_sub(1).map(|p| format!("s{p}"));
+            file.snapshots.push(s);
+        }
+        file.current = Some(format!("s{}", n - 1));
+        let mut steps = 0;
+        file.validate_counting(&mut steps).unwrap();
+        // Cubic validation took ~n^3 / 2 lookups (75 s for this file).
+        assert!(steps <= 4 * n, "{steps} steps for {n} snapshots");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.json");
+        file.save(&path).unwrap();
+        assert_eq!(TreeFile::load(&path).unwrap().snapshots.len(), n as usize);
+        // A loop at the end of the line is still found.
+        file.snapshots[0].parent = Some(format!("s{}", n - 1));
+        let error = file.validate().unwrap_err();
+        assert!(error.contains("loop"), "{error}");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temporary_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.json");
+        // SAFETY: umask only changes the mode of files created later; other tests' files
+        // get more permissive modes for a moment, which they do not check.
+        let old = unsafe { libc::umask(0) };
+        let first = sample();
+        first.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        assert_eq!(mode, 0o600);
+        let mut second = sample();
+        second.current = None;
+        for failing in [
+            SaveStep::CreateTemporary,
+            SaveStep::Write,
+            SaveStep::Fsync,
+            SaveStep::Rename,
+        ] {
+            let hook: FaultHook = Arc::new(move |step| {
+                if step == failing {
+                    Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                } else {
+                    Ok(())
+                }
+            });
+            let error = second.save_with(&path, Some(&hook)).unwrap_err().to_string();
+            assert!(error.contains("No space left"), "{failing:?}: {error}");
+            assert_eq!(TreeFile::load(&path).unwrap(), first, "{failing:?}");
+            assert!(!temp_path(&path).exists(), "{failing:?} left a temporary");
+        }
+    }
 }
