@@ -420,14 +420,19 @@ mod tree_crash {
         let mut names: Vec<String> = Vec::new();
         let mut next = 0;
         let mut gen = 0u8;
-        let ops = if exit_at == 0 { usize::MAX } else { SCRIPTED_OPS };
+        let ops = if exit_at == 0 {
+            usize::MAX
+        } else {
+            SCRIPTED_OPS
+        };
         for _ in 0..ops {
             // Guest writes, flushed: a restart must find them.
             gen = gen.wrapping_add(1);
             for disk in &disks {
                 for _ in 0..rng.random_range(1..6) {
                     let block = rng.random_range(0..SIZE / BLOCK);
-                    disk.write_at(&[gen; BLOCK as usize], block * BLOCK).unwrap();
+                    disk.write_at(&[gen; BLOCK as usize], block * BLOCK)
+                        .unwrap();
                 }
                 disk.flush().unwrap();
             }
@@ -548,7 +553,11 @@ mod tree_crash {
                     .unwrap_or_else(|e| panic!("{what}: delete {}: {e}", s.name));
             }
         }
-        assert_eq!(content_hash(&disks), before, "{what}: compaction changed the disks");
+        assert_eq!(
+            content_hash(&disks),
+            before,
+            "{what}: compaction changed the disks"
+        );
         drop(tree);
         drop(disks);
         let reopened = open_disks(dir);
@@ -565,7 +574,12 @@ mod tree_crash {
 
     fn spawn(dir: &Path, seed: u64, exit_at: u64) -> std::process::Child {
         Command::new(std::env::current_exe().unwrap())
-            .args(["tree_crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "tree_crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, format!("{}|{seed}|{exit_at}", dir.display()))
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -585,7 +599,10 @@ mod tree_crash {
         let status = spawn(dir.path(), seed, exit_at).wait().unwrap();
         assert!(status.success(), "child {seed}/{exit_at}: {status}");
         let finished = dir.path().join("steps").exists();
-        check(dir.path(), &format!("seed {seed}, exit at metadata step {exit_at}"));
+        check(
+            dir.path(),
+            &format!("seed {seed}, exit at metadata step {exit_at}"),
+        );
         !finished
     }
 
@@ -651,7 +668,10 @@ fn tree_sigkill_at_random_moments_loses_no_snapshot() {
     let mut rng = rand::rng();
     let wanted = tree_crash::trials().unwrap_or(3);
     for _ in 0..wanted {
-        tree_crash::kill_trial(rng.random(), Duration::from_millis(rng.random_range(50..700)));
+        tree_crash::kill_trial(
+            rng.random(),
+            Duration::from_millis(rng.random_range(50..700)),
+        );
     }
     eprintln!("tree SIGKILL trials: {wanted}");
 }

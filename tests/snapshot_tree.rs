@@ -1115,7 +1115,8 @@ fn a_snapshot_past_the_chain_limit_is_refused() {
     assert!(error.contains("65 layers"), "{error}");
     assert!(error.contains("delete"), "{error}");
     // Internal snapshots add no layer.
-    tree.create("inside", &TakeOptions::internal(false)).unwrap();
+    tree.create("inside", &TakeOptions::internal(false))
+        .unwrap();
     // The deepest chain opens again, as a restart or an img verb would.
     let top = disk.top().path().to_path_buf();
     storage::open(
@@ -1250,9 +1251,7 @@ fn metadata_write_failures_at_every_step_lose_nothing() {
                 assert_eq!(SnapshotTree::resume_tops(&meta).unwrap(), vec![top.clone()]);
                 let reopened = SnapshotTree::open(&meta, vec![disk.clone()], None)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                let s1 = reopened
-                    .get("s1")
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let s1 = reopened.get("s1").unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(s1.disks[0].image, original, "{what}");
                 assert!(reopened.images().contains(&top), "{what}");
                 reopened.revert("s1").unwrap();

@@ -96,7 +96,10 @@ pub enum Error {
     /// The disks switched to their new images (the point of no return), then a later step
     /// failed: nothing was undone, the new images stay the disks' tops and nothing was
     /// deleted.
-    #[error("{operation}: the disks switched and now run on {} (kept), but then: {cause}", list(live))]
+    #[error(
+        "{operation}: the disks switched and now run on {} (kept), but then: {cause}",
+        list(live)
+    )]
     AfterSwitch {
         /// What was done ("snapshot \"s1\"", "external snapshot").
         operation: String,

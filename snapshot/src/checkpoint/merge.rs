@@ -161,7 +161,12 @@ mod tests {
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         merged.unwrap();
-        for file in [state_path(&a), memory_path(&a), state_path(&out), memory_path(&out)] {
+        for file in [
+            state_path(&a),
+            memory_path(&a),
+            state_path(&out),
+            memory_path(&out),
+        ] {
             assert_eq!(mode(&file), 0o600, "{}", file.display());
         }
         for dir in [a, out] {

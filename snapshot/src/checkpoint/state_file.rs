@@ -13,8 +13,8 @@
 //! minor version of its own major (fields were only added).
 
 use std::fs::File;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::error::{CheckpointError, CheckpointResult};

@@ -353,8 +353,7 @@ impl TreeFile {
                 ));
             }
             if let Some(info) = &intent.info {
-                if info.disks.len() != self.disks.len() || index.contains_key(info.name.as_str())
-                {
+                if info.disks.len() != self.disks.len() || index.contains_key(info.name.as_str()) {
                     return Err(format!(
                         "pending snapshot {:?}: its disks do not match the tree's, or the name is taken",
                         info.name
@@ -626,7 +625,10 @@ mod tests {
                     Ok(())
                 }
             });
-            let error = second.save_with(&path, Some(&hook)).unwrap_err().to_string();
+            let error = second
+                .save_with(&path, Some(&hook))
+                .unwrap_err()
+                .to_string();
             assert!(error.contains("No space left"), "{failing:?}: {error}");
             assert_eq!(TreeFile::load(&path).unwrap(), first, "{failing:?}");
             assert!(!temp_path(&path).exists(), "{failing:?} left a temporary");

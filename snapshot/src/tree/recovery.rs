@@ -178,7 +178,11 @@ fn show(paths: &[PathBuf]) -> String {
 
 /// Refuses a disk opened writable on an image a snapshot froze, or on which another image
 /// is built: the guest would change the snapshot. The error names the disk's current top.
-pub(super) fn refuse_frozen(metadata: &Path, meta: &TreeFile, disks: &[Arc<LiveDisk>]) -> Result<()> {
+pub(super) fn refuse_frozen(
+    metadata: &Path,
+    meta: &TreeFile,
+    disks: &[Arc<LiveDisk>],
+) -> Result<()> {
     let mut frozen: HashMap<&Path, String> = HashMap::new();
     for s in &meta.snapshots {
         if s.kind != SnapshotKind::Internal {
@@ -235,7 +239,10 @@ fn backing_named_by(path: &Path) -> Option<PathBuf> {
 /// Files in `dirs` other than `image` whose header names `image` as their backing file
 /// (whatever the metadata says: a file a crash left, or one the user made). `Err` when a
 /// directory cannot be read or is too large to look through.
-pub(super) fn users_on_disk(image: &Path, dirs: &[PathBuf]) -> std::result::Result<Vec<PathBuf>, String> {
+pub(super) fn users_on_disk(
+    image: &Path,
+    dirs: &[PathBuf],
+) -> std::result::Result<Vec<PathBuf>, String> {
     let mut users = Vec::new();
     let mut seen = HashSet::new();
     for dir in dirs {
