@@ -176,29 +176,40 @@ fn show(paths: &[PathBuf]) -> String {
     names.join(", ")
 }
 
-/// Refuses a disk opened writable on an image a snapshot froze, or on which another image
-/// is built: the guest would change the snapshot. The error names the disk's current top.
+/// Refuses a disk opened writable on an image a snapshot froze or reads through: the guest
+/// would change the snapshot. The error names the disk's current top.
 pub(super) fn refuse_frozen(
     metadata: &Path,
     meta: &TreeFile,
     disks: &[Arc<LiveDisk>],
 ) -> Result<()> {
+    // A snapshot's external image is frozen, and so is every image below it (or below an
+    // image holding internal snapshots): the snapshot reads through them.
+    let backing: HashMap<&Path, &Path> = meta
+        .images
+        .iter()
+        .filter_map(|r| Some((r.path.as_path(), r.backing.as_deref()?)))
+        .collect();
     let mut frozen: HashMap<&Path, String> = HashMap::new();
     for s in &meta.snapshots {
-        if s.kind != SnapshotKind::Internal {
-            for d in &s.disks {
-                frozen
-                    .entry(&d.image)
-                    .or_insert_with(|| format!("snapshot {:?} froze it", s.name));
-            }
-        }
-    }
-    for r in &meta.images {
-        if let Some(backing) = &r.backing {
-            if r.path.exists() {
-                frozen
-                    .entry(backing)
-                    .or_insert_with(|| format!("{} is built on it", r.path.display()));
+        for d in &s.disks {
+            let mut at = if s.kind == SnapshotKind::Internal {
+                backing.get(d.image.as_path()).copied()
+            } else {
+                Some(d.image.as_path())
+            };
+            // Each image is entered once, so a looping record cannot hold this up.
+            while let Some(image) = at {
+                if frozen.contains_key(image) {
+                    break;
+                }
+                let why = if image == d.image {
+                    format!("snapshot {:?} froze it", s.name)
+                } else {
+                    format!("snapshot {:?} reads through it", s.name)
+                };
+                frozen.insert(image, why);
+                at = backing.get(image).copied();
             }
         }
     }
