@@ -184,3 +184,100 @@ fn snapshot_refuses_a_disk_twice_and_a_busy_disk() {
     external_snapshot(&[a]).unwrap();
     assert_eq!(live.top().path(), dir.path().join("a.qcow2"));
 }
+
+/// A real raw image whose flushes fail once `fail` is set: how a disk error looks when an
+/// old top is sealed after the switch (issue 13, finding 8).
+struct FailingFlush {
+    inner: Arc<dyn storage::BlockDevice>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl storage::BlockDevice for FailingFlush {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> storage::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> storage::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> storage::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> storage::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> storage::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(storage::Error::io(
+                self.inner.path(),
+                "fsync",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> storage::Result<storage::BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn info(&self) -> storage::ImageInfo {
+        self.inner.info()
+    }
+    fn backing(&self) -> Option<Arc<dyn storage::BlockDevice>> {
+        self.inner.backing()
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
+/// Finding 8: sealing an old top fails after the disks switched. The overlays are the
+/// disks' tops then, holding the guest's writes: the error says so, and they are kept.
+#[test]
+fn a_seal_failure_after_the_switch_keeps_the_live_overlays() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; SIZE as usize]).unwrap();
+    let raw = storage::open(
+        &base,
+        &storage::OpenOptions {
+            format: Some(storage::ImageFormat::Raw),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let failing = Arc::new(FailingFlush {
+        inner: raw,
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let live = LiveDisk::new("vda", failing.clone());
+    let overlay = dir.path().join("overlay.qcow2");
+    let error = external_snapshot_with(&[DiskOverlay::new(&live, &overlay)], || {
+        // Inside the critical section, after the top's flush in preparation: the seal's
+        // flush is the next one.
+        failing
+            .fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    })
+    .unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, Error::AfterSwitch { .. }), "{text}");
+    assert!(text.contains("overlay.qcow2"), "{text}");
+    assert!(overlay.exists(), "the live overlay was removed");
+    assert_eq!(live.top().path(), overlay.as_path());
+    failing
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    live.write_at(&block_data(0, 3, 7), 3 * BLOCK).unwrap();
+    live.flush().unwrap();
+    drop(live);
+    let reopened = open(&overlay);
+    let mut buf = vec![0u8; BLOCK as usize];
+    reopened.read_at(&mut buf, 3 * BLOCK).unwrap();
+    assert_eq!(generation_of(0, 3, &buf), Some(7));
+}

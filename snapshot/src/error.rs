@@ -93,6 +93,50 @@ pub enum Error {
         /// Why the rollback failed.
         rollback: Box<Error>,
     },
+    /// The disks switched to their new images (the point of no return), then a later step
+    /// failed: nothing was undone, the new images stay the disks' tops and nothing was
+    /// deleted.
+    #[error(
+        "{operation}: the disks switched and now run on {} (kept), but then: {cause}",
+        list(live)
+    )]
+    AfterSwitch {
+        /// What was done ("snapshot \"s1\"", "external snapshot").
+        operation: String,
+        /// Each disk's top now, in disk order.
+        live: Vec<PathBuf>,
+        /// The images the disks left, in disk order.
+        left: Vec<PathBuf>,
+        /// What failed after the switch.
+        cause: Box<Error>,
+    },
+    /// A disk was opened writable on an image a snapshot froze: writing it would change
+    /// the snapshot (and every image built on it).
+    #[error(
+        "disk {disk}: {image} is frozen ({why}) and must not be opened writable; the disk's \
+         current top, recorded in {metadata}, is {current}: start the VM on that image (or \
+         open {image} read-only)"
+    )]
+    Frozen {
+        /// The disk.
+        disk: String,
+        /// The image it was opened on.
+        image: PathBuf,
+        /// Why the image is frozen.
+        why: String,
+        /// The tree's metadata file.
+        metadata: PathBuf,
+        /// The disk's current top as the metadata records it.
+        current: PathBuf,
+    },
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Shorthand for results carrying [`Error`].

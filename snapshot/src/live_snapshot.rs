@@ -86,6 +86,9 @@ pub fn external_snapshot(overlays: &[DiskOverlay]) -> Result<SnapshotReport> {
 /// Like [`external_snapshot`], and runs `hook` while every disk is quiesced (no request in
 /// flight), before any is switched: what the hook records (a memory checkpoint) matches the disks'
 /// contents exactly. A failing hook rolls the snapshot back.
+///
+/// A failure after the disks switched (sealing an old top) is [`Error::AfterSwitch`]: the
+/// snapshot happened, the overlays are the disks' tops and are kept.
 pub fn external_snapshot_with(
     overlays: &[DiskOverlay],
     hook: impl FnOnce() -> std::result::Result<(), HookError>,
@@ -117,8 +120,12 @@ pub fn external_snapshot_with(
         .collect::<std::result::Result<Vec<DiskClaim>, _>>()?;
     let mut prepared = Prepared::default();
     let result = prepare(overlays, &mut prepared).and_then(|()| switch(overlays, &prepared, hook));
-    if result.is_err() {
-        prepared.remove_files();
+    // Past the switch the overlays are the disks' tops, holding the guest's writes: an
+    // error from then on (`AfterSwitch`) never removes them.
+    if let Err(e) = &result {
+        if !matches!(e, Error::AfterSwitch { .. }) {
+            prepared.remove_files();
+        }
     }
     drop(claims);
     result
@@ -233,14 +240,22 @@ fn switch(
         }
         spec.disk.prune_retired();
     }
-    sealed?;
+    let old_tops: Vec<PathBuf> = prepared
+        .old_tops
+        .iter()
+        .map(|t| t.path().to_path_buf())
+        .collect();
+    if let Err(cause) = sealed {
+        return Err(Error::AfterSwitch {
+            operation: "external snapshot".into(),
+            live: overlays.iter().map(|o| o.overlay.clone()).collect(),
+            left: old_tops,
+            cause: Box::new(cause),
+        });
+    }
     Ok(SnapshotReport {
         quiesced_for,
-        old_tops: prepared
-            .old_tops
-            .iter()
-            .map(|t| t.path().to_path_buf())
-            .collect(),
+        old_tops,
     })
 }
 

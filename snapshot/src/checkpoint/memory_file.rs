@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::error::{CheckpointError, CheckpointResult};
@@ -50,12 +50,17 @@ fn header_bytes(id: u64, data_len: u64) -> [u8; 36] {
 impl MemoryFile {
     /// Creates (or truncates) `path` as an all-hole memory file of `data_len` bytes.
     pub fn create(path: &Path, id: u64, data_len: u64) -> CheckpointResult<Self> {
+        // Guest memory: readable by the owner only, whatever the umask (a file that
+        // existed keeps its mode at open, hence the explicit chmod).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(path)
+            .map_err(CheckpointError::io(path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(CheckpointError::io(path))?;
         file.set_len(HEADER_SIZE + data_len)
             .map_err(CheckpointError::io(path))?;

@@ -21,7 +21,7 @@ pub struct MergeReport {
 /// machine state of `top`. `out` is created if absent and must not be part of the chain.
 pub fn merge_chain(top: &Path, out: &Path) -> CheckpointResult<MergeReport> {
     let chain = resolve_chain(top)?;
-    std::fs::create_dir_all(out).map_err(CheckpointError::io(out))?;
+    super::create_private_dir(out)?;
     let out_canonical = out.canonicalize().map_err(CheckpointError::io(out))?;
     for link in &chain {
         if link.dir.canonicalize().ok().as_deref() == Some(out_canonical.as_path()) {
@@ -142,5 +142,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("base was replaced"), "{err}");
+    }
+
+    #[test]
+    fn checkpoint_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        // SAFETY: umask only changes the mode of files created later; other tests' files
+        // get more permissive modes for a moment, which they do not check.
+        let old = unsafe { libc::umask(0) };
+        let full = Manifest::new_full(layout(), serde_json::json!("full"));
+        let a = root.path().join("a");
+        crate::checkpoint::create_private_dir(&a).unwrap();
+        write_checkpoint(&a, &full, &[(1, 1)]);
+        let out = root.path().join("deep/merged");
+        let merged = merge_chain(&a, &out);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        merged.unwrap();
+        for file in [
+            state_path(&a),
+            memory_path(&a),
+            state_path(&out),
+            memory_path(&out),
+        ] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        for dir in [a, out] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        }
     }
 }

@@ -57,6 +57,19 @@ pub fn memory_path(dir: &Path) -> PathBuf {
     dir.join(MEMORY_FILE)
 }
 
+/// Creates directory `dir` (and missing parents) with mode 0700 whatever the umask: a
+/// checkpoint holds guest memory. An existing `dir` is made 0700 too.
+pub fn create_private_dir(dir: &Path) -> CheckpointResult<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(CheckpointError::io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(CheckpointError::io(dir))
+}
+
 /// One checkpoint of a chain: its directory and manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainLink {

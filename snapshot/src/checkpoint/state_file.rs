@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use super::error::{CheckpointError, CheckpointResult};
@@ -179,7 +180,16 @@ pub fn write(path: &Path, manifest: &Manifest) -> CheckpointResult<()> {
 /// Writes framed bytes to `path` durably: a temporary file, fsync, rename.
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> CheckpointResult<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(CheckpointError::io(&tmp))?;
+    // Owner-only whatever the umask: the state holds device and vCPU registers.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(CheckpointError::io(&tmp))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(CheckpointError::io(&tmp))?;
     file.write_all(bytes).map_err(CheckpointError::io(&tmp))?;
     file.sync_all().map_err(CheckpointError::io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(CheckpointError::io(path))?;

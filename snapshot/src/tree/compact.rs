@@ -30,8 +30,8 @@ impl SnapshotTree {
     /// is a disk's active image, or is shared by two images built on it.
     pub(super) fn compact(&self) -> Result<()> {
         while let Some(step) = self.next_merge() {
-            self.run_merge(step)?;
-            self.save()?;
+            let unnamed = self.run_merge(step)?;
+            self.remove_unnamed(unnamed)?;
         }
         Ok(())
     }
@@ -122,7 +122,9 @@ impl SnapshotTree {
         }
     }
 
-    fn run_merge(&self, step: Merge) -> Result<()> {
+    /// Runs one step; returns the files it left that nothing names any more (forgotten in
+    /// memory, not yet removed).
+    fn run_merge(&self, step: Merge) -> Result<Vec<PathBuf>> {
         let backing_of = |path: &Path| -> Option<PathBuf> {
             self.meta
                 .lock()
@@ -133,8 +135,29 @@ impl SnapshotTree {
         };
         match step {
             Merge::Delete(image) => {
-                remove_file(&image);
-                self.meta.lock().images.retain(|r| r.path != image);
+                // The metadata may not know every file built on the image (one a crash or
+                // the user left): such a file would lose its backing file.
+                let dirs: Vec<PathBuf> = image
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .into_iter()
+                    .chain([self.dir.clone()])
+                    .collect();
+                let users = recovery::users_on_disk(&image, &dirs);
+                let mut meta = self.meta.lock();
+                match users {
+                    Ok(users) if users.is_empty() => {
+                        meta.images.retain(|r| r.path != image);
+                        return Ok(vec![image]);
+                    }
+                    found => {
+                        tracing::warn!(image = %image.display(), users = ?found,
+                            "keeping an image other files are (or may be) built on; no longer managed by the tree");
+                        if let Some(r) = meta.images.iter_mut().find(|r| r.path == image) {
+                            r.owned = false;
+                        }
+                    }
+                }
             }
             Merge::Stream { disk, image } => {
                 let below = backing_of(&image);
@@ -147,7 +170,7 @@ impl SnapshotTree {
                         ..Default::default()
                     },
                 )?)?;
-                self.forget_merged(&top, below, &image);
+                return Ok(self.forget_merged(&top, below, &image));
             }
             Merge::Commit { disk, top, image } => {
                 tracing::info!(image = %top.display(), into = %image.display(), "merging by commit");
@@ -173,8 +196,7 @@ impl SnapshotTree {
                     }
                 }
                 meta.images.retain(|r| r.path != top);
-                drop(meta);
-                remove_file(&top);
+                return Ok(vec![top]);
             }
             Merge::Rebase { top, image } => {
                 let below = backing_of(&image);
@@ -185,21 +207,20 @@ impl SnapshotTree {
                     None => None,
                 };
                 crate::offline::rebase(&top, name.as_deref(), format, false, &mut |_, _| {})?;
-                self.forget_merged(&top, below, &image);
+                return Ok(self.forget_merged(&top, below, &image));
             }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     /// After `image` was merged into `top` (which now reads through to `below`): records the
-    /// new link, forgets `image` and removes its file.
-    fn forget_merged(&self, top: &Path, below: Option<PathBuf>, image: &Path) {
+    /// new link and forgets `image`, whose file is returned to be removed.
+    fn forget_merged(&self, top: &Path, below: Option<PathBuf>, image: &Path) -> Vec<PathBuf> {
         let mut meta = self.meta.lock();
         if let Some(r) = meta.images.iter_mut().find(|r| r.path == top) {
             r.backing = below;
         }
         meta.images.retain(|r| r.path != image);
-        drop(meta);
-        remove_file(image);
+        vec![image.to_path_buf()]
     }
 }

@@ -31,11 +31,12 @@ impl SnapshotTree {
             checkpoint: None,
             vm_state_size: 0,
         };
-        if options.internal {
-            self.create_internal(&mut info)?;
-        } else {
-            self.create_external(&mut info)?;
+        if !options.internal {
+            let created = self.create_external(info);
+            self.clear_failed_intent();
+            return created;
         }
+        self.create_internal(&mut info)?;
         {
             let mut meta = self.meta.lock();
             meta.snapshots.push(info.clone());
@@ -46,75 +47,137 @@ impl SnapshotTree {
         Ok(info)
     }
 
-    fn create_external(&self, info: &mut SnapshotInfo) -> Result<()> {
+    /// Refuses a snapshot that would make some disk's chain deeper than storage opens.
+    fn check_depth(&self) -> Result<()> {
+        for disk in &self.disks {
+            let layers = chain::layers(&disk.top()).len();
+            if layers >= MAX_CHAIN_LAYERS {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {}: its chain has {layers} layers, and an external snapshot adds one: \
+                     more than the {MAX_CHAIN_LAYERS} layers (a backing chain {} deep, \
+                     storage::DEFAULT_MAX_CHAIN_DEPTH) that can be opened again; delete \
+                     snapshots (which merges their layers) or take an internal snapshot",
+                    disk.name(),
+                    storage::DEFAULT_MAX_CHAIN_DEPTH
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn create_external(&self, mut info: SnapshotInfo) -> Result<SnapshotInfo> {
         info.kind = if info.memory {
             SnapshotKind::ExternalWithMemory
         } else {
             SnapshotKind::ExternalDiskOnly
         };
+        self.check_depth()?;
+        let frozen: Vec<PathBuf> = self.disks.iter().map(|d| abs(d.top().path())).collect();
         let overlays: Vec<DiskOverlay> = self
             .disks
             .iter()
-            .map(|d| {
-                DiskOverlay::new(
-                    d,
-                    self.fresh_path(&abs(d.top().path()), d.name(), &info.name, ""),
-                )
-            })
+            .zip(&frozen)
+            .map(|(d, top)| DiskOverlay::new(d, self.fresh_path(top, d.name(), &info.name, "")))
             .collect();
+        let live: Vec<PathBuf> = overlays.iter().map(|o| abs(&o.overlay)).collect();
         let checkpoint = info.memory.then(|| self.checkpoint_dir(&info.name));
         if let Some(dir) = &checkpoint {
-            if dir.exists() {
+            if dir.symlink_metadata().is_ok() {
                 return Err(Error::Exists { path: dir.clone() });
             }
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", parent.display())))?;
-            }
+            self.make_checkpoints_dir(dir)?;
         }
-        let was_running = self.pause_for(info)?;
+        info.checkpoint = checkpoint.clone();
+        info.disks = self
+            .disks
+            .iter()
+            .zip(&frozen)
+            .map(|(d, image)| DiskImage {
+                disk: d.name().to_string(),
+                image: image.clone(),
+            })
+            .collect();
+        let records: Vec<ImageRecord> = live
+            .iter()
+            .zip(&frozen)
+            .map(|(path, below)| ImageRecord {
+                path: path.clone(),
+                backing: Some(below.clone()),
+                owned: true,
+            })
+            .collect();
+        let was_running = self.pause_for(&mut info)?;
+        let intent = Intent {
+            op: IntentOp::Create,
+            snapshot: info.name.clone(),
+            files: live.clone(),
+            fresh_overlays: true,
+            info: Some(info.clone()),
+            records: records.clone(),
+            tops: live.clone(),
+        };
+        if let Err(e) = self.write_intent(intent) {
+            self.resume_or_log(was_running);
+            return Err(e);
+        }
         let vm = self.vm_state.clone();
         let result = external_snapshot_with(&overlays, || match (&vm, &checkpoint) {
             (Some(vm), Some(dir)) => vm.save_checkpoint(dir),
             _ => Ok(()),
         });
-        let resumed = self.resume_if(was_running);
-        let report = match result {
-            Ok(report) => report,
+        let late = match result {
+            Ok(_) => None,
+            Err(Error::AfterSwitch { cause, .. }) => Some(*cause),
             Err(e) => {
+                // Nothing switched; the overlays are gone, and so goes the checkpoint.
                 if let Some(dir) = &checkpoint {
-                    let _ = std::fs::remove_dir_all(dir);
+                    recovery::remove_path(dir);
                 }
+                self.clear_intent();
+                self.resume_or_log(was_running);
                 return Err(e);
             }
         };
+        // Past the point of no return: the snapshot exists. Committed before the vCPUs of a
+        // snapshot with memory run again; a disk-only snapshot's guest may already write to
+        // the overlays, which the intent names until this lands.
+        if let Some(dir) = &checkpoint {
+            if let Err(e) = crate::checkpoint::create_private_dir(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "making a checkpoint owner-only failed");
+            }
+        }
         {
             let mut meta = self.meta.lock();
-            for (overlay, old) in overlays.iter().zip(&report.old_tops) {
-                let old = abs(old);
-                meta.images.push(ImageRecord {
-                    path: abs(&overlay.overlay),
-                    backing: Some(old.clone()),
-                    owned: true,
-                });
-                info.disks.push(DiskImage {
-                    disk: overlay.disk.name().to_string(),
-                    image: old,
-                });
-            }
+            meta.images.retain(|r| !live.contains(&r.path));
+            meta.images.extend(records);
+            meta.snapshots.push(info.clone());
+            meta.current = Some(info.name.clone());
+            meta.pending = None;
         }
-        info.checkpoint = checkpoint;
-        if let Err(e) = resumed {
-            // The snapshot exists: record it before reporting that the VM stayed paused.
-            {
-                let mut meta = self.meta.lock();
-                meta.snapshots.push(info.clone());
-                meta.current = Some(info.name.clone());
-            }
-            self.save()?;
-            return Err(e);
+        let saved = self.save();
+        let resumed = self.resume_if(was_running);
+        let after = |cause: Error| Error::AfterSwitch {
+            operation: format!("snapshot {:?}", info.name),
+            live: live.clone(),
+            left: frozen.clone(),
+            cause: Box::new(cause),
+        };
+        if let Err(e) = saved {
+            return Err(after(e));
         }
-        Ok(())
+        if let Some(cause) = late {
+            return Err(after(cause));
+        }
+        resumed?;
+        tracing::info!(snapshot = %info.name, kind = %info.kind, "snapshot created");
+        Ok(info)
+    }
+
+    /// Resumes the vCPUs after a failure, which is what gets reported.
+    fn resume_or_log(&self, run: bool) {
+        if let Err(e) = self.resume_if(run) {
+            tracing::error!(error = %e, "resuming the vCPUs after a failed snapshot failed");
+        }
     }
 
     /// Records the VM's state in `info` and, for a snapshot with memory, pauses the vCPUs

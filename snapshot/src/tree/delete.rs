@@ -19,9 +19,9 @@ impl SnapshotTree {
         };
         let mut deleted = Vec::new();
         for target in targets {
-            self.delete_one(&target, options.metadata_only)?;
+            let unnamed = self.delete_one(&target, options.metadata_only)?;
             deleted.push(target);
-            self.save()?;
+            self.remove_unnamed(unnamed)?;
         }
         if !options.metadata_only {
             self.compact()?;
@@ -47,18 +47,32 @@ impl SnapshotTree {
         out
     }
 
-    fn delete_one(&self, name: &str, metadata_only: bool) -> Result<()> {
+    /// Forgets snapshot `name`; returns its checkpoint directory, to be removed once the
+    /// metadata no longer names it.
+    fn delete_one(&self, name: &str, metadata_only: bool) -> Result<Vec<PathBuf>> {
         let snapshot = self.get(name)?;
+        let mut unnamed = Vec::new();
         if !metadata_only {
-            if snapshot.kind == SnapshotKind::Internal {
-                self.delete_internal(&snapshot)?;
-            }
-            if let Some(dir) = &snapshot.checkpoint {
-                if let Err(e) = std::fs::remove_dir_all(dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "removing a checkpoint failed");
-                }
-            }
+            unnamed.extend(snapshot.checkpoint.clone());
         }
+        if snapshot.kind == SnapshotKind::Internal && !metadata_only {
+            // Forgotten (and written) first, then removed from the images: a crash in
+            // between leaves an internal snapshot nothing lists, never a listed snapshot
+            // whose data is gone.
+            let claims = self.claim_all("snapshot-delete")?;
+            self.forget(&snapshot, false);
+            self.save()?;
+            self.delete_internal(&snapshot)?;
+            drop(claims);
+            return Ok(unnamed);
+        }
+        self.forget(&snapshot, metadata_only);
+        Ok(unnamed)
+    }
+
+    /// Forgets `snapshot` in memory: its children hang from its parent.
+    fn forget(&self, snapshot: &SnapshotInfo, metadata_only: bool) {
+        let name = snapshot.name.as_str();
         let mut meta = self.meta.lock();
         meta.snapshots.retain(|s| s.name != name);
         for child in meta.snapshots.iter_mut() {
@@ -79,13 +93,12 @@ impl SnapshotTree {
             }
         }
         tracing::info!(snapshot = name, metadata_only, "snapshot deleted");
-        Ok(())
     }
 
     fn delete_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {
         for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
             if abs(disk.top().path()) == d.image {
-                let _claim = disk.claim("snapshot-delete")?;
+                // The caller holds the disk's claim.
                 let mut guard = disk.quiesce();
                 let mut image = reopen_top(&guard)?;
                 let deleted = image.delete_snapshot(&snapshot.name);

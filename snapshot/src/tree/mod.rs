@@ -26,7 +26,18 @@
 //!
 //! The metadata (see [`metadata`]) lives in one JSON file, rewritten atomically after every
 //! change; checkpoints are created in a directory beside it, overlays beside the image they
-//! are built on (`STEM.NAME.qcow2`).
+//! are built on (`STEM.NAME.qcow2`). The metadata, checkpoint files and directories are the
+//! owner's only (0600 and 0700) whatever the umask: they hold guest memory.
+//!
+//! **Nothing is lost to a crash or a full disk.** Before an operation creates or removes a
+//! file it records its [`Intent`] in the metadata; it commits (the new snapshot or current
+//! state, intent cleared) right after the point of no return — for snapshots with memory and
+//! reverts before the vCPUs run again. The next [`SnapshotTree::open`] completes an operation
+//! whose disks had switched and undoes one whose had not, so the metadata always names every
+//! file that holds guest data. A failure before the point of no return rolls back whole; one
+//! after it ([`Error::AfterSwitch`]) keeps every file the disks now use. An image a snapshot
+//! froze is never opened writable ([`Error::Frozen`]), compaction never deletes a file
+//! another file is built on, and a chain never grows deeper than storage opens.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -58,6 +69,7 @@ mod create;
 mod delete;
 mod internal;
 pub mod metadata;
+mod recovery;
 mod revert;
 
 use std::path::{Path, PathBuf};
@@ -74,7 +86,15 @@ use crate::error::{Error, Result};
 use crate::job::{Job, JobInfo};
 use crate::vm_state::VmState;
 
-pub use metadata::{DiskImage, ImageRecord, RunState, SnapshotInfo, SnapshotKind, TreeFile};
+pub use metadata::{
+    DiskImage, FaultHook, ImageRecord, Intent, IntentOp, RunState, SaveStep, SnapshotInfo,
+    SnapshotKind, TreeFile,
+};
+
+/// Most layers a disk's chain may have: storage opens an image at most
+/// [`storage::DEFAULT_MAX_CHAIN_DEPTH`] backing files deep, and reverts, restarts and every
+/// `img` verb open the chain with that limit.
+pub const MAX_CHAIN_LAYERS: usize = storage::DEFAULT_MAX_CHAIN_DEPTH + 1;
 
 /// Longest snapshot name accepted.
 pub const MAX_NAME: usize = 200;
@@ -141,6 +161,7 @@ pub struct SnapshotTree {
     meta: Mutex<TreeFile>,
     jobs: Mutex<Vec<Job>>,
     problems: Vec<String>,
+    faults: Mutex<Option<FaultHook>>,
 }
 
 impl std::fmt::Debug for SnapshotTree {
@@ -229,6 +250,10 @@ impl SnapshotTree {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let names: Vec<String> = disks.iter().map(|d| d.name().to_string()).collect();
+        // A crash while the metadata was written leaves its temporary: never a valid file.
+        if let Err(e) = metadata::remove_if_present(&metadata::temp_path(&path)) {
+            tracing::warn!(metadata = %path.display(), error = %e, "removing a stale temporary failed");
+        }
         let (meta, mut problems) = if path.exists() {
             let file = TreeFile::load(&path)?;
             if file.disks != names {
@@ -245,6 +270,10 @@ impl SnapshotTree {
             (TreeFile::new(names), Vec::new())
         };
         let mut meta = meta;
+        let tops: Vec<PathBuf> = disks.iter().map(|d| abs(d.top().path())).collect();
+        let resolved = meta.pending.is_some();
+        problems.extend(recovery::resolve(&mut meta, &tops));
+        recovery::refuse_frozen(&path, &meta, &disks)?;
         let recorded_active = meta.active.clone();
         for (disk, recorded) in disks.iter().zip(&recorded_active) {
             let actual = abs(disk.top().path());
@@ -276,9 +305,40 @@ impl SnapshotTree {
             meta: Mutex::new(meta),
             jobs: Mutex::new(Vec::new()),
             problems,
+            faults: Mutex::new(None),
         };
         tree.register_live_chains();
+        if resolved {
+            // Written now so the operation is not resolved again against other files.
+            if let Err(e) = tree.save() {
+                tracing::warn!(metadata = %tree.path.display(), error = %e,
+                    "recording the resolved interrupted operation failed; the next open resolves it again");
+            }
+        }
         Ok(tree)
+    }
+
+    /// The image each disk should be opened on to go on from the tree at `path` after the
+    /// VM stopped (or crashed): the active images it records, or the new images of an
+    /// interrupted create or revert the guest had already written to. Empty when there is
+    /// no metadata yet.
+    pub fn resume_tops(path: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+        let path = abs(path.as_ref());
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let mut meta = TreeFile::load(&path)?;
+        // Resolved in memory only, as if no disk ran on the new files: what remains is
+        // where the guest's data is.
+        let active = meta.active.clone();
+        recovery::resolve_dry(&mut meta, &active);
+        Ok(meta.active)
+    }
+
+    /// Installs `hook`, called before each step of every metadata write (tests use it to
+    /// fail a step with ENOSPC or EIO, or to stop the process there).
+    pub fn set_fault_hook(&self, hook: FaultHook) {
+        *self.faults.lock() = Some(hook);
     }
 
     /// Sets how disk-only snapshots learn whether the VM runs (the default says running).
@@ -449,9 +509,70 @@ impl SnapshotTree {
     /// Writes the metadata file, recording each disk's active image.
     fn save(&self) -> Result<()> {
         let active: Vec<PathBuf> = self.disks.iter().map(|d| abs(d.top().path())).collect();
+        let faults = self.faults.lock().clone();
         let mut meta = self.meta.lock();
         meta.active = active;
-        meta.save(&self.path)
+        meta.save_with(&self.path, faults.as_ref())
+    }
+
+    /// Records `intent` in the metadata file before the operation touches any file; on
+    /// failure nothing is recorded and the operation must not start.
+    fn write_intent(&self, intent: Intent) -> Result<()> {
+        self.meta.lock().pending = Some(intent);
+        let saved = self.save();
+        if saved.is_err() {
+            self.meta.lock().pending = None;
+        }
+        saved
+    }
+
+    /// Forgets the intent of an operation that rolled back (its files are gone). If the
+    /// write fails the file still names the intent, which the next open resolves the same
+    /// way.
+    fn clear_intent(&self) {
+        self.meta.lock().pending = None;
+        if let Err(e) = self.save() {
+            tracing::warn!(metadata = %self.path.display(), error = %e,
+                "recording a rolled-back operation failed; the next open finishes the rollback");
+        }
+    }
+
+    /// After an operation returned: an intent still pending belongs to a failure that
+    /// removed its files on the way out (a committed operation clears it).
+    fn clear_failed_intent(&self) {
+        if self.meta.lock().pending.is_some() {
+            self.clear_intent();
+        }
+    }
+
+    /// Removes files (or checkpoint directories) the in-memory metadata no longer names:
+    /// first the metadata is written naming them as to be removed, so a crash in between
+    /// leaves no file unaccounted for; then they go.
+    fn remove_unnamed(&self, files: Vec<PathBuf>) -> Result<()> {
+        if files.is_empty() {
+            return self.save();
+        }
+        self.write_intent(Intent {
+            op: IntentOp::Remove,
+            snapshot: String::new(),
+            files: files.clone(),
+            fresh_overlays: false,
+            info: None,
+            records: Vec::new(),
+            tops: Vec::new(),
+        })?;
+        files.iter().for_each(|f| recovery::remove_path(f));
+        self.meta.lock().pending = None;
+        self.save()
+    }
+
+    /// Creates the directory holding the tree's checkpoints, owner-only.
+    fn make_checkpoints_dir(&self, checkpoint: &Path) -> Result<()> {
+        match checkpoint.parent() {
+            Some(parent) => crate::checkpoint::create_private_dir(parent)
+                .map_err(|e| Error::InvalidArgument(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// A new file beside `image` for disk `disk`'s image of snapshot `name`:

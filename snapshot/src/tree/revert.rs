@@ -8,7 +8,7 @@ use super::*;
 /// a plain image (no internal snapshots of its own) on `source`'s backing chain that reads
 /// as the snapshot did, while `source` and its snapshot stay as they are.
 fn copy_with_snapshot_applied(source: &Path, path: &Path, name: &str) -> Result<Qcow2Image> {
-    std::fs::copy(source, path).map_err(|e| {
+    copy_private(source, path).map_err(|e| {
         Error::InvalidArgument(format!(
             "copying {} to {}: {e}",
             source.display(),
@@ -34,6 +34,20 @@ fn copy_with_snapshot_applied(source: &Path, path: &Path, name: &str) -> Result<
     Ok(copy)
 }
 
+/// Copies `source` to a new file `path`, owner-only whatever the umask (a disk image holds
+/// the guest's data), and syncs it.
+fn copy_private(source: &Path, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut from = std::fs::File::open(source)?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::copy(&mut from, &mut to)?;
+    to.sync_all()
+}
+
 impl SnapshotTree {
     /// Reverts every disk (and, for a snapshot with memory, the VM) to snapshot `name`, which
     /// becomes current. The VM's vCPUs are paused while the disks switch; afterwards the VM
@@ -50,26 +64,103 @@ impl SnapshotTree {
             )));
         }
         self.register_live_chains();
-        if snapshot.kind == SnapshotKind::Internal {
-            self.revert_internal(&snapshot)?;
+        // Each commits the metadata (current snapshot, new images) before the vCPUs run.
+        let reverted = if snapshot.kind == SnapshotKind::Internal {
+            self.revert_internal(&snapshot)
         } else {
-            self.revert_external(&snapshot)?;
-        }
-        self.meta.lock().current = Some(name.to_string());
-        self.save()?;
+            self.revert_external(&snapshot)
+        };
+        self.clear_failed_intent();
+        reverted?;
         self.compact()?;
         tracing::info!(snapshot = name, "reverted");
         Ok(snapshot)
     }
 
+    /// Records the intent of a revert to `snapshot` whose disks switch to `files` (one per
+    /// disk that gets a new file) with `records`; `tops` are the disks' tops afterwards.
+    fn revert_intent(
+        &self,
+        snapshot: &SnapshotInfo,
+        files: &[PathBuf],
+        fresh_overlays: bool,
+        records: &[ImageRecord],
+        tops: Vec<PathBuf>,
+    ) -> Result<()> {
+        self.write_intent(Intent {
+            op: IntentOp::Revert,
+            snapshot: snapshot.name.clone(),
+            files: files.iter().map(|p| abs(p)).collect(),
+            fresh_overlays,
+            info: None,
+            records: records.to_vec(),
+            tops,
+        })
+    }
+
+    /// Commits a revert whose disks switched: the new images and the current snapshot, in
+    /// memory and in the file. A failure to write is [`Error::AfterSwitch`].
+    fn commit_revert(
+        &self,
+        snapshot: &SnapshotInfo,
+        records: &[ImageRecord],
+        left: &[Arc<dyn BlockDevice>],
+    ) -> Result<()> {
+        {
+            let mut meta = self.meta.lock();
+            for record in records {
+                meta.images.retain(|r| r.path != record.path);
+                meta.images.push(record.clone());
+            }
+            meta.current = Some(snapshot.name.clone());
+            meta.pending = None;
+        }
+        self.save().map_err(|e| Error::AfterSwitch {
+            operation: format!("revert to {:?}", snapshot.name),
+            live: self.disks.iter().map(|d| abs(d.top().path())).collect(),
+            left: left.iter().map(|t| t.path().to_path_buf()).collect(),
+            cause: Box::new(e),
+        })
+    }
+
     fn revert_external(&self, snapshot: &SnapshotInfo) -> Result<()> {
+        let paths: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .zip(&snapshot.disks)
+            .map(|(disk, d)| self.fresh_path(&d.image, disk.name(), &snapshot.name, ".revert"))
+            .collect();
+        let records: Vec<ImageRecord> = paths
+            .iter()
+            .zip(&snapshot.disks)
+            .map(|(path, d)| ImageRecord {
+                path: abs(path),
+                backing: Some(d.image.clone()),
+                owned: true,
+            })
+            .collect();
+        let live: Vec<PathBuf> = records.iter().map(|r| r.path.clone()).collect();
+        self.revert_intent(snapshot, &paths, true, &records, live)?;
         let mut created = Created::default();
-        let tops = self.prepare_revert_overlays(snapshot, &mut created.paths)?;
-        let claims = self.claim_all("snapshot-revert")?;
+        let prepared = self
+            .prepare_revert_overlays(snapshot, &paths, &mut created.paths)
+            .and_then(|tops| Ok((tops, self.claim_all("snapshot-revert")?)));
+        let (tops, claims) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                drop(created);
+                self.clear_intent();
+                return Err(e);
+            }
+        };
         let was_running = self.pause()?;
         let old_tops = match self.switch(&tops) {
             Ok(old) => old,
             Err(e) => {
+                drop(claims);
+                drop(tops);
+                drop(created);
+                self.clear_intent();
                 self.resume_if(was_running)?;
                 return Err(e);
             }
@@ -80,20 +171,30 @@ impl SnapshotTree {
                 let back = self.switch(&old_tops);
                 drop(claims);
                 if back.is_ok() {
+                    drop(tops);
+                    drop(created);
+                    self.clear_intent();
                     self.resume_if(was_running)?;
                 } else {
                     // Some disk stays on the snapshot's overlay: keep the files it uses.
                     created.keep = true;
-                    self.record_created(&created.paths, snapshot);
+                    {
+                        let mut meta = self.meta.lock();
+                        meta.images.extend(records);
+                        meta.pending = None;
+                    }
+                    self.save()?;
                 }
                 return Err(Error::Hook(e));
             }
         }
         drop(claims);
         created.keep = true;
-        self.record_created(&created.paths, snapshot);
+        let committed = self.commit_revert(snapshot, &records, &old_tops);
         self.seal_left(&old_tops);
-        self.resume_after_revert(snapshot, was_running)
+        let resumed = self.resume_after_revert(snapshot, was_running);
+        committed?;
+        resumed
     }
 
     /// Resumes the vCPUs after a revert: as the snapshot had them when it holds memory,
@@ -106,26 +207,15 @@ impl SnapshotTree {
         self.resume_if(run)
     }
 
-    /// Records the overlays a revert made on the snapshot's frozen images.
-    fn record_created(&self, paths: &[PathBuf], snapshot: &SnapshotInfo) {
-        let mut meta = self.meta.lock();
-        for (path, d) in paths.iter().zip(&snapshot.disks) {
-            meta.images.push(ImageRecord {
-                path: abs(path),
-                backing: Some(d.image.clone()),
-                owned: true,
-            });
-        }
-    }
-
     /// Creates and opens a fresh overlay on each of the snapshot's frozen images.
     fn prepare_revert_overlays(
         &self,
         snapshot: &SnapshotInfo,
+        paths: &[PathBuf],
         created: &mut Vec<PathBuf>,
     ) -> Result<Vec<Arc<dyn BlockDevice>>> {
         let mut tops = Vec::new();
-        for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
+        for ((disk, d), path) in self.disks.iter().zip(&snapshot.disks).zip(paths) {
             let frozen = storage::open(
                 &d.image,
                 &OpenOptions {
@@ -133,7 +223,6 @@ impl SnapshotTree {
                     ..OpenOptions::default()
                 },
             )?;
-            let path = self.fresh_path(&d.image, disk.name(), &snapshot.name, ".revert");
             let options = storage::qcow2::CreateOptions {
                 size: Some(disk.size()),
                 cluster_size: frozen
@@ -145,9 +234,9 @@ impl SnapshotTree {
                 ..Default::default()
             };
             created.push(path.clone());
-            storage::qcow2::create(&path, &options)?;
+            storage::qcow2::create(path, &options)?;
             let overlay =
-                Qcow2Image::open_with(&path, false, &OpenOptions::default(), |_, _| Ok(frozen))?;
+                Qcow2Image::open_with(path, false, &OpenOptions::default(), |_, _| Ok(frozen))?;
             tops.push(Arc::new(overlay) as Arc<dyn BlockDevice>);
         }
         Ok(tops)
@@ -160,21 +249,50 @@ impl SnapshotTree {
         // their files.
         let mut created = Created::default();
         let mut copies: Vec<Option<Arc<dyn BlockDevice>>> = Vec::new();
-        // The image each copy copies, for the records.
-        let mut sources: Vec<PathBuf> = Vec::new();
+        // Per disk: the copy's path when it gets one, and its record.
+        let mut plan: Vec<Option<PathBuf>> = Vec::new();
+        let mut records = Vec::new();
+        let mut tops = Vec::new();
         for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
             if abs(disk.top().path()) == d.image {
-                copies.push(None);
+                plan.push(None);
+                tops.push(d.image.clone());
                 continue;
             }
             let path = self.fresh_path(&d.image, disk.name(), &snapshot.name, ".copy");
+            let backing = self
+                .meta
+                .lock()
+                .images
+                .iter()
+                .find(|r| r.path == d.image)
+                .and_then(|r| r.backing.clone());
+            records.push(ImageRecord {
+                path: abs(&path),
+                backing,
+                owned: true,
+            });
+            tops.push(abs(&path));
+            plan.push(Some(path));
+        }
+        let files: Vec<PathBuf> = plan.iter().flatten().cloned().collect();
+        // Copies are not empty when made: only a disk running on one shows a switch.
+        self.revert_intent(snapshot, &files, false, &records, tops)?;
+        for (disk_image, path) in snapshot.disks.iter().zip(&plan) {
+            let Some(path) = path else {
+                copies.push(None);
+                continue;
+            };
             created.paths.push(path.clone());
-            sources.push(d.image.clone());
-            copies.push(Some(Arc::new(copy_with_snapshot_applied(
-                &d.image,
-                &path,
-                &snapshot.name,
-            )?)));
+            match copy_with_snapshot_applied(&disk_image.image, path, &snapshot.name) {
+                Ok(copy) => copies.push(Some(Arc::new(copy))),
+                Err(e) => {
+                    drop(copies);
+                    drop(created);
+                    self.clear_intent();
+                    return Err(e);
+                }
+            }
         }
         let mut reader = match (snapshot.memory, &self.vm_state) {
             (true, Some(_)) => {
@@ -199,43 +317,47 @@ impl SnapshotTree {
             }
             _ => None,
         };
-        let claims = self.claim_all("snapshot-revert")?;
+        let claimed = self.claim_all("snapshot-revert");
+        let claims = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                drop(copies);
+                drop(created);
+                self.clear_intent();
+                return Err(e);
+            }
+        };
         let was_running = self.pause()?;
         let switched = self.switch_internal(snapshot, &copies);
         drop(claims);
         // From here some disk may use a copy: the copies are the tree's to manage.
         created.keep = true;
-        {
-            let mut meta = self.meta.lock();
-            for (path, source) in created.paths.iter().zip(&sources) {
-                let backing = meta
-                    .images
-                    .iter()
-                    .find(|r| &r.path == source)
-                    .and_then(|r| r.backing.clone());
-                meta.images.push(ImageRecord {
-                    path: abs(path),
-                    backing,
-                    owned: true,
-                });
-            }
-        }
         let old_tops = match switched {
             Ok(old) => old,
             Err(e) => {
+                {
+                    let mut meta = self.meta.lock();
+                    meta.images.extend(records);
+                    meta.pending = None;
+                }
+                self.save()?;
                 self.resume_if(was_running)?;
                 return Err(e);
             }
         };
+        let committed = self.commit_revert(snapshot, &records, &old_tops);
         if let (Some(vm), Some(reader)) = (&self.vm_state, reader.as_mut()) {
             if let Err(e) = vm.load_stream(reader) {
                 // The disks are the snapshot's now; the VM stays paused rather than run
                 // memory that does not match them.
+                committed?;
                 return Err(Error::Hook(e));
             }
         }
         self.seal_left(&old_tops);
-        self.resume_after_revert(snapshot, was_running)
+        let resumed = self.resume_after_revert(snapshot, was_running);
+        committed?;
+        resumed
     }
 
     /// The critical section of an internal revert; returns the tops left (in-place disks'
