@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// Serve the REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// The snapshot tree's metadata file, used with --api-socket [default:
+    /// The snapshot tree's metadata file [default:
     /// snapvmm-snapshots.json beside the first writable disk's image].
     #[arg(long, value_name = "FILE.json")]
     snapshot_metadata: Option<PathBuf>,
@@ -180,6 +180,19 @@ fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<Exi
     serve_api(sandbox, socket)
 }
 
+/// Runs the VM with no API until it ends; its snapshot tree is opened all the same, so the
+/// metadata's checks (no writable disk on a frozen image) hold.
+fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, String> {
+    let options = SandboxOptions {
+        snapshot_metadata: api.snapshot_metadata.clone(),
+    };
+    let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
+    for problem in sandbox.warnings() {
+        eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
+    }
+    sandbox.wait().map_err(|e| e.to_string())
+}
+
 /// Serves the REST API for `sandbox` on `socket` until its VM ends. Problems found in the
 /// snapshot metadata are printed as warnings first.
 pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, String> {
@@ -214,7 +227,9 @@ pub fn main(args: RunArgs) -> u8 {
     }
     let result = match &api.socket {
         Some(socket) => run_with_api(&config, &api, socket),
-        None => vmm::run(&config).map_err(|e| e.to_string()),
+        // Without an API the snapshot tree is still opened: it is what refuses to let the
+        // guest write into an image a snapshot froze.
+        None => run_without_api(&config, &api),
     };
     match result {
         Ok(reason) if reason.is_clean() => {

@@ -211,6 +211,19 @@ impl Vmm {
 
     /// As [`Vmm::start`], with the console going to `serial`.
     pub fn start_with_serial(config: &VmConfig, serial: Box<dyn Write + Send>) -> Result<Self> {
+        Self::boot(config, serial, false)
+    }
+
+    /// As [`Vmm::start`], but the vCPUs wait for [`PauseGate::resume`] before running a
+    /// single guest instruction: a caller checks what must hold before the guest may touch
+    /// its disks (a snapshot tree refusing an image a snapshot froze), then lets it run.
+    pub fn start_paused(config: &VmConfig) -> Result<Self> {
+        Self::boot(config, open_serial(&config.serial)?, true)
+    }
+
+    /// Builds the VM `config` describes and starts its vCPU threads, held at the pause gate
+    /// when `paused`.
+    fn boot(config: &VmConfig, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
         let memory_bytes = check_config(config)?;
         if matches!(config.boot, BootSource::MicroGuest { .. }) && memory_bytes < guest::MIN_MEMORY
         {
@@ -298,7 +311,7 @@ impl Vmm {
             assembled,
             vcpus,
             exit,
-            false,
+            paused,
             Tracking::default(),
         )
     }

@@ -43,8 +43,14 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Boots a VM as `config` describes and takes control of it.
+    ///
+    /// The vCPUs start held and run only once the snapshot tree has opened: a tree that
+    /// refuses a disk (an image a snapshot froze, given as writable) stops the VM before the
+    /// guest could write a byte into it.
     pub fn start(config: &VmConfig, options: &SandboxOptions) -> Result<Self> {
-        Sandbox::with_vmm(Vmm::start(config)?, options)
+        let sandbox = Sandbox::with_vmm(Vmm::start_paused(config)?, options)?;
+        sandbox.vmm.pause_gate().resume();
+        Ok(sandbox)
     }
 
     /// Starts a VM from the checkpoint in `dir` (a full checkpoint or the top of a diff
