@@ -1,8 +1,6 @@
 //! `snapvmm ctl` against the API server in this process, serving a fake VM over real disk
 //! images: every verb, text and `--json`, without KVM.
 
-mod vmm_util;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -100,7 +98,7 @@ impl Fixture {
     fn build(memory: Option<Arc<FakeMemory>>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
-        vmm_util::qcow2(&base, 4 << 20, None);
+        test_support::image::qcow2(&base, 4 << 20, None);
         let disk = LiveDisk::new(
             "vda",
             storage::open(&base, &OpenOptions::default()).unwrap(),
@@ -140,11 +138,11 @@ impl Fixture {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        vmm_util::ctl(&self.socket, args)
+        test_support::snapvmm_binary!().ctl(&self.socket, args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        vmm_util::ctl_ok(&self.socket, args, String::new)
+        test_support::snapvmm_binary!().ctl_ok(&self.socket, args, String::new)
     }
 
     fn fails(&self, args: &[&str]) -> String {

@@ -5,25 +5,31 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
-mod vmm_util;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use snapvmm_api::types::{DiskInfo, Fault, VmInfo};
 use snapvmm_api::{ApiClient, VmState};
-use vmm_util::{counters, kvm_or_skip, last_counter, qemu_img_check, RunningVm};
+use test_support::image::qcow2;
+use test_support::qemu::assert_check_clean_if_available;
+use test_support::require::have_kvm;
+use test_support::vm::{counters, last_counter, RunningVm, Snapvmm};
 
 /// Small: every guest memory access is slow on this host's software KVM.
 const DISK_SIZE: u64 = 256 * 1024;
 
+/// The `snapvmm` binary under test.
+fn snapvmm() -> Snapvmm {
+    test_support::snapvmm_binary!()
+}
+
 #[test]
 fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
-    if !kvm_or_skip("api_live_snapshot_stream_and_active_commit_under_io_loop") {
+    if !have_kvm("api_live_snapshot_stream_and_active_commit_under_io_loop") {
         return;
     }
-    let vm = RunningVm::start(DISK_SIZE);
+    let vm = snapvmm().start_vm(DISK_SIZE);
     let mode = std::fs::metadata(&vm.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "API socket mode");
 
@@ -105,16 +111,16 @@ fn api_live_snapshot_stream_and_active_commit_under_io_loop() {
         "guest saw I/O errors:\n{serial}"
     );
     for file in ["base.qcow2", "base.s1.qcow2", "base.s1.s2.qcow2"] {
-        qemu_img_check(&dir.path().join(file));
+        assert_check_clean_if_available(&dir.path().join(file));
     }
 }
 
 #[test]
 fn api_malformed_requests_get_4xx_and_the_vm_keeps_running() {
-    if !kvm_or_skip("api_malformed_requests_get_4xx_and_the_vm_keeps_running") {
+    if !have_kvm("api_malformed_requests_get_4xx_and_the_vm_keeps_running") {
         return;
     }
-    let vm = RunningVm::start(DISK_SIZE);
+    let vm = snapvmm().start_vm(DISK_SIZE);
     let client = ApiClient::new(&vm.socket).unwrap();
     let cases: &[(&str, &str, &[u8], u16)] = &[
         ("PUT", "/snapshot/disk", b"{\"name\": ", 400),
@@ -171,13 +177,13 @@ fn api_malformed_requests_get_4xx_and_the_vm_keeps_running() {
 
 #[test]
 fn snapshot_tree_through_ctl_survives_a_restart() {
-    if !kvm_or_skip("snapshot_tree_through_ctl_survives_a_restart") {
+    if !have_kvm("snapshot_tree_through_ctl_survives_a_restart") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    vmm_util::qcow2(&base, DISK_SIZE, None);
-    let vm = RunningVm::launch(dir, "builtin:counter", &base);
+    qcow2(&base, DISK_SIZE, None);
+    let vm = snapvmm().launch_vm(dir, "builtin:counter", &base);
     vm.ctl_ok(&["snapshot-create-as", "s1", "--disk-only"]);
     vm.ctl_ok(&[
         "snapshot-create-as",
@@ -210,7 +216,7 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
 
     // The metadata beside the disk brings the tree back with the VM.
     assert!(dir.path().join("snapvmm-snapshots.json").exists());
-    let vm = RunningVm::launch(dir, "builtin:counter", &top);
+    let vm = snapvmm().launch_vm(dir, "builtin:counter", &top);
     assert_eq!(vm.ctl_ok(&["snapshot-current"]).trim(), "s1");
     let listed: Vec<snapvmm_api::types::SnapshotInfo> =
         serde_json::from_str(&vm.ctl_ok(&["snapshot-list", "--json"])).unwrap();
@@ -226,7 +232,7 @@ fn snapshot_tree_through_ctl_survives_a_restart() {
     // The revert's overlay and the disk's own image stay; every other image went.
     assert_eq!(images, ["base.qcow2", "base.s1.revert.qcow2"]);
     for image in images {
-        qemu_img_check(&dir.path().join(image));
+        assert_check_clean_if_available(&dir.path().join(image));
     }
 }
 
@@ -265,13 +271,13 @@ fn settled_serial(vm: &RunningVm) -> String {
 
 #[test]
 fn snapshots_with_memory_take_the_running_guest_back() {
-    if !kvm_or_skip("snapshots_with_memory_take_the_running_guest_back") {
+    if !have_kvm("snapshots_with_memory_take_the_running_guest_back") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    vmm_util::qcow2(&base, DISK_SIZE, None);
-    let vm = RunningVm::launch(dir, "builtin:counter", &base);
+    qcow2(&base, DISK_SIZE, None);
+    let vm = snapvmm().launch_vm(dir, "builtin:counter", &base);
     for (name, kind) in [("m1", None), ("i1", Some("--internal"))] {
         counted_since(&vm, 0, 3);
         // Taken while paused, once the console has caught up: then the last value printed
@@ -307,7 +313,7 @@ fn snapshots_with_memory_take_the_running_guest_back() {
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "qcow2") {
-            qemu_img_check(&path);
+            assert_check_clean_if_available(&path);
         }
     }
 }
@@ -324,7 +330,7 @@ fn io_errors(text: &str) -> usize {
 #[test]
 fn io_loop_survives_random_snapshot_create_revert_delete() {
     use rand::{Rng, SeedableRng};
-    if !kvm_or_skip("io_loop_survives_random_snapshot_create_revert_delete") {
+    if !have_kvm("io_loop_survives_random_snapshot_create_revert_delete") {
         return;
     }
     let seed = std::env::var("SNAPVMM_TREE_SEED")
@@ -332,7 +338,7 @@ fn io_loop_survives_random_snapshot_create_revert_delete() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7u64);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let vm = RunningVm::start(DISK_SIZE);
+    let vm = snapvmm().start_vm(DISK_SIZE);
     vm.wait_progress();
     let mut snapshots: Vec<String> = Vec::new();
     let mut next = 0;
@@ -401,7 +407,7 @@ fn io_loop_survives_random_snapshot_create_revert_delete() {
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "qcow2") {
-            qemu_img_check(&path);
+            assert_check_clean_if_available(&path);
         }
     }
 }
@@ -421,7 +427,7 @@ impl TypedVm {
         use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig};
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
-        vmm_util::qcow2(&base, DISK_SIZE, None);
+        qcow2(&base, DISK_SIZE, None);
         let mut config = VmConfig::new(BootSource::MicroGuest { workload, seed: 1 });
         config.disks.push(DiskConfig::new(&base));
         config.serial = SerialOutput::File(dir.path().join("serial.log"));
@@ -495,7 +501,7 @@ impl TypedVm {
         for entry in std::fs::read_dir(self.dir.path()).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "qcow2") {
-                qemu_img_check(&path);
+                assert_check_clean_if_available(&path);
             }
         }
         std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
@@ -516,7 +522,7 @@ fn went_back(what: &str, resumed: &[u64], at: u64, left_at: u64) {
 #[test]
 fn typed_snapshot_create_list_revert_delete_with_memory() {
     use vmm::control::types::{SnapshotDeleteRequest, TreeSnapshotCreate};
-    if !kvm_or_skip("typed_snapshot_create_list_revert_delete_with_memory") {
+    if !have_kvm("typed_snapshot_create_list_revert_delete_with_memory") {
         return;
     }
     let vm = TypedVm::start(vmm::config::Workload::Counter);
@@ -565,7 +571,7 @@ fn typed_snapshot_create_list_revert_delete_with_memory() {
 fn typed_disk_only_snapshot_stream_and_active_commit_under_io_loop() {
     use snapshot::JobStatus;
     use vmm::control::types::{CommitRequest, SnapshotCreate, StreamRequest};
-    if !kvm_or_skip("typed_disk_only_snapshot_stream_and_active_commit_under_io_loop") {
+    if !have_kvm("typed_disk_only_snapshot_stream_and_active_commit_under_io_loop") {
         return;
     }
     let vm = TypedVm::start(vmm::config::Workload::IoLoop);
@@ -626,7 +632,7 @@ fn typed_disk_only_snapshot_stream_and_active_commit_under_io_loop() {
 #[test]
 fn typed_checkpoint_save_and_revert_in_place() {
     use vmm::control::types::{CheckpointRequest, RevertRequest};
-    if !kvm_or_skip("typed_checkpoint_save_and_revert_in_place") {
+    if !have_kvm("typed_checkpoint_save_and_revert_in_place") {
         return;
     }
     let vm = TypedVm::start(vmm::config::Workload::Counter);

@@ -2,7 +2,7 @@
 //! compiled into this test as a module and its `main` called. The two that boot a VM need a
 //! usable /dev/kvm: without one they print why and pass, unless `SNAPVMM_REQUIRE_KVM=1`.
 
-mod vmm_util;
+use test_support::require::have_kvm;
 
 #[path = "../examples/restore_checkpoint.rs"]
 mod restore_checkpoint;
@@ -13,7 +13,7 @@ mod vhost_user_commit;
 
 #[test]
 fn example_snapshot_with_memory() {
-    if !vmm_util::kvm_or_skip("example_snapshot_with_memory") {
+    if !have_kvm("example_snapshot_with_memory") {
         return;
     }
     snapshot_with_memory::main().unwrap();
@@ -21,7 +21,7 @@ fn example_snapshot_with_memory() {
 
 #[test]
 fn example_restore_checkpoint() {
-    if !vmm_util::kvm_or_skip("example_restore_checkpoint") {
+    if !have_kvm("example_restore_checkpoint") {
         return;
     }
     restore_checkpoint::main().unwrap();

@@ -4,18 +4,17 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
-mod vmm_util;
-
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use test_support::require::have_kvm;
+use test_support::vm::{counters, last_counter};
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
 use vmm::snapshot::checkpoint::{memory_path, state_path, MemoryFile, PAGE_SIZE};
 use vmm::snapshot::vm_state::VmState;
 use vmm::{CheckpointOptions, Vmm};
-use vmm_util::{counters, kvm_or_skip, last_counter};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -90,7 +89,7 @@ fn pause(vmm: &Vmm, console: &Console) -> String {
 
 #[test]
 fn counter_continues_after_revert_in_place() {
-    if !kvm_or_skip("counter_continues_after_revert_in_place") {
+    if !have_kvm("counter_continues_after_revert_in_place") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -127,7 +126,7 @@ fn counter_continues_after_revert_in_place() {
 
 #[test]
 fn counter_continues_in_a_new_vm_on_two_vcpus() {
-    if !kvm_or_skip("counter_continues_in_a_new_vm_on_two_vcpus") {
+    if !have_kvm("counter_continues_in_a_new_vm_on_two_vcpus") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -185,7 +184,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
 
 #[test]
 fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
-    if !kvm_or_skip("diff_chains_restore_to_the_same_memory_as_a_full_checkpoint") {
+    if !have_kvm("diff_chains_restore_to_the_same_memory_as_a_full_checkpoint") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -296,7 +295,7 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
 
 #[test]
 fn live_checkpoints_and_streams_restore_the_counter() {
-    if !kvm_or_skip("live_checkpoints_and_streams_restore_the_counter") {
+    if !have_kvm("live_checkpoints_and_streams_restore_the_counter") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -385,7 +384,7 @@ fn live_checkpoints_and_streams_restore_the_counter() {
 
 #[test]
 fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
-    if !kvm_or_skip("io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk") {
+    if !have_kvm("io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -470,7 +469,7 @@ fn io_loop_survives_twenty_checkpoint_revert_cycles_with_its_disk() {
 
 #[test]
 fn damaged_checkpoints_are_refused_with_a_clear_error() {
-    if !kvm_or_skip("damaged_checkpoints_are_refused_with_a_clear_error") {
+    if !have_kvm("damaged_checkpoints_are_refused_with_a_clear_error") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -656,7 +655,7 @@ fn wait_exit(child: &mut std::process::Child) {
 
 #[test]
 fn counter_continues_after_restore_in_a_new_process() {
-    if !kvm_or_skip("counter_continues_after_restore_in_a_new_process") {
+    if !have_kvm("counter_continues_after_restore_in_a_new_process") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -724,7 +723,7 @@ fn counter_continues_after_restore_in_a_new_process() {
 
 #[test]
 fn the_snapshot_tree_hook_saves_and_loads_checkpoints() {
-    if !kvm_or_skip("the_snapshot_tree_hook_saves_and_loads_checkpoints") {
+    if !have_kvm("the_snapshot_tree_hook_saves_and_loads_checkpoints") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -773,7 +772,7 @@ fn entries_starting(dir: &Path, prefix: &str) -> Vec<String> {
 /// leaves nothing under the final name; directories are 0700 and files 0600.
 #[test]
 fn existing_checkpoints_are_never_overwritten() {
-    if !kvm_or_skip("existing_checkpoints_are_never_overwritten") {
+    if !have_kvm("existing_checkpoints_are_never_overwritten") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -876,7 +875,7 @@ fn existing_checkpoints_are_never_overwritten() {
 /// checkpoint must go, so it cannot be put into place.
 #[test]
 fn a_failed_save_keeps_its_dirty_pages_for_the_next_diff() {
-    if !kvm_or_skip("a_failed_save_keeps_its_dirty_pages_for_the_next_diff") {
+    if !have_kvm("a_failed_save_keeps_its_dirty_pages_for_the_next_diff") {
         return;
     }
     use vmm::vm_memory::{Bytes, GuestAddress};
