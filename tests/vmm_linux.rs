@@ -185,9 +185,13 @@ const ACPI_LINES: [(&str, &str); 5] = [
     ("APIC", "SNAPVM SVMMAPIC"),
 ];
 
+/// The console line announcing ACPI table `signature`, once the kernel has finished writing
+/// it: the console is read while the guest writes, so a line without its newline yet may be
+/// cut anywhere.
 fn acpi_line<'a>(console: &'a str, signature: &str) -> Option<&'a str> {
     let prefix = format!("ACPI: {signature} 0x");
-    console.lines().find(|line| line.contains(&prefix))
+    let complete = console.rfind('\n').map_or("", |end| &console[..end]);
+    complete.lines().find(|line| line.contains(&prefix))
 }
 
 fn early_boot_done(console: &str) -> bool {
