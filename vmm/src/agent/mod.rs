@@ -15,6 +15,8 @@
 pub mod protocol;
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;
 
 use std::io::{Read, Write};

@@ -5,112 +5,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::testing::{self, serve, AgentState, Behaviour};
 use super::*;
 
-/// How a scripted agent behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
-    /// Answers like qemu-ga, after a stale answer and some noise.
-    Good,
-    /// Reads and never answers.
-    Hang,
-    /// Answers every line with non-JSON.
-    Garbage,
-    /// Answers with one endless line.
-    Flood,
-    /// Answers sync and ping, fails freezes (after freezing, as a partial failure would).
-    FreezeFails,
-}
-
-/// What a scripted agent saw, shared with the test.
-#[derive(Debug, Default)]
-struct AgentState {
-    frozen: AtomicBool,
-    freezes: AtomicUsize,
-    thaws: AtomicUsize,
-}
-
-/// Serves connections on `listener` as `behaviour` says, until the test ends.
-fn serve(listener: UnixListener, behaviour: Behaviour, state: Arc<AgentState>) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            let state = state.clone();
-            std::thread::spawn(move || answer(stream, behaviour, &state));
-        }
-    });
-}
-
-fn answer(stream: UnixStream, behaviour: Behaviour, state: &AgentState) {
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let text: Vec<u8> = line.iter().copied().filter(|&b| b != 0xFF).collect();
-        let Ok(request) = serde_json::from_slice::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let command = request["execute"].as_str().unwrap_or("").to_string();
-        let reply: Vec<u8> = match behaviour {
-            Behaviour::Hang => continue,
-            Behaviour::Garbage => b"}}not json at all{{\n\xff\x00garbage\n".to_vec(),
-            Behaviour::Flood => {
-                let chunk = vec![b'x'; 64 * 1024];
-                loop {
-                    if writer.write_all(&chunk).is_err() {
-                        return;
-                    }
-                }
-            }
-            Behaviour::Good | Behaviour::FreezeFails => match command.as_str() {
-                "guest-sync-delimited" => {
-                    let id = request["arguments"]["id"].as_u64().unwrap();
-                    // A stale delimited answer and noise first: the client skips both.
-                    let mut reply = b"{\"return\": 7}\n\xff{\"return\": 1}\nnoise\n".to_vec();
-                    reply.extend(format!("\u{0}\n").as_bytes());
-                    reply.push(0xFF);
-                    reply.extend(format!("{{\"return\": {id}}}\n").as_bytes());
-                    reply
-                }
-                "guest-ping" => b"{\"return\": {}}\n".to_vec(),
-                "guest-fsfreeze-freeze" => {
-                    state.freezes.fetch_add(1, Ordering::SeqCst);
-                    state.frozen.store(true, Ordering::SeqCst);
-                    if behaviour == Behaviour::FreezeFails {
-                        b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"failed to freeze /mnt: Device or resource busy\"}}\n".to_vec()
-                    } else {
-                        b"{\"return\": 2}\n".to_vec()
-                    }
-                }
-                "guest-fsfreeze-thaw" => {
-                    state.thaws.fetch_add(1, Ordering::SeqCst);
-                    state.frozen.store(false, Ordering::SeqCst);
-                    b"{\"return\": 2}\n".to_vec()
-                }
-                "guest-fsfreeze-status" => {
-                    if state.frozen.load(Ordering::SeqCst) {
-                        b"{\"return\": \"frozen\"}\n".to_vec()
-                    } else {
-                        b"{\"return\": \"thawed\"}\n".to_vec()
-                    }
-                }
-                _ => b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no\"}}\n".to_vec(),
-            },
-        };
-        if writer.write_all(&reply).is_err() {
-            return;
-        }
-    }
-}
-
+/// Short waits, for agents that are meant not to answer.
 fn quick() -> AgentTimeouts {
     AgentTimeouts {
         sync: Duration::from_millis(300),
@@ -119,16 +21,14 @@ fn quick() -> AgentTimeouts {
     }
 }
 
-/// An agent behaving as `behaviour` on a socket in `dir`.
+/// An agent behaving as `behaviour` on a socket in `dir`; those meant to answer get the
+/// default (long) timeouts, so a loaded machine does not fail the test.
 fn agent(dir: &tempfile::TempDir, behaviour: Behaviour) -> (GuestAgent, Arc<AgentState>) {
-    let path = dir.path().join("qga.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let state = Arc::new(AgentState::default());
-    serve(listener, behaviour, state.clone());
-    (
-        GuestAgent::with_timeouts(AgentEndpoint::Unix(path), quick()),
-        state,
-    )
+    let timeouts = match behaviour {
+        Behaviour::Good | Behaviour::FreezeFails => AgentTimeouts::default(),
+        _ => quick(),
+    };
+    testing::scripted(&dir.path().join("qga.sock"), behaviour, timeouts)
 }
 
 #[test]
