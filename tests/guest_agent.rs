@@ -256,7 +256,7 @@ fn boot(kernel: &Path, initramfs: &Path, socket: &Path, agent: &Path, console: &
             ])
             .arg("-chardev")
             .arg(format!("socket,id=blk,path={}", socket.display()))
-            .args(["-device", "vhost-user-blk-pci,chardev=blk"])
+            .args(["-device", "vhost-user-blk-pci,chardev=blk,num-queues=1"])
             .arg("-chardev")
             .arg(format!(
                 "socket,id=qga,path={},server=on,wait=off",
@@ -278,7 +278,7 @@ fn boot(kernel: &Path, initramfs: &Path, socket: &Path, agent: &Path, console: &
             .args(["-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio"])
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(console).unwrap())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(console.with_extension("stderr")).unwrap())
             .spawn()
             .expect("spawn qemu-system-x86_64"),
     )
@@ -296,7 +296,11 @@ fn wait_console(qemu: &mut Owned, console: &Path, needle: &str, deadline: Instan
             return;
         }
         if let Some(status) = qemu.0.try_wait().unwrap() {
-            panic!("QEMU exited ({status}) before {needle:?}; console:\n{text}");
+            let stderr = std::fs::read_to_string(console.with_extension("stderr"));
+            panic!(
+                "QEMU exited ({status}) before {needle:?}; console:\n{text}\nstderr:\n{}",
+                stderr.unwrap_or_default()
+            );
         }
         assert!(Instant::now() < deadline, "no {needle:?} in time; console:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
