@@ -27,11 +27,12 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
 use snapvmm_api::types::{
-    AgentStatus, CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
-    SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
+    AgentStatus, CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest,
+    SnapshotDeleteResult, SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest,
+    TreeSnapshotCreate,
 };
+use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
 use snapvmm_api::Error as ClientError;
 use snapvmm_api::{ApiClient, VmInfo};
 
@@ -386,7 +387,11 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                     } else {
                         None
                     };
-                    println!("Domain snapshot {} created{}", info.name, frozen_note(frozen));
+                    println!(
+                        "Domain snapshot {} created{}",
+                        info.name,
+                        frozen_note(frozen)
+                    );
                     return Ok(());
                 }
                 Err(ClientError::Status { status: 501, .. }) => {}

@@ -67,7 +67,11 @@ fn guest_fixture() -> Result<(PathBuf, PathBuf), String> {
     if initramfs.is_file() && kernel.is_file() {
         Ok((kernel, initramfs))
     } else {
-        Err(format!("{} or {} missing", kernel.display(), initramfs.display()))
+        Err(format!(
+            "{} or {} missing",
+            kernel.display(),
+            initramfs.display()
+        ))
     }
 }
 
@@ -133,7 +137,11 @@ fn wait_for_path(path: &Path, process: &mut Owned) {
         if let Some(status) = process.0.try_wait().unwrap() {
             panic!("exited ({status}) before creating {}", path.display());
         }
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -183,7 +191,10 @@ fn stop_daemon(mut daemon: Owned, api: &Path, dir: &Path) {
 fn quiesce_without_a_working_agent_fails_or_proceeds_as_asked() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "4M"]);
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "4M"],
+    );
     let agent = dir.path().join("qga.sock");
     let (daemon, _socket, api) = daemon(dir.path(), &image, &agent);
     for case in ["missing", "hanging", "garbage"] {
@@ -199,7 +210,11 @@ fn quiesce_without_a_working_agent_fails_or_proceeds_as_asked() {
         );
         assert!(!ok, "{case}: a quiesced snapshot succeeded:\n{out}");
         assert!(err.contains("guest agent"), "{case}: {err}");
-        assert_eq!(ctl(&api, &["domblklist"]), before, "{case}: the disk was switched");
+        assert_eq!(
+            ctl(&api, &["domblklist"]),
+            before,
+            "{case}: the disk was switched"
+        );
         let name = format!("{case}-be");
         let result = ctl_json(
             &api,
@@ -275,7 +290,13 @@ fn boot(kernel: &Path, initramfs: &Path, socket: &Path, agent: &Path, console: &
                 "-append",
                 "console=ttyS0 panic=-1 snapvmm.workload=ext4-write-verify",
             ])
-            .args(["-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio"])
+            .args([
+                "-nographic",
+                "-nodefaults",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ])
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(console).unwrap())
             .stderr(std::fs::File::create(console.with_extension("stderr")).unwrap())
@@ -302,7 +323,10 @@ fn wait_console(qemu: &mut Owned, console: &Path, needle: &str, deadline: Instan
                 stderr.unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "no {needle:?} in time; console:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in time; console:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -387,7 +411,15 @@ fn linux_quiesced_snapshots_through_qemu_ga_hold_clean_ext4() {
     let base = path("base.qcow2");
     run_ok(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), base.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            base.to_str().unwrap(),
+        ],
     );
     std::fs::remove_file(&raw).unwrap();
     let agent = path("qga.sock");
@@ -398,7 +430,12 @@ fn linux_quiesced_snapshots_through_qemu_ga_hold_clean_ext4() {
     let console = path("console.log");
     let mut qemu = boot(&kernel, &initramfs, &socket, &agent, &console);
     wait_console(&mut qemu, &console, "snapvmm: guest agent on", deadline);
-    wait_console(&mut qemu, &console, "snapvmm: ext4-write-verify round 20", deadline);
+    wait_console(
+        &mut qemu,
+        &console,
+        "snapvmm: ext4-write-verify round 20",
+        deadline,
+    );
     eprintln!("{test}: guest writing after {:.1?}", started.elapsed());
     let status = ctl_json(&api, &["agent-status"]);
     assert_eq!(status["fsfreeze"], "thawed", "{status}");
@@ -409,17 +446,25 @@ fn linux_quiesced_snapshots_through_qemu_ga_hold_clean_ext4() {
     for i in 0..rounds {
         let before = last_round(&console);
         let name = format!("q{i}");
-        let result = ctl_json(&api, &["snapshot-create-as", &name, "--disk-only", "--quiesce"]);
+        let result = ctl_json(
+            &api,
+            &["snapshot-create-as", &name, "--disk-only", "--quiesce"],
+        );
         let us = result["frozen_us"]
             .as_u64()
             .unwrap_or_else(|| panic!("no frozen_us: {result}"));
         frozen.push(us);
-        frozen_images.push(PathBuf::from(result["disks"][0]["previous"].as_str().unwrap()));
+        frozen_images.push(PathBuf::from(
+            result["disks"][0]["previous"].as_str().unwrap(),
+        ));
         // The guest writes again between snapshots.
         wait_console(
             &mut qemu,
             &console,
-            &format!("snapvmm: ext4-write-verify round {}", (before / 20 + 1) * 20),
+            &format!(
+                "snapvmm: ext4-write-verify round {}",
+                (before / 20 + 1) * 20
+            ),
             deadline,
         );
     }
@@ -447,9 +492,17 @@ fn linux_quiesced_snapshots_through_qemu_ga_hold_clean_ext4() {
 
     // A quiesced snapshot failing after the freeze (its overlay's file is in the way): the
     // guest is thawed and keeps writing.
-    let top = PathBuf::from(ctl_json(&api, &["domblklist"])[0]["source"].as_str().unwrap());
+    let top = PathBuf::from(
+        ctl_json(&api, &["domblklist"])[0]["source"]
+            .as_str()
+            .unwrap(),
+    );
     let stem = top.file_stem().unwrap().to_string_lossy().into_owned();
-    std::fs::write(top.with_file_name(format!("{stem}.blocked.qcow2")), b"in the way").unwrap();
+    std::fs::write(
+        top.with_file_name(format!("{stem}.blocked.qcow2")),
+        b"in the way",
+    )
+    .unwrap();
     let (ok, out, err) = ctl_raw(
         &api,
         &["snapshot-create-as", "blocked", "--disk-only", "--quiesce"],
@@ -462,16 +515,14 @@ fn linux_quiesced_snapshots_through_qemu_ga_hold_clean_ext4() {
     wait_console(
         &mut qemu,
         &console,
-        &format!("snapvmm: ext4-write-verify round {}", (before / 20 + 1) * 20),
+        &format!(
+            "snapvmm: ext4-write-verify round {}",
+            (before / 20 + 1) * 20
+        ),
         deadline,
     );
 
-    qemu.0
-        .stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"stop\n")
-        .unwrap();
+    qemu.0.stdin.as_mut().unwrap().write_all(b"stop\n").unwrap();
     wait_console(&mut qemu, &console, "snapvmm: init: done", deadline);
     let text = console_text(&console);
     assert!(

@@ -147,7 +147,11 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 
 /// Firecracker's host-initiated connection: `CONNECT <port>\n`, answered by
 /// `OK <host port>\n`; anything else (or nothing in time) means no connection.
-fn vsock_handshake(stream: &mut UnixStream, port: u32, timeout: Duration) -> Result<(), AgentFailure> {
+fn vsock_handshake(
+    stream: &mut UnixStream,
+    port: u32,
+    timeout: Duration,
+) -> Result<(), AgentFailure> {
     stream
         .set_write_timeout(Some(timeout))
         .and_then(|()| stream.set_read_timeout(Some(timeout)))

@@ -325,7 +325,10 @@ fn parse_response(line: &[u8], name: &str) -> Result<serde_json::Value, AgentFai
 /// At most 120 characters of `line`, for error messages.
 fn printable(line: &[u8]) -> String {
     let text = String::from_utf8_lossy(&line[..line.len().min(120)]);
-    let mut text: String = text.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+    let mut text: String = text
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
     if line.len() > 120 {
         text.push_str("...");
     }

@@ -106,7 +106,6 @@ fn answer(stream: UnixStream, behaviour: Behaviour, state: &AgentState) {
     }
 }
 
-
 /// An agent behaving as `behaviour` on socket `path`.
 pub(crate) fn scripted(
     path: &std::path::Path,

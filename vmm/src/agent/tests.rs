@@ -79,10 +79,8 @@ fn a_failed_freeze_is_thawed_and_reported() {
 #[test]
 fn a_missing_agent_is_a_connect_error() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = GuestAgent::with_timeouts(
-        AgentEndpoint::Unix(dir.path().join("nobody.sock")),
-        quick(),
-    );
+    let agent =
+        GuestAgent::with_timeouts(AgentEndpoint::Unix(dir.path().join("nobody.sock")), quick());
     let error = agent.freeze().unwrap_err();
     assert!(matches!(error, AgentFailure::Connect(_)), "{error:?}");
     assert!(error.is_unavailable());

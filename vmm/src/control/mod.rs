@@ -55,9 +55,10 @@ use crate::agent::GuestAgent;
 use jobs::BlockJobs;
 use quiesce::QuiesceRequest;
 use types::{
-    AgentStatus, CheckpointReport, QuiesceReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo, RevertRequest,
-    RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult, SnapshotInfo,
-    SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
+    AgentStatus, CheckpointReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo,
+    QuiesceReport, RevertRequest, RevertResult, SnapshotCreate, SnapshotDeleteRequest,
+    SnapshotDeleteResult, SnapshotInfo, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo,
+    VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.

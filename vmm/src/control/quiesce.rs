@@ -74,7 +74,13 @@ pub fn around<T>(
             let why = format!("guest agent {}: freeze: {failure}", agent.endpoint());
             return Ok((take()?, Some(skipped(why))));
         }
-        Err(failure) => return Err(agent_error(agent, "freezing the guest's filesystems", failure)),
+        Err(failure) => {
+            return Err(agent_error(
+                agent,
+                "freezing the guest's filesystems",
+                failure,
+            ))
+        }
     };
     let filesystems = frozen.filesystems();
     // `frozen` thaws when dropped should `take` panic.

@@ -379,7 +379,10 @@ mod quiesce {
             ..quiesced("bad", false)
         };
         let error = f.control.disk_snapshot(&request).unwrap_err();
-        assert!(matches!(error, ControlError::InvalidArgument(_)), "{error:?}");
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
         assert_eq!(state.freezes.load(Ordering::SeqCst), 1);
         assert!(!state.frozen.load(Ordering::SeqCst), "left frozen");
     }
@@ -400,7 +403,10 @@ mod quiesce {
             ..TreeSnapshotCreate::with_memory("t2")
         };
         let error = f.control.snapshot_create(&with_memory).unwrap_err();
-        assert!(matches!(error, ControlError::InvalidArgument(_)), "{error:?}");
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
     }
 
     #[test]
@@ -416,10 +422,16 @@ mod quiesce {
             }
             // Nothing was snapshotted, nothing left frozen.
             assert_eq!(f.vda().top().path(), f.path("vda.qcow2").as_path());
-            assert!(!state.frozen.load(Ordering::SeqCst), "{behaviour:?}: left frozen");
+            assert!(
+                !state.frozen.load(Ordering::SeqCst),
+                "{behaviour:?}: left frozen"
+            );
             let result = f.control.disk_snapshot(&quiesced("s", true)).unwrap();
             assert_eq!(result.frozen_us, None, "{behaviour:?}");
-            assert!(!state.frozen.load(Ordering::SeqCst), "{behaviour:?}: left frozen");
+            assert!(
+                !state.frozen.load(Ordering::SeqCst),
+                "{behaviour:?}: left frozen"
+            );
         }
     }
 
@@ -441,6 +453,9 @@ mod quiesce {
                 ..SnapshotCreate::new("x")
             })
             .unwrap_err();
-        assert!(matches!(error, ControlError::InvalidArgument(_)), "{error:?}");
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
     }
 }

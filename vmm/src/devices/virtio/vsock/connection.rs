@@ -111,8 +111,12 @@ impl Connection {
     /// A connection the guest asked for with `request` (the device answers RESPONSE once
     /// the host socket `<uds>_<port>` accepted it).
     pub fn guest_initiated(guest_cid: u64, request: &Header) -> Self {
-        let mut connection =
-            Self::new(guest_cid, request.dst_port, request.src_port, State::Established);
+        let mut connection = Self::new(
+            guest_cid,
+            request.dst_port,
+            request.src_port,
+            State::Established,
+        );
         connection.update_peer_credit(request);
         connection
     }
@@ -305,7 +309,10 @@ mod tests {
         let request = from_guest(Op::CreditRequest, 0, 4096, 1000);
         assert_eq!(c.on_guest_packet(&request), Ok(Action::SendCreditUpdate));
         let h = c.header(Op::CreditUpdate, 0, 0);
-        assert_eq!((h.fwd_cnt, h.buf_alloc, h.dst_cid), (100, HOST_BUF_ALLOC, GUEST));
+        assert_eq!(
+            (h.fwd_cnt, h.buf_alloc, h.dst_cid),
+            (100, HOST_BUF_ALLOC, GUEST)
+        );
     }
 
     #[test]
@@ -352,7 +359,11 @@ mod tests {
         let data = from_guest(Op::Rw, 1, 4096, 0);
         assert!(matches!(
             c.on_guest_packet(&data),
-            Err(ConnectionError::Unexpected { op: Op::Rw, state: State::Connecting, .. })
+            Err(ConnectionError::Unexpected {
+                op: Op::Rw,
+                state: State::Connecting,
+                ..
+            })
         ));
         assert_eq!(c.state(), State::Closed);
         let mut c = established();
@@ -367,7 +378,10 @@ mod tests {
         shut.flags = SHUTDOWN_SEND;
         assert_eq!(c.on_guest_packet(&shut), Ok(Action::PeerShutdown));
         let data = from_guest(Op::Rw, 1, 4096, 0);
-        assert!(c.on_guest_packet(&data).is_err(), "data after SHUTDOWN_SEND");
+        assert!(
+            c.on_guest_packet(&data).is_err(),
+            "data after SHUTDOWN_SEND"
+        );
         let mut c = established();
         shut.flags = SHUTDOWN_RCV;
         assert_eq!(c.on_guest_packet(&shut), Ok(Action::None));
@@ -384,7 +398,10 @@ mod tests {
     fn rst_closes_from_any_state() {
         let mut c = Connection::host_initiated(GUEST, 1, 2);
         let rst = from_guest(Op::Rst, 0, 0, 0);
-        assert_eq!(c.on_guest_packet(&rst), Ok(Action::Close { reset_guest: false }));
+        assert_eq!(
+            c.on_guest_packet(&rst),
+            Ok(Action::Close { reset_guest: false })
+        );
         assert_eq!(c.state(), State::Closed);
     }
 }

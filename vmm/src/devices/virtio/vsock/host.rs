@@ -40,7 +40,11 @@ pub enum ConnectLine {
 
 /// Parses the first line of a host connection from the bytes read so far.
 pub fn parse_connect(bytes: &[u8]) -> Result<ConnectLine, ConnectLineError> {
-    let Some(end) = bytes.iter().take(MAX_CONNECT_LINE).position(|&b| b == b'\n') else {
+    let Some(end) = bytes
+        .iter()
+        .take(MAX_CONNECT_LINE)
+        .position(|&b| b == b'\n')
+    else {
         if bytes.len() >= MAX_CONNECT_LINE {
             return Err(ConnectLineError::TooLong);
         }
@@ -86,13 +90,22 @@ mod tests {
                 consumed: 11
             })
         );
-        assert!(matches!(parse_connect(b"CONNECT x\n"), Err(ConnectLineError::Malformed(_))));
+        assert!(matches!(
+            parse_connect(b"CONNECT x\n"),
+            Err(ConnectLineError::Malformed(_))
+        ));
         assert!(matches!(
             parse_connect(b"CONNECT 99999999999\n"),
             Err(ConnectLineError::Malformed(_))
         ));
-        assert!(matches!(parse_connect(b"HELLO 1\n"), Err(ConnectLineError::Malformed(_))));
-        assert!(matches!(parse_connect(b"\xff\xfe\n"), Err(ConnectLineError::Malformed(_))));
+        assert!(matches!(
+            parse_connect(b"HELLO 1\n"),
+            Err(ConnectLineError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_connect(b"\xff\xfe\n"),
+            Err(ConnectLineError::Malformed(_))
+        ));
         assert_eq!(parse_connect(&[b'C'; 100]), Err(ConnectLineError::TooLong));
         assert_eq!(ok_line(1073741824), "OK 1073741824\n");
         assert_eq!(

@@ -235,7 +235,13 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for op in [Op::Request, Op::Response, Op::Rst, Op::Shutdown, Op::CreditUpdate] {
+        for op in [
+            Op::Request,
+            Op::Response,
+            Op::Rst,
+            Op::Shutdown,
+            Op::CreditUpdate,
+        ] {
             let h = header(op, 0);
             assert_eq!(Header::parse_from_guest(&h.to_bytes(), 0, GUEST), Ok(h));
         }
@@ -260,14 +266,23 @@ mod tests {
         assert_eq!(parse(&b, 10), Err(PacketError::BadOp(0xFFFF)));
         let mut b = good;
         b[0] = 9;
-        assert!(matches!(parse(&b, 10), Err(PacketError::BadSource { found: 9, .. })));
+        assert!(matches!(
+            parse(&b, 10),
+            Err(PacketError::BadSource { found: 9, .. })
+        ));
         let mut b = good;
         b[8] = 1;
         assert_eq!(parse(&b, 10), Err(PacketError::BadDestination(1)));
         let huge = header(Op::Rw, u32::MAX).to_bytes();
-        assert_eq!(parse(&huge, usize::MAX), Err(PacketError::TooLong(u32::MAX)));
+        assert_eq!(
+            parse(&huge, usize::MAX),
+            Err(PacketError::TooLong(u32::MAX))
+        );
         let over = header(Op::Rw, MAX_PAYLOAD + 1).to_bytes();
-        assert!(matches!(parse(&over, usize::MAX), Err(PacketError::TooLong(_))));
+        assert!(matches!(
+            parse(&over, usize::MAX),
+            Err(PacketError::TooLong(_))
+        ));
         assert_eq!(
             parse(&good, 9),
             Err(PacketError::Truncated {
@@ -278,7 +293,10 @@ mod tests {
         let request_with_data = header(Op::Request, 4).to_bytes();
         assert!(matches!(
             parse(&request_with_data, 4),
-            Err(PacketError::UnexpectedPayload { op: Op::Request, len: 4 })
+            Err(PacketError::UnexpectedPayload {
+                op: Op::Request,
+                len: 4
+            })
         ));
     }
 
