@@ -70,7 +70,7 @@ fn answer(stream: UnixStream, behaviour: Behaviour, state: &AgentState) {
                     let id = request["arguments"]["id"].as_u64().unwrap();
                     // A stale delimited answer and noise first: the client skips both.
                     let mut reply = b"{\"return\": 7}\n\xff{\"return\": 1}\nnoise\n".to_vec();
-                    reply.extend(format!("\u{0}\n").as_bytes());
+                    reply.extend_from_slice(b"\0\n");
                     reply.push(0xFF);
                     reply.extend(format!("{{\"return\": {id}}}\n").as_bytes());
                     reply
