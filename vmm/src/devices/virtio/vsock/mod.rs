@@ -15,8 +15,15 @@
 //! `--vsock cid=N,uds=PATH` option and its ACPI entry, and the micro-guest's driver.
 
 pub mod connection;
+pub mod device;
 pub mod host;
+pub mod muxer;
 pub mod packet;
+
+#[cfg(test)]
+mod tests;
+
+pub use device::{Vsock, VsockConfig};
 
 /// The virtio device type of vsock.
 pub const DEVICE_TYPE: u32 = 19;
