@@ -237,7 +237,7 @@ impl Muxer {
                     Ok(header) => {
                         let end = HEADER_SIZE + header.len as usize;
                         let payload = bytes.get(HEADER_SIZE..end).unwrap_or(&[]).to_vec();
-                        self.from_guest(header, payload);
+                        self.on_guest_packet(header, payload);
                     }
                     Err(e) => tracing::warn!("vsock: {e}; dropped"),
                 }
@@ -252,7 +252,7 @@ impl Muxer {
     }
 
     /// Acts on one packet from the guest.
-    fn from_guest(&mut self, header: Header, payload: Vec<u8>) {
+    fn on_guest_packet(&mut self, header: Header, payload: Vec<u8>) {
         let key = (header.dst_port, header.src_port);
         let Some(entry) = self.entries.get_mut(&key) else {
             match header.op {
