@@ -20,6 +20,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         socket: dir.path().join("blk.sock"),
         disk: DiskConfig::new(&disk),
         num_queues: 1,
+        guest_agent: None,
     };
     let daemon = BlkDaemon::new(&config)?;
     let control = daemon.control();

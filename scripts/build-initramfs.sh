@@ -21,6 +21,11 @@
 #                       and 4 KiB O_DIRECT writes, each on a cold cache, printing
 #                       "snapvmm: dd CASE BYTES SECONDS" lines
 #   shell               an interactive busybox shell on the console
+# Whatever the workload, when the VM has a virtio-serial port named org.qemu.guest_agent.0
+# (QEMU: -device virtio-serial -device virtserialport,name=org.qemu.guest_agent.0,...),
+# Debian's qemu-ga (package qemu-guest-agent, with the shared libraries `ldd` names on the
+# host) serves it, and says "snapvmm: guest agent on /dev/vportNpM"; its fsfreeze freezes
+# the ext4 the workloads mount.
 # The VM then powers off, or resets with `snapvmm.end=reboot` (for VMMs whose way out is the
 # i8042 reset, with reboot=k).
 set -euo pipefail
@@ -30,7 +35,7 @@ dest=${SNAPVMM_GUEST_DIR:-$repo/target/guest}
 out=$dest/initramfs.cpio.gz
 # Load order matters: each module after the ones it uses.
 modules=(virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-    virtio_blk crc16 mbcache jbd2 crc32c_generic ext4)
+    virtio_blk virtio_console crc16 mbcache jbd2 crc32c_generic ext4)
 
 if [ -s "$out" ] && [ "$out" -nt "${BASH_SOURCE[0]}" ]; then
     echo "$out"
@@ -43,14 +48,15 @@ mkdir -p "$dest"
 work=$(mktemp -d "$dest/.initramfs.XXXXXX")
 chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
-if ! apt-cache show busybox-static >/dev/null 2>&1; then
-    echo "build-initramfs: package lists lack busybox-static; running apt-get update" >&2
+if ! apt-cache show busybox-static qemu-guest-agent >/dev/null 2>&1; then
+    echo "build-initramfs: package lists lack busybox-static or qemu-guest-agent; running apt-get update" >&2
     apt-get update -qq >&2
 fi
-(cd "$work" && apt-get download -qq "$package" busybox-static >&2 2>/dev/null) ||
-    (cd "$work" && apt-get download -qq "$package" busybox-static >&2)
+(cd "$work" && apt-get download -qq "$package" busybox-static qemu-guest-agent >&2 2>/dev/null) ||
+    (cd "$work" && apt-get download -qq "$package" busybox-static qemu-guest-agent >&2)
 dpkg -x "$work/$package"_*.deb "$work/kernel"
 dpkg -x "$work"/busybox-static_*.deb "$work/busybox"
+dpkg -x "$work"/qemu-guest-agent_*.deb "$work/qga"
 busybox=$work/busybox/bin/busybox
 [ -x "$busybox" ] || { echo "build-initramfs: busybox-static holds no /bin/busybox" >&2; exit 1; }
 moddir=$(find "$work/kernel/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
@@ -58,6 +64,21 @@ moddir=$(find "$work/kernel/lib/modules" -mindepth 1 -maxdepth 1 -type d | head 
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,mnt,tmp,lib/modules}
 cp "$busybox" "$root/bin/busybox"
+# qemu-ga and the libraries it links, at the paths the host's loader found them (the guest
+# runs the same Debian userland's binaries).
+qga=$work/qga/usr/sbin/qemu-ga
+[ -x "$qga" ] || { echo "build-initramfs: qemu-guest-agent holds no /usr/sbin/qemu-ga" >&2; exit 1; }
+cp "$qga" "$root/bin/qemu-ga"
+if ldd "$qga" | grep -q 'not found'; then
+    echo "build-initramfs: qemu-ga needs libraries this host lacks:" >&2
+    ldd "$qga" | grep 'not found' >&2
+    exit 1
+fi
+for lib in $(ldd "$qga" | grep -oE '/[^ ]+'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+mkdir -p "$root/var/run"
 : >"$root/modules.order"
 for module in "${modules[@]}"; do
     if grep -qE "/$module\.ko(\.[a-z]+)?$" "$moddir/modules.builtin" 2>/dev/null; then
@@ -90,6 +111,21 @@ for module in $(cat /modules.order); do
 done
 workload=$(sed -n 's/.*snapvmm\.workload=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "snapvmm: init: workload ${workload:-none}"
+
+# qemu-ga on the port named org.qemu.guest_agent.0, if the VM has one.
+start_guest_agent() {
+    for port in /sys/class/virtio-ports/*; do
+        [ -r "$port/name" ] && [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ] || continue
+        dev=/dev/${port##*/}
+        for _ in $(seq 50); do
+            [ -c "$dev" ] && break
+            sleep 0.1
+        done
+        /bin/qemu-ga -m virtio-serial -p "$dev" -t /var/run -l /tmp/qemu-ga.log &
+        echo "snapvmm: guest agent on $dev"
+    done
+}
+start_guest_agent
 
 wait_for_vda() {
     for _ in $(seq 100); do

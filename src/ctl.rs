@@ -7,6 +7,8 @@
 //! snapvmm ctl --api-socket vm.sock checkpoint-save ckpt2 --incremental
 //! snapvmm ctl --api-socket vm.sock checkpoint-revert ckpt1
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s1 --disk-only --atomic
+//! snapvmm ctl --api-socket vm.sock snapshot-create-as q1 --disk-only --quiesce
+//! snapvmm ctl --api-socket vm.sock agent-status
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s2 "with memory"
 //! snapvmm ctl --api-socket vm.sock snapshot-create-as s3 --internal
 //! snapvmm ctl --api-socket vm.sock snapshot-list --tree
@@ -25,11 +27,12 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
 use snapvmm_api::types::{
-    CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
-    SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
+    AgentStatus, CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest,
+    SnapshotDeleteResult, SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest,
+    TreeSnapshotCreate,
 };
+use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
 use snapvmm_api::Error as ClientError;
 use snapvmm_api::{ApiClient, VmInfo};
 
@@ -101,7 +104,17 @@ enum Verb {
         /// Switch every disk or none (always so).
         #[arg(long)]
         atomic: bool,
+        /// Freeze the guest's filesystems through its agent around the snapshot (needs
+        /// --disk-only and a --guest-agent); fails if they cannot be frozen.
+        #[arg(long)]
+        quiesce: bool,
+        /// With --quiesce: take the snapshot unquiesced if the agent cannot freeze.
+        #[arg(long, requires = "quiesce")]
+        quiesce_best_effort: bool,
     },
+    /// Ask the guest agent whether the filesystems are frozen; show the last quiesce.
+    #[command(name = "agent-status")]
+    AgentStatus,
     /// Revert the running VM to a snapshot, which becomes current.
     #[command(name = "snapshot-revert")]
     SnapshotRevert {
@@ -238,6 +251,13 @@ fn job_title(job: &JobInfo) -> &'static str {
     }
 }
 
+/// " (filesystems frozen N ms)" after a quiesced snapshot, or nothing.
+fn frozen_note(frozen_us: Option<u64>) -> String {
+    frozen_us
+        .map(|us| format!(" (filesystems frozen {:.3} ms)", us as f64 / 1000.0))
+        .unwrap_or_default()
+}
+
 fn percent(job: &JobInfo) -> u64 {
     job.current
         .saturating_mul(100)
@@ -339,6 +359,8 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             disk_only,
             internal,
             atomic,
+            quiesce,
+            quiesce_best_effort,
         } => {
             let request = TreeSnapshotCreate {
                 name: name.clone(),
@@ -346,13 +368,30 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                 disk_only,
                 internal,
                 atomic,
+                quiesce,
+                quiesce_best_effort,
             };
             match client.call_json::<SnapshotInfo>("PUT", "/snapshots", Some(&request)) {
                 Ok(info) => {
                     if json {
                         return print_json(&info);
                     }
-                    println!("Domain snapshot {} created", info.name);
+                    // The tree's answer has no room for it: the frozen time is the agent's.
+                    let frozen = if quiesce {
+                        client
+                            .get::<AgentStatus>("/vm/agent")
+                            .ok()
+                            .and_then(|s| s.last_quiesce)
+                            .filter(|q| q.snapshot == info.name)
+                            .and_then(|q| q.frozen_us)
+                    } else {
+                        None
+                    };
+                    println!(
+                        "Domain snapshot {} created{}",
+                        info.name,
+                        frozen_note(frozen)
+                    );
                     return Ok(());
                 }
                 Err(ClientError::Status { status: 501, .. }) => {}
@@ -370,13 +409,39 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
                 description,
                 disks: None,
                 atomic,
+                quiesce,
+                quiesce_best_effort,
             };
             let result: SnapshotResult =
                 client.call_json("PUT", "/snapshot/disk", Some(&request))?;
             if json {
                 return print_json(&result);
             }
-            println!("Domain snapshot {} created", result.name);
+            println!(
+                "Domain snapshot {} created{}",
+                result.name,
+                frozen_note(result.frozen_us)
+            );
+        }
+        Verb::AgentStatus => {
+            let status: AgentStatus = client.get("/vm/agent")?;
+            if json {
+                return print_json(&status);
+            }
+            println!("{:<16}{}", "Agent:", status.endpoint);
+            println!("{:<16}{}", "Filesystems:", status.fsfreeze);
+            if let Some(last) = status.last_quiesce {
+                let what = match (last.frozen_us, &last.skipped) {
+                    (Some(us), _) => format!(
+                        "{} filesystem(s) frozen {:.3} ms",
+                        last.filesystems,
+                        us as f64 / 1000.0
+                    ),
+                    (None, Some(why)) => format!("taken unquiesced: {why}"),
+                    (None, None) => "taken unquiesced".to_string(),
+                };
+                println!("{:<16}{} ({what})", "Last quiesce:", last.snapshot);
+            }
         }
         Verb::SnapshotRevert { name } => {
             let info: SnapshotInfo =

@@ -6,6 +6,11 @@
 //!     -device vhost-user-blk-pci,chardev=blk
 //! snapvmm ctl --api-socket /run/blk.api snapshot-create-as s1 --disk-only
 //! ```
+//!
+//! With `--guest-agent /run/qga.sock` and QEMU's
+//! `-chardev socket,id=qga,path=/run/qga.sock,server=on,wait=off -device virtio-serial
+//! -device virtserialport,chardev=qga,name=org.qemu.guest_agent.0`, `snapshot-create-as
+//! --quiesce` freezes the guest's filesystems (qemu-ga in the guest) around the snapshot.
 
 use std::path::PathBuf;
 
@@ -30,6 +35,11 @@ pub struct VhostUserBlkArgs {
     /// Request queues offered to the frontend (1 to 16) [default: 1].
     #[arg(long, value_name = "N")]
     num_queues: Option<u16>,
+    /// The Unix socket QEMU serves the guest agent's port on (`-chardev
+    /// socket,path=PATH,server=on,wait=off` behind `virtserialport
+    /// name=org.qemu.guest_agent.0`): snapshots may then `--quiesce`.
+    #[arg(long, value_name = "PATH")]
+    guest_agent: Option<PathBuf>,
 }
 
 /// Runs the daemon until `snapvmm ctl shutdown` (or a signal); returns the exit status.
@@ -46,6 +56,7 @@ pub fn main(args: VhostUserBlkArgs) -> u8 {
         socket: args.socket,
         num_queues: args.num_queues.unwrap_or(disk.num_queues),
         disk,
+        guest_agent: args.guest_agent,
     };
     // SIGINT and SIGTERM end the daemon as `ctl shutdown` does (disk flushed, jobs
     // cancelled): blocked here, before any thread exists, and awaited by one thread below.

@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | GET | `/vm` | [`types::VmInfo`] |
 //! | PUT | `/vm/pause`, `/vm/resume`, `/vm/shutdown` | the VM's life |
+//! | GET | `/vm/agent` | the guest agent's freeze state, last quiesce, [`types::AgentStatus`] |
 //! | GET | `/disks`, `/disks/{disk}` | [`types::DiskInfo`] (virsh `domblklist`) |
 //! | PUT | `/vm/checkpoint` | memory + vCPU + device checkpoint, [`types::CheckpointRequest`] |
 //! | PUT | `/vm/checkpoint/revert` | back to a checkpoint in place, [`types::RevertRequest`] |

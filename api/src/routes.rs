@@ -25,6 +25,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/shutdown"),
     ("PUT", "/vm/checkpoint"),
     ("PUT", "/vm/checkpoint/revert"),
+    ("GET", "/vm/agent"),
     ("GET", "/disks"),
     ("GET", "/disks/{disk}"),
     ("PUT", "/snapshot/disk"),
@@ -242,6 +243,7 @@ impl Router {
                 let request: RevertRequest = parse_required(body)?;
                 Ok(Response::json(&c.checkpoint_revert(&request)?))
             }
+            ("GET", "/vm/agent") => Ok(Response::json(&c.agent_status()?)),
             ("GET", "/disks") => Ok(Response::json(&c.disks())),
             ("GET", "/disks/{disk}") => Ok(Response::json(&c.disk(segment)?)),
             ("PUT", "/snapshot/disk") => {

@@ -55,6 +55,10 @@ pub struct DaemonConfig {
     pub disk: DiskConfig,
     /// Request queues offered (1..=16).
     pub num_queues: u16,
+    /// The Unix socket of the frontend's chardev for the guest's qemu-ga port
+    /// (`org.qemu.guest_agent.0`), so snapshots can quiesce the guest; the daemon connects
+    /// to it for each freeze.
+    pub guest_agent: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -199,13 +203,18 @@ impl BlkDaemon {
             stop: stop.clone(),
         });
         let disks = vec![Disk::new(name, disk.clone(), config.disk.read_only)];
+        let mut control = Control::new(machine, disks, None);
+        if let Some(path) = &config.guest_agent {
+            let endpoint = vmm::agent::AgentEndpoint::Unix(path.clone());
+            control = control.with_guest_agent(Arc::new(vmm::agent::GuestAgent::new(endpoint)));
+        }
         Ok(BlkDaemon {
             socket: config.socket.clone(),
             listener,
             backend,
             disk,
             stop,
-            control: Arc::new(Control::new(machine, disks, None)),
+            control: Arc::new(control),
         })
     }
 

@@ -110,6 +110,7 @@ impl Fixture {
             socket: dir.path().join("blk.sock"),
             disk,
             num_queues,
+            guest_agent: None,
         };
         let daemon = BlkDaemon::new(&config).unwrap();
         let control = daemon.control();

@@ -11,6 +11,7 @@
 //!
 //! Layout, one module per concern (Firecracker style; what a checkpoint saves of each part
 //! sits in a `persist.rs` beside it):
+//! - [`agent`]: a qemu-ga client, to freeze guest filesystems around snapshots;
 //! - [`memory`]: guest RAM with a dirty bitmap for the VMM's own writes;
 //! - [`vm`], [`vcpu`], [`arch`]: KVM objects, CPUID, MSRs, registers, LAPIC, page tables;
 //! - [`devices`]: the buses, serial console, i8042 reset, virtio-mmio and virtio-blk;
@@ -22,6 +23,7 @@
 //! - [`builder`]: assembling a VM from a [`config::VmConfig`] (or a checkpoint) and running it;
 //! - [`checkpoint`]: saving and loading the running VM (full, incremental, live, streams).
 
+pub mod agent;
 pub mod arch;
 pub mod builder;
 pub mod checkpoint;

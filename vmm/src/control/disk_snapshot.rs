@@ -124,5 +124,6 @@ pub fn take(disks: &[Disk], request: &SnapshotCreate) -> Result<SnapshotResult> 
         name: request.name.clone(),
         disks: results,
         quiesced_us: u64::try_from(quiesced.as_micros()).unwrap_or(u64::MAX),
+        frozen_us: None,
     })
 }

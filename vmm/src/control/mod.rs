@@ -33,6 +33,7 @@ mod disk_snapshot;
 mod error;
 mod jobs;
 mod machine;
+mod quiesce;
 pub mod types;
 mod vm;
 
@@ -50,11 +51,14 @@ pub use error::{ControlError, Result};
 pub use machine::Machine;
 pub use vm::VmMachine;
 
+use crate::agent::GuestAgent;
 use jobs::BlockJobs;
+use quiesce::QuiesceRequest;
 use types::{
-    CheckpointReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo, RevertRequest,
-    RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult, SnapshotInfo,
-    SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
+    AgentStatus, CheckpointReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo,
+    QuiesceReport, RevertRequest, RevertResult, SnapshotCreate, SnapshotDeleteRequest,
+    SnapshotDeleteResult, SnapshotInfo, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo,
+    VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.
@@ -67,6 +71,10 @@ pub struct Control {
     disks: Vec<Disk>,
     tree: Option<Arc<SnapshotTree>>,
     jobs: BlockJobs,
+    /// The guest agent that quiesces snapshots, when one is configured.
+    agent: Option<Arc<GuestAgent>>,
+    /// The last snapshot asked to quiesce.
+    last_quiesce: parking_lot::Mutex<Option<QuiesceReport>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -100,7 +108,50 @@ impl Control {
             disks,
             tree,
             jobs: BlockJobs::default(),
+            agent: None,
+            last_quiesce: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// This control with `agent` as the guest's agent, which freezes its filesystems for
+    /// snapshots asked to quiesce.
+    pub fn with_guest_agent(mut self, agent: Arc<GuestAgent>) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// The guest agent as it answers now (`guest-fsfreeze-status`), with the last quiesced
+    /// snapshot's report.
+    pub fn agent_status(&self) -> Result<AgentStatus> {
+        let agent = self.agent.as_deref().ok_or_else(|| {
+            ControlError::Unsupported("no guest agent is configured (--guest-agent)".into())
+        })?;
+        let status = agent
+            .status()
+            .map_err(|f| quiesce::agent_error(agent, "guest-fsfreeze-status", f))?;
+        Ok(AgentStatus {
+            endpoint: agent.endpoint().to_string(),
+            fsfreeze: match status {
+                crate::agent::FreezeStatus::Thawed => "thawed",
+                crate::agent::FreezeStatus::Frozen => "frozen",
+            }
+            .to_string(),
+            last_quiesce: self.last_quiesce.lock().clone(),
+        })
+    }
+
+    /// Runs `take` quiesced as asked, keeping the report for [`Control::agent_status`].
+    fn quiesced<T>(
+        &self,
+        request: QuiesceRequest<'_>,
+        take: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<u64>)> {
+        let (value, report) = quiesce::around(self.agent.as_deref(), request, take)?;
+        let frozen_us = report.as_ref().and_then(|r| r.frozen_us);
+        if report.is_some() {
+            *self.last_quiesce.lock() = report;
+        }
+        Ok((value, frozen_us))
     }
 
     /// The machine's state and shape.
@@ -158,9 +209,19 @@ impl Control {
     }
 
     /// An external disk-only snapshot of a set of disks, outside the snapshot tree: each
-    /// disk moves onto a new overlay (all at once when `atomic`).
+    /// disk moves onto a new overlay (all at once when `atomic`), with the guest's
+    /// filesystems frozen around it when asked to `quiesce`.
     pub fn disk_snapshot(&self, request: &SnapshotCreate) -> Result<SnapshotResult> {
-        disk_snapshot::take(&self.disks, request)
+        snapshot::tree::validate_name(&request.name)?;
+        let quiesce = QuiesceRequest {
+            snapshot: &request.name,
+            quiesce: request.quiesce,
+            best_effort: request.quiesce_best_effort,
+        };
+        let (mut result, frozen_us) =
+            self.quiesced(quiesce, || disk_snapshot::take(&self.disks, request))?;
+        result.frozen_us = frozen_us;
+        Ok(result)
     }
 
     /// Starts pulling `disk`'s backing chain into its active layer (virsh `blockpull`).
@@ -266,18 +327,36 @@ impl Control {
     }
 
     /// Takes a snapshot of every writable disk into the tree (virsh `snapshot-create-as`):
-    /// external with memory unless `disk_only` or `internal` say otherwise.
+    /// external with memory unless `disk_only` or `internal` say otherwise. With `quiesce`
+    /// the guest's filesystems are frozen around it (the frozen time is in
+    /// [`Control::agent_status`]).
     pub fn snapshot_create(&self, request: &TreeSnapshotCreate) -> Result<SnapshotInfo> {
         snapshot::tree::validate_name(&request.name)?;
         let tree = self.tree()?;
-        Ok(tree.create(
-            &request.name,
-            &TakeOptions {
-                description: request.description.clone(),
-                disk_only: request.disk_only,
-                internal: request.internal,
-            },
-        )?)
+        if request.quiesce && !request.disk_only {
+            // The memory image would hold frozen filesystems, and a revert to it a guest
+            // that nothing thaws; memory needs no quiescing anyway (it holds the caches).
+            return Err(ControlError::InvalidArgument(format!(
+                "snapshot {}: quiesce needs disk_only",
+                request.name
+            )));
+        }
+        let quiesce = QuiesceRequest {
+            snapshot: &request.name,
+            quiesce: request.quiesce,
+            best_effort: request.quiesce_best_effort,
+        };
+        let (info, _) = self.quiesced(quiesce, || {
+            Ok(tree.create(
+                &request.name,
+                &TakeOptions {
+                    description: request.description.clone(),
+                    disk_only: request.disk_only,
+                    internal: request.internal,
+                },
+            )?)
+        })?;
+        Ok(info)
     }
 
     /// Every snapshot of the tree, in creation order.

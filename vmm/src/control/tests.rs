@@ -179,6 +179,7 @@ fn commit_into_an_image_holding_an_internal_snapshot_is_allowed() {
         description: None,
         disks: None,
         atomic: true,
+        ..Default::default()
     };
     f.control.disk_snapshot(&request).unwrap();
     let internal = TreeSnapshotCreate {
@@ -217,6 +218,7 @@ fn disk_snapshot_stream_and_job_verbs() {
         description: None,
         disks: None,
         atomic: true,
+        ..Default::default()
     };
     let result = f.control.disk_snapshot(&all).unwrap();
     assert_eq!(result.disks.len(), 1);
@@ -310,4 +312,150 @@ fn what_the_machine_cannot_do_is_unsupported() {
     ));
     f.control.shutdown().unwrap();
     assert_eq!(f.control.info().state, VmState::ShuttingDown);
+}
+
+/// Quiesced snapshots against scripted agents on real sockets (the real qemu-ga runs in
+/// `tests/guest_agent.rs`).
+mod quiesce {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::agent::testing::{scripted, AgentState, Behaviour};
+    use crate::agent::AgentTimeouts;
+
+    fn with_agent(behaviour: Behaviour, tree: bool) -> (Fixture, Arc<AgentState>) {
+        let mut f = Fixture::new(tree);
+        let timeouts = match behaviour {
+            Behaviour::Good | Behaviour::FreezeFails => AgentTimeouts::default(),
+            _ => AgentTimeouts {
+                sync: Duration::from_millis(300),
+                freeze: Duration::from_millis(300),
+                command: Duration::from_millis(300),
+            },
+        };
+        let (agent, state) = scripted(&f.path("qga.sock"), behaviour, timeouts);
+        let machine = Arc::new(TestMachine {
+            state: Mutex::new(VmState::Running),
+        });
+        let disks = f.control.disk_handles().to_vec();
+        let tree = f.control.snapshot_tree().cloned();
+        f.control = Control::new(machine, disks, tree).with_guest_agent(Arc::new(agent));
+        (f, state)
+    }
+
+    fn quiesced(name: &str, best_effort: bool) -> SnapshotCreate {
+        SnapshotCreate {
+            quiesce: true,
+            quiesce_best_effort: best_effort,
+            ..SnapshotCreate::new(name)
+        }
+    }
+
+    #[test]
+    fn a_quiesced_snapshot_freezes_and_thaws_and_reports_the_frozen_time() {
+        let (f, state) = with_agent(Behaviour::Good, false);
+        let result = f.control.disk_snapshot(&quiesced("q1", false)).unwrap();
+        assert!(result.frozen_us.is_some(), "{result:?}");
+        assert_eq!(state.freezes.load(Ordering::SeqCst), 1);
+        assert_eq!(state.thaws.load(Ordering::SeqCst), 1);
+        let status = f.control.agent_status().unwrap();
+        assert_eq!(status.fsfreeze, "thawed");
+        let report = status.last_quiesce.unwrap();
+        assert_eq!((report.snapshot.as_str(), report.filesystems), ("q1", 2));
+        // Unquiesced snapshots leave the agent alone.
+        let result = f.control.disk_snapshot(&SnapshotCreate::new("q2")).unwrap();
+        assert_eq!(result.frozen_us, None);
+        assert_eq!(state.freezes.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_failed_snapshot_still_thaws() {
+        let (f, state) = with_agent(Behaviour::Good, false);
+        let request = SnapshotCreate {
+            disks: Some(vec![SnapshotDisk {
+                disk: "vda".into(),
+                overlay: Some("relative.qcow2".into()),
+            }]),
+            ..quiesced("bad", false)
+        };
+        let error = f.control.disk_snapshot(&request).unwrap_err();
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
+        assert_eq!(state.freezes.load(Ordering::SeqCst), 1);
+        assert!(!state.frozen.load(Ordering::SeqCst), "left frozen");
+    }
+
+    #[test]
+    fn tree_snapshots_quiesce_disk_only() {
+        let (f, state) = with_agent(Behaviour::Good, true);
+        let request = TreeSnapshotCreate {
+            quiesce: true,
+            ..TreeSnapshotCreate::disk_only("t1")
+        };
+        f.control.snapshot_create(&request).unwrap();
+        assert_eq!(state.thaws.load(Ordering::SeqCst), 1);
+        let report = f.control.agent_status().unwrap().last_quiesce.unwrap();
+        assert!(report.frozen_us.is_some());
+        let with_memory = TreeSnapshotCreate {
+            quiesce: true,
+            ..TreeSnapshotCreate::with_memory("t2")
+        };
+        let error = f.control.snapshot_create(&with_memory).unwrap_err();
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn unresponsive_or_broken_agents_fail_the_snapshot_unless_best_effort() {
+        for behaviour in [Behaviour::Hang, Behaviour::Garbage, Behaviour::FreezeFails] {
+            let (f, state) = with_agent(behaviour, false);
+            let error = f.control.disk_snapshot(&quiesced("s", false)).unwrap_err();
+            match (behaviour, &error) {
+                (Behaviour::Hang, ControlError::Conflict(m)) => assert!(m.contains("in time")),
+                (Behaviour::Garbage, ControlError::Conflict(_) | ControlError::Failed(_)) => {}
+                (Behaviour::FreezeFails, ControlError::Failed(m)) => assert!(m.contains("busy")),
+                _ => panic!("{behaviour:?}: {error:?}"),
+            }
+            // Nothing was snapshotted, nothing left frozen.
+            assert_eq!(f.vda().top().path(), f.path("vda.qcow2").as_path());
+            assert!(
+                !state.frozen.load(Ordering::SeqCst),
+                "{behaviour:?}: left frozen"
+            );
+            let result = f.control.disk_snapshot(&quiesced("s", true)).unwrap();
+            assert_eq!(result.frozen_us, None, "{behaviour:?}");
+            assert!(
+                !state.frozen.load(Ordering::SeqCst),
+                "{behaviour:?}: left frozen"
+            );
+        }
+    }
+
+    #[test]
+    fn no_agent_is_a_conflict_unless_best_effort() {
+        let f = Fixture::new(false);
+        conflict_naming(
+            f.control.disk_snapshot(&quiesced("s", false)),
+            &["no guest agent"],
+        );
+        let result = f.control.disk_snapshot(&quiesced("s", true)).unwrap();
+        assert_eq!(result.frozen_us, None);
+        let error = f.control.agent_status().unwrap_err();
+        assert!(matches!(error, ControlError::Unsupported(_)), "{error:?}");
+        let error = f
+            .control
+            .disk_snapshot(&SnapshotCreate {
+                quiesce_best_effort: true,
+                ..SnapshotCreate::new("x")
+            })
+            .unwrap_err();
+        assert!(
+            matches!(error, ControlError::InvalidArgument(_)),
+            "{error:?}"
+        );
+    }
 }

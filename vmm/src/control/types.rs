@@ -80,6 +80,14 @@ pub struct SnapshotCreate {
     /// Switch every disk or none; otherwise disks are switched one after the other.
     #[serde(default)]
     pub atomic: bool,
+    /// Freeze the guest's filesystems through its agent around the snapshot (virsh
+    /// `--quiesce`); fails if the agent cannot freeze them, unless `quiesce_best_effort`.
+    #[serde(default)]
+    pub quiesce: bool,
+    /// With `quiesce`: take the snapshot unquiesced when the agent is missing, does not
+    /// answer in time or cannot freeze (the result then reports no frozen time).
+    #[serde(default)]
+    pub quiesce_best_effort: bool,
 }
 
 /// One disk switched by a snapshot.
@@ -102,6 +110,10 @@ pub struct SnapshotResult {
     pub disks: Vec<SnapshotDiskResult>,
     /// How long guest I/O was held, in microseconds (the longest, when not atomic).
     pub quiesced_us: u64,
+    /// With `quiesce`: how long the guest's filesystems stayed frozen, in microseconds, from
+    /// the freeze request to the thaw's answer; absent when not quiesced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_us: Option<u64>,
 }
 
 pub use snapshot::tree::{DiskImage, SnapshotInfo};
@@ -125,6 +137,40 @@ pub struct TreeSnapshotCreate {
     /// All disks or none (always so; accepted for virsh's `--atomic`).
     #[serde(default)]
     pub atomic: bool,
+    /// Freeze the guest's filesystems through its agent around the snapshot (virsh
+    /// `--quiesce`); fails if the agent cannot freeze them, unless `quiesce_best_effort`.
+    /// The frozen time is in `GET /vm/agent`'s `last_quiesce`.
+    #[serde(default)]
+    pub quiesce: bool,
+    /// With `quiesce`: take the snapshot unquiesced when the agent is missing, does not
+    /// answer in time or cannot freeze.
+    #[serde(default)]
+    pub quiesce_best_effort: bool,
+}
+
+/// The last quiesced snapshot: how long the guest stayed frozen, or why it was not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceReport {
+    /// The snapshot.
+    pub snapshot: String,
+    /// How long the filesystems stayed frozen, in microseconds, from the freeze request to
+    /// the thaw's answer; absent when the snapshot was taken unquiesced (best effort).
+    pub frozen_us: Option<u64>,
+    /// How many filesystems the agent froze.
+    pub filesystems: u64,
+    /// Why a best-effort snapshot was taken unquiesced.
+    pub skipped: Option<String>,
+}
+
+/// `GET /vm/agent`: the guest agent, as it answers now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Where the agent is (`--guest-agent`).
+    pub endpoint: String,
+    /// `guest-fsfreeze-status`: "thawed" or "frozen".
+    pub fsfreeze: String,
+    /// The last snapshot asked to quiesce, if any.
+    pub last_quiesce: Option<QuiesceReport>,
 }
 
 /// `PUT /snapshots/{name}/delete` (virsh `snapshot-delete`).

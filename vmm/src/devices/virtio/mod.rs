@@ -8,6 +8,7 @@
 pub mod block;
 pub mod mmio;
 pub mod persist;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
