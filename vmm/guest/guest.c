@@ -53,6 +53,7 @@ struct boot_info {
     u32 num_devices;
     u32 control; /* written by the host at any time: CONTROL_* */
     struct boot_device devices[MAX_DEVICES];
+    u64 vmgenid_addr; /* the 16-byte VM generation ID, rewritten by the host on every restore */
 };
 
 static u32 control_word(struct boot_info *info) { return *(volatile u32 *)&info->control; }
@@ -446,14 +447,49 @@ static void report_mismatch(u32 disk, u64 byte)
     puts("\n");
 }
 
+/* ---- VM generation ID -------------------------------------------------------------------- */
+
+/*
+ * The generation last seen lives in guest memory, so a restored or cloned guest compares the
+ * ID the host wrote at the load with the one it saw before the snapshot, and reports the
+ * change: "generation <32 hex digits>" (byte 0 first), at boot and whenever it changes.
+ */
+static u64 generation_seen[2];
+
+static void check_generation(struct boot_info *info)
+{
+    static const char digits[] = "0123456789abcdef";
+    if (!info->vmgenid_addr)
+        return;
+    volatile u8 *id = (volatile u8 *)info->vmgenid_addr;
+    u64 now[2] = {0, 0};
+    for (int i = 0; i < 16; i++)
+        now[i / 8] |= (u64)id[i] << (8 * (i % 8));
+    if (now[0] == generation_seen[0] && now[1] == generation_seen[1])
+        return;
+    generation_seen[0] = now[0];
+    generation_seen[1] = now[1];
+    char line[11 + 32 + 2];
+    memcpy(line, "generation ", 11);
+    for (int i = 0; i < 16; i++) {
+        u8 b = (u8)(now[i / 8] >> (8 * (i % 8)));
+        line[11 + 2 * i] = digits[b >> 4];
+        line[12 + 2 * i] = digits[b & 15];
+    }
+    line[43] = '\n';
+    line[44] = 0;
+    puts(line);
+}
+
 /* ---- workloads --------------------------------------------------------------------------- */
 
 /* The counter lives in guest memory, so a restored snapshot continues where it left off. */
 static volatile u64 counter_value;
 
-static void run_counter(void)
+static void run_counter(struct boot_info *info)
 {
     for (;;) {
+        check_generation(info);
         counter_value++;
         puts("counter ");
         put_dec(counter_value);
@@ -730,6 +766,7 @@ static void run_io_loop(struct boot_info *info, u32 ndisks)
     puts("io-loop start\n");
     u64 last_progress = rdtsc();
     for (;;) {
+        check_generation(info);
         if (control_word(info) == CONTROL_FINISH)
             io_loop_finish(&l);
         rng ^= rng << 13;
@@ -842,7 +879,7 @@ void guest_main(u64 cpu, struct boot_info *info)
 
     switch (info->workload) {
     case WORKLOAD_COUNTER:
-        run_counter();
+        run_counter(info);
         break;
     case WORKLOAD_WRITE_VERIFY:
         run_write_verify(info, ndisks);

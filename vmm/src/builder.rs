@@ -20,6 +20,7 @@ use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
 use crate::devices::serial::{IrqTrigger, Serial, SERIAL_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
@@ -225,6 +226,8 @@ impl Vmm {
         let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
+        // A fresh generation for a fresh VM (a restore writes its own in the load).
+        VmGenId::default().regenerate(&memory)?;
         let starts = match &config.boot {
             BootSource::MicroGuest { workload, seed } => {
                 let guest_devices: Vec<GuestDevice> = attached
@@ -330,6 +333,7 @@ impl Vmm {
             &assembled.devices,
             &assembled.serial,
             &assembled.attached,
+            &VmGenId::default(),
         )?;
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.
@@ -394,6 +398,7 @@ impl Vmm {
             config,
             gate: pause,
             msr_list,
+            vmgenid: VmGenId::default(),
         });
         Ok(Vmm {
             exit,

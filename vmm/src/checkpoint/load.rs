@@ -20,6 +20,7 @@ use super::tracking::{Backing, Tracking};
 use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::machine::AttachedDisk;
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
@@ -152,6 +153,7 @@ impl LoadedCheckpoint {
         devices: &[Arc<Mutex<MmioTransport>>],
         serial: &Arc<Mutex<Serial>>,
         disks: &[AttachedDisk],
+        vmgenid: &VmGenId,
     ) -> Result<()> {
         for (saved, disk) in self.machine.disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
@@ -167,6 +169,8 @@ impl LoadedCheckpoint {
             vcpus,
             devices,
             serial,
+            memory,
+            vmgenid,
         };
         self.machine.restore_into(target, true)
     }
