@@ -30,6 +30,31 @@ use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
+/// What a restore changes from the checkpoint it loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Disks to open on another image than the one the checkpoint names, by disk name: the
+    /// image must show the same contents (an overlay on the saved image, as a clone's is)
+    /// and have the same size, which the restore checks.
+    pub disk_tops: Vec<(String, std::path::PathBuf)>,
+}
+
+impl RestoreOptions {
+    /// Points the disks of `config` at the images asked for.
+    fn apply(&self, config: &mut VmConfig) -> Result<()> {
+        for (name, path) in &self.disk_tops {
+            let index = (0..config.disks.len())
+                .find(|&i| config.disk_name(i) == *name)
+                .ok_or_else(|| {
+                    Error::Config(format!("the checkpoint has no disk named {name:?}"))
+                })?;
+            config.disks[index].path = path.clone();
+            config.disks[index].format = None;
+        }
+        Ok(())
+    }
+}
+
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -311,8 +336,20 @@ impl Vmm {
     /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
     /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
     pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
+        Self::restore_with(dir, serial, paused, &RestoreOptions::default())
+    }
+
+    /// As [`Vmm::restore`], with `options` (disks opened on other images than the saved
+    /// ones: a clone's overlays).
+    pub fn restore_with(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &RestoreOptions,
+    ) -> Result<Self> {
         let loaded = LoadedCheckpoint::open(dir)?;
-        let config = loaded.config()?;
+        let mut config = loaded.config()?;
+        options.apply(&mut config)?;
         let memory_bytes = check_config(&config)?;
         let memory = memory::create(memory_bytes)?;
         memory::persist::check_layout(&memory, &loaded.layout())
