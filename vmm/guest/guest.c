@@ -450,23 +450,26 @@ static void report_mismatch(u32 disk, u64 byte)
 /* ---- VM generation ID -------------------------------------------------------------------- */
 
 /*
+ * Returns 0 while the ID stays the same, else a non-zero mix of the new one: what a guest
+ * reseeds its random numbers with, so clones of one snapshot part ways.
+ *
  * The generation last seen lives in guest memory, so a restored or cloned guest compares the
  * ID the host wrote at the load with the one it saw before the snapshot, and reports the
  * change: "generation <32 hex digits>" (byte 0 first), at boot and whenever it changes.
  */
 static u64 generation_seen[2];
 
-static void check_generation(struct boot_info *info)
+static u64 check_generation(struct boot_info *info)
 {
     static const char digits[] = "0123456789abcdef";
     if (!info->vmgenid_addr)
-        return;
+        return 0;
     volatile u8 *id = (volatile u8 *)info->vmgenid_addr;
     u64 now[2] = {0, 0};
     for (int i = 0; i < 16; i++)
         now[i / 8] |= (u64)id[i] << (8 * (i % 8));
     if (now[0] == generation_seen[0] && now[1] == generation_seen[1])
-        return;
+        return 0;
     generation_seen[0] = now[0];
     generation_seen[1] = now[1];
     char line[11 + 32 + 2];
@@ -479,6 +482,7 @@ static void check_generation(struct boot_info *info)
     line[43] = '\n';
     line[44] = 0;
     puts(line);
+    return (now[0] ^ now[1]) | 1;
 }
 
 /* ---- workloads --------------------------------------------------------------------------- */
@@ -766,7 +770,10 @@ static void run_io_loop(struct boot_info *info, u32 ndisks)
     puts("io-loop start\n");
     u64 last_progress = rdtsc();
     for (;;) {
-        check_generation(info);
+        /* A clone or restore reseeds: clones of one snapshot write different chunks. */
+        u64 reseed = check_generation(info);
+        if (reseed)
+            rng = (rng ^ reseed) | 1;
         if (control_word(info) == CONTROL_FINISH)
             io_loop_finish(&l);
         rng ^= rng << 13;
