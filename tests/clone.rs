@@ -264,9 +264,10 @@ fn counter_clones_resume_from_the_snapshot_with_new_generation_ids() {
         serde_json::from_str(&vm.ctl_ok(&["clone-list", "s1", "--json"])).unwrap();
     assert_eq!(listed.len(), 3, "offline clones are recorded beside the metadata");
 
-    // A revert in place loads the snapshot's memory: a new generation again.
-    vm.ctl_ok(&["resume"]);
+    // A revert in place loads the snapshot's memory: a new generation again. The snapshot
+    // was taken paused, so the VM stays paused after the revert until resumed.
     vm.ctl_ok(&["snapshot-revert", "s1"]);
+    vm.ctl_ok(&["resume"]);
     let reverted = wait_generations(&vm, 2)[1].clone();
     assert!(!seen.contains(&reverted), "the revert kept an old generation ID");
 
