@@ -41,7 +41,8 @@ pub struct CloneArgs {
 /// Prints started clones: one line each, or a JSON list.
 pub(crate) fn print_clones(clones: &[CloneInfo], json: bool) -> Result<(), String> {
     if json {
-        let text = serde_json::to_string_pretty(clones).map_err(|e| format!("encoding JSON: {e}"))?;
+        let text =
+            serde_json::to_string_pretty(clones).map_err(|e| format!("encoding JSON: {e}"))?;
         println!("{text}");
         return Ok(());
     }

@@ -31,11 +31,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
 use snapvmm_api::types::{
-    CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
-    SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
+    CloneDestroyRequest, CloneInfo, CloneRecord, CloneRequest, ForkRequest, ForkResult,
 };
 use snapvmm_api::types::{
-    CloneDestroyRequest, CloneInfo, CloneRecord, CloneRequest, ForkRequest, ForkResult,
+    CommitRequest, DiskInfo, JobInfo, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
+    SnapshotInfo, SnapshotResult, SpeedRequest, StreamRequest, TreeSnapshotCreate,
 };
 use snapvmm_api::Error as ClientError;
 use snapvmm_api::{ApiClient, VmInfo};
@@ -522,8 +522,7 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             let request = CloneDestroyRequest {
                 dir: std::path::absolute(&dir)?,
             };
-            let record: CloneRecord =
-                client.call_json("PUT", "/clones/destroy", Some(&request))?;
+            let record: CloneRecord = client.call_json("PUT", "/clones/destroy", Some(&request))?;
             if json {
                 return print_json(&record);
             }

@@ -71,8 +71,8 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
     let out = vmm::builder::open_serial(&serial).map_err(text)?;
     let restore_options = disk_tops(&args.disk_top)?;
     let Some(socket) = &args.api_socket else {
-        let vm = vmm::Vmm::restore_with(&args.dir, out, args.paused, &restore_options)
-            .map_err(text)?;
+        let vm =
+            vmm::Vmm::restore_with(&args.dir, out, args.paused, &restore_options).map_err(text)?;
         tracing::info!("restored from {}", args.dir.display());
         return vm.wait().map_err(text);
     };

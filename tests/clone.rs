@@ -105,7 +105,11 @@ fn wait_generations(vm: &RunningVm, count: usize) -> Vec<String> {
         if ids.len() >= count {
             return ids;
         }
-        assert!(Instant::now() < deadline, "no generation line: {}", vm.serial());
+        assert!(
+            Instant::now() < deadline,
+            "no generation line: {}",
+            vm.serial()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -171,7 +175,11 @@ fn eight_clones_of_an_io_loop_snapshot_run_side_by_side() {
         assert_io_clean(&clone.id, &read(&clone.serial));
         qemu_img_check(&clone.dir.join("vda.qcow2"));
     }
-    assert_eq!(file_bytes(&frozen), before, "the snapshot's image never changes");
+    assert_eq!(
+        file_bytes(&frozen),
+        before,
+        "the snapshot's image never changes"
+    );
     qemu_img_check(&frozen);
 
     for clone in &clones {
@@ -257,19 +265,30 @@ fn counter_clones_resume_from_the_snapshot_with_new_generation_ids() {
         );
         let ids = generations(&serial);
         assert_eq!(ids.len(), 1, "{serial}");
-        assert!(!seen.contains(&ids[0]), "{} reuses a generation ID", clone.id);
+        assert!(
+            !seen.contains(&ids[0]),
+            "{} reuses a generation ID",
+            clone.id
+        );
         seen.push(ids[0].clone());
     }
     let listed: Vec<CloneRecord> =
         serde_json::from_str(&vm.ctl_ok(&["clone-list", "s1", "--json"])).unwrap();
-    assert_eq!(listed.len(), 3, "offline clones are recorded beside the metadata");
+    assert_eq!(
+        listed.len(),
+        3,
+        "offline clones are recorded beside the metadata"
+    );
 
     // A revert in place loads the snapshot's memory: a new generation again. The snapshot
     // was taken paused, so the VM stays paused after the revert until resumed.
     vm.ctl_ok(&["snapshot-revert", "s1"]);
     vm.ctl_ok(&["resume"]);
     let reverted = wait_generations(&vm, 2)[1].clone();
-    assert!(!seen.contains(&reverted), "the revert kept an old generation ID");
+    assert!(
+        !seen.contains(&reverted),
+        "the revert kept an old generation ID"
+    );
 
     for clone in &clones {
         vm.ctl_ok(&["clone-destroy", clone.dir.to_str().unwrap()]);
@@ -315,7 +334,11 @@ fn live_fork_under_io_loop() {
     vm.wait_progress();
     let (dir, serial) = vm.shutdown();
     assert_io_clean("parent", &serial);
-    assert_eq!(file_bytes(&frozen), before, "the frozen image never changes");
+    assert_eq!(
+        file_bytes(&frozen),
+        before,
+        "the frozen image never changes"
+    );
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "qcow2") {
@@ -406,7 +429,10 @@ fn bad_clone_requests_leave_nothing_behind() {
         .unwrap();
     assert!(!out.status.success());
     let message = String::from_utf8_lossy(&out.stderr);
-    assert!(message.contains("no snapshot named \"missing\""), "{message}");
+    assert!(
+        message.contains("no snapshot named \"missing\""),
+        "{message}"
+    );
     let out = snapvmm()
         .arg("clone")
         .arg("--snapshot-metadata")

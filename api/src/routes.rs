@@ -12,8 +12,8 @@ use vmm::Control;
 
 use crate::error::Error;
 use crate::types::{
-    CheckpointRequest, CloneDestroyRequest, CloneRequest, Fault, ForkRequest, RevertRequest, SnapshotDeleteRequest, SpeedRequest,
-    TreeSnapshotCreate,
+    CheckpointRequest, CloneDestroyRequest, CloneRequest, Fault, ForkRequest, RevertRequest,
+    SnapshotDeleteRequest, SpeedRequest, TreeSnapshotCreate,
 };
 
 /// Every route the server answers: (method, path template). `{disk}` and `{name}` match one
@@ -298,9 +298,7 @@ impl Router {
                 let request: CloneRequest = parse_required(body)?;
                 Ok(Response::json(&c.snapshot_clone(segment, &request)?))
             }
-            ("GET", "/snapshots/{name}/clones") => {
-                Ok(Response::json(&c.snapshot_clones(segment)?))
-            }
+            ("GET", "/snapshots/{name}/clones") => Ok(Response::json(&c.snapshot_clones(segment)?)),
             ("PUT", "/vm/fork") => {
                 let request: ForkRequest = parse_required(body)?;
                 Ok(Response::json(&c.fork(&request)?))

@@ -370,7 +370,6 @@ impl Vmm {
             &assembled.devices,
             &assembled.serial,
             &assembled.attached,
-            &VmGenId::default(),
         )?;
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.

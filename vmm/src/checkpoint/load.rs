@@ -153,7 +153,6 @@ impl LoadedCheckpoint {
         devices: &[Arc<Mutex<MmioTransport>>],
         serial: &Arc<Mutex<Serial>>,
         disks: &[AttachedDisk],
-        vmgenid: &VmGenId,
     ) -> Result<()> {
         for (saved, disk) in self.machine.disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
@@ -170,7 +169,8 @@ impl LoadedCheckpoint {
             devices,
             serial,
             memory,
-            vmgenid,
+            // The new VM's device sits where every VM's does (the builder makes the same).
+            vmgenid: &VmGenId::default(),
         };
         self.machine.restore_into(target, true)
     }

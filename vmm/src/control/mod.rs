@@ -53,10 +53,10 @@ pub use vm::VmMachine;
 
 use jobs::BlockJobs;
 use types::{
-    CheckpointReport, CheckpointRequest, CloneDestroyRequest, CloneInfo, CloneRecord,
-    CloneRequest, CommitRequest, ForkRequest, ForkResult, DiskInfo, JobInfo, RevertRequest,
-    RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult, SnapshotInfo,
-    SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
+    CheckpointReport, CheckpointRequest, CloneDestroyRequest, CloneInfo, CloneRecord, CloneRequest,
+    CommitRequest, DiskInfo, ForkRequest, ForkResult, JobInfo, RevertRequest, RevertResult,
+    SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult, SnapshotInfo, SnapshotResult,
+    StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.

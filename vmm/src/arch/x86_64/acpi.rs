@@ -365,7 +365,10 @@ mod tests {
         low.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
         assert_eq!(find(&low), 1);
         // The GED's interrupt on the ID's GSI.
-        assert_eq!(find(&[0x89, 6, 0, 0b0011, 1, VMGENID_GSI as u8, 0, 0, 0]), 1);
+        assert_eq!(
+            find(&[0x89, 6, 0, 0b0011, 1, VMGENID_GSI as u8, 0, 0, 0]),
+            1
+        );
     }
 
     #[test]

@@ -109,7 +109,10 @@ impl Base {
             ..Default::default()
         };
         let image = storage::open(path, &options).map_err(|e| {
-            ControlError::Failed(format!("disk {disk}: opening frozen image {}: {e}", path.display()))
+            ControlError::Failed(format!(
+                "disk {disk}: opening frozen image {}: {e}",
+                path.display()
+            ))
         })?;
         Ok(Base {
             disk: disk.to_string(),
@@ -185,7 +188,10 @@ pub(crate) fn make_parent_dir(dir: &Path) -> Result<Option<PathBuf>> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| {
-            ControlError::InvalidArgument(format!("cannot create clone directory {}: {e}", dir.display()))
+            ControlError::InvalidArgument(format!(
+                "cannot create clone directory {}: {e}",
+                dir.display()
+            ))
         })?;
     Ok(Some(first_missing))
 }
@@ -318,7 +324,10 @@ pub fn destroy(registry: &Registry, request: &CloneDestroyRequest) -> Result<Clo
     process::stop(&record.clone)?;
     if record.clone.dir.exists() {
         std::fs::remove_dir_all(&record.clone.dir).map_err(|e| {
-            ControlError::Failed(format!("removing clone {}: {e}", record.clone.dir.display()))
+            ControlError::Failed(format!(
+                "removing clone {}: {e}",
+                record.clone.dir.display()
+            ))
         })?;
     }
     registry.remove(&request.dir)?;
@@ -373,7 +382,11 @@ pub fn check_delete(registry: &Registry, snapshots: &[SnapshotInfo], name: &str)
         "snapshot {name:?} is used by {} clone(s) ({}{}): destroy them first",
         users.len(),
         dirs.join(", "),
-        if users.len() > dirs.len() { ", ..." } else { "" }
+        if users.len() > dirs.len() {
+            ", ..."
+        } else {
+            ""
+        }
     )))
 }
 

@@ -87,9 +87,9 @@ impl CloneLauncher {
             .stderr(err)
             .current_dir(dir)
             .process_group(0);
-        let child = command.spawn().map_err(|e| {
-            failed(&format!("starting {}", self.binary.display()), e)
-        })?;
+        let child = command
+            .spawn()
+            .map_err(|e| failed(&format!("starting {}", self.binary.display()), e))?;
         Ok(Starting {
             info: CloneInfo {
                 id: id.to_string(),

@@ -63,7 +63,10 @@ impl Registry {
     }
 
     fn failed(&self, what: &str, e: impl std::fmt::Display) -> ControlError {
-        ControlError::Failed(format!("clone registry {}: {what}: {e}", self.path.display()))
+        ControlError::Failed(format!(
+            "clone registry {}: {what}: {e}",
+            self.path.display()
+        ))
     }
 
     fn lock(&self) -> Result<Locked> {
@@ -198,15 +201,16 @@ mod tests {
         let b = tmp.path().join("b");
         std::fs::create_dir(&a).unwrap();
         std::fs::create_dir(&b).unwrap();
-        registry
-            .add(&[record(&a, "s1"), record(&b, "s2")])
-            .unwrap();
+        registry.add(&[record(&a, "s1"), record(&b, "s2")]).unwrap();
         let listed = registry.list().unwrap();
         assert_eq!(listed.len(), 2);
         assert!(!listed[0].running, "no such process");
         std::fs::remove_dir(&b).unwrap();
         assert_eq!(registry.list().unwrap().len(), 1);
-        assert_eq!(registry.remove(&a).unwrap().unwrap().snapshot.as_deref(), Some("s1"));
+        assert_eq!(
+            registry.remove(&a).unwrap().unwrap().snapshot.as_deref(),
+            Some("s1")
+        );
         assert!(registry.remove(&a).unwrap().is_none());
         assert!(registry.list().unwrap().is_empty());
     }

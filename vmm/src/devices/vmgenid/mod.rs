@@ -51,7 +51,12 @@ impl VmGenId {
         let mut id = [0u8; VMGENID_LEN];
         memory
             .read_slice(&mut id, GuestAddress(self.addr))
-            .map_err(|e| Error::Memory(format!("reading the VM generation ID at {:#x}: {e}", self.addr)))?;
+            .map_err(|e| {
+                Error::Memory(format!(
+                    "reading the VM generation ID at {:#x}: {e}",
+                    self.addr
+                ))
+            })?;
         Ok(id)
     }
 
@@ -61,7 +66,12 @@ impl VmGenId {
         let id = random_id()?;
         memory
             .write_slice(&id, GuestAddress(self.addr))
-            .map_err(|e| Error::Memory(format!("writing the VM generation ID at {:#x}: {e}", self.addr)))?;
+            .map_err(|e| {
+                Error::Memory(format!(
+                    "writing the VM generation ID at {:#x}: {e}",
+                    self.addr
+                ))
+            })?;
         Ok(id)
     }
 
@@ -72,7 +82,10 @@ impl VmGenId {
         for level in [true, false] {
             vm.fd()
                 .set_irq_line(self.gsi, level)
-                .map_err(Error::kvm(format!("KVM_IRQ_LINE (vmgenid GSI {})", self.gsi)))?;
+                .map_err(Error::kvm(format!(
+                    "KVM_IRQ_LINE (vmgenid GSI {})",
+                    self.gsi
+                )))?;
         }
         tracing::debug!(generation = %hex(&id), "VM generation ID changed");
         Ok(id)

@@ -90,7 +90,11 @@ mod tests {
         };
         device.check(&state).unwrap();
         state.addr += 0x1000;
-        assert!(device.check(&state).unwrap_err().to_string().contains("vmgenid"));
+        assert!(device
+            .check(&state)
+            .unwrap_err()
+            .to_string()
+            .contains("vmgenid"));
     }
 
     #[test]
