@@ -9,14 +9,15 @@
 #  3. the parent's pause in a live fork (`snapvmm ctl fork`) of a 1 GiB io-loop guest,
 #     p50 and p99 over FORKS forks.
 #
-# Usage: benches/clone.sh            (SNAPVMM=path/to/snapvmm, FORKS=20, COUNTS="1 8 32")
+# Usage: benches/clone.sh    (SNAPVMM=path/to/snapvmm, FORKS=20 (0: none), COUNTS="1 8 32"
+#                             ("": no clone section))
 # Build first: cargo build (the storage engine is optimised even in dev builds) or
 # cargo build --release and SNAPVMM=target/release/snapvmm.
 set -euo pipefail
 
 BIN=${SNAPVMM:-target/debug/snapvmm}
-FORKS=${FORKS:-20}
-COUNTS=${COUNTS:-"1 8 32"}
+FORKS=${FORKS-20}
+COUNTS=${COUNTS-"1 8 32"}
 WORK=$(mktemp -d /tmp/snapvmm-clone-bench.XXXXXX)
 PIDS=()
 
@@ -45,7 +46,7 @@ start_vm() {
 
 # wait_line FILE PATTERN COUNT: waits until FILE has COUNT lines matching PATTERN.
 wait_line() {
-    for _ in $(seq 6000); do
+    for _ in $(seq 30000); do
         [ "$(grep -c "$2" "$1" 2>/dev/null || true)" -ge "$3" ] && return
         sleep 0.02
     done
@@ -55,6 +56,7 @@ wait_line() {
 pids_of() { grep -o '"pid": [0-9]*' "$1" | awk '{print $2}'; }
 dirs_of() { grep -o '"dir": "[^"]*"' "$1" | sed 's/"dir": "//; s/"$//'; }
 
+if [ -n "$COUNTS" ]; then
 echo "== clones of a 256 MiB guest that touched 64 MiB (binary $BIN)"
 P=$WORK/parent
 start_vm "$P" touch 256 64
@@ -84,7 +86,9 @@ for n in $COUNTS; do
     for d in $(dirs_of "$out"); do ctl "$P/api.sock" clone-destroy "$d" >/dev/null; done
 done
 ctl "$P/api.sock" shutdown >/dev/null || true
+fi
 
+[ "$FORKS" -gt 0 ] || exit 0
 echo
 echo "== live fork of a 1 GiB io-loop guest: the parent's pause ($FORKS forks)"
 F=$WORK/forker
@@ -92,7 +96,9 @@ start_vm "$F" io-loop 1024 1
 wait_line "$F/serial.log" "^io-loop ops" 2
 : >"$WORK/pauses"
 for i in $(seq "$FORKS"); do
-    ctl "$F/api.sock" fork --count 1 --dir "$WORK/f$i" 2>"$WORK/fork.err" >"$WORK/fork.out"
+    if ! ctl "$F/api.sock" fork --count 1 --dir "$WORK/f$i" 2>"$WORK/fork.err" >"$WORK/fork.out"; then
+        cat "$WORK/fork.err" >&2; exit 1
+    fi
     PIDS+=($(awk '{print $3}' "$WORK/fork.out"))
     grep -o 'paused [0-9.]* ms' "$WORK/fork.err" | awk '{print $2}' >>"$WORK/pauses"
     ctl "$F/api.sock" clone-destroy "$WORK/f$i/clone-0" >/dev/null

@@ -16,13 +16,17 @@ use super::super::machine::Machine;
 use super::super::types::{CloneRequest, ForkRequest, ForkResult};
 use super::{check_request, make_parent_dir, spawn, CloneLauncher, CloneSource, Registry};
 
-/// The parent's new overlay for `disk`: beside its active image, `STEM.fork-SECS[-N].qcow2`.
+/// The parent's new overlay for `disk`: beside its active image, `STEM.fork-SECS[-N].qcow2`
+/// (STEM without the suffix of an earlier fork).
 fn parent_overlay(disk: &Disk, stamp: u64) -> PathBuf {
     let top = disk.disk.top();
     let image = std::path::absolute(top.path()).unwrap_or_else(|_| top.path().to_path_buf());
+    // One fork suffix, not one more per fork: `base.fork-1.fork-2...` would outgrow a name.
     let stem = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
+        .map(|s| s.split(".fork-").next().unwrap_or_default().to_string())
+        .filter(|s| !s.is_empty())
         .unwrap_or_else(|| disk.name.clone());
     (1u64..)
         .map(|n| match n {
