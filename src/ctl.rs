@@ -17,6 +17,10 @@
 //! snapvmm ctl --api-socket vm.sock blockpull vda --wait
 //! snapvmm ctl --api-socket vm.sock blockcommit vda --active --pivot --wait
 //! snapvmm ctl --api-socket vm.sock blockjob vda --info
+//! snapvmm ctl --api-socket vm.sock clone s2 --count 8 --dir /srv/clones
+//! snapvmm ctl --api-socket vm.sock clone-list s2
+//! snapvmm ctl --api-socket vm.sock clone-destroy /srv/clones/clone-3
+//! snapvmm ctl --api-socket vm.sock fork --count 2 --dir /srv/forks
 //! ```
 //!
 //! Every verb takes `--json` to print the API's answer instead of a table.
@@ -33,6 +37,9 @@ use snapvmm_api::types::{
     TreeSnapshotCreate,
 };
 use snapvmm_api::types::{CheckpointReport, CheckpointRequest, RevertRequest, RevertResult};
+use snapvmm_api::types::{
+    CloneDestroyRequest, CloneInfo, CloneRecord, CloneRequest, ForkRequest, ForkResult,
+};
 use snapvmm_api::Error as ClientError;
 use snapvmm_api::{ApiClient, VmInfo};
 
@@ -58,6 +65,38 @@ pub struct CtlArgs {
 enum Verb {
     /// Show the VM's state and shape.
     Info,
+    /// Start VMs from snapshot NAME (with memory), each on its own overlays in DIR/clone-K.
+    Clone {
+        /// The snapshot.
+        name: String,
+        /// How many clones (1 to 64).
+        #[arg(long, value_name = "N")]
+        count: u32,
+        /// Where the clones' directories go (created if absent).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// List the clones of snapshot NAME.
+    #[command(name = "clone-list")]
+    CloneList {
+        /// The snapshot.
+        name: String,
+    },
+    /// Stop a clone (or fork child) and remove its directory.
+    #[command(name = "clone-destroy")]
+    CloneDestroy {
+        /// The clone's directory.
+        dir: PathBuf,
+    },
+    /// Live fork: the VM goes on on fresh overlays, N children start from the same instant.
+    Fork {
+        /// How many children (1 to 64).
+        #[arg(long, value_name = "N")]
+        count: u32,
+        /// Where the fork's checkpoint and the children's directories go.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Pause the vCPUs.
     Pause,
     /// Resume the vCPUs.
@@ -529,6 +568,46 @@ fn run(args: CtlArgs) -> Result<(), CtlError> {
             if let Some(dir) = &info.checkpoint {
                 row("Checkpoint", &dir.display());
             }
+        }
+        Verb::Clone { name, count, dir } => {
+            let request = CloneRequest {
+                count,
+                dir: std::path::absolute(&dir)?,
+            };
+            let path = format!("/snapshots/{}/clone", encode(&name));
+            let clones: Vec<CloneInfo> = client.call_json("PUT", &path, Some(&request))?;
+            crate::clone::print_clones(&clones, json).map_err(CtlError::Job)?;
+        }
+        Verb::CloneList { name } => {
+            let records: Vec<CloneRecord> =
+                client.get(&format!("/snapshots/{}/clones", encode(&name)))?;
+            crate::clone::print_records(&records, json).map_err(CtlError::Job)?;
+        }
+        Verb::CloneDestroy { dir } => {
+            let request = CloneDestroyRequest {
+                dir: std::path::absolute(&dir)?,
+            };
+            let record: CloneRecord = client.call_json("PUT", "/clones/destroy", Some(&request))?;
+            if json {
+                return print_json(&record);
+            }
+            println!("Clone {} destroyed", record.clone.dir.display());
+        }
+        Verb::Fork { count, dir } => {
+            let request = ForkRequest {
+                count,
+                dir: std::path::absolute(&dir)?,
+            };
+            let result: ForkResult = client.call_json("PUT", "/vm/fork", Some(&request))?;
+            if json {
+                return crate::clone::print_clones(&result.clones, true).map_err(CtlError::Job);
+            }
+            eprintln!(
+                "Domain forked at checkpoint {} (paused {:.3} ms)",
+                result.checkpoint.display(),
+                result.pause_us as f64 / 1000.0
+            );
+            crate::clone::print_clones(&result.clones, false).map_err(CtlError::Job)?;
         }
         Verb::SnapshotCurrent => {
             let info: SnapshotInfo = client.get("/current-snapshot")?;

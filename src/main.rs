@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod checkpoint;
+mod clone;
 mod ctl;
 mod demo;
 mod img;
@@ -47,6 +48,8 @@ enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Serve a disk to another VMM's guest as a vhost-user-blk backend.
     VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
+    /// Start VMs from a snapshot of a tree, each on its own overlays (no running VM needed).
+    Clone(clone::CloneArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore::main(args),
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::VhostUserBlk(args) => vhost_user_blk::main(args),
+        Command::Clone(args) => clone::main(args),
     };
     ExitCode::from(code)
 }

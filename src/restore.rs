@@ -36,6 +36,25 @@ pub struct RestoreArgs {
     /// writable disk's image].
     #[arg(long, value_name = "FILE", requires = "api_socket")]
     snapshot_metadata: Option<PathBuf>,
+    /// Open disk NAME on IMAGE instead of the image the checkpoint names (an overlay on it,
+    /// the same size: how clones start on their own overlays); repeatable.
+    #[arg(long, value_name = "NAME=IMAGE")]
+    disk_top: Vec<String>,
+}
+
+/// Parses the `--disk-top NAME=IMAGE` flags.
+fn disk_tops(specs: &[String]) -> Result<vmm::RestoreOptions, String> {
+    let mut options = vmm::RestoreOptions::default();
+    for spec in specs {
+        let (name, path) = spec
+            .split_once('=')
+            .filter(|(name, path)| !name.is_empty() && !path.is_empty())
+            .ok_or_else(|| format!("--disk-top {spec:?}: expected NAME=IMAGE"))?;
+        options
+            .disk_tops
+            .push((name.to_string(), PathBuf::from(path)));
+    }
+    Ok(options)
 }
 
 fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
@@ -50,15 +69,18 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         .parse()
         .map_err(text)?;
     let out = vmm::builder::open_serial(&serial).map_err(text)?;
+    let restore_options = disk_tops(&args.disk_top)?;
     let Some(socket) = &args.api_socket else {
-        let vm = vmm::Vmm::restore(&args.dir, out, args.paused).map_err(text)?;
+        let vm =
+            vmm::Vmm::restore_with(&args.dir, out, args.paused, &restore_options).map_err(text)?;
         tracing::info!("restored from {}", args.dir.display());
         return vm.wait().map_err(text);
     };
     let options = SandboxOptions {
         snapshot_metadata: args.snapshot_metadata.clone(),
     };
-    let sandbox = Sandbox::restore(&args.dir, out, args.paused, &options).map_err(text)?;
+    let sandbox = Sandbox::restore_with(&args.dir, out, args.paused, &options, &restore_options)
+        .map_err(text)?;
     tracing::info!("restored from {}", args.dir.display());
     crate::run::serve_api(sandbox, socket)
 }

@@ -12,8 +12,8 @@ use vmm::Control;
 
 use crate::error::Error;
 use crate::types::{
-    CheckpointRequest, Fault, RevertRequest, SnapshotDeleteRequest, SpeedRequest,
-    TreeSnapshotCreate,
+    CheckpointRequest, CloneDestroyRequest, CloneRequest, Fault, ForkRequest, RevertRequest,
+    SnapshotDeleteRequest, SpeedRequest, TreeSnapshotCreate,
 };
 
 /// Every route the server answers: (method, path template). `{disk}` and `{name}` match one
@@ -44,6 +44,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/snapshots/{name}/delete"),
     ("GET", "/current-snapshot"),
     ("GET", "/snapshot-jobs"),
+    ("PUT", "/snapshots/{name}/clone"),
+    ("GET", "/snapshots/{name}/clones"),
+    ("PUT", "/vm/fork"),
+    ("PUT", "/clones/destroy"),
 ];
 
 /// A handler's answer: an HTTP status and an optional JSON body.
@@ -292,6 +296,19 @@ impl Router {
             }
             ("GET", "/current-snapshot") => Ok(Response::json(&c.snapshot_current()?)),
             ("GET", "/snapshot-jobs") => Ok(Response::json(&c.snapshot_jobs()?)),
+            ("PUT", "/snapshots/{name}/clone") => {
+                let request: CloneRequest = parse_required(body)?;
+                Ok(Response::json(&c.snapshot_clone(segment, &request)?))
+            }
+            ("GET", "/snapshots/{name}/clones") => Ok(Response::json(&c.snapshot_clones(segment)?)),
+            ("PUT", "/vm/fork") => {
+                let request: ForkRequest = parse_required(body)?;
+                Ok(Response::json(&c.fork(&request)?))
+            }
+            ("PUT", "/clones/destroy") => {
+                let request: CloneDestroyRequest = parse_required(body)?;
+                Ok(Response::json(&c.clone_destroy(&request)?))
+            }
             _ => Err(Error::Internal(format!(
                 "route {method} {template} has no handler"
             ))),

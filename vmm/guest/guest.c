@@ -34,6 +34,7 @@ enum workload {
     WORKLOAD_WRITE_VERIFY = 2,
     WORKLOAD_IO_LOOP = 3,
     WORKLOAD_IO_BENCH = 4,
+    WORKLOAD_TOUCH = 5,
 };
 
 /* Values the host writes into boot_info.control while the guest runs. */
@@ -53,6 +54,7 @@ struct boot_info {
     u32 num_devices;
     u32 control; /* written by the host at any time: CONTROL_* */
     struct boot_device devices[MAX_DEVICES];
+    u64 vmgenid_addr; /* the 16-byte VM generation ID, rewritten by the host on every restore */
 };
 
 static u32 control_word(struct boot_info *info) { return *(volatile u32 *)&info->control; }
@@ -446,14 +448,53 @@ static void report_mismatch(u32 disk, u64 byte)
     puts("\n");
 }
 
+/* ---- VM generation ID -------------------------------------------------------------------- */
+
+/*
+ * Returns 0 while the ID stays the same, else a non-zero mix of the new one: what a guest
+ * reseeds its random numbers with, so clones of one snapshot part ways.
+ *
+ * The generation last seen lives in guest memory, so a restored or cloned guest compares the
+ * ID the host wrote at the load with the one it saw before the snapshot, and reports the
+ * change: "generation <32 hex digits>" (byte 0 first), at boot and whenever it changes.
+ */
+static u64 generation_seen[2];
+
+static u64 check_generation(struct boot_info *info)
+{
+    static const char digits[] = "0123456789abcdef";
+    if (!info->vmgenid_addr)
+        return 0;
+    volatile u8 *id = (volatile u8 *)info->vmgenid_addr;
+    u64 now[2] = {0, 0};
+    for (int i = 0; i < 16; i++)
+        now[i / 8] |= (u64)id[i] << (8 * (i % 8));
+    if (now[0] == generation_seen[0] && now[1] == generation_seen[1])
+        return 0;
+    generation_seen[0] = now[0];
+    generation_seen[1] = now[1];
+    char line[11 + 32 + 2];
+    memcpy(line, "generation ", 11);
+    for (int i = 0; i < 16; i++) {
+        u8 b = (u8)(now[i / 8] >> (8 * (i % 8)));
+        line[11 + 2 * i] = digits[b >> 4];
+        line[12 + 2 * i] = digits[b & 15];
+    }
+    line[43] = '\n';
+    line[44] = 0;
+    puts(line);
+    return (now[0] ^ now[1]) | 1;
+}
+
 /* ---- workloads --------------------------------------------------------------------------- */
 
 /* The counter lives in guest memory, so a restored snapshot continues where it left off. */
 static volatile u64 counter_value;
 
-static void run_counter(void)
+static void run_counter(struct boot_info *info)
 {
     for (;;) {
+        check_generation(info);
         counter_value++;
         puts("counter ");
         put_dec(counter_value);
@@ -463,6 +504,38 @@ static void run_counter(void)
         u64 start = rdtsc();
         while (rdtsc() - start < 50000000UL)
             cpu_relax();
+    }
+}
+
+/*
+ * touch: writes a pattern over `seed` MiB of RAM from TOUCH_BASE on (64 MiB when the seed is
+ * 0; the VM needs 16 MiB more than that), prints "touch done mib N", then runs the counter, reading one
+ * word of every touched page between lines: a guest with a known working set, for measuring
+ * how much memory clones of it share.
+ */
+#define TOUCH_BASE (16UL << 20)
+
+static void run_touch(struct boot_info *info)
+{
+    /* The guest does not know its RAM size: the host gives it 16 + N MiB or more. */
+    u64 mib = info->seed ? info->seed : 64;
+    volatile u64 *region = (volatile u64 *)TOUCH_BASE;
+    u64 words = (mib << 20) / 8;
+    for (u64 i = 0; i < words; i++)
+        region[i] = mix64(i);
+    puts("touch done mib ");
+    put_dec(mib);
+    puts("\n");
+    u64 sum = 0;
+    for (;;) {
+        check_generation(info);
+        counter_value++;
+        puts("counter ");
+        put_dec(counter_value);
+        puts("\n");
+        for (u64 i = 0; i < words; i += 4096 / 8)
+            sum += region[i];
+        __asm__ volatile("" ::"r"(sum));
     }
 }
 
@@ -730,6 +803,10 @@ static void run_io_loop(struct boot_info *info, u32 ndisks)
     puts("io-loop start\n");
     u64 last_progress = rdtsc();
     for (;;) {
+        /* A clone or restore reseeds: clones of one snapshot write different chunks. */
+        u64 reseed = check_generation(info);
+        if (reseed)
+            rng = (rng ^ reseed) | 1;
         if (control_word(info) == CONTROL_FINISH)
             io_loop_finish(&l);
         rng ^= rng << 13;
@@ -842,13 +919,16 @@ void guest_main(u64 cpu, struct boot_info *info)
 
     switch (info->workload) {
     case WORKLOAD_COUNTER:
-        run_counter();
+        run_counter(info);
         break;
     case WORKLOAD_WRITE_VERIFY:
         run_write_verify(info, ndisks);
         break;
     case WORKLOAD_IO_LOOP:
         run_io_loop(info, ndisks);
+        break;
+    case WORKLOAD_TOUCH:
+        run_touch(info);
         break;
     case WORKLOAD_IO_BENCH:
         run_io_bench(info, ndisks);

@@ -20,6 +20,7 @@ use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
 use crate::devices::serial::{IrqTrigger, Serial, SERIAL_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
@@ -28,6 +29,31 @@ use crate::machine::Machine;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
+
+/// What a restore changes from the checkpoint it loads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Disks to open on another image than the one the checkpoint names, by disk name: the
+    /// image must show the same contents (an overlay on the saved image, as a clone's is)
+    /// and have the same size, which the restore checks.
+    pub disk_tops: Vec<(String, std::path::PathBuf)>,
+}
+
+impl RestoreOptions {
+    /// Points the disks of `config` at the images asked for.
+    fn apply(&self, config: &mut VmConfig) -> Result<()> {
+        for (name, path) in &self.disk_tops {
+            let index = (0..config.disks.len())
+                .find(|&i| config.disk_name(i) == *name)
+                .ok_or_else(|| {
+                    Error::Config(format!("the checkpoint has no disk named {name:?}"))
+                })?;
+            config.disks[index].path = path.clone();
+            config.disks[index].format = None;
+        }
+        Ok(())
+    }
+}
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -238,6 +264,8 @@ impl Vmm {
         let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
+        // A fresh generation for a fresh VM (a restore writes its own in the load).
+        VmGenId::default().regenerate(&memory)?;
         let starts = match &config.boot {
             BootSource::MicroGuest { workload, seed } => {
                 let guest_devices: Vec<GuestDevice> = attached
@@ -321,8 +349,20 @@ impl Vmm {
     /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
     /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
     pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
+        Self::restore_with(dir, serial, paused, &RestoreOptions::default())
+    }
+
+    /// As [`Vmm::restore`], with `options` (disks opened on other images than the saved
+    /// ones: a clone's overlays).
+    pub fn restore_with(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &RestoreOptions,
+    ) -> Result<Self> {
         let loaded = LoadedCheckpoint::open(dir)?;
-        let config = loaded.config()?;
+        let mut config = loaded.config()?;
+        options.apply(&mut config)?;
         let memory_bytes = check_config(&config)?;
         let memory = memory::create(memory_bytes)?;
         memory::persist::check_layout(&memory, &loaded.layout())
@@ -407,6 +447,7 @@ impl Vmm {
             config,
             gate: pause,
             msr_list,
+            vmgenid: VmGenId::default(),
         });
         Ok(Vmm {
             exit,

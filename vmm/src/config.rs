@@ -100,15 +100,20 @@ pub enum Workload {
     /// Unverified 4 KiB random reads and writes on disk 0, reporting per 64 requests the
     /// TSC ticks they took and the longest one (`io-bench ops N ticks T max M`).
     IoBench,
+    /// Writes a pattern over `seed` MiB of RAM (64 when 0) from 16 MiB on, prints
+    /// `touch done mib N`, then prints `counter N` lines forever, reading every touched page
+    /// between them: a known working set, for measuring what clones share.
+    Touch,
 }
 
 impl Workload {
     /// Every workload, with its name.
-    pub const ALL: [(Workload, &'static str); 4] = [
+    pub const ALL: [(Workload, &'static str); 5] = [
         (Workload::Counter, "counter"),
         (Workload::WriteVerify, "write-verify"),
         (Workload::IoLoop, "io-loop"),
         (Workload::IoBench, "io-bench"),
+        (Workload::Touch, "touch"),
     ];
 
     /// The number the micro-guest knows the workload by.
@@ -118,6 +123,7 @@ impl Workload {
             Workload::WriteVerify => 2,
             Workload::IoLoop => 3,
             Workload::IoBench => 4,
+            Workload::Touch => 5,
         }
     }
 
@@ -141,7 +147,7 @@ impl FromStr for Workload {
             .map(|(w, _)| *w)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown workload {s:?} (counter, write-verify, io-loop, io-bench)"
+                    "unknown workload {s:?} (counter, write-verify, io-loop, io-bench, touch)"
                 ))
             })
     }

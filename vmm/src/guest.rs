@@ -10,11 +10,12 @@
 //! 0x00 u64 magic "SNAPVMM1"   0x08 u32 workload   0x0c u32 vCPUs
 //! 0x10 u64 seed               0x18 u32 devices    0x1c u32 control (host -> guest)
 //! 0x20 devices[16]: { u64 mmio_base; u32 gsi; u32 reserved; }
+//! 0x120 u64 vmgenid_addr (the VM generation ID, see crate::devices::vmgenid)
 //! ```
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::x86_64::layout::{BOOT_INFO_ADDR, KERNEL_LOAD_ADDR};
+use crate::arch::x86_64::layout::{BOOT_INFO_ADDR, KERNEL_LOAD_ADDR, VMGENID_ADDR};
 use crate::config::Workload;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemoryMmap;
@@ -31,6 +32,8 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNAPVMM1");
 pub const MIN_MEMORY: u64 = 8 << 20;
 /// Offset of the `control` word in the boot info page.
 const CONTROL_OFFSET: u64 = 0x1c;
+/// Offset of `vmgenid_addr` in the boot info page: after the device table.
+const VMGENID_OFFSET: u64 = 0x20 + MAX_DEVICES as u64 * 16;
 /// `control` value asking the workload to finish (`CONTROL_FINISH` in guest.c).
 const CONTROL_FINISH: u32 = 1;
 
@@ -77,6 +80,8 @@ pub fn load(
         info.extend_from_slice(&device.gsi.to_le_bytes());
         info.extend_from_slice(&0u32.to_le_bytes());
     }
+    info.resize(VMGENID_OFFSET as usize, 0);
+    info.extend_from_slice(&VMGENID_ADDR.to_le_bytes());
     memory
         .write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
         .map_err(|e| Error::Load(format!("micro-guest boot info: {e}")))?;

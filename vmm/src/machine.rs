@@ -12,6 +12,7 @@ use storage::LiveDisk;
 use crate::config::VmConfig;
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::vmgenid::VmGenId;
 use crate::memory::GuestMemoryMmap;
 use crate::vcpu::{PauseGate, SharedVcpuFd};
 use crate::vm::Vm;
@@ -51,4 +52,6 @@ pub(crate) struct Machine {
     pub gate: Arc<PauseGate>,
     /// The MSRs a vCPU save reads.
     pub msr_list: Vec<u32>,
+    /// The VM generation ID, changed on every load of a checkpoint.
+    pub vmgenid: VmGenId,
 }

@@ -65,6 +65,18 @@ impl Sandbox {
         Sandbox::with_vmm(Vmm::restore(dir, serial, paused)?, options)
     }
 
+    /// As [`Sandbox::restore`], with the restore's `restore` options (a clone's disks on
+    /// its own overlays).
+    pub fn restore_with(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &SandboxOptions,
+        restore: &crate::builder::RestoreOptions,
+    ) -> Result<Self> {
+        Sandbox::with_vmm(Vmm::restore_with(dir, serial, paused, restore)?, options)
+    }
+
     /// Takes control of an already running `vmm`. On error the VM is stopped.
     pub fn with_vmm(vmm: Vmm, options: &SandboxOptions) -> Result<Self> {
         let tree = match open_snapshot_tree(&vmm, options.snapshot_metadata.as_deref()) {

@@ -20,6 +20,8 @@ use crate::devices::serial::Serial;
 use crate::devices::virtio::block::persist::{BlockDiskState, BlockSaveArgs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::MmioTransportState;
+use crate::devices::vmgenid::persist::{VmGenIdRestoreArgs, VmGenIdState};
+use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::machine::Machine;
 use crate::memory::GuestMemoryMmap;
@@ -56,6 +58,9 @@ pub struct MachineState {
     pub serial: SerialSnapshot,
     /// Each disk, in device order.
     pub disks: Vec<DiskSnapshot>,
+    /// The VM generation ID device (absent in checkpoints older than it).
+    #[serde(default)]
+    pub vmgenid: Option<VmGenIdState>,
 }
 
 /// The objects of a VM a machine state is restored into (a running VM's, or those of one
@@ -69,6 +74,10 @@ pub(super) struct RestoreTarget<'a> {
     pub devices: &'a [Arc<Mutex<MmioTransport>>],
     /// The serial console.
     pub serial: &'a Mutex<Serial>,
+    /// Guest RAM (loaded before the machine state).
+    pub memory: &'a GuestMemoryMmap,
+    /// The VM generation ID device.
+    pub vmgenid: &'a VmGenId,
 }
 
 impl MachineState {
@@ -82,6 +91,15 @@ impl MachineState {
         }
         for (fd, saved) in target.vcpus.iter().zip(&self.vcpus) {
             fd.lock().restore(VcpuRestoreArgs { first_time }, saved)?;
+        }
+        // Last: memory came back with the saved generation; the guest gets a new one, and
+        // its change interrupt lands on restored interrupt controllers.
+        if let Some(saved) = &self.vmgenid {
+            let args = VmGenIdRestoreArgs {
+                vm: target.vm,
+                memory: target.memory,
+            };
+            target.vmgenid.restore(args, saved)?;
         }
         Ok(())
     }
@@ -258,6 +276,7 @@ impl VmHandle {
             };
             vcpus.push(fd.lock().save(args)?);
         }
+        let vmgenid = Some(machine.vmgenid.save(&machine.memory)?);
         Ok(MachineState {
             vcpu_count: machine.vcpus.len() as u8,
             memory_mib: machine.config.memory_mib,
@@ -265,6 +284,7 @@ impl VmHandle {
             vcpus,
             serial,
             disks,
+            vmgenid,
         })
     }
 
@@ -296,6 +316,9 @@ impl VmHandle {
         fits(machine.memory.check(layout))?;
         fits(machine.vm.check(&state.vm))?;
         fits(machine.serial.check(&state.serial))?;
+        if let Some(saved) = &state.vmgenid {
+            fits(machine.vmgenid.check(saved))?;
+        }
         for (fd, saved) in machine.vcpus.iter().zip(&state.vcpus) {
             fits(fd.lock().check(saved))?;
         }
@@ -327,6 +350,8 @@ impl VmHandle {
             vcpus: &self.machine.vcpus,
             devices: &self.machine.devices,
             serial: &self.machine.serial,
+            memory: &self.machine.memory,
+            vmgenid: &self.machine.vmgenid,
         }
     }
 }

@@ -20,6 +20,7 @@ use super::tracking::{Backing, Tracking};
 use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::machine::AttachedDisk;
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
@@ -167,6 +168,9 @@ impl LoadedCheckpoint {
             vcpus,
             devices,
             serial,
+            memory,
+            // The new VM's device sits where every VM's does (the builder makes the same).
+            vmgenid: &VmGenId::default(),
         };
         self.machine.restore_into(target, true)
     }

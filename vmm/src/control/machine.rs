@@ -47,6 +47,19 @@ pub trait Machine: Send + Sync {
         ))
     }
 
+    /// Takes a live checkpoint into `dir`, running `at_stop` in its final stop (vCPUs
+    /// paused, queues drained, disks flushed): how a fork switches the disks at the
+    /// checkpoint's instant.
+    fn live_checkpoint_with(
+        &self,
+        _dir: &std::path::Path,
+        _at_stop: &mut dyn FnMut() -> crate::Result<()>,
+    ) -> Result<CheckpointReport> {
+        Err(ControlError::Unsupported(
+            "this VM cannot take checkpoints".into(),
+        ))
+    }
+
     /// Returns the machine to a checkpoint, in place.
     fn checkpoint_revert(&self, _request: &RevertRequest) -> Result<RevertResult> {
         Err(ControlError::Unsupported(

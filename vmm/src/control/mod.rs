@@ -28,6 +28,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod clone;
 mod disk;
 mod disk_snapshot;
 mod error;
@@ -55,10 +56,10 @@ use crate::agent::GuestAgent;
 use jobs::BlockJobs;
 use quiesce::QuiesceRequest;
 use types::{
-    AgentStatus, CheckpointReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo,
-    QuiesceReport, RevertRequest, RevertResult, SnapshotCreate, SnapshotDeleteRequest,
-    SnapshotDeleteResult, SnapshotInfo, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo,
-    VmState,
+    AgentStatus, CheckpointReport, CheckpointRequest, CloneDestroyRequest, CloneInfo, CloneRecord,
+    CloneRequest, CommitRequest, DiskInfo, ForkRequest, ForkResult, JobInfo, QuiesceReport,
+    RevertRequest, RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
+    SnapshotInfo, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.
@@ -75,6 +76,8 @@ pub struct Control {
     agent: Option<Arc<GuestAgent>>,
     /// The last snapshot asked to quiesce.
     last_quiesce: parking_lot::Mutex<Option<QuiesceReport>>,
+    /// How clones and fork children are started.
+    launcher: parking_lot::Mutex<clone::CloneLauncher>,
 }
 
 impl std::fmt::Debug for Control {
@@ -110,6 +113,7 @@ impl Control {
             jobs: BlockJobs::default(),
             agent: None,
             last_quiesce: parking_lot::Mutex::new(None),
+            launcher: parking_lot::Mutex::new(clone::CloneLauncher::default()),
         }
     }
 
@@ -381,7 +385,19 @@ impl Control {
         name: &str,
         request: &SnapshotDeleteRequest,
     ) -> Result<SnapshotDeleteResult> {
-        let deleted = self.tree()?.delete(
+        let tree = self.tree()?;
+        if !request.metadata {
+            let snapshots = tree.list();
+            let mut names = vec![name.to_string()];
+            if request.children {
+                names.extend(snapshots.iter().map(|s| s.name.clone()));
+            }
+            let registry = clone::Registry::beside(tree.metadata_path());
+            for candidate in &names {
+                clone::check_delete(&registry, &snapshots, candidate)?;
+            }
+        }
+        let deleted = tree.delete(
             name,
             &DeleteOptions {
                 children: request.children,
@@ -401,6 +417,66 @@ impl Control {
     /// The merge jobs a snapshot delete is running.
     pub fn snapshot_jobs(&self) -> Result<Vec<JobInfo>> {
         Ok(self.tree()?.jobs().into_iter().map(JobInfo::from).collect())
+    }
+
+    /// Sets how clones and fork children are started (by default this process's own
+    /// executable, which is right for the `snapvmm` binary; an embedding program names the
+    /// `snapvmm` it ships).
+    pub fn set_clone_launcher(&self, launcher: clone::CloneLauncher) {
+        *self.launcher.lock() = launcher;
+    }
+
+    /// The clone registry of this machine's snapshot tree.
+    fn clone_registry(&self) -> Result<clone::Registry> {
+        Ok(clone::Registry::beside(self.tree()?.metadata_path()))
+    }
+
+    /// Starts `request.count` VMs from snapshot `name` (external, with memory), each in its
+    /// own process on its own overlays in `request.dir/clone-K/`; returns them once each
+    /// serves its API.
+    pub fn snapshot_clone(&self, name: &str, request: &CloneRequest) -> Result<Vec<CloneInfo>> {
+        clone::check_request(request.count, &request.dir)?;
+        let info = self.tree()?.get(name)?;
+        let source = clone::CloneSource::of_snapshot(&info)?;
+        let launcher = self.launcher.lock().clone();
+        clone::spawn(&source, request, &launcher, &self.clone_registry()?)
+    }
+
+    /// The clones of snapshot `name` whose directories still exist.
+    pub fn snapshot_clones(&self, name: &str) -> Result<Vec<CloneRecord>> {
+        self.tree()?.get(name)?;
+        clone::list(&self.clone_registry()?, name)
+    }
+
+    /// Live fork: the running VM moves onto fresh overlays in the final stop of a live
+    /// checkpoint, and `request.count` children start from that instant in `request.dir`.
+    pub fn fork(&self, request: &ForkRequest) -> Result<ForkResult> {
+        let registry = match &self.tree {
+            Some(tree) => clone::Registry::beside(tree.metadata_path()),
+            None => clone::Registry::at(request.dir.join(clone::FORK_REGISTRY)),
+        };
+        let launcher = self.launcher.lock().clone();
+        clone::fork(&*self.machine, &self.disks, request, &launcher, &registry)
+    }
+
+    /// Stops the clone (or fork child) in `request.dir` and removes its files.
+    pub fn clone_destroy(&self, request: &CloneDestroyRequest) -> Result<CloneRecord> {
+        let mut registries = Vec::new();
+        if let Some(tree) = &self.tree {
+            registries.push(clone::Registry::beside(tree.metadata_path()));
+        }
+        if let Some(parent) = request.dir.parent() {
+            registries.push(clone::Registry::at(parent.join(clone::FORK_REGISTRY)));
+        }
+        for registry in &registries {
+            if registry.find(&request.dir)?.is_some() {
+                return clone::destroy(registry, request);
+            }
+        }
+        Err(ControlError::NotFound(format!(
+            "no clone recorded in {}",
+            request.dir.display()
+        )))
     }
 
     /// Cancels every block job still running (the tree's merges too) and waits up to

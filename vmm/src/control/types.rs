@@ -361,3 +361,85 @@ impl CheckpointRequest {
         }
     }
 }
+
+/// Most clones one request may start.
+pub const MAX_CLONES: u32 = 64;
+
+/// `PUT /snapshots/{name}/clone`: start `count` VMs from a snapshot with memory, each on its
+/// own overlays in `dir/clone-K/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// How many clones (1 to [`MAX_CLONES`]).
+    pub count: u32,
+    /// The directory the clones' directories go into (absolute; created if absent).
+    pub dir: std::path::PathBuf,
+}
+
+/// `PUT /vm/fork`: a live fork of the running VM into `count` children in `dir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many children (1 to [`MAX_CLONES`]).
+    pub count: u32,
+    /// The directory the fork's checkpoint and the children's directories go into
+    /// (absolute; created if absent).
+    pub dir: std::path::PathBuf,
+}
+
+/// One clone started: a VM process of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneInfo {
+    /// Its name, `clone-K`, unique in its directory's parent.
+    pub id: String,
+    /// Its REST API socket.
+    pub api_socket: std::path::PathBuf,
+    /// Its serial console log.
+    pub serial: std::path::PathBuf,
+    /// Its process id.
+    pub pid: u32,
+    /// Its directory (overlays, socket, console, log, snapshot tree).
+    pub dir: std::path::PathBuf,
+}
+
+/// A clone as the clone registry keeps it (`GET /snapshots/{name}/clones`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRecord {
+    /// The snapshot it was started from; `None` for a fork's child.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// The checkpoint it was started from.
+    pub checkpoint: std::path::PathBuf,
+    /// The images its overlays are built on (never written while it exists).
+    pub backing: Vec<std::path::PathBuf>,
+    /// The clone.
+    pub clone: CloneInfo,
+    /// When it was started, seconds since the Unix epoch.
+    pub created: u64,
+    /// Whether its process still runs (filled in when listed).
+    #[serde(default)]
+    pub running: bool,
+}
+
+/// The answer to `PUT /vm/fork`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkResult {
+    /// The live checkpoint the children started from.
+    pub checkpoint: std::path::PathBuf,
+    /// How long the parent's vCPUs were stopped (the live checkpoint's final stop, with the
+    /// switch of its disks onto fresh overlays), in microseconds.
+    pub pause_us: u64,
+    /// The parent's new active images, in disk order.
+    pub parent_overlays: Vec<std::path::PathBuf>,
+    /// The children.
+    pub clones: Vec<CloneInfo>,
+}
+
+/// `PUT /clones/destroy`: stop a clone and remove its directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneDestroyRequest {
+    /// The clone's directory, as [`CloneInfo::dir`] gave it.
+    pub dir: std::path::PathBuf,
+}

@@ -124,6 +124,24 @@ impl Machine for VmMachine {
         Ok(report)
     }
 
+    fn live_checkpoint_with(
+        &self,
+        dir: &std::path::Path,
+        at_stop: &mut dyn FnMut() -> crate::Result<()>,
+    ) -> Result<CheckpointReport> {
+        self.refuse_when_stopping()?;
+        if self.gate.is_paused() {
+            return Err(ControlError::Conflict(
+                "the VM is paused: a live fork needs it running".into(),
+            ));
+        }
+        let options = CheckpointOptions {
+            live: true,
+            ..Default::default()
+        };
+        Ok(self.checkpointer.checkpoint_with(dir, options, at_stop)?)
+    }
+
     fn checkpoint_revert(&self, request: &RevertRequest) -> Result<RevertResult> {
         self.refuse_when_stopping()?;
         let pause = self.checkpointer.revert(&request.dir)?;

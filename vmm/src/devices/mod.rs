@@ -5,3 +5,4 @@ pub mod i8042;
 pub mod legacy;
 pub mod serial;
 pub mod virtio;
+pub mod vmgenid;

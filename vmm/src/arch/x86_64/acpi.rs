@@ -22,7 +22,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    IOAPIC_ADDR, KERNEL_LOAD_ADDR, LAPIC_ADDR, RSDP_ADDR, SERIAL_GSI, SERIAL_PORT, VIRTIO_MMIO_SIZE,
+    IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR, SERIAL_GSI, SERIAL_PORT, VIRTIO_MMIO_SIZE, VMGENID_ADDR,
+    VMGENID_GSI,
 };
 use crate::error::{Error, Result};
 use crate::memory::GuestMemoryMmap;
@@ -33,8 +34,9 @@ pub const OEM_ID: [u8; 6] = *b"SNAPVM";
 const OEM_REVISION: u32 = 1;
 /// Alignment of each table after the RSDP.
 const TABLE_ALIGN: u64 = 64;
-/// End (exclusive) of the area the tables live in: the BIOS area below the kernel.
-pub const ACPI_AREA_END: u64 = KERNEL_LOAD_ADDR;
+/// End (exclusive) of the area the tables live in: the BIOS area below the kernel, up to
+/// the VM generation ID's page.
+pub const ACPI_AREA_END: u64 = VMGENID_ADDR;
 /// DSDT revision 2: integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
 /// IA-PC boot architecture flags: no legacy devices beyond what the DSDT says, no i8042
@@ -58,6 +60,7 @@ pub fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>> {
     for (index, device) in devices.iter().enumerate() {
         body.extend_from_slice(&virtio_mmio_device(index, device)?);
     }
+    body.extend_from_slice(&vmgenid(VMGENID_ADDR, VMGENID_GSI));
     let scope = aml::Scope::raw("\\_SB_".into(), body);
     let mut table = Sdt::new(
         *b"DSDT",
@@ -126,6 +129,52 @@ fn virtio_mmio_device(index: usize, device: &MmioDevice) -> Result<Vec<u8>> {
     )
     .to_aml_bytes(&mut bytes);
     Ok(bytes)
+}
+
+/// The AML of the VM generation ID (`\\_SB_.VGEN`, as QEMU describes it: `_HID "QEMUVGID"`,
+/// `_CID "VM_Gen_Counter"`, an `ADDR` method answering the ID's address as a package of two
+/// DWORDs, low first) and of the Generic Event Device (`ACPI0013`) whose interrupt on `gsi`
+/// runs `_EVT`, which notifies `VGEN` (0x80) that the ID changed, as Firecracker does.
+fn vmgenid(addr: u64, gsi: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let low = addr as u32 as aml::DWord;
+    let high = (addr >> 32) as u32 as aml::DWord;
+    let address = aml::Package::new(vec![&low, &high]);
+    let ret = aml::Return::new(&address);
+    let hid: &'static str = "QEMUVGID";
+    let cid: &'static str = "VM_Gen_Counter";
+    aml::Device::new(
+        "VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_CID".into(), &cid),
+            &aml::Name::new("_DDN".into(), &cid),
+            &aml::Method::new("ADDR".into(), 0, false, vec![&ret]),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+
+    let ged_hid: &'static str = "ACPI0013";
+    let uid: aml::DWord = 0;
+    let irq = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let path: aml::Path = "\\_SB_.VGEN".into();
+    let notify_value: aml::Byte = 0x80;
+    let notify = aml::Notify::new(&path, &notify_value);
+    let gsi_value: aml::DWord = gsi;
+    let is_ours = aml::Equal::new(&aml::Arg(0), &gsi_value);
+    let when = aml::If::new(&is_ours, vec![&notify]);
+    aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &ged_hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&when]),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
 }
 
 /// The MADT: one enabled local APIC per vCPU (APIC id = index) and the IOAPIC at GSI base 0.
@@ -299,6 +348,27 @@ mod tests {
         assert_eq!(find(&[0x89, 6, 0, 0b0011, 1, 7, 0, 0, 0]), 1);
         // COM1's IRQ 4.
         assert_eq!(find(&[0x89, 6, 0, 0b0011, 1, 4, 0, 0, 0]), 1);
+    }
+
+    #[test]
+    fn dsdt_describes_the_vm_generation_id() {
+        let dsdt = dsdt(&[]).unwrap();
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(find(b"VGEN"), 2, "the device and the notify's path");
+        assert_eq!(find(b"QEMUVGID\0"), 1);
+        assert_eq!(find(b"VM_Gen_Counter\0"), 2);
+        assert_eq!(find(b"ACPI0013\0"), 1);
+        assert_eq!(find(b"ADDR"), 1);
+        assert_eq!(find(b"_EVT"), 1);
+        // The address package: DWORD low (0x0c prefix), then the high half (Zero).
+        let mut low = vec![0x0c];
+        low.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
+        assert_eq!(find(&low), 1);
+        // The GED's interrupt on the ID's GSI.
+        assert_eq!(
+            find(&[0x89, 6, 0, 0b0011, 1, VMGENID_GSI as u8, 0, 0, 0]),
+            1
+        );
     }
 
     #[test]

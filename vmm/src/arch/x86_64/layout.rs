@@ -6,6 +6,7 @@
 //! 0x0000_6000  micro-guest boot info      0x0000_b000  4 page directories (4 GiB, 2 MiB pages)
 //! 0x0000_7000  Linux zero page            0x0002_0000  kernel command line
 //! 0x0009_fc00  end of low RAM (EBDA)      0x000e_0000  ACPI RSDP
+//! 0x000f_f000  VM generation ID
 //! 0x0010_0000  kernel / micro-guest       0xc000_0000  32-bit MMIO hole: virtio-mmio devices
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC  0x1_0000_0000 RAM above 3 GiB continues here
 //! ```
@@ -34,6 +35,11 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Guest address of the ACPI RSDP, inside the BIOS area the kernel scans.
 pub const RSDP_ADDR: u64 = 0xe0000;
+/// Guest address of the 16-byte VM generation ID: the last page of the reserved BIOS area,
+/// after the ACPI tables (see [`crate::devices::vmgenid`]).
+pub const VMGENID_ADDR: u64 = 0xf_f000;
+/// GSI of the VM generation ID's change notification (ISA IRQ 3, COM2's, unused here).
+pub const VMGENID_GSI: u32 = 3;
 /// Where a kernel or the micro-guest is loaded and entered.
 pub const KERNEL_LOAD_ADDR: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; RAM beyond it continues at 4 GiB.
