@@ -8,21 +8,23 @@
 //! single `write(2)` calls, which survive SIGKILL. A block must then hold the generation of
 //! its last write before the last "F", or of a later write; never anything else.
 
-mod live_util;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use live_util::*;
 use rand::{Rng, SeedableRng};
 use snapshot::commit::{commit, CommitOptions};
 use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
 use snapshot::stream::{stream, StreamOptions};
 use snapshot::JobStatus;
 use storage::LiveDisk;
+use test_support::image::{open_rw, qcow2};
+use test_support::model::{fill, Model};
+use test_support::pattern::{block_data, generation_of, BLOCK};
+use test_support::qemu::assert_check_consistent;
+use test_support::require::have_qemu;
 
 const SIZE: u64 = 8 << 20;
 const BLOCKS: u64 = SIZE / BLOCK;
@@ -57,7 +59,7 @@ fn crash_child() {
             .expect("journal"),
     );
     let top = dir.join("top.qcow2");
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
     let mut gen = 100;
     let mut job = match scenario {
@@ -185,8 +187,8 @@ fn trial(scenario: &str, kill_after: Duration) {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     let model = Model::default();
-    qcow2(&base, SIZE, 64 << 10, None);
-    qcow2(&top, SIZE, 64 << 10, Some(Path::new("base.qcow2")));
+    qcow2(&base, SIZE, None);
+    qcow2(&top, SIZE, Some(Path::new("base.qcow2")));
     // Every block starts as generation 1 in base (stream) or in top (commit).
     let seeded = if scenario == "stream" { &base } else { &top };
     fill(seeded, 0, BLOCKS, 0, 1, 1, &model);
@@ -244,7 +246,7 @@ fn trial(scenario: &str, kill_after: Duration) {
     drop(dev);
     if have_qemu("live_crash") {
         for layer in &layers {
-            assert_qemu_check_consistent(layer);
+            assert_check_consistent(layer);
         }
     }
 }
@@ -296,11 +298,12 @@ mod tree_crash {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use super::live_util::{assert_qemu_check_consistent, have_qemu};
     use rand::{Rng, SeedableRng};
     use snapshot::tree::{DeleteOptions, SnapshotTree, TakeOptions};
     use snapshot::vm_state::{VmState, VmStateError};
     use storage::{LiveDisk, OpenOptions};
+    use test_support::qemu::assert_check_consistent;
+    use test_support::require::have_qemu;
 
     const SIZE: u64 = 1 << 20;
     const BLOCK: u64 = 4096;
@@ -520,7 +523,7 @@ mod tree_crash {
         }
         if have_qemu("tree crash trials") {
             for file in qcow2_files(dir) {
-                assert_qemu_check_consistent(&file);
+                assert_check_consistent(&file);
             }
         }
         // Every snapshot holds what it was taken with.
@@ -567,7 +570,7 @@ mod tree_crash {
     fn setup() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         for d in DISKS {
-            super::live_util::qcow2(&dir.path().join(format!("{d}.qcow2")), SIZE, 64 << 10, None);
+            test_support::image::qcow2(&dir.path().join(format!("{d}.qcow2")), SIZE, None);
         }
         dir
     }

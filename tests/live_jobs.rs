@@ -1,18 +1,20 @@
 //! Stream and commit jobs on live disks with writer threads running, and the job verbs:
 //! pause, resume, set-speed, cancel, complete.
 
-mod live_util;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use live_util::*;
 use snapshot::chain::BackingPath;
 use snapshot::commit::{commit, CommitOptions};
 use snapshot::stream::{stream, StreamOptions};
 use snapshot::{Error, JobOutcome, JobStatus};
-use storage::LiveDisk;
+use storage::{ImageFormat, LiveDisk};
+use test_support::image::{open_rw, qcow2, snapvmm_create};
+use test_support::model::{fill, verify, Model, Writers};
+use test_support::pattern::BLOCK;
+use test_support::qemu::{assert_check_clean, assert_qemu_chain};
+use test_support::require::have_qemu;
 
 const SIZE: u64 = 16 << 20;
 const BLOCKS: u64 = SIZE / BLOCK;
@@ -23,11 +25,18 @@ fn three_layers(dir: &Path, model: &Model) -> [std::path::PathBuf; 3] {
     let base = dir.join("base.qcow2");
     let mid = dir.join("mid.qcow2");
     let top = dir.join("top.qcow2");
-    qcow2(&base, SIZE, 64 << 10, None);
+    qcow2(&base, SIZE, None);
     fill(&base, 0, BLOCKS, 0, 3, 1, model);
-    qcow2(&mid, SIZE, 16 << 10, Some(Path::new("base.qcow2")));
+    snapvmm_create(
+        &mid,
+        Some(SIZE),
+        16 << 10,
+        3,
+        16,
+        Some(("base.qcow2", ImageFormat::Qcow2)),
+    );
     fill(&mid, 0, BLOCKS, 1, 5, 2, model);
-    qcow2(&top, SIZE, 64 << 10, Some(Path::new("mid.qcow2")));
+    qcow2(&top, SIZE, Some(Path::new("mid.qcow2")));
     [base, mid, top]
 }
 
@@ -35,7 +44,7 @@ fn check_files(test: &str, chain: &[&Path]) {
     if have_qemu(test) {
         assert_qemu_chain(chain[0], chain);
         for layer in chain {
-            assert_qemu_check_clean(layer);
+            assert_check_clean(layer);
         }
     }
 }
@@ -51,7 +60,7 @@ fn verify_live(live: &LiveDisk, model: &Model, what: &str) {
 }
 
 fn verify_file(top: &Path, model: &Model, what: &str) {
-    let dev = open(top);
+    let dev = open_rw(top);
     verify(
         0,
         BLOCKS,
@@ -66,7 +75,7 @@ fn stream_with_base_then_without_under_writers() {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::default());
     let [base, mid, top] = three_layers(dir.path(), &model);
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     let writers = Writers::start(&live, 0, BLOCKS, &model, 2, Duration::ZERO);
 
     // Stream mid into top, keep base, with guest reads copying up too.
@@ -105,7 +114,7 @@ fn intermediate_commit_drops_the_middle_layer_under_writers() {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::default());
     let [base, mid, top] = three_layers(dir.path(), &model);
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     let writers = Writers::start(&live, 0, BLOCKS, &model, 2, Duration::ZERO);
     let job = commit(
         &live,
@@ -132,12 +141,12 @@ fn active_commit_converges_under_writes_at_half_its_speed_and_pivots() {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::default());
     let [base, _mid, top] = three_layers(dir.path(), &model);
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     // Give the top plenty to commit first.
     fill(&top, 0, BLOCKS, 2, 2, 3, &model);
     let live = {
         drop(live);
-        LiveDisk::new("vda", open(&top))
+        LiveDisk::new("vda", open_rw(&top))
     };
     // The job copies at 8 MiB/s; one writer at ~1 ms per 4 KiB is at most 4 MiB/s.
     let writers = Writers::start(&live, 0, BLOCKS, &model, 1, Duration::from_millis(1));
@@ -182,7 +191,7 @@ fn jobs_pause_throttle_resume_and_cancel_leaving_valid_chains() {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::default());
     let [base, mid, top] = three_layers(dir.path(), &model);
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     let writers = Writers::start(&live, 0, BLOCKS, &model, 1, Duration::from_micros(200));
 
     // 2 MiB/s over a 16 MiB disk with data in every 3rd and 5th block: seconds of work.
@@ -260,10 +269,10 @@ fn job_errors_stay_on_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::default());
     let [base, _mid, top] = three_layers(dir.path(), &model);
-    let live = LiveDisk::new("vda", open(&top));
+    let live = LiveDisk::new("vda", open_rw(&top));
     // Not in the chain.
     let other = dir.path().join("other.qcow2");
-    qcow2(&other, SIZE, 64 << 10, None);
+    qcow2(&other, SIZE, None);
     assert!(matches!(
         stream(
             &live,

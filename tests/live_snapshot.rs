@@ -1,17 +1,19 @@
 //! External snapshots of three live disks under writer threads, every few milliseconds,
 //! with injected failures that must roll all three disks back.
 
-mod live_util;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use live_util::*;
 use snapshot::chain::BackingPath;
 use snapshot::live_snapshot::{external_snapshot, external_snapshot_with, DiskOverlay};
 use snapshot::Error;
 use storage::LiveDisk;
+use test_support::image::{open_rw, qcow2};
+use test_support::model::{fill, verify, Model, Writers};
+use test_support::pattern::{block_data, generation_of, BLOCK};
+use test_support::qemu::{assert_check_clean, assert_qemu_chain};
+use test_support::require::have_qemu;
 
 const SIZE: u64 = 8 << 20;
 const BLOCKS: u64 = SIZE / BLOCK;
@@ -54,11 +56,11 @@ fn atomic_snapshots_of_three_disks_under_writers_roll_back_on_failure() {
     let disks: Vec<Disk> = (0..3)
         .map(|i| {
             let base = dir.path().join(format!("d{i}.base.qcow2"));
-            qcow2(&base, SIZE, 64 << 10, None);
+            qcow2(&base, SIZE, None);
             let model = Arc::new(Model::default());
             fill(&base, i, BLOCKS, 0, 7, 1, &model);
             Disk {
-                live: LiveDisk::new(format!("vd{i}"), open(&base)),
+                live: LiveDisk::new(format!("vd{i}"), open_rw(&base)),
                 model,
                 chain: vec![base],
             }
@@ -144,7 +146,7 @@ fn atomic_snapshots_of_three_disks_under_writers_roll_back_on_failure() {
     drop(disks);
     for (i, (chain, model)) in chains.iter().zip(&models).enumerate() {
         // Reopened from the files: every write is there.
-        let dev = open(&chain[0]);
+        let dev = open_rw(&chain[0]);
         verify(
             i as u64,
             BLOCKS,
@@ -157,7 +159,7 @@ fn atomic_snapshots_of_three_disks_under_writers_roll_back_on_failure() {
             let layers: Vec<&Path> = chain.iter().map(PathBuf::as_path).collect();
             assert_qemu_chain(&chain[0], &layers);
             for layer in chain {
-                assert_qemu_check_clean(layer);
+                assert_check_clean(layer);
             }
         }
     }
@@ -167,8 +169,8 @@ fn atomic_snapshots_of_three_disks_under_writers_roll_back_on_failure() {
 fn snapshot_refuses_a_disk_twice_and_a_busy_disk() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    qcow2(&base, 1 << 20, 64 << 10, None);
-    let live = LiveDisk::new("vda", open(&base));
+    qcow2(&base, 1 << 20, None);
+    let live = LiveDisk::new("vda", open_rw(&base));
     let a = DiskOverlay::new(&live, dir.path().join("a.qcow2"));
     let b = DiskOverlay::new(&live, dir.path().join("b.qcow2"));
     assert!(matches!(
@@ -276,7 +278,7 @@ fn a_seal_failure_after_the_switch_keeps_the_live_overlays() {
     live.write_at(&block_data(0, 3, 7), 3 * BLOCK).unwrap();
     live.flush().unwrap();
     drop(live);
-    let reopened = open(&overlay);
+    let reopened = open_rw(&overlay);
     let mut buf = vec![0u8; BLOCK as usize];
     reopened.read_at(&mut buf, 3 * BLOCK).unwrap();
     assert_eq!(generation_of(0, 3, &buf), Some(7));

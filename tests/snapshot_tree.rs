@@ -8,8 +8,6 @@
 //! `qemu-img check` is clean on every image; every image file in the directory is used by a
 //! snapshot or a disk; the metadata reloads to the same tree.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +21,10 @@ use snapshot::vm_state::{VmState, VmStateError};
 use std::sync::Mutex;
 use storage::qcow2::{create, CreateOptions};
 use storage::{BlockDevice, LiveDisk, OpenOptions};
+use test_support::image::{open_ro, read_all};
+use test_support::pattern::assert_same;
+use test_support::qemu::{assert_check_clean, qemu_img, qemu_read_all};
+use test_support::require::have_qemu;
 
 const SIZE: u64 = 2 << 20;
 const BLOCK: u64 = 4096;
@@ -308,8 +310,8 @@ impl World {
 
     fn check_live(&self, what: &str) {
         for (disk, expected) in self.disks.iter().zip(&self.data) {
-            let actual = common::read_all(&*disk.top());
-            common::assert_same(&actual, expected, &format!("{what}: disk {}", disk.name()));
+            let actual = read_all(&*disk.top());
+            assert_same(&actual, expected, &format!("{what}: disk {}", disk.name()));
         }
     }
 
@@ -361,7 +363,7 @@ impl World {
         }
         let mut used = BTreeSet::new();
         for root in roots {
-            for layer in snapshot::chain::layers(&common::open_ro(&root)) {
+            for layer in snapshot::chain::layers(&open_ro(&root)) {
                 let path = abs(layer.path());
                 if !originals.contains(&path) {
                     used.insert(path);
@@ -401,19 +403,15 @@ impl World {
             }
             for (d, expected) in s.disks.iter().zip(&self.snapshots[&s.name].disks) {
                 let what = format!("{} offline, {}", s.name, d.disk);
-                common::assert_same(
-                    &common::read_all(&*common::open_ro(&d.image)),
-                    expected,
-                    &what,
-                );
-                common::assert_same(&common::qemu_read_all(&d.image), expected, &what);
+                assert_same(&read_all(&*open_ro(&d.image)), expected, &what);
+                assert_same(&qemu_read_all(&d.image), expected, &what);
             }
         }
         for image in images
             .iter()
             .chain(&["vda.qcow2", "vdb.qcow2"].map(|n| self.dir.join(n)))
         {
-            common::assert_check_clean(image);
+            assert_check_clean(image);
         }
         // Reopening the metadata gives the same tree.
         let reopened = SnapshotTree::open(
@@ -440,7 +438,7 @@ impl World {
             .iter()
             .chain(&["vda.qcow2", "vdb.qcow2"].map(|n| self.dir.join(n)))
         {
-            common::assert_check_clean(image);
+            assert_check_clean(image);
         }
     }
 }
@@ -521,7 +519,7 @@ fn run_sequence(seed: u64, steps: usize, internal: bool) {
 
 #[test]
 fn random_sequences_match_the_model() {
-    if !common::need_qemu("random_sequences_match_the_model") {
+    if !have_qemu("random_sequences_match_the_model") {
         return;
     }
     let seeds: u64 = std::env::var("SNAPVMM_TREE_SEEDS")
@@ -539,7 +537,7 @@ fn random_sequences_match_the_model() {
 
 #[test]
 fn internal_snapshots_show_a_vm_size_in_qemu_img() {
-    if !common::need_qemu("internal_snapshots_show_a_vm_size_in_qemu_img") {
+    if !have_qemu("internal_snapshots_show_a_vm_size_in_qemu_img") {
         return;
     }
     let mut world = World::new(99);
@@ -552,7 +550,7 @@ fn internal_snapshots_show_a_vm_size_in_qemu_img() {
     for d in &world.disks {
         d.flush().unwrap();
     }
-    let listing = common::qemu_img(&[
+    let listing = qemu_img(&[
         "snapshot",
         "-l",
         world.dir.join("vda.qcow2").to_str().unwrap(),
@@ -692,7 +690,7 @@ fn open_alone(path: &Path) -> Arc<dyn BlockDevice> {
 
 #[test]
 fn deletes_merge_by_stream_commit_and_rebase() {
-    if !common::need_qemu("deletes_merge_by_stream_commit_and_rebase") {
+    if !have_qemu("deletes_merge_by_stream_commit_and_rebase") {
         return;
     }
     let mut world = World::new(21);
@@ -892,8 +890,8 @@ impl WriterVm {
         let was_running = self.pause_vcpus().unwrap();
         let memory = self.memory.lock().unwrap().clone();
         for (disk, expected) in self.disks.iter().zip(&memory) {
-            let actual = common::read_all(&*disk.top());
-            common::assert_same(&actual, expected, &format!("{what}: disk {}", disk.name()));
+            let actual = read_all(&*disk.top());
+            assert_same(&actual, expected, &format!("{what}: disk {}", disk.name()));
         }
         if was_running {
             self.resume_vcpus().unwrap();
