@@ -170,22 +170,37 @@ fn log_tail(log: &Path) -> String {
 /// Whether `clone.pid` is alive and is that clone (its command line names its socket): a
 /// recycled pid is never taken for the clone.
 pub fn is_clone_process(clone: &CloneInfo) -> bool {
-    let proc_dir = PathBuf::from(format!("/proc/{}", clone.pid));
-    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
-        return false;
-    };
-    // The state follows the command name's closing parenthesis; Z and X are gone.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    if matches!(state, Some('Z') | Some('X') | None) {
+    if !is_running(clone.pid) {
         return false;
     }
-    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", clone.pid)) else {
         return false;
     };
     let socket = clone.api_socket.as_os_str().as_encoded_bytes();
     cmdline.split(|b| *b == 0).any(|arg| arg == socket)
+}
+
+/// Whether `clone.pid` now names a process that is not the clone: its command line is there
+/// and does not name the clone's socket (the clone ended and the pid was reused). An empty
+/// command line is a process on its way out, still the clone.
+fn is_another_process(clone: &CloneInfo) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", clone.pid)) else {
+        return false;
+    };
+    let socket = clone.api_socket.as_os_str().as_encoded_bytes();
+    !cmdline.is_empty() && !cmdline.split(|b| *b == 0).any(|arg| arg == socket)
+}
+
+/// Whether process `pid` exists and has not ended (a zombie, state Z or X, has).
+fn is_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name's closing parenthesis.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
 }
 
 /// Stops a clone's process if it still runs: SIGTERM, then SIGKILL after a grace period;
@@ -194,10 +209,17 @@ pub fn stop(clone: &CloneInfo) -> Result<()> {
     let Ok(pid) = libc::pid_t::try_from(clone.pid) else {
         return Ok(());
     };
+    // The identity is checked once, before the first signal: a process on its way out
+    // loses its command line before it turns into a zombie, so from then on only its state
+    // is watched (the pid cannot be reused before the zombie is reaped).
+    if !is_clone_process(clone) {
+        return Ok(());
+    }
     let mut signal = libc::SIGTERM;
     let mut deadline = Instant::now() + STOP_GRACE;
-    while is_clone_process(clone) {
-        // SAFETY: kill(2) with a pid checked just above to be the clone's process.
+    while is_running(clone.pid) && !is_another_process(clone) {
+        // SAFETY: kill(2) with a pid checked above to be the clone's process, not reaped
+        // since (it is still running).
         if unsafe { libc::kill(pid, signal) } != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ESRCH) {
