@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod checkpoint;
 mod ctl;
 mod demo;
@@ -47,6 +48,8 @@ enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Serve a disk to another VMM's guest as a vhost-user-blk backend.
     VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
+    /// Measure snapshot latency on this machine, beside QEMU when installed; JSON/HTML report.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore::main(args),
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::VhostUserBlk(args) => vhost_user_blk::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     ExitCode::from(code)
 }
