@@ -46,9 +46,9 @@ const PAIRS: [(&str, &str, &str); 10] = [
         "cow.write4k.qemu-img",
     ),
     (
-        "live overlay switch under 4K writes, I/O stall (host-measured hold vs QMP command)",
+        "live overlay switch of 1 disk of 1 GiB under 4K writes (snapvmm's I/O hold vs QEMU's QMP command)",
         "switch.host.1x1GiB",
-        "switch.qemu.1x1GiB",
+        "switch.qemu.qmp",
     ),
     (
         "live overlay switch, guest-visible longest request (window of the switch)",

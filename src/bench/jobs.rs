@@ -43,7 +43,8 @@ pub fn run(bench: &mut Bench) {
         .and_then(|()| images::fresh_dir(&dir.join("template")))
         .and_then(|()| images::data(&data, bytes));
     offline(bench, made.clone(), &data, mib, rounds);
-    live(bench, made, &data, mib, rounds);
+    live(bench, made.clone(), &data, mib, rounds);
+    super::qsd::run(bench, made, &data, mib, rounds);
     convergence(bench);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -64,12 +64,16 @@ pub struct BenchArgs {
     /// Write the README's performance table (Markdown) to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
+    /// Run only these families, comma-separated: switch, guest-stall, jobs, internal, cow,
+    /// checkpoint, qemu-live, peers [default: all].
+    #[arg(long, value_name = "FAMILIES", value_delimiter = ',', value_parser = family_name)]
+    only: Vec<String>,
     /// Also measure Firecracker, this binary.
     #[arg(long, value_name = "PATH")]
     firecracker: Option<PathBuf>,
     /// Measure nothing: render the reports (--json, --html, --markdown) of an earlier run's
     /// JSON.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["dir", "memory", "quick", "firecracker"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["dir", "memory", "quick", "firecracker", "only"])]
     from_json: Option<PathBuf>,
 }
 
@@ -102,6 +106,8 @@ pub struct Bench {
     /// Every figure so far.
     pub figures: Vec<Figure>,
     progress: ProgressBar,
+    /// Whether stdout carries a report (`--json -`), so the table goes to stderr.
+    stdout_taken: bool,
 }
 
 impl Bench {
@@ -150,26 +156,48 @@ impl Bench {
     }
 
     fn push(&mut self, figure: Figure) {
-        self.progress.println(report::table::row(&figure));
+        self.say(&report::table::row(&figure));
         self.figures.push(figure);
+    }
+
+    /// Prints a line of the table: above the progress bar on a terminal, else plainly
+    /// (indicatif draws nothing, and prints nothing, without one).
+    fn say(&self, line: &str) {
+        if !self.progress.is_hidden() {
+            self.progress.println(line);
+        } else if self.stdout_taken {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     }
 }
 
-/// One family of measurements.
-type Family = (&'static str, fn(&mut Bench));
+/// One family of measurements: its `--only` name, what it measures, and its function.
+type Family = (&'static str, &'static str, fn(&mut Bench));
 
 /// The families, in the order they run.
-const FAMILIES: [Family; 9] = [
-    ("live overlay switch (host)", switch::run),
-    ("live overlay switch (guest)", guest_stall::run),
-    ("stream and commit", jobs::run),
-    ("qemu-storage-daemon jobs", qsd::run),
-    ("internal snapshots", internal::run),
-    ("4K copy-on-write writes", cow::run),
-    ("checkpoints", checkpoint::run),
-    ("QEMU live snapshot", qemu_live::run),
-    ("Firecracker and clones", checkpoint::run_peers),
+const FAMILIES: [Family; 8] = [
+    ("switch", "live overlay switch (host)", switch::run),
+    ("guest-stall", "live overlay switch (guest)", guest_stall::run),
+    ("jobs", "stream and commit", jobs::run),
+    ("internal", "internal snapshots", internal::run),
+    ("cow", "4K copy-on-write writes", cow::run),
+    ("checkpoint", "checkpoints", checkpoint::run),
+    ("qemu-live", "QEMU live snapshot", qemu_live::run),
+    ("peers", "Firecracker and clones", checkpoint::run_peers),
 ];
+
+/// The `--only` names.
+fn family_name(text: &str) -> Result<String, String> {
+    match FAMILIES.iter().find(|(name, _, _)| *name == text) {
+        Some(_) => Ok(text.to_string()),
+        None => Err(format!(
+            "{text}: no such family (one of: {})",
+            FAMILIES.map(|f| f.0).join(", ")
+        )),
+    }
+}
 
 /// Runs `snapvmm bench`; returns the process exit status.
 pub fn main(args: BenchArgs) -> u8 {
@@ -218,9 +246,9 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
     let tools = Tools::find();
     let machine = machine::describe(&parent, tools.versions(args.firecracker.as_deref()));
 
-    let progress = if args.json.as_deref() == Some(Path::new("-"))
-        || args.markdown.as_deref() == Some(Path::new("-"))
-    {
+    let stdout_taken = args.json.as_deref() == Some(Path::new("-"))
+        || args.markdown.as_deref() == Some(Path::new("-"));
+    let progress = if stdout_taken {
         // stdout carries the report: the table and the bar go to stderr only.
         ProgressBar::with_draw_target(
             Some(FAMILIES.len() as u64),
@@ -235,8 +263,6 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
             .progress_chars("=> "),
     );
     progress.enable_steady_tick(Duration::from_millis(200));
-    progress.println(format!("machine: {}", machine.one_line()));
-    progress.println(report::table::header());
 
     let mut bench = Bench {
         dir: work.path().to_path_buf(),
@@ -247,9 +273,17 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
         firecracker: args.firecracker.clone(),
         figures: Vec::new(),
         progress: progress.clone(),
+        stdout_taken,
     };
-    for (name, run) in FAMILIES {
-        bench.step(name);
+    bench.say(&format!("machine: {}", machine.one_line()));
+    bench.say(&report::table::header());
+    let families: Vec<&Family> = FAMILIES
+        .iter()
+        .filter(|(name, _, _)| args.only.is_empty() || args.only.iter().any(|o| o == name))
+        .collect();
+    progress.set_length(families.len() as u64);
+    for (_, what, run) in families {
+        bench.step(*what);
         run(&mut bench);
         progress.inc(1);
     }
@@ -270,7 +304,7 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
     report.comparisons = compare::comparisons(&report);
     report.gaps = compare::gaps(&report);
     let summary = report::table::comparisons(&report);
-    if args.json.as_deref() == Some(Path::new("-")) || args.markdown.as_deref() == Some(Path::new("-")) {
+    if stdout_taken {
         eprint!("{summary}");
     } else {
         print!("{summary}");
