@@ -95,7 +95,10 @@ fn quick_run_writes_json_and_html_and_says_not_installed_without_qemu() {
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.starts_with("<!DOCTYPE html>") && page.trim_end().ends_with("</html>"));
     for section in ["machine", "results", "comparisons", "goals", "plots"] {
-        assert!(page.contains(&format!("id=\"{section}\"")), "no {section} section");
+        assert!(
+            page.contains(&format!("id=\"{section}\"")),
+            "no {section} section"
+        );
     }
     assert!(page.matches("<svg").count() >= 2, "too few plots");
     assert_eq!(page.matches("<svg").count(), page.matches("</svg>").count());

@@ -85,9 +85,15 @@ pub fn run(bench: &mut Bench) {
 fn figures(mib: u64) -> [Figure; 7] {
     let m = mib as f64;
     let new = |id: &str, label: &str, tool: &str, unit: &str, what: String| {
-        Figure::new(&format!("ckpt.{id}.{mib}"), FAMILY, &format!("{label}, {mib} MiB"), tool, unit)
-            .what(what)
-            .param(m)
+        Figure::new(
+            &format!("ckpt.{id}.{mib}"),
+            FAMILY,
+            &format!("{label}, {mib} MiB"),
+            tool,
+            unit,
+        )
+        .what(what)
+        .param(m)
     };
     [
         new(
@@ -302,7 +308,8 @@ fn restore_in_process(target: &Path, count: usize) -> Result<Vec<f64>, String> {
             let vm = Vmm::restore(target, Box::new(std::io::sink()), false)
                 .map_err(|e| format!("restoring {}: {e}", target.display()))?;
             let took = ms(start.elapsed());
-            vm.stop().map_err(|e| format!("stopping the restored VM: {e}"))?;
+            vm.stop()
+                .map_err(|e| format!("stopping the restored VM: {e}"))?;
             Ok(took)
         })
         .collect()
@@ -319,7 +326,12 @@ impl Drop for Restored {
 }
 
 /// `count` whole-process restores: exec to the API's first answer; ms each.
-fn restore_process(exe: &Path, dir: &Path, target: &Path, count: usize) -> Result<Vec<f64>, String> {
+fn restore_process(
+    exe: &Path,
+    dir: &Path,
+    target: &Path,
+    count: usize,
+) -> Result<Vec<f64>, String> {
     (0..count)
         .map(|n| {
             let socket: PathBuf = dir.join(format!("api{n}.sock"));
@@ -343,7 +355,10 @@ fn restore_process(exe: &Path, dir: &Path, target: &Path, count: usize) -> Resul
                     if answer.status == 200 {
                         break;
                     }
-                    return Err(format!("GET /vm answered {}: {}", answer.status, answer.body));
+                    return Err(format!(
+                        "GET /vm answered {}: {}",
+                        answer.status, answer.body
+                    ));
                 }
                 if let Ok(Some(status)) = child.0.try_wait() {
                     return Err(format!("snapvmm restore exited early: {status}"));
@@ -386,7 +401,10 @@ fn revert_in_place(dir: &Path, mib: u64, count: usize) -> Result<Vec<f64>, Strin
 /// create/load, and clones.
 pub fn run_peers(bench: &mut Bench) {
     for (op, what) in [
-        ("create", "Firecracker full snapshot create of a paused micro-VM"),
+        (
+            "create",
+            "Firecracker full snapshot create of a paused micro-VM",
+        ),
         ("load", "Firecracker snapshot load to a resumed micro-VM"),
     ] {
         let fig = Figure::new(

@@ -83,7 +83,10 @@ pub fn comparisons(report: &Report) -> Vec<Comparison> {
     }
     pairs.push((
         "checkpoint create vs Firecracker snapshot create".into(),
-        format!("ckpt.save.idle.{}", report.memory_mib.first().copied().unwrap_or(128)),
+        format!(
+            "ckpt.save.idle.{}",
+            report.memory_mib.first().copied().unwrap_or(128)
+        ),
         "firecracker.snapshot_create".into(),
     ));
     pairs.push((
@@ -193,7 +196,8 @@ pub fn gaps(report: &Report) -> Vec<Gap> {
                 .iter()
                 .filter_map(|f| {
                     let size = f.id.trim_start_matches("switch.host.");
-                    f.summary.map(|s| format!("{size} {}", value(s.p99, &f.unit)))
+                    f.summary
+                        .map(|s| format!("{size} {}", value(s.p99, &f.unit)))
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -215,14 +219,22 @@ pub fn gaps(report: &Report) -> Vec<Gap> {
             format!("{text} (run at {mib} MiB, not 1 GiB)")
         }
     };
-    let r = ratio_of(&format!("ckpt.save.dirty.{mib}"), &format!("ckpt.plain.{mib}"));
+    let r = ratio_of(
+        &format!("ckpt.save.dirty.{mib}"),
+        &format!("ckpt.plain.{mib}"),
+    );
     gaps.push(ratio_gap(
         &at("checkpoint save of a fully dirtied 1 GiB guest, vs a plain sequential write + fsync"),
         r,
         0.95,
         not_run,
     ));
-    let stat_gap = |figure: String, id: String, pick: fn(&Figure) -> Option<f64>, limit: f64, unit: &str, label: &str| {
+    let stat_gap = |figure: String,
+                    id: String,
+                    pick: fn(&Figure) -> Option<f64>,
+                    limit: f64,
+                    unit: &str,
+                    label: &str| {
         let v = report
             .figure(&id)
             .filter(|f| f.status == Status::Measured)

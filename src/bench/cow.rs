@@ -64,7 +64,11 @@ fn figure(tool: &str, mib: u64, count: u64) -> Figure {
         "`{} bench -w -t none -d {DEPTH} -s 4096 -S 65536 -c {count}` on an empty qcow2 \
          overlay over a fully written {mib} MiB qcow2 (64 KiB clusters): one 4 KiB write \
          per cluster, each a copy-on-write; writes / reported run time",
-        if tool == "snapvmm" { "snapvmm img" } else { "qemu-img" }
+        if tool == "snapvmm" {
+            "snapvmm img"
+        } else {
+            "qemu-img"
+        }
     ))
     .higher_is_better()
 }

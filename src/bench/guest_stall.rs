@@ -31,7 +31,9 @@ pub fn run(bench: &mut Bench) {
         "snapvmm",
         "ms",
     )
-    .what(format!("{what}: the longest request of a window without a snapshot."));
+    .what(format!(
+        "{what}: the longest request of a window without a snapshot."
+    ));
     let stalled = Figure::new(
         "switch.guest.1x16MiB",
         family,
@@ -108,4 +110,3 @@ fn measure(dir: &Path, count: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
     }
     Ok((quiet, stalls))
 }
-

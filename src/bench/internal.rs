@@ -14,7 +14,7 @@ const OPS: [(&str, &str); 3] = [("create", "-c"), ("apply", "-a"), ("delete", "-
 
 /// Measures the family.
 pub fn run(bench: &mut Bench) {
-    let mib: u64 = if bench.quick { 256 } else { 2048 };
+    let mib: u64 = if bench.quick { 256 } else { 1024 };
     let rounds = bench.samples(3, 7);
     let dir = bench.dir.join("internal");
     bench.step(format!("internal snapshots: {mib} MiB image"));
@@ -26,6 +26,7 @@ pub fn run(bench: &mut Bench) {
         for copy in [&ours_img, &theirs_img] {
             std::fs::copy(&base, copy).map_err(|e| format!("copying {}: {e}", base.display()))?;
         }
+        let _ = std::fs::remove_file(&base);
         Ok(())
     });
     let qemu = bench.tools.qemu_img.clone();
@@ -77,7 +78,11 @@ fn figure(op: &str, tool: &str, mib: u64) -> Figure {
     .what(format!(
         "`{} snapshot` {op} on a fully allocated {mib} MiB qcow2 image (64 KiB clusters), \
          whole process (start, open, update, fsync, exit)",
-        if tool == "snapvmm" { "snapvmm img" } else { "qemu-img" }
+        if tool == "snapvmm" {
+            "snapvmm img"
+        } else {
+            "qemu-img"
+        }
     ))
 }
 

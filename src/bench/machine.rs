@@ -32,13 +32,7 @@ impl Machine {
     pub fn one_line(&self) -> String {
         format!(
             "{}, {} cores, {} MiB RAM, Linux {}, KVM {}, {} ({})",
-            self.cpu,
-            self.cores,
-            self.memory_mib,
-            self.kernel,
-            self.kvm,
-            self.dir,
-            self.filesystem
+            self.cpu, self.cores, self.memory_mib, self.kernel, self.kvm, self.dir, self.filesystem
         )
     }
 }

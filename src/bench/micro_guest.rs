@@ -100,7 +100,9 @@ pub fn start_io_bench(base: &Path, size: u64) -> Result<Guest, String> {
 impl Guest {
     /// The running VM.
     pub fn vm(&self) -> Result<&Vmm, String> {
-        self.vm.as_ref().ok_or_else(|| "the VM has stopped".to_string())
+        self.vm
+            .as_ref()
+            .ok_or_else(|| "the VM has stopped".to_string())
     }
 
     /// The VM's first disk.

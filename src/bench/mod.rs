@@ -179,7 +179,11 @@ type Family = (&'static str, &'static str, fn(&mut Bench));
 /// The families, in the order they run.
 const FAMILIES: [Family; 8] = [
     ("switch", "live overlay switch (host)", switch::run),
-    ("guest-stall", "live overlay switch (guest)", guest_stall::run),
+    (
+        "guest-stall",
+        "live overlay switch (guest)",
+        guest_stall::run,
+    ),
     ("jobs", "stream and commit", jobs::run),
     ("internal", "internal snapshots", internal::run),
     ("cow", "4K copy-on-write writes", cow::run),
@@ -237,6 +241,18 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
         .prefix("snapvmm-bench.")
         .tempdir_in(&parent)
         .map_err(|e| format!("creating a directory in {}: {e}", parent.display()))?;
+    // The largest family keeps about this much on disk at once (the job chains, the COW
+    // base and its overlay, a 1 GiB checkpoint).
+    let needed: u64 = if args.quick { 1 << 30 } else { 4 << 30 };
+    let free = free_bytes(work.path())?;
+    if free < needed {
+        return Err(format!(
+            "{} has {} MiB free; the benchmark needs about {} MiB there (--dir elsewhere?)",
+            parent.display(),
+            free >> 20,
+            needed >> 20
+        ));
+    }
     let exe = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
     let memory_mib = match (&args.memory[..], args.quick) {
         ([], true) => vec![128],
@@ -310,6 +326,25 @@ fn measure(args: &BenchArgs) -> Result<Report, String> {
         print!("{summary}");
     }
     Ok(report)
+}
+
+/// Bytes an unprivileged user may still write on `dir`'s filesystem.
+fn free_bytes(dir: &Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", dir.display()))?;
+    // SAFETY: statvfs is plain old data, valid zeroed; it is only read after the call
+    // filled it.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(format!(
+            "statvfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// Writes the reports asked for.

@@ -69,7 +69,10 @@ pub fn run(bench: &mut Bench) {
     );
     let (kernel, initramfs) = guest_files();
     let reason = if bench.tools.qemu_system.is_none() {
-        Some((Status::NotInstalled, "qemu-system-x86_64 not installed".to_string()))
+        Some((
+            Status::NotInstalled,
+            "qemu-system-x86_64 not installed".to_string(),
+        ))
     } else if bench.quick {
         Some((
             Status::Skipped,
@@ -99,8 +102,8 @@ pub fn run(bench: &mut Bench) {
     bench.step("QEMU-TCG guest: booting (slow)");
     let dir = bench.dir.join("qemu-live");
     let count = bench.samples(3, 10);
-    let result = images::fresh_dir(&dir)
-        .and_then(|()| measure(&qemu, &kernel, &initramfs, &dir, count));
+    let result =
+        images::fresh_dir(&dir).and_then(|()| measure(&qemu, &kernel, &initramfs, &dir, count));
     match result {
         Ok((qmp, guest)) => {
             bench.record(qmp_fig, Ok(qmp));
@@ -137,7 +140,11 @@ impl Vm {
             match self.lines.recv_timeout(left) {
                 Ok((at, line)) if line.contains(text) => return Ok(at),
                 Ok(_) => {}
-                Err(_) => return Err(format!("the QEMU guest did not print {text:?} in {timeout:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "the QEMU guest did not print {text:?} in {timeout:?}"
+                    ))
+                }
             }
         }
     }
@@ -149,7 +156,11 @@ impl Vm {
             match self.lines.recv_timeout(LINE_TIMEOUT) {
                 Ok((at, line)) if line.trim() == "w" => out.push(at),
                 Ok(_) => {}
-                Err(_) => return Err(format!("the guest's write loop stalled for {LINE_TIMEOUT:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "the guest's write loop stalled for {LINE_TIMEOUT:?}"
+                    ))
+                }
             }
         }
         Ok(out)
@@ -168,7 +179,16 @@ fn measure(
     images::qcow2(&disk, 1 << 30, None)?;
     let socket = dir.join("qmp.sock");
     let mut child = Command::new(qemu)
-        .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nographic", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
         .args(["-nodefaults", "-serial", "stdio"])
         .arg("-kernel")
         .arg(kernel)
@@ -181,7 +201,10 @@ fn measure(
             qemu_escape(&disk.to_string_lossy())
         ))
         .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qemu_escape(&socket.to_string_lossy())))
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            qemu_escape(&socket.to_string_lossy())
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -34,9 +34,7 @@ impl Qmp {
         stream
             .set_read_timeout(Some(timeout))
             .map_err(|e| format!("QMP socket: {e}"))?;
-        let writer = stream
-            .try_clone()
-            .map_err(|e| format!("QMP socket: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,

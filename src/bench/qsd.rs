@@ -42,7 +42,11 @@ pub fn run(bench: &mut Bench, made: Result<(), String>, data: &Path, mib: u64, r
         ))
         .higher_is_better();
         let Some(qsd) = bench.tools.qsd.clone() else {
-            bench.unmeasured(fig, Status::NotInstalled, "qemu-storage-daemon not installed");
+            bench.unmeasured(
+                fig,
+                Status::NotInstalled,
+                "qemu-storage-daemon not installed",
+            );
             continue;
         };
         if let Err(e) = &made {
@@ -58,7 +62,9 @@ pub fn run(bench: &mut Bench, made: Result<(), String>, data: &Path, mib: u64, r
                 } else {
                     images::commit_case(data, &case, mib << 20)?
                 };
-                let took = one(&qsd, &case, &top, kind == "commit")?;
+                let took = one(&qsd, &case, &top, kind == "commit");
+                let _ = std::fs::remove_dir_all(&case);
+                let took = took?;
                 Ok(mib as f64 / took.as_secs_f64())
             })
             .collect();

@@ -54,7 +54,10 @@ mod tests {
     fn nearest_rank() {
         let values: Vec<f64> = (1..=100).map(f64::from).collect();
         let s = Summary::of(&values).unwrap();
-        assert_eq!((s.n, s.min, s.p50, s.p99, s.max), (100, 1.0, 50.0, 99.0, 100.0));
+        assert_eq!(
+            (s.n, s.min, s.p50, s.p99, s.max),
+            (100, 1.0, 50.0, 99.0, 100.0)
+        );
         assert_eq!(s.mean, 50.5);
         let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((s.p50, s.p99, s.max), (2.0, 3.0, 3.0));

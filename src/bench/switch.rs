@@ -152,7 +152,12 @@ impl Drop for Rig {
 }
 
 /// 4 KiB writes at xorshift-random aligned offsets, round-robin over `disks`, until `stop`.
-fn write_load(disks: &[Arc<LiveDisk>], stop: &AtomicBool, error: &Mutex<Option<String>>, seed: u64) {
+fn write_load(
+    disks: &[Arc<LiveDisk>],
+    stop: &AtomicBool,
+    error: &Mutex<Option<String>>,
+    seed: u64,
+) {
     let buf = vec![0xa5u8; 4096];
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
     let mut n = 0usize;

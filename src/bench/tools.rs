@@ -63,7 +63,11 @@ fn is_executable(path: &Path) -> bool {
 
 /// First line of `TOOL --version`, or why there is none.
 pub fn version(tool: &Path) -> String {
-    match Command::new(tool).arg("--version").stdin(Stdio::null()).output() {
+    match Command::new(tool)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(out) => String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
@@ -78,7 +82,10 @@ pub fn version(tool: &Path) -> String {
 /// exited non-zero) names the command and carries its stderr.
 pub fn timed(command: &mut Command) -> Result<Duration, String> {
     let what = describe(command);
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let out = command.output().map_err(|e| format!("{what}: {e}"))?;
     let took = start.elapsed();

@@ -174,7 +174,11 @@ fn plots_section(h: &mut String, report: &Report) {
 
     // Latency distributions: one plot per family and unit.
     let mut groups: BTreeMap<(String, String), Vec<&Figure>> = BTreeMap::new();
-    for f in report.figures.iter().filter(|f| measured(f) && !f.higher_is_better) {
+    for f in report
+        .figures
+        .iter()
+        .filter(|f| measured(f) && !f.higher_is_better)
+    {
         groups
             .entry((f.family.clone(), f.unit.clone()))
             .or_default()
@@ -220,7 +224,11 @@ fn plots_section(h: &mut String, report: &Report) {
 
     // Throughput bars: one plot per unit, medians.
     let mut units: BTreeMap<String, Vec<&Figure>> = BTreeMap::new();
-    for f in report.figures.iter().filter(|f| measured(f) && f.higher_is_better) {
+    for f in report
+        .figures
+        .iter()
+        .filter(|f| measured(f) && f.higher_is_better)
+    {
         units.entry(f.unit.clone()).or_default().push(f);
     }
     for (unit, figures) in &units {
@@ -252,7 +260,12 @@ fn plots_section(h: &mut String, report: &Report) {
     if !ratios.is_empty() {
         figure(
             h,
-            plots::bars("snapvmm vs peers (ratio of medians)", "times", &ratios, Some(1.0)),
+            plots::bars(
+                "snapvmm vs peers (ratio of medians)",
+                "times",
+                &ratios,
+                Some(1.0),
+            ),
             &format!(
                 "How many times faster snapvmm is than each peer on the same work in the \
                  same run (ratio of medians; the line marks 1.0, right of it snapvmm is \

@@ -53,16 +53,17 @@ pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Resu
         for (i, s) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(err)?
                 .label(s.name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             chart
-                .draw_series(
-                    s.points
-                        .iter()
-                        .map(|&p| Circle::new(p, 3, color.filled())),
-                )
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(err)?;
         }
         chart
@@ -114,7 +115,10 @@ pub fn bars(
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
                 let mut bar = Rectangle::new(
-                    [(0.0, SegmentValue::Exact(i)), (*v, SegmentValue::Exact(i + 1))],
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (*v, SegmentValue::Exact(i + 1)),
+                    ],
                     Palette99::pick(i).filled(),
                 );
                 bar.set_margin(5, 5, 0, 0);
@@ -146,7 +150,13 @@ mod tests {
         };
         let svg = lines("t", "x", "y", &[s]).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
-        let svg = bars("t", "x", &[("one".into(), 1.5), ("two".into(), 0.5)], Some(1.0)).unwrap();
+        let svg = bars(
+            "t",
+            "x",
+            &[("one".into(), 1.5), ("two".into(), 0.5)],
+            Some(1.0),
+        )
+        .unwrap();
         assert!(svg.contains("one") && svg.contains("<rect"));
         // Degenerate input still draws.
         assert!(lines("t", "x", "y", &[]).is_ok());

@@ -50,13 +50,21 @@ fn first_line(text: &str) -> &str {
 /// The comparisons and goals, printed at the end of a run.
 pub fn comparisons(report: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "\nsnapvmm against its peers (medians; > 1.00x: snapvmm ahead)");
+    let _ = writeln!(
+        out,
+        "\nsnapvmm against its peers (medians; > 1.00x: snapvmm ahead)"
+    );
     for c in &report.comparisons {
         let ratio = match c.ratio {
             Some(r) => times(r),
             None => format!("{} not measured", c.peer),
         };
-        let _ = writeln!(out, "  {:<70} {:<20} {ratio}", truncate(&c.what, 70), c.peer);
+        let _ = writeln!(
+            out,
+            "  {:<70} {:<20} {ratio}",
+            truncate(&c.what, 70),
+            c.peer
+        );
     }
     let _ = writeln!(out, "\nperformance goals");
     for g in &report.gaps {
