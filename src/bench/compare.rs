@@ -51,7 +51,7 @@ const PAIRS: [(&str, &str, &str); 10] = [
         "switch.qemu.qmp",
     ),
     (
-        "live overlay switch, guest-visible longest request (window of the switch)",
+        "live overlay switch, guest-visible stall (methods differ: snapvmm's longest micro-guest request in the switch's window, QEMU's excess write-loop gap)",
         "switch.guest.1x16MiB",
         "switch.qemu.guest",
     ),

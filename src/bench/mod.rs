@@ -211,6 +211,12 @@ pub fn main(args: BenchArgs) -> u8 {
             .and_then(|bytes| {
                 serde_json::from_slice::<Report>(&bytes)
                     .map_err(|e| format!("{}: not a snapvmm bench report: {e}", path.display()))
+            })
+            .map(|mut report| {
+                // The figures are the data; ratios and goals follow this build's rules.
+                report.comparisons = compare::comparisons(&report);
+                report.gaps = compare::gaps(&report);
+                report
             }),
         None => measure(&args),
     };

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::plots::{self, Series};
+use super::plots::{self, Scale, Series};
 use crate::bench::compare::{number, times};
 use crate::bench::model::{Figure, Report, Status};
 
@@ -210,13 +210,15 @@ fn plots_section(h: &mut String, report: &Report) {
             "percentile (share of samples at or below)",
             unit,
             &series,
+            Some(100.0),
+            Scale::Log,
         );
         figure(
             h,
             svg,
             &format!(
                 "{family}, latency distribution: each sample sorted, plotted at its \
-                 percentile; unit {unit}. {}. Machine: {machine}.",
+                 percentile; unit {unit}, logarithmic axis. {}. Machine: {machine}.",
                 counts.join("; ")
             ),
         );
@@ -242,7 +244,13 @@ fn plots_section(h: &mut String, report: &Report) {
             .collect();
         figure(
             h,
-            plots::bars(&format!("Throughput ({unit}, median)"), unit, &bars, None),
+            plots::bars(
+                &format!("Throughput ({unit}, median)"),
+                unit,
+                &bars,
+                None,
+                Scale::Linear,
+            ),
             &format!(
                 "Throughput, median of the rounds; unit {unit}; higher is better. {}. \
                  Machine: {machine}.",
@@ -262,9 +270,10 @@ fn plots_section(h: &mut String, report: &Report) {
             h,
             plots::bars(
                 "snapvmm vs peers (ratio of medians)",
-                "times",
+                "times (logarithmic)",
                 &ratios,
                 Some(1.0),
+                Scale::Log,
             ),
             &format!(
                 "How many times faster snapvmm is than each peer on the same work in the \
@@ -311,6 +320,8 @@ fn plots_section(h: &mut String, report: &Report) {
                 "guest memory (MiB)",
                 "ms",
                 &save_series,
+                None,
+                Scale::Linear,
             ),
             &format!(
                 "Full checkpoint save (fsync included) of a paused micro-guest, idle and \
