@@ -237,13 +237,8 @@ mod tests {
         };
         let svg = lines("t", "x", "y", &[s], Some(100.0), Scale::Log).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
-        let svg = bars(
-            "t",
-            "x",
-            &[("one".into(), 1.5), ("two".into(), 0.5)],
-            Some(1.0),
-        )
-        .unwrap();
+        let two = [("one".to_string(), 1.5), ("two".to_string(), 0.5)];
+        let svg = bars("t", "x", &two, Some(1.0), Scale::Log).unwrap();
         assert!(svg.contains("one") && svg.contains("<rect"));
         // Degenerate input still draws.
         assert!(lines("t", "x", "y", &[], None, Scale::Linear).is_ok());
