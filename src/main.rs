@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod checkpoint;
 mod clone;
 mod ctl;
@@ -50,6 +51,8 @@ enum Command {
     VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
     /// Start VMs from a snapshot of a tree, each on its own overlays (no running VM needed).
     Clone(clone::CloneArgs),
+    /// Measure snapshot latency on this machine, beside QEMU when installed; JSON/HTML report.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::VhostUserBlk(args) => vhost_user_blk::main(args),
         Command::Clone(args) => clone::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     ExitCode::from(code)
 }

@@ -1,0 +1,440 @@
+//! Checkpoints of micro-guest VMs in this process, per guest memory size:
+//!
+//! - save, idle (the counter guest, which touches few pages) and fully dirtied (every page
+//!   written non-zero by the host first), full checkpoint of the paused VM with fsync; beside
+//!   it a plain sequential write + fsync of the same number of bytes, the bandwidth a dirty
+//!   save competes with;
+//! - the vCPU pause of a live checkpoint of the counter guest (small working set);
+//! - restore in process: `Vmm::restore` until its vCPU threads are started (the next thing
+//!   they do is enter the guest);
+//! - restore as a whole process: exec of `snapvmm restore DIR --api-socket S` until the API
+//!   answers `GET /vm`;
+//! - revert in place of a running guest, pause to resume.
+//!
+//! The methods of `cargo bench --bench checkpoint`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::config::{BootSource, VmConfig, Workload};
+use vmm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm::{CheckpointOptions, Vmm};
+
+use super::model::{Figure, Status};
+use super::Bench;
+
+const FAMILY: &str = "Checkpoints";
+/// How long a whole-process restore may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Measures the family for every memory size.
+pub fn run(bench: &mut Bench) {
+    let sizes = bench.memory_mib.clone();
+    let kvm = vmm::check_kvm();
+    for mib in sizes {
+        let figures = figures(mib);
+        if let Err(reason) = &kvm {
+            for fig in figures {
+                bench.unmeasured(fig, Status::Skipped, format!("KVM unusable: {reason}"));
+            }
+            continue;
+        }
+        let dir = bench.dir.join(format!("ckpt-{mib}"));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            for fig in figures {
+                bench.record(fig, Err(format!("creating {}: {e}", dir.display())));
+            }
+            continue;
+        }
+        let [idle, dirty, plain, pause, restore, process, revert] = figures;
+        bench.step(format!("checkpoint save, {mib} MiB guest"));
+        let saves = bench.samples(3, 10);
+        let r = save(&dir, mib, false, saves);
+        bench.record(idle, r);
+        let r = save(&dir, mib, true, saves);
+        bench.record(dirty, r);
+        let r = (0..saves).map(|_| plain_write(&dir, mib)).collect();
+        bench.record(plain, r);
+        bench.step(format!("live checkpoint pause, {mib} MiB guest"));
+        let r = live_pause(&dir, mib, bench.samples(10, 100));
+        bench.record(pause, r);
+        bench.step(format!("restore and revert, {mib} MiB guest"));
+        let restores = bench.samples(5, 20);
+        let target = dir.join("restore-me");
+        match prepare_restore(&target, mib) {
+            Ok(()) => {
+                let r = restore_in_process(&target, restores);
+                bench.record(restore, r);
+                let r = restore_process(&bench.exe, &dir, &target, restores);
+                bench.record(process, r);
+            }
+            Err(e) => {
+                bench.record(restore, Err(e.clone()));
+                bench.record(process, Err(e));
+            }
+        }
+        let r = revert_in_place(&dir, mib, restores);
+        bench.record(revert, r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Figures of one memory size, in the order `run` records them.
+fn figures(mib: u64) -> [Figure; 7] {
+    let m = mib as f64;
+    let new = |id: &str, label: &str, tool: &str, unit: &str, what: String| {
+        Figure::new(
+            &format!("ckpt.{id}.{mib}"),
+            FAMILY,
+            &format!("{label}, {mib} MiB"),
+            tool,
+            unit,
+        )
+        .what(what)
+        .param(m)
+    };
+    [
+        new(
+            "save.idle",
+            "save, idle guest",
+            "snapvmm",
+            "ms",
+            format!(
+                "Full checkpoint of a paused {mib} MiB counter micro-guest (few pages \
+                 touched), fsync included"
+            ),
+        ),
+        new(
+            "save.dirty",
+            "save, fully dirtied guest",
+            "snapvmm",
+            "ms",
+            format!(
+                "Full checkpoint of a paused {mib} MiB micro-guest whose every page the host \
+                 wrote non-zero first, fsync included"
+            ),
+        ),
+        new(
+            "plain",
+            "plain write + fsync",
+            "plain write",
+            "ms",
+            format!(
+                "Create a file, write {mib} MiB sequentially in 8 MiB pieces, fsync, rename: \
+                 the bandwidth a dirty save competes with"
+            ),
+        ),
+        new(
+            "live_pause",
+            "live checkpoint pause",
+            "snapvmm",
+            "us",
+            format!(
+                "vCPU stop of a live checkpoint of a running {mib} MiB counter micro-guest \
+                 (small working set), measured by the checkpointer from pause to resume"
+            ),
+        ),
+        new(
+            "restore",
+            "restore in process",
+            "snapvmm",
+            "ms",
+            format!(
+                "Vmm::restore of a full {mib} MiB checkpoint (memory mapped lazily) until its \
+                 vCPU threads are started, about to enter the guest"
+            ),
+        ),
+        new(
+            "restore_process",
+            "restore, whole process",
+            "snapvmm",
+            "ms",
+            format!(
+                "exec of `snapvmm restore DIR --api-socket S --serial null` of a {mib} MiB \
+                 micro-guest checkpoint until the API answers GET /vm"
+            ),
+        ),
+        new(
+            "revert",
+            "revert in place",
+            "snapvmm",
+            "ms",
+            format!(
+                "Checkpointer::revert of a running {mib} MiB counter micro-guest to its \
+                 checkpoint, pause to resume"
+            ),
+        ),
+    ]
+}
+
+/// A counter micro-guest of `mib` MiB, its console discarded, booted for 100 ms.
+fn counter_vm(mib: u64) -> Result<Vmm, String> {
+    let mut config = VmConfig::new(BootSource::MicroGuest {
+        workload: Workload::Counter,
+        seed: 1,
+    });
+    config.memory_mib = mib;
+    let vm = Vmm::start_with_serial(&config, Box::new(std::io::sink()))
+        .map_err(|e| format!("starting a {mib} MiB VM: {e}"))?;
+    // Let the guest boot and print a few lines.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(vm)
+}
+
+/// Stops `vm` whatever happened, keeping the first error.
+fn with_vm<T>(vm: Vmm, result: Result<T, String>) -> Result<T, String> {
+    let stopped = vm.stop().map_err(|e| format!("stopping the VM: {e}"));
+    let value = result?;
+    stopped?;
+    Ok(value)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `count` full checkpoints of a paused guest; ms each.
+fn save(dir: &Path, mib: u64, dirty: bool, count: usize) -> Result<Vec<f64>, String> {
+    let vm = counter_vm(mib)?;
+    let result = (|| {
+        vm.pause_gate()
+            .pause(Duration::from_secs(10))
+            .map_err(|e| format!("pausing: {e}"))?;
+        if dirty {
+            dirty_all(&vm)?;
+        }
+        let target = dir.join("save");
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            // A checkpoint never overwrites one: clear the last (untimed).
+            let _ = std::fs::remove_dir_all(&target);
+            let start = Instant::now();
+            vm.checkpointer()
+                .checkpoint(&target, CheckpointOptions::default())
+                .map_err(|e| format!("checkpoint to {}: {e}", target.display()))?;
+            samples.push(ms(start.elapsed()));
+        }
+        let _ = std::fs::remove_dir_all(&target);
+        vm.pause_gate().resume();
+        Ok(samples)
+    })();
+    with_vm(vm, result)
+}
+
+/// Writes a non-zero pattern over all guest RAM from the host (the VM is paused).
+fn dirty_all(vm: &Vmm) -> Result<(), String> {
+    for region in vm.memory().iter() {
+        let host = region
+            .get_host_address(vmm::vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| format!("guest memory region: {e}"))?;
+        let len = usize::try_from(region.len()).map_err(|e| format!("region length: {e}"))?;
+        // SAFETY: `host` is the start of the region's whole mapping of `len` bytes, alive as
+        // long as `vm`; the vCPUs are paused and nothing else writes guest RAM meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
+        for (i, page) in bytes.chunks_mut(4096).enumerate() {
+            // Patterned, so the save's zero-page check finds nothing to skip.
+            page.fill((i % 251) as u8 | 1);
+        }
+    }
+    Ok(())
+}
+
+/// Create, write `mib` MiB in 8 MiB pieces, fsync, rename; ms.
+fn plain_write(dir: &Path, mib: u64) -> Result<f64, String> {
+    let piece: Vec<u8> = (0..8usize << 20).map(|i| (i >> 12) as u8 | 1).collect();
+    let tmp = dir.join("plain.tmp");
+    let path = dir.join("plain");
+    let _ = std::fs::remove_file(&path);
+    let start = Instant::now();
+    let mut file =
+        std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let mut left = mib << 20;
+    while left > 0 {
+        let len = piece.len().min(left as usize);
+        file.write_all(&piece[..len])
+            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        left -= len as u64;
+    }
+    file.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
+    let took = ms(start.elapsed());
+    let _ = std::fs::remove_file(&path);
+    Ok(took)
+}
+
+/// `count` live checkpoints of a running counter guest; the pause of each in µs.
+fn live_pause(dir: &Path, mib: u64, count: usize) -> Result<Vec<f64>, String> {
+    let vm = counter_vm(mib)?;
+    let target = dir.join("live");
+    let result = (0..count)
+        .map(|_| {
+            let _ = std::fs::remove_dir_all(&target);
+            let report = vm
+                .checkpointer()
+                .checkpoint(
+                    &target,
+                    CheckpointOptions {
+                        live: true,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| format!("live checkpoint to {}: {e}", target.display()))?;
+            Ok(report.pause_us as f64)
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&target);
+    with_vm(vm, result)
+}
+
+/// A full checkpoint of a running counter guest in `target`, for the restores.
+fn prepare_restore(target: &Path, mib: u64) -> Result<(), String> {
+    let vm = counter_vm(mib)?;
+    let result = vm
+        .checkpointer()
+        .checkpoint(target, CheckpointOptions::default())
+        .map(|_| ())
+        .map_err(|e| format!("checkpoint to {}: {e}", target.display()));
+    with_vm(vm, result)
+}
+
+/// `count` in-process restores of `target`; ms each, to vCPU threads started.
+fn restore_in_process(target: &Path, count: usize) -> Result<Vec<f64>, String> {
+    (0..count)
+        .map(|_| {
+            let start = Instant::now();
+            let vm = Vmm::restore(target, Box::new(std::io::sink()), false)
+                .map_err(|e| format!("restoring {}: {e}", target.display()))?;
+            let took = ms(start.elapsed());
+            vm.stop()
+                .map_err(|e| format!("stopping the restored VM: {e}"))?;
+            Ok(took)
+        })
+        .collect()
+}
+
+/// A child `snapvmm restore`, killed when dropped.
+struct Restored(Child);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `count` whole-process restores: exec to the API's first answer; ms each.
+fn restore_process(
+    exe: &Path,
+    dir: &Path,
+    target: &Path,
+    count: usize,
+) -> Result<Vec<f64>, String> {
+    (0..count)
+        .map(|n| {
+            let socket: PathBuf = dir.join(format!("api{n}.sock"));
+            let client = snapvmm_api::ApiClient::new(&socket)
+                .map_err(|e| format!("API client runtime: {e}"))?;
+            let start = Instant::now();
+            let child = Command::new(exe)
+                .arg("restore")
+                .arg(target)
+                .arg("--api-socket")
+                .arg(&socket)
+                .args(["--serial", "null"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting {} restore: {e}", exe.display()))?;
+            let mut child = Restored(child);
+            loop {
+                if let Ok(answer) = client.raw("GET", "/vm", &[]) {
+                    if answer.status == 200 {
+                        break;
+                    }
+                    return Err(format!(
+                        "GET /vm answered {}: {}",
+                        answer.status, answer.body
+                    ));
+                }
+                if let Ok(Some(status)) = child.0.try_wait() {
+                    return Err(format!("snapvmm restore exited early: {status}"));
+                }
+                if start.elapsed() > ANSWER_TIMEOUT {
+                    return Err(format!("the API did not answer in {ANSWER_TIMEOUT:?}"));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let took = ms(start.elapsed());
+            drop(child);
+            let _ = std::fs::remove_file(&socket);
+            Ok(took)
+        })
+        .collect()
+}
+
+/// `count` reverts in place of a running counter guest; ms each.
+fn revert_in_place(dir: &Path, mib: u64, count: usize) -> Result<Vec<f64>, String> {
+    let vm = counter_vm(mib)?;
+    let target = dir.join("revert");
+    let result = vm
+        .checkpointer()
+        .checkpoint(&target, CheckpointOptions::default())
+        .map_err(|e| format!("checkpoint to {}: {e}", target.display()))
+        .and_then(|_| {
+            (0..count)
+                .map(|_| {
+                    vm.checkpointer()
+                        .revert(&target)
+                        .map(ms)
+                        .map_err(|e| format!("revert to {}: {e}", target.display()))
+                })
+                .collect()
+        });
+    with_vm(vm, result)
+}
+
+/// Figures that need a peer or a feature this run does not have: Firecracker's snapshot
+/// create/load, and clones.
+pub fn run_peers(bench: &mut Bench) {
+    for (op, what) in [
+        (
+            "create",
+            "Firecracker full snapshot create of a paused micro-VM",
+        ),
+        ("load", "Firecracker snapshot load to a resumed micro-VM"),
+    ] {
+        let fig = Figure::new(
+            &format!("firecracker.snapshot_{op}"),
+            FAMILY,
+            &format!("Firecracker snapshot {op}"),
+            "Firecracker",
+            "ms",
+        )
+        .what(what);
+        let note = match &bench.firecracker {
+            None => "--firecracker PATH not given".to_string(),
+            Some(path) => format!(
+                "{}: driving Firecracker (its API, a kernel and rootfs of its own) is not \
+                 implemented in this version of snapvmm bench",
+                path.display()
+            ),
+        };
+        let status = if bench.firecracker.is_some() {
+            Status::Skipped
+        } else {
+            Status::NotInstalled
+        };
+        bench.unmeasured(fig, status, note);
+    }
+    let fig = Figure::new("clone.create", FAMILY, "clone", "snapvmm", "ms")
+        .what("A running VM cloned from a checkpoint");
+    bench.unmeasured(
+        fig,
+        Status::Skipped,
+        "clones have not landed in this build (issue: VM clones)",
+    );
+}
