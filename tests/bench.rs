@@ -5,13 +5,16 @@
 //! Without a usable /dev/kvm the guest figures are recorded as skipped; the reports must be
 //! valid all the same.
 
-mod vmm_util;
-
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use vmm_util::{assert_success, run_with_timeout, snapvmm};
+use test_support::vm::{assert_success, run_with_timeout};
+
+/// A `snapvmm` command.
+fn snapvmm() -> std::process::Command {
+    test_support::snapvmm_binary!().command()
+}
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
