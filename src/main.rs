@@ -14,6 +14,7 @@ mod demo;
 mod img;
 mod restore;
 mod run;
+mod store;
 mod vhost_user_blk;
 
 /// Command line of the `snapvmm` binary.
@@ -47,6 +48,8 @@ enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Serve a disk to another VMM's guest as a vhost-user-blk backend.
     VhostUserBlk(vhost_user_blk::VhostUserBlkArgs),
+    /// Snapshots in an S3-compatible store: push, pull, ls, rm, gc.
+    Snapshot(store::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore::main(args),
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::VhostUserBlk(args) => vhost_user_blk::main(args),
+        Command::Snapshot(args) => store::main(args),
     };
     ExitCode::from(code)
 }

@@ -59,6 +59,18 @@ impl Sandbox {
         Sandbox::with_vmm(Vmm::restore(dir, serial, paused)?, options)
     }
 
+    /// As [`Sandbox::restore`], with memory and disks from where `restore` says (a lazy
+    /// restore from a snapshot store).
+    pub fn restore_with(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &SandboxOptions,
+        restore: crate::checkpoint::RestoreOptions,
+    ) -> Result<Self> {
+        Sandbox::with_vmm(Vmm::restore_with(dir, serial, paused, restore)?, options)
+    }
+
     /// Takes control of an already running `vmm`. On error the VM is stopped.
     pub fn with_vmm(vmm: Vmm, options: &SandboxOptions) -> Result<Self> {
         let tree = match open_snapshot_tree(&vmm, options.snapshot_metadata.as_deref()) {
