@@ -338,7 +338,21 @@ impl PageSource for StorePages {
     fn touched(&self, index: u64) {
         self.0.touch(index);
     }
+
+    fn failed(&self, message: &str) {
+        // The VM is stopping; a thread of ours stuck on the missing chunk would keep the
+        // process alive for ever, so after a grace period for a clean stop it ends here.
+        let message = message.to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(STOP_GRACE);
+            eprintln!("snapvmm restore: VM failed: {message}");
+            std::process::exit(1);
+        });
+    }
 }
+
+/// How long a VM whose memory chunk could not be fetched gets to stop cleanly.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// How `snapvmm restore s3://...` runs.
 pub(crate) struct LazyArgs<'a> {

@@ -41,6 +41,11 @@ pub trait PageSource: Send + Sync {
     fn read_chunk(&self, index: u64, buf: &mut [u8]) -> std::result::Result<(), String>;
     /// Chunk `index` is being installed because the guest or the VMM touched it.
     fn touched(&self, _index: u64) {}
+    /// A chunk could not be delivered: the VM was asked to stop with `message`. Threads
+    /// waiting on that chunk's pages stay blocked (nothing is made up for them): vCPUs
+    /// leave when kicked, but a VMM thread (a device, or a restore still loading state)
+    /// does not, so a process that cannot wait for those ends itself here.
+    fn failed(&self, _message: &str) {}
 }
 
 // linux/userfaultfd.h
@@ -487,7 +492,8 @@ impl Worker {
     fn fail(&self, message: String) {
         tracing::error!("{message}");
         self.failed.store(true, Ordering::Release);
-        self.exit.request(ExitReason::Error(message));
+        self.exit.request(ExitReason::Error(message.clone()));
+        self.source.failed(&message);
     }
 }
 
