@@ -26,6 +26,9 @@ use store::remote::RemoteMemory;
 use store::source::SnapshotSource;
 use store::{Location, Store, StoreConfig};
 use vmm::checkpoint::{MemorySource, RestoreOptions};
+use vmm::control::export::SnapshotExporter;
+use vmm::control::types::{SnapshotPush, SnapshotPushResult};
+use vmm::snapshot::tree::SnapshotInfo;
 use vmm::memory::uffd::PageSource;
 use vmm::{ExitHandle, ExitReason, Sandbox, SandboxOptions};
 
@@ -190,16 +193,10 @@ fn run(args: SnapshotArgs) -> Result<(), String> {
                     let client = snapvmm_api::ApiClient::new(&socket)
                         .map_err(|e| format!("{}: {e}", socket.display()))?;
                     let body = serde_json::json!({ "store": store, "replace": replace });
-                    let value: serde_json::Value = client
-                        .call_json(
-                            "PUT",
-                            &format!("/snapshots/{name}/push"),
-                            Some(&body),
-                        )
+                    let reply: SnapshotPushResult = client
+                        .call_json("PUT", &format!("/snapshots/{name}/push"), Some(&body))
                         .map_err(|e| e.to_string())?;
-                    serde_json::from_value(value.clone())
-                        .map(|s: crate::store::PushReply| s.into())
-                        .map_err(|e| format!("unexpected reply {value}: {e}"))?
+                    from_api(reply)
                 }
                 (None, None) => return Err("--snapshot-metadata or --api-socket".into()),
             };
@@ -279,31 +276,56 @@ fn run(args: SnapshotArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// A push summary as the API returns it.
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct PushReply {
-    name: String,
-    manifest: String,
-    bytes_scanned: u64,
-    bytes_uploaded: u64,
-    chunks: u64,
-    chunks_uploaded: u64,
-    chunks_reused: u64,
-    zero_chunks: u64,
+fn from_api(r: SnapshotPushResult) -> PushSummary {
+    PushSummary {
+        name: r.name,
+        manifest: r.manifest,
+        bytes_scanned: r.bytes_scanned,
+        bytes_uploaded: r.bytes_uploaded,
+        chunks: r.chunks,
+        chunks_uploaded: r.chunks_uploaded,
+        chunks_reused: r.chunks_reused,
+        zero_chunks: r.zero_chunks,
+    }
 }
 
-impl From<PushReply> for PushSummary {
-    fn from(r: PushReply) -> Self {
-        PushSummary {
-            name: r.name,
-            manifest: r.manifest,
-            bytes_scanned: r.bytes_scanned,
-            bytes_uploaded: r.bytes_uploaded,
-            chunks: r.chunks,
-            chunks_uploaded: r.chunks_uploaded,
-            chunks_reused: r.chunks_reused,
-            zero_chunks: r.zero_chunks,
-        }
+fn to_api(s: PushSummary) -> SnapshotPushResult {
+    SnapshotPushResult {
+        name: s.name,
+        manifest: s.manifest,
+        bytes_scanned: s.bytes_scanned,
+        bytes_uploaded: s.bytes_uploaded,
+        chunks: s.chunks,
+        chunks_uploaded: s.chunks_uploaded,
+        chunks_reused: s.chunks_reused,
+        zero_chunks: s.zero_chunks,
+    }
+}
+
+/// The snapshot-store client behind `PUT /snapshots/{name}/push` of a VM this process
+/// runs: endpoint and credentials from the process's environment.
+#[derive(Debug)]
+pub(crate) struct StoreExporter;
+
+impl SnapshotExporter for StoreExporter {
+    fn push(
+        &self,
+        snapshot: &SnapshotInfo,
+        metadata: &Path,
+        request: &SnapshotPush,
+    ) -> Result<SnapshotPushResult, String> {
+        let location = Location::parse(&request.store).map_err(|e| e.to_string())?;
+        let client = open_store(&location, None)?;
+        let base = metadata.parent().unwrap_or(Path::new("."));
+        let source = SnapshotSource::from_info(snapshot, base).map_err(|e| e.to_string())?;
+        let options = PushOptions {
+            replace: request.replace,
+            ..Default::default()
+        };
+        let summary = store::push::push(&client, &source, &options, &mut |_, _| {})
+            .map_err(|e| e.to_string())?;
+        tracing::info!("{}", push_text(&summary));
+        Ok(to_api(summary))
     }
 }
 

@@ -577,6 +577,49 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     assert!(prefetched > 0);
     assert_eq!(lazy.chunks.fetched_chunks(), prefetched + 1, "state + working set");
 
+    // From a running VM through its API: `snapshot push --api-socket` (the VM process's
+    // own environment reaches the store).
+    let api_dir = tempfile::tempdir().unwrap();
+    let disk = api_dir.path().join("base.qcow2");
+    test_support::image::qcow2(&disk, 1 << 20, None);
+    let socket = api_dir.path().join("api.sock");
+    let mut command = snapvmm();
+    cluster.env(&mut command);
+    command
+        .args(["run", "--guest", "builtin:io-loop", "--serial", "null", "--disk"])
+        .arg(format!("path={}", disk.display()))
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut vm = command.spawn().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline && vm.try_wait().unwrap().is_none(), "no API");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctl = |args: &[&str]| {
+        let mut command = snapvmm();
+        command.arg("ctl").arg("--api-socket").arg(&socket).args(args);
+        let output = run_with_timeout(command, TIMEOUT);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    ctl(&["snapshot-create-as", "a1"]);
+    let mut command = snapvmm();
+    command
+        .args(["snapshot", "push", "--json", "--api-socket"])
+        .arg(&socket)
+        .args(["a1", &format!("s3://{BUCKET}/api")]);
+    let output = run_with_timeout(command, TIMEOUT);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let pushed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(pushed["chunks_uploaded"].as_u64().unwrap() > 0, "{pushed}");
+    let api_store = cluster.store("api");
+    assert!(store::catalog::read_manifest(&api_store, "a1").unwrap().memory.is_some());
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+
     // A volume server dies in the middle of a lazy restore: the replica serves the rest.
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();

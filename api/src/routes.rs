@@ -12,7 +12,7 @@ use vmm::Control;
 
 use crate::error::Error;
 use crate::types::{
-    CheckpointRequest, Fault, RevertRequest, SnapshotDeleteRequest, SpeedRequest,
+    CheckpointRequest, Fault, RevertRequest, SnapshotDeleteRequest, SnapshotPush, SpeedRequest,
     TreeSnapshotCreate,
 };
 
@@ -41,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/snapshots/{name}"),
     ("PUT", "/snapshots/{name}/revert"),
     ("PUT", "/snapshots/{name}/delete"),
+    ("PUT", "/snapshots/{name}/push"),
     ("GET", "/current-snapshot"),
     ("GET", "/snapshot-jobs"),
 ];
@@ -287,6 +288,10 @@ impl Router {
             ("PUT", "/snapshots/{name}/delete") => {
                 let request: SnapshotDeleteRequest = parse_optional(body)?;
                 Ok(Response::json(&c.snapshot_delete(segment, &request)?))
+            }
+            ("PUT", "/snapshots/{name}/push") => {
+                let request: SnapshotPush = parse_required(body)?;
+                Ok(Response::json(&c.snapshot_push(segment, &request)?))
             }
             ("GET", "/current-snapshot") => Ok(Response::json(&c.snapshot_current()?)),
             ("GET", "/snapshot-jobs") => Ok(Response::json(&c.snapshot_jobs()?)),

@@ -31,6 +31,7 @@
 mod disk;
 mod disk_snapshot;
 mod error;
+pub mod export;
 mod jobs;
 mod machine;
 pub mod types;
@@ -54,7 +55,8 @@ use jobs::BlockJobs;
 use types::{
     CheckpointReport, CheckpointRequest, CommitRequest, DiskInfo, JobInfo, RevertRequest,
     RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult, SnapshotInfo,
-    SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
+    SnapshotPush, SnapshotPushResult, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo,
+    VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.
@@ -67,6 +69,7 @@ pub struct Control {
     disks: Vec<Disk>,
     tree: Option<Arc<SnapshotTree>>,
     jobs: BlockJobs,
+    exporter: parking_lot::RwLock<Option<Arc<dyn export::SnapshotExporter>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -100,7 +103,14 @@ impl Control {
             disks,
             tree,
             jobs: BlockJobs::default(),
+            exporter: parking_lot::RwLock::new(None),
         }
+    }
+
+    /// Installs what [`Control::snapshot_push`] uploads with (the `snapvmm` binary installs
+    /// its snapshot-store client).
+    pub fn set_exporter(&self, exporter: Arc<dyn export::SnapshotExporter>) {
+        *self.exporter.write() = Some(exporter);
     }
 
     /// The machine's state and shape.
@@ -317,6 +327,22 @@ impl Control {
         self.tree()?
             .current()
             .ok_or_else(|| ControlError::NotFound("the VM has no current snapshot".into()))
+    }
+
+    /// Uploads snapshot `name` (its memory and frozen disk images) into a snapshot store,
+    /// through the installed exporter; the VM runs on meanwhile.
+    pub fn snapshot_push(&self, name: &str, request: &SnapshotPush) -> Result<SnapshotPushResult> {
+        let tree = self.tree()?;
+        let info = tree.get(name)?;
+        let exporter = self.exporter.read().clone().ok_or_else(|| {
+            ControlError::Unsupported("this VM has no snapshot store client".into())
+        })?;
+        if request.store.is_empty() {
+            return Err(ControlError::InvalidArgument("store: empty location".into()));
+        }
+        exporter
+            .push(&info, tree.metadata_path(), request)
+            .map_err(ControlError::Failed)
     }
 
     /// The merge jobs a snapshot delete is running.
