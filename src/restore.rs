@@ -70,7 +70,9 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
             .as_deref()
             .ok_or("a restore from a store needs --cache DIR")?;
         if args.verify {
-            return Err("--verify is for local checkpoints (store chunks are always checked)".into());
+            return Err(
+                "--verify is for local checkpoints (store chunks are always checked)".into(),
+            );
         }
         return crate::store::restore_lazy(crate::store::LazyArgs {
             url,

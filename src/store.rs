@@ -28,8 +28,8 @@ use store::{Location, Store, StoreConfig};
 use vmm::checkpoint::{MemorySource, RestoreOptions};
 use vmm::control::export::SnapshotExporter;
 use vmm::control::types::{SnapshotPush, SnapshotPushResult};
-use vmm::snapshot::tree::SnapshotInfo;
 use vmm::memory::uffd::PageSource;
+use vmm::snapshot::tree::SnapshotInfo;
 use vmm::{ExitHandle, ExitReason, Sandbox, SandboxOptions};
 
 /// Arguments of `snapvmm snapshot`.
@@ -112,7 +112,10 @@ enum Verb {
 }
 
 /// Opens the store at `url` with the configuration from the environment.
-pub(crate) fn open_store(location: &Location, endpoint: Option<&str>) -> Result<Arc<Store>, String> {
+pub(crate) fn open_store(
+    location: &Location,
+    endpoint: Option<&str>,
+) -> Result<Arc<Store>, String> {
     let config = StoreConfig::from_env(endpoint).map_err(|e| e.to_string())?;
     Ok(Arc::new(
         Store::open(location, &config).map_err(|e| e.to_string())?,
@@ -208,7 +211,8 @@ fn run(args: SnapshotArgs) -> Result<(), String> {
             cache,
             options,
         } => {
-            let (location, name) = Location::parse_snapshot(&snapshot).map_err(|e| e.to_string())?;
+            let (location, name) =
+                Location::parse_snapshot(&snapshot).map_err(|e| e.to_string())?;
             let client = open_store(&location, options.endpoint.as_deref())?;
             let cache = cache.unwrap_or_else(|| out.join(".chunks"));
             let summary =
@@ -245,12 +249,15 @@ fn run(args: SnapshotArgs) -> Result<(), String> {
             });
         }
         Verb::Rm { snapshot, options } => {
-            let (location, name) = Location::parse_snapshot(&snapshot).map_err(|e| e.to_string())?;
+            let (location, name) =
+                Location::parse_snapshot(&snapshot).map_err(|e| e.to_string())?;
             let client = open_store(&location, options.endpoint.as_deref())?;
             store::catalog::remove(&client, &name).map_err(|e| e.to_string())?;
-            print(options.json, &serde_json::json!({ "removed": name }), || {
-                format!("removed '{name}' (run gc to reclaim its chunks)")
-            });
+            print(
+                options.json,
+                &serde_json::json!({ "removed": name }),
+                || format!("removed '{name}' (run gc to reclaim its chunks)"),
+            );
         }
         Verb::Gc {
             store,

@@ -204,11 +204,7 @@ impl Cluster {
     /// Kills volume server `index` outright (a crashed host).
     fn kill_volume(&mut self, index: usize) {
         let name = format!("volume{index}");
-        let (_, child) = self
-            .children
-            .iter_mut()
-            .find(|(n, _)| *n == name)
-            .unwrap();
+        let (_, child) = self.children.iter_mut().find(|(n, _)| *n == name).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -297,7 +293,9 @@ impl Console {
     /// Waits for `n` more progress lines.
     fn wait_progress(&self, n: usize) {
         let target = self.progress_lines() + n;
-        self.wait("io-loop progress", |t| t.matches("io-loop ops ").count() >= target);
+        self.wait("io-loop progress", |t| {
+            t.matches("io-loop ops ").count() >= target
+        });
     }
 }
 
@@ -361,7 +359,11 @@ fn push_cli(cluster: &Cluster, metadata: &Path, name: &str, url: &str) -> PushSu
     assert!(output.status.success(), "push failed: {stdout}{stderr}");
     assert!(!stderr.contains("not-a-secret-42"), "{stderr}");
     let value: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let number = |k: &str| value[k].as_u64().unwrap_or_else(|| panic!("{k} in {value}"));
+    let number = |k: &str| {
+        value[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {value}"))
+    };
     PushSummary {
         name: value["name"].as_str().unwrap().to_string(),
         manifest: value["manifest"].as_str().unwrap().to_string(),
@@ -378,7 +380,9 @@ fn push_cli(cluster: &Cluster, metadata: &Path, name: &str, url: &str) -> PushSu
 fn prefilled_disk(path: &Path) {
     test_support::image::qcow2(path, DISK_SIZE, None);
     let disk = storage::open(path, &storage::OpenOptions::default()).unwrap();
-    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     for mib in 0..DISK_SIZE >> 20 {
         let mut data = block.clone();
         // Every 64 KiB unique, so no two chunks of any size are alike.
@@ -429,7 +433,9 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     console.wait("io-loop start", |t| t.contains("io-loop start"));
     console.wait_progress(2);
     let control = sandbox.control().clone();
-    control.snapshot_create(&TreeSnapshotCreate::with_memory("s1")).unwrap();
+    control
+        .snapshot_create(&TreeSnapshotCreate::with_memory("s1"))
+        .unwrap();
     let metadata = vm_dir.path().join("snapvmm-snapshots.json");
     // Paused while s1 uploads, so that what s2 differs by is what the guest changes in
     // a fraction of a second of its own time, not whatever a slow upload allows.
@@ -437,10 +443,15 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let first = push_cli(&cluster, &metadata, "s1", &url);
     control.resume().unwrap();
     assert!(first.chunks_uploaded > 64, "{first:?}");
-    assert!(first.zero_chunks > 0, "zero memory costs nothing: {first:?}");
+    assert!(
+        first.zero_chunks > 0,
+        "zero memory costs nothing: {first:?}"
+    );
     assert_eq!(first.bytes_scanned, (MEMORY_MIB << 20) + DISK_SIZE);
     console.wait_progress(1);
-    control.snapshot_create(&TreeSnapshotCreate::with_memory("s2")).unwrap();
+    control
+        .snapshot_create(&TreeSnapshotCreate::with_memory("s2"))
+        .unwrap();
     let second = push_cli(&cluster, &metadata, "s2", &url);
     assert!(
         second.bytes_uploaded * 4 < first.bytes_uploaded,
@@ -456,7 +467,10 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     cluster.env(&mut command);
     command.args(["snapshot", "ls", &url]);
     let listing = String::from_utf8_lossy(&run_with_timeout(command, TIMEOUT).stdout).into_owned();
-    assert!(listing.contains("s1") && listing.contains("s2"), "{listing}");
+    assert!(
+        listing.contains("s1") && listing.contains("s2"),
+        "{listing}"
+    );
     let manifest = store.get("snapshots/s2.json", 1 << 26).unwrap();
     assert!(!String::from_utf8_lossy(&manifest).contains("not-a-secret"));
 
@@ -466,8 +480,21 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let restored = Console::default();
     let vmm = lazy_restore(&lazy, &restored);
     restored.wait_progress(2);
-    let pager_chunks = vmm.pager().unwrap().stats().chunks.load(std::sync::atomic::Ordering::Relaxed);
-    let stored_memory_chunks = lazy.manifest.memory.as_ref().unwrap().chunks.iter().flatten().count() as u64;
+    let pager_chunks = vmm
+        .pager()
+        .unwrap()
+        .stats()
+        .chunks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let stored_memory_chunks = lazy
+        .manifest
+        .memory
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter()
+        .flatten()
+        .count() as u64;
     assert!(pager_chunks > 0 && pager_chunks <= stored_memory_chunks);
     finish_and_verify(vmm, &restored);
     assert!(lazy.chunks.fetched_chunks() > 0);
@@ -481,7 +508,11 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         .args(["snapshot", "pull", &format!("{url}/s2")])
         .arg(clone_dir.path().join("s2"));
     let output = run_with_timeout(command, TIMEOUT);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let clone_console = Console::default();
     let clone = Sandbox::restore(
         &clone_dir.path().join("s2/checkpoint"),
@@ -523,13 +554,27 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     // Flipped bytes in stored memory chunks: the VM stops with an error naming the chunk.
     let bad_memory = cluster.store("badmem");
     let manifest = store::catalog::read_manifest(&bad_memory, "s2").unwrap();
-    let memory_chunks: Vec<_> = manifest.memory.as_ref().unwrap().chunks.iter().flatten().cloned().collect();
+    let memory_chunks: Vec<_> = manifest
+        .memory
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
     corrupt_chunks(&bad_memory, &memory_chunks);
     let cache = tempfile::tempdir().unwrap();
     let mut command = snapvmm();
     cluster.env(&mut command);
     command
-        .args(["restore", &format!("s3://{BUCKET}/badmem/s2"), "--serial", "null", "--cache"])
+        .args([
+            "restore",
+            &format!("s3://{BUCKET}/badmem/s2"),
+            "--serial",
+            "null",
+            "--cache",
+        ])
         .arg(cache.path());
     let output = run_with_timeout(command, TIMEOUT);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -542,7 +587,10 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         memory_chunks.iter().any(|h| stderr.contains(h.as_str())),
         "the error names the chunk: {stderr}"
     );
-    assert!(!stderr.contains("not-a-secret-42") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !stderr.contains("not-a-secret-42") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 
     // The working set: a first restore through the binary records it; the next one
     // prefetches it.
@@ -551,7 +599,13 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let mut command = snapvmm();
     cluster.env(&mut command);
     command
-        .args(["restore", &format!("{url}/s1"), "--working-set-secs", "1", "--serial"])
+        .args([
+            "restore",
+            &format!("{url}/s1"),
+            "--working-set-secs",
+            "1",
+            "--serial",
+        ])
         .arg(&serial)
         .arg("--cache")
         .arg(cache.path())
@@ -561,7 +615,10 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let deadline = Instant::now() + TIMEOUT;
     while !store.exists("snapshots/s1.workingset.json").unwrap() {
         assert!(Instant::now() < deadline, "no working set recorded");
-        assert!(child.try_wait().unwrap().is_none(), "the restore ended early");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended early"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -569,13 +626,19 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     child.kill().unwrap();
     child.wait().unwrap();
     let manifest = store::catalog::read_manifest(&store, "s1").unwrap();
-    let set = store::catalog::read_working_set(&store, &manifest).unwrap().unwrap();
+    let set = store::catalog::read_working_set(&store, &manifest)
+        .unwrap()
+        .unwrap();
     assert!(!set.memory.is_empty());
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "s1", cache.path()).unwrap();
     let prefetched = lazy.prefetch().unwrap();
     assert!(prefetched > 0);
-    assert_eq!(lazy.chunks.fetched_chunks(), prefetched + 1, "state + working set");
+    assert_eq!(
+        lazy.chunks.fetched_chunks(),
+        prefetched + 1,
+        "state + working set"
+    );
 
     // From a running VM through its API: `snapshot push --api-socket` (the VM process's
     // own environment reaches the store).
@@ -586,7 +649,14 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let mut command = snapvmm();
     cluster.env(&mut command);
     command
-        .args(["run", "--guest", "builtin:io-loop", "--serial", "null", "--disk"])
+        .args([
+            "run",
+            "--guest",
+            "builtin:io-loop",
+            "--serial",
+            "null",
+            "--disk",
+        ])
         .arg(format!("path={}", disk.display()))
         .arg("--api-socket")
         .arg(&socket)
@@ -595,14 +665,25 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let mut vm = command.spawn().unwrap();
     let deadline = Instant::now() + TIMEOUT;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline && vm.try_wait().unwrap().is_none(), "no API");
+        assert!(
+            Instant::now() < deadline && vm.try_wait().unwrap().is_none(),
+            "no API"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let ctl = |args: &[&str]| {
         let mut command = snapvmm();
-        command.arg("ctl").arg("--api-socket").arg(&socket).args(args);
+        command
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(args);
         let output = run_with_timeout(command, TIMEOUT);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     };
     ctl(&["snapshot-create-as", "a1"]);
     let mut command = snapvmm();
@@ -612,11 +693,18 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         .args(["a1", &format!("s3://{BUCKET}/api")]);
     let output = run_with_timeout(command, TIMEOUT);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let pushed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(pushed["chunks_uploaded"].as_u64().unwrap() > 0, "{pushed}");
     let api_store = cluster.store("api");
-    assert!(store::catalog::read_manifest(&api_store, "a1").unwrap().memory.is_some());
+    assert!(store::catalog::read_manifest(&api_store, "a1")
+        .unwrap()
+        .memory
+        .is_some());
     vm.kill().unwrap();
     vm.wait().unwrap();
 
@@ -638,5 +726,11 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let summary = store::catalog::gc(&store, 0).unwrap();
     assert!(summary.deleted > 0 && summary.referenced > 0, "{summary:?}");
     let out = tempfile::tempdir().unwrap();
-    store::pull::pull(store.clone(), "s2", &out.path().join("p"), &out.path().join("c")).unwrap();
+    store::pull::pull(
+        store.clone(),
+        "s2",
+        &out.path().join("p"),
+        &out.path().join("c"),
+    )
+    .unwrap();
 }

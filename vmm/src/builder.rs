@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_ioctls::IoEventAddress;
-use snapshot::checkpoint::{PageSet, PAGE_SIZE};
 use parking_lot::Mutex;
+use snapshot::checkpoint::{PageSet, PAGE_SIZE};
 use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
@@ -62,6 +62,8 @@ struct Assembled {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     attached: Vec<AttachedDisk>,
     serial: Arc<Mutex<Serial>>,
+    /// The pager of a lazy restore's RAM (set by [`Vmm::restore_with`]).
+    pager: Option<Pager>,
 }
 
 /// Checks the VM's shape and returns its memory size in bytes.
@@ -183,6 +185,7 @@ fn assemble(
         devices,
         attached,
         serial,
+        pager: None,
     })
 }
 
@@ -323,7 +326,6 @@ impl Vmm {
             exit,
             false,
             Tracking::default(),
-            None,
         )
     }
 
@@ -363,7 +365,8 @@ impl Vmm {
         };
         // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
         // the restore in the pagemap (see `memory::persist::written_since_mapped`).
-        let assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
+        let mut assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
+        assembled.pager = pager;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
@@ -382,7 +385,7 @@ impl Vmm {
         for device in &assembled.devices {
             device.lock().resume()?;
         }
-        Self::launch(config, memory, assembled, vcpus, exit, paused, tracking, pager)
+        Self::launch(config, memory, assembled, vcpus, exit, paused, tracking)
     }
 
     /// Starts the vCPU threads of an assembled VM.
@@ -394,7 +397,6 @@ impl Vmm {
         exit: ExitHandle,
         paused: bool,
         tracking: Tracking,
-        pager: Option<Pager>,
     ) -> Result<Self> {
         let Assembled {
             vm,
@@ -402,6 +404,7 @@ impl Vmm {
             devices,
             attached,
             serial,
+            pager,
         } = assembled;
         let msr_list = crate::vcpu::persist::msr_list(vm.kvm())?;
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();

@@ -47,7 +47,9 @@ impl Backing {
             return Ok(pages);
         }
         let Some(file) = &self.file else {
-            return Err(crate::Error::Memory("paged memory without its page set".into()));
+            return Err(crate::Error::Memory(
+                "paged memory without its page set".into(),
+            ));
         };
         let pages = file.data_pages(0, file.data_len())?;
         Ok(self.data_pages.get_or_init(|| pages))

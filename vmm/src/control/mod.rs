@@ -338,7 +338,9 @@ impl Control {
             ControlError::Unsupported("this VM has no snapshot store client".into())
         })?;
         if request.store.is_empty() {
-            return Err(ControlError::InvalidArgument("store: empty location".into()));
+            return Err(ControlError::InvalidArgument(
+                "store: empty location".into(),
+            ));
         }
         exporter
             .push(&info, tree.metadata_path(), request)
