@@ -540,7 +540,9 @@ mod tests {
         memory.write_obj(0xaau8, GuestAddress(7 * CHUNK)).unwrap();
         assert_eq!(read(7 * CHUNK), 0xaa);
         assert_eq!(read(7 * CHUNK + PAGE_SIZE), 8);
-        assert_eq!(pager.stats().chunks.load(Ordering::Relaxed), 3);
+        // Chunks 1 and 7 on demand, and chunk 5 if the prefetch got to it already.
+        let chunks = pager.stats().chunks.load(Ordering::Relaxed);
+        assert!((2..=3).contains(&chunks), "{chunks}");
         assert_eq!(pager.stats().zero_chunks.load(Ordering::Relaxed), 1);
         assert!(!exit.is_requested());
 
