@@ -16,6 +16,7 @@ mod demo;
 mod img;
 mod restore;
 mod run;
+mod store;
 mod vhost_user_blk;
 
 /// Command line of the `snapvmm` binary.
@@ -53,6 +54,8 @@ enum Command {
     Clone(clone::CloneArgs),
     /// Measure snapshot latency on this machine, beside QEMU when installed; JSON/HTML report.
     Bench(bench::BenchArgs),
+    /// Snapshots in an S3-compatible store: push, pull, ls, rm, gc.
+    Snapshot(store::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::VhostUserBlk(args) => vhost_user_blk::main(args),
         Command::Clone(args) => clone::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Snapshot(args) => store::main(args),
     };
     ExitCode::from(code)
 }

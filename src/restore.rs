@@ -17,7 +17,8 @@ use vmm::{ExitReason, Sandbox, SandboxOptions};
 /// Arguments of `snapvmm restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The checkpoint directory (a full checkpoint or the top of a diff chain).
+    /// The checkpoint directory (a full checkpoint or the top of a diff chain), or a
+    /// snapshot in a store, s3://BUCKET/PREFIX/NAME, restored lazily (needs --cache).
     dir: PathBuf,
     /// Serve the REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -34,8 +35,21 @@ pub struct RestoreArgs {
     verify: bool,
     /// The snapshot tree's metadata file [default: snapvmm-snapshots.json beside the first
     /// writable disk's image].
-    #[arg(long, value_name = "FILE", requires = "api_socket")]
+    #[arg(long, value_name = "FILE")]
     snapshot_metadata: Option<PathBuf>,
+    /// Store restores: the chunk cache and run directory (clones share it).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Store restores: the S3 endpoint URL [default: AWS_ENDPOINT_URL].
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Store restores: do not prefetch the recorded working set.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Store restores without a recorded working set: record the chunks touched in the
+    /// first SECS seconds (0: do not record).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    working_set_secs: u64,
     /// Open disk NAME on IMAGE instead of the image the checkpoint names (an overlay on it,
     /// the same size: how clones start on their own overlays); repeatable.
     #[arg(long, value_name = "NAME=IMAGE")]
@@ -59,7 +73,7 @@ fn disk_tops(specs: &[String]) -> Result<vmm::RestoreOptions, String> {
 
 fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
     let text = |e: vmm::Error| e.to_string();
-    if args.verify {
+    if args.verify && !args.dir.starts_with("s3:") {
         vmm::snapshot::checkpoint::verify_chain(&args.dir).map_err(|e| text(e.into()))?;
     }
     let serial: SerialOutput = args
@@ -69,19 +83,44 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         .parse()
         .map_err(text)?;
     let out = vmm::builder::open_serial(&serial).map_err(text)?;
+    if let Some(url) = args.dir.to_str().filter(|d| d.starts_with("s3://")) {
+        let cache = args
+            .cache
+            .as_deref()
+            .ok_or("a restore from a store needs --cache DIR")?;
+        if args.verify {
+            return Err(
+                "--verify is for local checkpoints (store chunks are always checked)".into(),
+            );
+        }
+        return crate::store::restore_lazy(crate::store::LazyArgs {
+            url,
+            cache,
+            endpoint: args.endpoint.as_deref(),
+            api_socket: args.api_socket.as_deref(),
+            serial: out,
+            paused: args.paused,
+            snapshot_metadata: args.snapshot_metadata.clone(),
+            prefetch: !args.no_prefetch,
+            working_set_secs: args.working_set_secs,
+        });
+    }
     let restore_options = disk_tops(&args.disk_top)?;
-    let Some(socket) = &args.api_socket else {
-        let vm =
-            vmm::Vmm::restore_with(&args.dir, out, args.paused, &restore_options).map_err(text)?;
-        tracing::info!("restored from {}", args.dir.display());
-        return vm.wait().map_err(text);
-    };
     let options = SandboxOptions {
         snapshot_metadata: args.snapshot_metadata.clone(),
     };
-    let sandbox = Sandbox::restore_with(&args.dir, out, args.paused, &options, &restore_options)
+    // Through the sandbox even without an API: it opens the snapshot tree beside the disks,
+    // which refuses to let the guest write into an image a snapshot froze (a snapshot's own
+    // checkpoint names exactly those images).
+    let sandbox = Sandbox::restore_with(&args.dir, out, args.paused, &options, restore_options)
         .map_err(text)?;
     tracing::info!("restored from {}", args.dir.display());
+    let Some(socket) = &args.api_socket else {
+        for problem in sandbox.warnings() {
+            eprintln!("snapvmm restore: warning: snapshot metadata: {problem}");
+        }
+        return sandbox.wait().map_err(text);
+    };
     crate::run::serve_api(sandbox, socket)
 }
 

@@ -199,6 +199,9 @@ pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, S
     for problem in sandbox.warnings() {
         eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
     }
+    sandbox
+        .control()
+        .set_exporter(std::sync::Arc::new(crate::store::StoreExporter));
     let server = match ApiServer::start(socket, sandbox.control().clone()) {
         Ok(server) => server,
         Err(e) => {

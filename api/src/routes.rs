@@ -13,7 +13,7 @@ use vmm::Control;
 use crate::error::Error;
 use crate::types::{
     CheckpointRequest, CloneDestroyRequest, CloneRequest, Fault, ForkRequest, RevertRequest,
-    SnapshotDeleteRequest, SpeedRequest, TreeSnapshotCreate,
+    SnapshotDeleteRequest, SnapshotPush, SpeedRequest, TreeSnapshotCreate,
 };
 
 /// Every route the server answers: (method, path template). `{disk}` and `{name}` match one
@@ -42,6 +42,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/snapshots/{name}"),
     ("PUT", "/snapshots/{name}/revert"),
     ("PUT", "/snapshots/{name}/delete"),
+    ("PUT", "/snapshots/{name}/push"),
     ("GET", "/current-snapshot"),
     ("GET", "/snapshot-jobs"),
     ("PUT", "/snapshots/{name}/clone"),
@@ -293,6 +294,10 @@ impl Router {
             ("PUT", "/snapshots/{name}/delete") => {
                 let request: SnapshotDeleteRequest = parse_optional(body)?;
                 Ok(Response::json(&c.snapshot_delete(segment, &request)?))
+            }
+            ("PUT", "/snapshots/{name}/push") => {
+                let request: SnapshotPush = parse_required(body)?;
+                Ok(Response::json(&c.snapshot_push(segment, &request)?))
             }
             ("GET", "/current-snapshot") => Ok(Response::json(&c.snapshot_current()?)),
             ("GET", "/snapshot-jobs") => Ok(Response::json(&c.snapshot_jobs()?)),

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use kvm_ioctls::IoEventAddress;
 use parking_lot::Mutex;
+use snapshot::checkpoint::{PageSet, PAGE_SIZE};
 use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
-use crate::checkpoint::{Checkpointer, LoadedCheckpoint, Tracking};
+use crate::checkpoint::{Checkpointer, LoadedCheckpoint, MemorySource, RestoreOptions, Tracking};
 use crate::config::{BootSource, DiskConfig, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -26,34 +27,10 @@ use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
 pub use crate::machine::AttachedDisk;
 use crate::machine::Machine;
+use crate::memory::uffd::{PageSource, Pager};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
-
-/// What a restore changes from the checkpoint it loads.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RestoreOptions {
-    /// Disks to open on another image than the one the checkpoint names, by disk name: the
-    /// image must show the same contents (an overlay on the saved image, as a clone's is)
-    /// and have the same size, which the restore checks.
-    pub disk_tops: Vec<(String, std::path::PathBuf)>,
-}
-
-impl RestoreOptions {
-    /// Points the disks of `config` at the images asked for.
-    fn apply(&self, config: &mut VmConfig) -> Result<()> {
-        for (name, path) in &self.disk_tops {
-            let index = (0..config.disks.len())
-                .find(|&i| config.disk_name(i) == *name)
-                .ok_or_else(|| {
-                    Error::Config(format!("the checkpoint has no disk named {name:?}"))
-                })?;
-            config.disks[index].path = path.clone();
-            config.disks[index].format = None;
-        }
-        Ok(())
-    }
-}
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +43,8 @@ pub struct Vmm {
     vcpus: Vec<VcpuThread>,
     checkpointer: Arc<Checkpointer>,
     machine: Arc<Machine>,
+    /// The userfaultfd pager filling guest RAM of a lazy restore; stopped after the rest.
+    pager: Option<Pager>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -84,6 +63,8 @@ struct Assembled {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     attached: Vec<AttachedDisk>,
     serial: Arc<Mutex<Serial>>,
+    /// The pager of a lazy restore's RAM (set by [`Vmm::restore_with`]).
+    pager: Option<Pager>,
 }
 
 /// Checks the VM's shape and returns its memory size in bytes.
@@ -107,8 +88,27 @@ fn assemble(
     memory: &GuestMemoryMmap,
     serial: Box<dyn Write + Send>,
     exit: &ExitHandle,
+    tops: Option<Vec<Arc<dyn storage::BlockDevice>>>,
 ) -> Result<Assembled> {
-    let disks = open_disks(config)?;
+    let disks = match tops {
+        None => open_disks(config)?,
+        Some(tops) => {
+            if tops.len() != config.disks.len() {
+                return Err(Error::Config(format!(
+                    "{} disk devices given for {} disks",
+                    tops.len(),
+                    config.disks.len()
+                )));
+            }
+            tops.into_iter()
+                .enumerate()
+                .map(|(index, top)| {
+                    let disk = &config.disks[index];
+                    (LiveDisk::new(config.disk_name(index), top), disk.read_only)
+                })
+                .collect()
+        }
+    };
     let vm = Vm::new(memory)?;
 
     let mut buses = IoBuses::default();
@@ -186,6 +186,7 @@ fn assemble(
         devices,
         attached,
         serial,
+        pager: None,
     })
 }
 
@@ -260,7 +261,7 @@ impl Vmm {
         }
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
-        let assembled = assemble(config, &memory, serial, &exit)?;
+        let assembled = assemble(config, &memory, serial, &exit, None)?;
         let attached = &assembled.attached;
 
         regs::write_boot_tables(&memory)?;
@@ -349,18 +350,24 @@ impl Vmm {
     /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
     /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
     pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
-        Self::restore_with(dir, serial, paused, &RestoreOptions::default())
+        Self::restore_with(dir, serial, paused, RestoreOptions::default())
     }
 
-    /// As [`Vmm::restore`], with `options` (disks opened on other images than the saved
-    /// ones: a clone's overlays).
+    /// As [`Vmm::restore`], with guest memory and disks from where `options` says: a
+    /// [`MemorySource::Pager`] registers guest RAM with a userfaultfd pager (started before
+    /// anything touches RAM) instead of mapping memory files; `disk_tops` opens disks on
+    /// other images than the saved ones (a clone's overlays).
     pub fn restore_with(
         dir: &Path,
         serial: Box<dyn Write + Send>,
         paused: bool,
-        options: &RestoreOptions,
+        options: RestoreOptions,
     ) -> Result<Self> {
-        let loaded = LoadedCheckpoint::open(dir)?;
+        let paged = match &options.memory {
+            MemorySource::Files => None,
+            MemorySource::Pager { source, .. } => Some(paged_data_pages(dir, source.as_ref())?),
+        };
+        let loaded = LoadedCheckpoint::open_with(dir, paged)?;
         let mut config = loaded.config()?;
         options.apply(&mut config)?;
         let memory_bytes = check_config(&config)?;
@@ -368,9 +375,16 @@ impl Vmm {
         memory::persist::check_layout(&memory, &loaded.layout())
             .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
         let exit = ExitHandle::new()?;
+        let pager = match options.memory {
+            MemorySource::Files => None,
+            MemorySource::Pager { source, prefetch } => {
+                Some(Pager::start(&memory, source, prefetch, exit.clone())?)
+            }
+        };
         // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
         // the restore in the pagemap (see `memory::persist::written_since_mapped`).
-        let assembled = assemble(&config, &memory, serial, &exit)?;
+        let mut assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
+        assembled.pager = pager;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
@@ -408,6 +422,7 @@ impl Vmm {
             devices,
             attached,
             serial,
+            pager,
         } = assembled;
         let msr_list = crate::vcpu::persist::msr_list(vm.kvm())?;
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
@@ -455,7 +470,13 @@ impl Vmm {
             vcpus: threads,
             checkpointer: Arc::new(Checkpointer::new(machine.clone(), tracking)),
             machine,
+            pager,
         })
+    }
+
+    /// The userfaultfd pager of a lazy restore, if this VM has one.
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
     }
 
     /// The VM's checkpoint engine: save, revert, live and incremental checkpoints; it is
@@ -544,6 +565,27 @@ fn insert(
 ) -> Result<()> {
     bus.insert(Arc::new(Mutex::new(device)), base, len)
         .map_err(|o| Error::Config(format!("I/O range {:#x}+{} overlaps", o.base, o.len)))
+}
+
+/// The pages of a checkpoint's memory that `source` holds data for (its non-zero chunks).
+fn paged_data_pages(dir: &Path, source: &dyn PageSource) -> Result<PageSet> {
+    let manifest = snapshot::checkpoint::state_file::read(&snapshot::checkpoint::state_path(dir))?;
+    let total = manifest.memory.total_pages();
+    let pages_per_chunk = source.chunk_size() / PAGE_SIZE;
+    let mut pages = PageSet::new(total);
+    if pages_per_chunk == 0 {
+        return Err(Error::Memory(format!(
+            "page source chunk size {} is smaller than a page",
+            source.chunk_size()
+        )));
+    }
+    for chunk in 0..total.div_ceil(pages_per_chunk) {
+        if !source.is_zero_chunk(chunk) {
+            let first = chunk * pages_per_chunk;
+            pages.insert_range(first, pages_per_chunk.min(total - first));
+        }
+    }
+    Ok(pages)
 }
 
 /// Builds and runs the VM until it ends.

@@ -41,7 +41,8 @@ pub mod sandbox;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{run, AttachedDisk, RestoreOptions, Vmm};
+pub use builder::{run, AttachedDisk, Vmm};
+pub use checkpoint::RestoreOptions;
 pub use checkpoint::{CheckpointOptions, CheckpointReport, Checkpointer};
 pub use control::{Control, ControlError, Machine};
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ use crate::arch::x86_64::layout::{HIGH_RAM_START, MMIO_HOLE_START};
 use crate::error::{Error, Result};
 
 pub mod persist;
+pub mod uffd;
 
 /// The guest memory type used throughout the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;

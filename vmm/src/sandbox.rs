@@ -62,19 +62,24 @@ impl Sandbox {
         paused: bool,
         options: &SandboxOptions,
     ) -> Result<Self> {
-        Sandbox::with_vmm(Vmm::restore(dir, serial, paused)?, options)
+        Sandbox::restore_with(dir, serial, paused, options, Default::default())
     }
 
-    /// As [`Sandbox::restore`], with the restore's `restore` options (a clone's disks on
-    /// its own overlays).
+    /// As [`Sandbox::restore`], with memory and disks from where `restore` says (a clone's
+    /// disks on its own overlays, a lazy restore from a snapshot store).
     pub fn restore_with(
         dir: &Path,
         serial: Box<dyn Write + Send>,
         paused: bool,
         options: &SandboxOptions,
-        restore: &crate::builder::RestoreOptions,
+        restore: crate::checkpoint::RestoreOptions,
     ) -> Result<Self> {
-        Sandbox::with_vmm(Vmm::restore_with(dir, serial, paused, restore)?, options)
+        // Held until the tree has opened, as in `start`: a refused disk never sees a write.
+        let sandbox = Sandbox::with_vmm(Vmm::restore_with(dir, serial, true, restore)?, options)?;
+        if !paused {
+            sandbox.vmm.pause_gate().resume();
+        }
+        Ok(sandbox)
     }
 
     /// Takes control of an already running `vmm`. On error the VM is stopped.

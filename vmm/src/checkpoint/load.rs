@@ -14,6 +14,7 @@ use snapshot::checkpoint::{
     memory_path, resolve_chain, state_file, state_path, BaseRef, ChainLink, CheckpointError,
     MemoryFile, MemoryLayout, PageSet,
 };
+use storage::BlockDevice;
 
 use super::capture::{MachineState, RestoreTarget, VmHandle};
 use super::tracking::{Backing, Tracking};
@@ -24,6 +25,7 @@ use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::machine::AttachedDisk;
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
+use crate::memory::uffd::PageSource;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
 use crate::vcpu::SharedVcpuFd;
@@ -31,6 +33,75 @@ use crate::vm::Vm;
 
 /// Largest page list a stream may announce (bytes of JSON).
 const MAX_STREAM_PAGE_LIST: u64 = 64 << 20;
+
+/// Where a restored VM's guest memory comes from.
+#[derive(Default)]
+pub enum MemorySource {
+    /// The checkpoint's memory files: the full one mapped copy-on-write, diffs copied in.
+    #[default]
+    Files,
+    /// A userfaultfd pager serving each page on first touch from `source` (a lazy restore
+    /// from a snapshot store); the checkpoint directory needs only its state file. Chunks
+    /// in `prefetch` are installed ahead of faults.
+    Pager {
+        /// The memory, in chunks.
+        source: Arc<dyn PageSource>,
+        /// Chunk indices to install before they are touched, in order.
+        prefetch: Vec<u64>,
+    },
+}
+
+impl std::fmt::Debug for MemorySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemorySource::Files => f.write_str("Files"),
+            MemorySource::Pager { prefetch, .. } => f
+                .debug_struct("Pager")
+                .field("prefetch", &prefetch.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// How [`crate::Vmm::restore_with`] builds a VM beyond what its checkpoint says.
+#[derive(Default)]
+pub struct RestoreOptions {
+    /// Where guest memory comes from.
+    pub memory: MemorySource,
+    /// Each disk's top device, in device order, instead of opening the images the
+    /// checkpoint names (a local overlay over a remote layer). Sizes must match.
+    pub disks: Option<Vec<Arc<dyn BlockDevice>>>,
+    /// Disks to open on another image than the one the checkpoint names, by disk name: the
+    /// image must show the same contents (an overlay on the saved image, as a clone's is)
+    /// and have the same size, which the restore checks.
+    pub disk_tops: Vec<(String, PathBuf)>,
+}
+
+impl RestoreOptions {
+    /// Points the disks of `config` at the images asked for.
+    pub(crate) fn apply(&self, config: &mut crate::config::VmConfig) -> Result<()> {
+        for (name, path) in &self.disk_tops {
+            let index = (0..config.disks.len())
+                .find(|&i| config.disk_name(i) == *name)
+                .ok_or_else(|| {
+                    Error::Config(format!("the checkpoint has no disk named {name:?}"))
+                })?;
+            config.disks[index].path = path.clone();
+            config.disks[index].format = None;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for RestoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreOptions")
+            .field("memory", &self.memory)
+            .field("disks", &self.disks.as_ref().map(Vec::len))
+            .field("disk_tops", &self.disk_tops)
+            .finish()
+    }
+}
 
 fn absolute(dir: &Path) -> Result<PathBuf> {
     dir.canonicalize()
@@ -43,14 +114,49 @@ pub(crate) struct LoadedCheckpoint {
     dir: PathBuf,
     chain: Vec<ChainLink>,
     machine: MachineState,
-    /// One per link, full checkpoint first.
+    /// One per link, full checkpoint first (none when memory comes from a pager).
     files: Vec<Arc<MemoryFile>>,
+    /// Memory comes from a pager, not from memory files: these pages hold data.
+    paged: Option<PageSet>,
 }
 
 impl LoadedCheckpoint {
     /// Reads the chain ending at `dir`, its machine state, and opens (and checks) every
     /// memory file.
     pub(crate) fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, None)
+    }
+
+    /// As [`LoadedCheckpoint::open`]; with `paged` (the pages that hold data) memory comes
+    /// from a pager, so only a full checkpoint's state file is read, no memory file.
+    pub(crate) fn open_with(dir: &Path, paged: Option<PageSet>) -> Result<Self> {
+        if let Some(pages) = paged {
+            let manifest = state_file::read(&state_path(dir))?;
+            if manifest.is_diff() {
+                return Err(Error::Checkpoint(CheckpointError::Chain(format!(
+                    "{}: a paged restore needs a full checkpoint",
+                    dir.display()
+                ))));
+            }
+            if pages.len() != manifest.memory.total_pages() {
+                return Err(Error::Memory(format!(
+                    "the page source covers {} pages, the checkpoint {}",
+                    pages.len(),
+                    manifest.memory.total_pages()
+                )));
+            }
+            let machine = machine_state(&manifest.machine, &state_path(dir))?;
+            return Ok(LoadedCheckpoint {
+                dir: dir.to_path_buf(),
+                chain: vec![ChainLink {
+                    dir: dir.to_path_buf(),
+                    manifest,
+                }],
+                machine,
+                files: Vec::new(),
+                paged: Some(pages),
+            });
+        }
         let chain = resolve_chain(dir)?;
         let top = chain
             .last()
@@ -70,6 +176,7 @@ impl LoadedCheckpoint {
             chain,
             machine,
             files,
+            paged: None,
         })
     }
 
@@ -93,6 +200,9 @@ impl LoadedCheckpoint {
     /// The tracking of a VM built by [`crate::Vmm::restore`] from this checkpoint: no dirty
     /// log yet (turning it on would double the restore time), changes found in the pagemap.
     pub(crate) fn tracking(&self) -> Result<Tracking> {
+        if let Some(pages) = &self.paged {
+            return Ok(Tracking::paged(pages.clone()));
+        }
         Ok(Tracking::restored(self.base_ref()?, self.full_file()))
     }
 
@@ -125,6 +235,10 @@ impl LoadedCheckpoint {
 
     /// Loads memory: the full checkpoint mapped, then each diff's pages copied in.
     fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+        if self.paged.is_some() {
+            // The pager fills RAM on demand; only the layout must fit.
+            return memory_persist::check_layout(memory, &self.layout()).map_err(Error::Memory);
+        }
         let layers: Vec<MemoryLayer<'_>> = self
             .chain
             .iter()
@@ -249,6 +363,7 @@ pub(super) fn load_stream(
         }],
         machine: machine_state,
         files: Vec::new(),
+        paged: None,
     };
     check_fits(vm, &loaded)?;
     let bad = |message: String| {

@@ -46,6 +46,7 @@ use crate::machine::Machine;
 
 pub use self::capture::{DiskSnapshot, MachineState};
 pub(crate) use self::load::LoadedCheckpoint;
+pub use self::load::{MemorySource, RestoreOptions};
 pub use self::save::{CheckpointOptions, CheckpointReport};
 pub(crate) use self::tracking::Tracking;
 

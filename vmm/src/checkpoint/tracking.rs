@@ -19,7 +19,8 @@ use crate::memory::persist as memory_persist;
 /// is mapped from, and which of its pages hold data.
 #[derive(Debug)]
 pub(crate) struct Backing {
-    file: Arc<MemoryFile>,
+    /// `None` for RAM filled by a pager, whose data pages are known from the start.
+    file: Option<Arc<MemoryFile>>,
     /// Found on first need (a restore must not wait for it).
     data_pages: OnceLock<PageSet>,
 }
@@ -28,8 +29,16 @@ impl Backing {
     /// The backing of RAM mapped from `file`.
     pub fn new(file: Arc<MemoryFile>) -> Self {
         Backing {
-            file,
+            file: Some(file),
             data_pages: OnceLock::new(),
+        }
+    }
+
+    /// The backing of RAM a pager fills on demand: `pages` hold data.
+    pub fn pages(pages: PageSet) -> Self {
+        Backing {
+            file: None,
+            data_pages: OnceLock::from(pages),
         }
     }
 
@@ -37,7 +46,12 @@ impl Backing {
         if let Some(pages) = self.data_pages.get() {
             return Ok(pages);
         }
-        let pages = self.file.data_pages(0, self.file.data_len())?;
+        let Some(file) = &self.file else {
+            return Err(crate::Error::Memory(
+                "paged memory without its page set".into(),
+            ));
+        };
+        let pages = file.data_pages(0, file.data_len())?;
         Ok(self.data_pages.get_or_init(|| pages))
     }
 }
@@ -86,6 +100,16 @@ impl Tracking {
             backing: Some(Backing::new(backing)),
             carried: None,
             in_flight: None,
+        }
+    }
+
+    /// The tracking of a VM whose RAM a pager fills on demand (a lazy restore): no base
+    /// (pages the pager installed look written, so the first save is a full one), and a
+    /// full save reads every page in `data_pages`, which the pager brings in.
+    pub fn paged(data_pages: PageSet) -> Self {
+        Tracking {
+            backing: Some(Backing::pages(data_pages)),
+            ..Default::default()
         }
     }
 

@@ -32,6 +32,7 @@ pub mod clone;
 mod disk;
 mod disk_snapshot;
 mod error;
+pub mod export;
 mod jobs;
 mod machine;
 mod quiesce;
@@ -59,7 +60,8 @@ use types::{
     AgentStatus, CheckpointReport, CheckpointRequest, CloneDestroyRequest, CloneInfo, CloneRecord,
     CloneRequest, CommitRequest, DiskInfo, ForkRequest, ForkResult, JobInfo, QuiesceReport,
     RevertRequest, RevertResult, SnapshotCreate, SnapshotDeleteRequest, SnapshotDeleteResult,
-    SnapshotInfo, SnapshotResult, StreamRequest, TreeSnapshotCreate, VmInfo, VmState,
+    SnapshotInfo, SnapshotPush, SnapshotPushResult, SnapshotResult, StreamRequest,
+    TreeSnapshotCreate, VmInfo, VmState,
 };
 
 /// A machine under control: its life, its disks, its snapshot tree and its block jobs.
@@ -78,6 +80,8 @@ pub struct Control {
     last_quiesce: parking_lot::Mutex<Option<QuiesceReport>>,
     /// How clones and fork children are started.
     launcher: parking_lot::Mutex<clone::CloneLauncher>,
+    /// What [`Control::snapshot_push`] uploads with, once installed.
+    exporter: parking_lot::RwLock<Option<Arc<dyn export::SnapshotExporter>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -114,7 +118,14 @@ impl Control {
             agent: None,
             last_quiesce: parking_lot::Mutex::new(None),
             launcher: parking_lot::Mutex::new(clone::CloneLauncher::default()),
+            exporter: parking_lot::RwLock::new(None),
         }
+    }
+
+    /// Installs what [`Control::snapshot_push`] uploads with (the `snapvmm` binary installs
+    /// its snapshot-store client).
+    pub fn set_exporter(&self, exporter: Arc<dyn export::SnapshotExporter>) {
+        *self.exporter.write() = Some(exporter);
     }
 
     /// This control with `agent` as the guest's agent, which freezes its filesystems for
@@ -412,6 +423,24 @@ impl Control {
         self.tree()?
             .current()
             .ok_or_else(|| ControlError::NotFound("the VM has no current snapshot".into()))
+    }
+
+    /// Uploads snapshot `name` (its memory and frozen disk images) into a snapshot store,
+    /// through the installed exporter; the VM runs on meanwhile.
+    pub fn snapshot_push(&self, name: &str, request: &SnapshotPush) -> Result<SnapshotPushResult> {
+        let tree = self.tree()?;
+        let info = tree.get(name)?;
+        let exporter = self.exporter.read().clone().ok_or_else(|| {
+            ControlError::Unsupported("this VM has no snapshot store client".into())
+        })?;
+        if request.store.is_empty() {
+            return Err(ControlError::InvalidArgument(
+                "store: empty location".into(),
+            ));
+        }
+        exporter
+            .push(&info, tree.metadata_path(), request)
+            .map_err(ControlError::Failed)
     }
 
     /// The merge jobs a snapshot delete is running.

@@ -192,6 +192,38 @@ pub struct SnapshotDeleteResult {
     pub deleted: Vec<String>,
 }
 
+/// `PUT /snapshots/{name}/push`: upload the snapshot into a snapshot store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPush {
+    /// The store: `s3://BUCKET/PREFIX` (endpoint and credentials are the VM process's).
+    pub store: String,
+    /// Replace a snapshot of the same name in the store.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The answer to `PUT /snapshots/{name}/push`: what the upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPushResult {
+    /// The snapshot's name in the store.
+    pub name: String,
+    /// Its manifest's key (bucket-relative).
+    pub manifest: String,
+    /// Bytes of memory and disk read.
+    pub bytes_scanned: u64,
+    /// Bytes of chunk data uploaded.
+    pub bytes_uploaded: u64,
+    /// Non-zero chunks the snapshot references.
+    pub chunks: u64,
+    /// Chunks uploaded.
+    pub chunks_uploaded: u64,
+    /// Chunk references that needed no upload.
+    pub chunks_reused: u64,
+    /// Chunks of zeroes (not stored).
+    pub zero_chunks: u64,
+}
+
 /// `PUT /disks/{disk}/stream` (virsh `blockpull`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

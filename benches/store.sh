@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Snapshot store figures (issue 15), against SeaweedFS on loopback started here:
+#   1. dedup: bytes uploaded by 10 successive snapshots of a running io-loop VM vs their sum;
+#   2. restore to the first guest progress line: local checkpoint vs the store, cold cache;
+#   3. bytes fetched vs chunks the guest touched, without and with working-set prefetch.
+# Usage: benches/store.sh [path/to/snapvmm]   (needs `weed`, /dev/kvm, jq)
+set -euo pipefail
+SNAPVMM=${1:-target/release/snapvmm}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 2
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+P=$((21000 + RANDOM % 4000))
+mkdir -p "$WORK"/{m,v0,v1,f}
+(cd "$WORK/f" && exec weed master -ip=127.0.0.1 -ip.bind=127.0.0.1 -mdir="$WORK/m" -port=$P \
+    -defaultReplication=001 -volumeSizeLimitMB=64 >"$WORK/m.log" 2>&1) & PIDS+=($!)
+for i in 0 1; do
+    (cd "$WORK/f" && exec weed volume -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$WORK/v$i" \
+        -mserver=127.0.0.1:$P -port=$((P + 1 + i)) -max=16 >"$WORK/v$i.log" 2>&1) & PIDS+=($!)
+done
+(cd "$WORK/f" && exec weed filer -ip=127.0.0.1 -ip.bind=127.0.0.1 -master=127.0.0.1:$P \
+    -port=$((P + 3)) -s3 -s3.port=$((P + 4)) >"$WORK/f.log" 2>&1) & PIDS+=($!)
+export AWS_ENDPOINT_URL=http://127.0.0.1:$((P + 4)) AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
+until curl -sf -o /dev/null "$AWS_ENDPOINT_URL/"; do sleep 0.2; done
+until curl -sf -o /dev/null -X PUT "$AWS_ENDPOINT_URL/bench"; do sleep 0.2; done
+sleep 2
+STORE=s3://bench/fleet
+
+# 1. Ten snapshots of a running io-loop VM (64 MiB disk, 128 MiB RAM).
+"$SNAPVMM" img create -f qcow2 "$WORK/base.qcow2" 64M >/dev/null
+"$SNAPVMM" run --guest builtin:io-loop --memory 128 --disk path="$WORK/base.qcow2" \
+    --serial "$WORK/serial.log" --api-socket "$WORK/vm.sock" & VM=$!; PIDS+=($VM)
+until [ -S "$WORK/vm.sock" ]; do sleep 0.1; done
+sum=0; total=0
+for i in $(seq 1 10); do
+    sleep 1
+    "$SNAPVMM" ctl --api-socket "$WORK/vm.sock" snapshot-create-as "s$i" >/dev/null
+    up=$("$SNAPVMM" snapshot push --json --api-socket "$WORK/vm.sock" "s$i" "$STORE" | jq .bytes_uploaded)
+    scanned=$("$SNAPVMM" snapshot ls --json "$STORE" | jq ".[] | select(.name==\"s$i\") | .data_bytes")
+    echo "snapshot s$i: uploaded $((up / 1024)) KiB of $((scanned / 1024)) KiB of data"
+    sum=$((sum + up)); total=$((total + scanned))
+done
+echo "dedup: 10 snapshots uploaded $((sum / 1024)) KiB; their data adds up to $((total / 1024)) KiB"
+"$SNAPVMM" ctl --api-socket "$WORK/vm.sock" shutdown >/dev/null; wait "$VM" || true
+
+first_progress() { # serial file -> ms until its first io-loop line appears
+    local start=$1 file=$2
+    until grep -q "io-loop ops" "$file" 2>/dev/null; do sleep 0.01; done
+    echo $(( ($(date +%s%N) - start) / 1000000 ))
+}
+restore() { # label, source, extra args...
+    local label=$1 src=$2; shift 2
+    local serial="$WORK/r-$label.log" sock="$WORK/r-$label.sock"
+    local start; start=$(date +%s%N)
+    SNAPVMM_LOG=info "$SNAPVMM" restore "$src" --serial "$serial" --api-socket "$sock" "$@" \
+        2>"$WORK/r-$label.err" & local pid=$!
+    local ms; ms=$(first_progress "$start" "$serial")
+    sleep 3
+    "$SNAPVMM" ctl --api-socket "$sock" shutdown >/dev/null || true; wait "$pid" || true
+    echo "$label: first guest progress after ${ms} ms; $(grep -o 'fetched .*store' "$WORK/r-$label.err" || echo 'local files')"
+}
+# 2 and 3.
+restore local "$WORK/snapvmm-snapshots.checkpoints/s10"
+restore store-cold "$STORE/s10" --cache "$WORK/c1" --working-set-secs 3
+restore store-no-prefetch "$STORE/s10" --cache "$WORK/c2" --no-prefetch
+restore store-prefetch "$STORE/s10" --cache "$WORK/c3"
