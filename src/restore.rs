@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! snapvmm restore ckpt1 --serial console.log --api-socket vm.sock
+//! snapvmm restore ckpt1 --api-socket vm.sock --vsock-uds v2.sock --guest-agent vsock:52
 //! ```
+//!
+//! A vsock device comes back on the host socket it had (or `--vsock-uds`) with no
+//! connection: the guest is told its peers are gone (a transport reset), and host programs
+//! connect again.
 //!
 //! The checkpoint names the disk images it was taken on; they must still be there, the
 //! same size. Guest RAM maps the memory file copy-on-write, so the VM starts without
@@ -11,6 +16,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use vmm::builder::RestoreOptions;
 use vmm::config::SerialOutput;
 use vmm::{ExitReason, Sandbox, SandboxOptions};
 
@@ -36,6 +42,13 @@ pub struct RestoreArgs {
     /// writable disk's image].
     #[arg(long, value_name = "FILE", requires = "api_socket")]
     snapshot_metadata: Option<PathBuf>,
+    /// The vsock device's host socket [default: the one the checkpointed VM had].
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest agent quiesced snapshots freeze the guest through: vsock:PORT (through the
+    /// vsock device's socket) or the PATH of a Unix socket.
+    #[arg(long, value_name = "vsock:PORT|PATH", requires = "api_socket")]
+    guest_agent: Option<String>,
 }
 
 fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
@@ -50,15 +63,29 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         .parse()
         .map_err(text)?;
     let out = vmm::builder::open_serial(&serial).map_err(text)?;
+    let restore_options = RestoreOptions {
+        vsock_uds: args.vsock_uds.clone(),
+    };
+    let vm = vmm::Vmm::restore_with(&args.dir, out, args.paused, &restore_options).map_err(text)?;
     let Some(socket) = &args.api_socket else {
-        let vm = vmm::Vmm::restore(&args.dir, out, args.paused).map_err(text)?;
         tracing::info!("restored from {}", args.dir.display());
         return vm.wait().map_err(text);
     };
+    let guest_agent = match &args.guest_agent {
+        Some(spec) => match crate::run::guest_agent(spec, vm.config()) {
+            Ok(endpoint) => Some(endpoint),
+            Err(message) => {
+                let _ = vm.stop();
+                return Err(message);
+            }
+        },
+        None => None,
+    };
     let options = SandboxOptions {
         snapshot_metadata: args.snapshot_metadata.clone(),
+        guest_agent,
     };
-    let sandbox = Sandbox::restore(&args.dir, out, args.paused, &options).map_err(text)?;
+    let sandbox = Sandbox::with_vmm(vm, &options).map_err(text)?;
     tracing::info!("restored from {}", args.dir.display());
     crate::run::serve_api(sandbox, socket)
 }

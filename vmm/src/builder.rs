@@ -20,10 +20,11 @@ use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
 use crate::devices::serial::{IrqTrigger, Serial, SERIAL_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::{SharedVsock, Vsock};
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
-pub use crate::machine::AttachedDisk;
+pub use crate::machine::{AttachedDisk, AttachedVsock};
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
@@ -58,6 +59,15 @@ struct Assembled {
     devices: Vec<Arc<Mutex<MmioTransport>>>,
     attached: Vec<AttachedDisk>,
     serial: Arc<Mutex<Serial>>,
+    vsock: Option<AttachedVsock>,
+}
+
+/// How [`Vmm::restore_with`] may differ from the checkpoint's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// The vsock device's host socket, instead of the one saved (the VM checkpointed may
+    /// still be running, bound to it).
+    pub vsock_uds: Option<std::path::PathBuf>,
 }
 
 /// Checks the VM's shape and returns its memory size in bytes.
@@ -128,23 +138,7 @@ fn assemble(
             Box::new(block),
             memory.clone(),
         )?;
-        vm.fd()
-            .register_irqfd(transport.interrupt().irqfd(), gsi)
-            .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
-        for (queue, event) in transport.notify_events().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        buses
-            .mmio
-            .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
-            .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+        let transport = plug_transport(&vm, &mut buses, transport, mmio_base, gsi)?;
         devices.push(transport);
         attached.push(AttachedDisk {
             name,
@@ -154,13 +148,81 @@ fn assemble(
             gsi,
         });
     }
+    // The vsock comes after the disks, so the disks keep their windows and names.
+    let vsock = match &config.vsock {
+        Some(vsock_config) => {
+            let index = devices.len();
+            let gsi = layout::virtio_gsi(index).ok_or_else(|| {
+                Error::Config("too many devices: no interrupt left for the vsock".into())
+            })?;
+            let mmio_base = layout::virtio_mmio_window(index);
+            let (shared, device) = SharedVsock::new(Vsock::new(vsock_config.clone())?);
+            let transport = MmioTransport::new(
+                format!("virtio-vsock cid {}", vsock_config.guest_cid),
+                Box::new(shared),
+                memory.clone(),
+            )?;
+            let transport = plug_transport(&vm, &mut buses, transport, mmio_base, gsi)?;
+            devices.push(transport.clone());
+            Some(AttachedVsock {
+                config: vsock_config.clone(),
+                device,
+                transport,
+                mmio_base,
+                gsi,
+            })
+        }
+        None => None,
+    };
     Ok(Assembled {
         vm,
         buses,
         devices,
         attached,
         serial,
+        vsock,
     })
+}
+
+/// Wires `transport` into the VM at `mmio_base`: its interrupt to `gsi`, its queue notify
+/// register to ioeventfds, its window onto the MMIO bus.
+fn plug_transport(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    transport: MmioTransport,
+    mmio_base: u64,
+    gsi: u32,
+) -> Result<Arc<Mutex<MmioTransport>>> {
+    let name = transport.name().to_string();
+    vm.fd()
+        .register_irqfd(transport.interrupt().irqfd(), gsi)
+        .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
+    for (queue, event) in transport.notify_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                event,
+                &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    buses
+        .mmio
+        .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
+        .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+    Ok(transport)
+}
+
+/// The virtio-mmio devices the guest is told about (boot info, ACPI): the disks, then the
+/// vsock.
+fn mmio_devices(assembled: &Assembled) -> Vec<(u64, u32)> {
+    assembled
+        .attached
+        .iter()
+        .map(|d| (d.mmio_base, d.gsi))
+        .chain(assembled.vsock.iter().map(|v| (v.mmio_base, v.gsi)))
+        .collect()
 }
 
 /// Opens the serial console's destination.
@@ -235,17 +297,14 @@ impl Vmm {
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
         let assembled = assemble(config, &memory, serial, &exit)?;
-        let attached = &assembled.attached;
+        let mmio = mmio_devices(&assembled);
 
         regs::write_boot_tables(&memory)?;
         let starts = match &config.boot {
             BootSource::MicroGuest { workload, seed } => {
-                let guest_devices: Vec<GuestDevice> = attached
+                let guest_devices: Vec<GuestDevice> = mmio
                     .iter()
-                    .map(|d| GuestDevice {
-                        mmio_base: d.mmio_base,
-                        gsi: d.gsi,
-                    })
+                    .map(|&(mmio_base, gsi)| GuestDevice { mmio_base, gsi })
                     .collect();
                 let entry = guest::load(&memory, *workload, *seed, config.vcpus, &guest_devices)?;
                 // Every vCPU enters the micro-guest directly; it picks a stack by index.
@@ -265,12 +324,9 @@ impl Vmm {
                 initrd,
                 cmdline,
             } => {
-                let acpi_devices: Vec<acpi::MmioDevice> = attached
+                let acpi_devices: Vec<acpi::MmioDevice> = mmio
                     .iter()
-                    .map(|d| acpi::MmioDevice {
-                        mmio_base: d.mmio_base,
-                        gsi: d.gsi,
-                    })
+                    .map(|&(mmio_base, gsi)| acpi::MmioDevice { mmio_base, gsi })
                     .collect();
                 let rsdp = acpi::create_tables(&memory, config.vcpus, &acpi_devices)?;
                 let loaded = linux::load(
@@ -321,8 +377,23 @@ impl Vmm {
     /// the full checkpoint's memory file `MAP_PRIVATE`, so nothing is read until touched.
     /// With `paused`, the vCPUs wait for [`PauseGate::resume`].
     pub fn restore(dir: &Path, serial: Box<dyn Write + Send>, paused: bool) -> Result<Self> {
+        Self::restore_with(dir, serial, paused, &RestoreOptions::default())
+    }
+
+    /// As [`Vmm::restore`], with the differences `options` allows. A restored vsock device
+    /// has dropped every connection of the VM checkpointed and tells the guest so (a
+    /// transport reset event).
+    pub fn restore_with(
+        dir: &Path,
+        serial: Box<dyn Write + Send>,
+        paused: bool,
+        options: &RestoreOptions,
+    ) -> Result<Self> {
         let loaded = LoadedCheckpoint::open(dir)?;
-        let config = loaded.config()?;
+        let mut config = loaded.config()?;
+        if let (Some(vsock), Some(uds)) = (config.vsock.as_mut(), &options.vsock_uds) {
+            vsock.uds = uds.clone();
+        }
         let memory_bytes = check_config(&config)?;
         let memory = memory::create(memory_bytes)?;
         memory::persist::check_layout(&memory, &loaded.layout())
@@ -343,6 +414,7 @@ impl Vmm {
             &assembled.devices,
             &assembled.serial,
             &assembled.attached,
+            assembled.vsock.as_ref(),
         )?;
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.
@@ -368,6 +440,7 @@ impl Vmm {
             devices,
             attached,
             serial,
+            vsock,
         } = assembled;
         let msr_list = crate::vcpu::persist::msr_list(vm.kvm())?;
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
@@ -404,6 +477,7 @@ impl Vmm {
             devices,
             serial,
             disks: attached,
+            vsock,
             config,
             gate: pause,
             msr_list,
@@ -436,6 +510,11 @@ impl Vmm {
     /// The VM's disks, in device order.
     pub fn disks(&self) -> &[AttachedDisk] {
         &self.machine.disks
+    }
+
+    /// The VM's vsock device, if it has one.
+    pub fn vsock(&self) -> Option<&AttachedVsock> {
+        self.machine.vsock.as_ref()
     }
 
     /// What the VM was built from.

@@ -3,7 +3,8 @@
 //!
 //! The VMM hands it a boot info page at [`BOOT_INFO_ADDR`] (layout below, mirrored by
 //! `struct boot_info` in `guest.c`): the workload, the vCPU count, the pattern seed and the
-//! virtio-mmio devices' windows and GSIs. One word, `control`, stays a mailbox from the host
+//! virtio-mmio devices' windows and GSIs (the disks in order, then the vsock device if
+//! any; the guest tells them apart by their device ID). One word, `control`, stays a mailbox from the host
 //! to the running guest ([`request_finish`]).
 //!
 //! ```text
@@ -29,6 +30,9 @@ pub const MAX_DEVICES: usize = 16;
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNAPVMM1");
 /// Guest RAM the micro-guest needs: image, stacks and buffers above 1 MiB.
 pub const MIN_MEMORY: u64 = 8 << 20;
+/// The vsock port the micro-guest's agent (workload `agent`) listens on, as qemu-ga would
+/// with `--method vsock-listen` (`AGENT_PORT` in guest.c).
+pub const AGENT_PORT: u32 = 52;
 /// Offset of the `control` word in the boot info page.
 const CONTROL_OFFSET: u64 = 0x1c;
 /// `control` value asking the workload to finish (`CONTROL_FINISH` in guest.c).
@@ -58,7 +62,7 @@ pub fn load(
     }
     if devices.len() > MAX_DEVICES {
         return Err(Error::Config(format!(
-            "the micro-guest handles at most {MAX_DEVICES} disks"
+            "the micro-guest handles at most {MAX_DEVICES} devices"
         )));
     }
     memory

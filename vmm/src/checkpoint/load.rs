@@ -17,11 +17,11 @@ use snapshot::checkpoint::{
 
 use super::capture::{MachineState, RestoreTarget, VmHandle};
 use super::tracking::{Backing, Tracking};
-use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
+use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::error::{Error, Result};
-use crate::machine::AttachedDisk;
+use crate::machine::{AttachedDisk, AttachedVsock};
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
@@ -119,6 +119,10 @@ impl LoadedCheckpoint {
             }
             config.disks.push(entry);
         }
+        config.vsock = state.vsock.as_ref().map(|saved| VsockConfig {
+            guest_cid: saved.device.guest_cid,
+            uds: saved.device.uds.clone(),
+        });
         Ok(config)
     }
 
@@ -152,6 +156,7 @@ impl LoadedCheckpoint {
         devices: &[Arc<Mutex<MmioTransport>>],
         serial: &Arc<Mutex<Serial>>,
         disks: &[AttachedDisk],
+        vsock: Option<&AttachedVsock>,
     ) -> Result<()> {
         for (saved, disk) in self.machine.disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
@@ -161,12 +166,18 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
+        if let (Some(saved), Some(vsock)) = (&self.machine.vsock, vsock) {
+            vsock.check(&saved.device).map_err(|e| {
+                Error::Checkpoint(CheckpointError::Mismatch(format!("{e} ({})", self.dir.display())))
+            })?;
+        }
         self.load_memory(memory)?;
         let target = RestoreTarget {
             vm,
             vcpus,
             devices,
             serial,
+            vsock,
         };
         self.machine.restore_into(target, true)
     }

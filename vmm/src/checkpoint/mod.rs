@@ -44,7 +44,7 @@ use self::save::Saved;
 use crate::error::{Error, Result};
 use crate::machine::Machine;
 
-pub use self::capture::{DiskSnapshot, MachineState};
+pub use self::capture::{DiskSnapshot, MachineState, VsockSnapshot};
 pub(crate) use self::load::LoadedCheckpoint;
 pub use self::save::{CheckpointOptions, CheckpointReport};
 pub(crate) use self::tracking::Tracking;
