@@ -413,7 +413,10 @@ mod tests {
         .unwrap();
         let (config, api) = build_config(cli.run).unwrap();
         let vsock = config.vsock.clone().unwrap();
-        assert_eq!((vsock.guest_cid, vsock.uds), (3, PathBuf::from("/tmp/v.sock")));
+        assert_eq!(
+            (vsock.guest_cid, vsock.uds),
+            (3, PathBuf::from("/tmp/v.sock"))
+        );
         assert_eq!(
             api.guest_agent,
             Some(AgentEndpoint::Vsock {
@@ -435,6 +438,9 @@ mod tests {
         let (config, api) = build_config(cli.run).unwrap();
         let uds = dir.path().join("v.sock");
         assert_eq!(config.vsock.unwrap().uds, uds);
-        assert_eq!(api.guest_agent, Some(AgentEndpoint::Vsock { uds, port: 52 }));
+        assert_eq!(
+            api.guest_agent,
+            Some(AgentEndpoint::Vsock { uds, port: 52 })
+        );
     }
 }

@@ -251,7 +251,13 @@ impl FromStr for VsockConfig {
                 .split_once('=')
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
             match key {
-                "cid" => cid = Some(value.parse::<u64>().map_err(|_| bad(format!("cid={value}")))?),
+                "cid" => {
+                    cid = Some(
+                        value
+                            .parse::<u64>()
+                            .map_err(|_| bad(format!("cid={value}")))?,
+                    )
+                }
                 "uds" if !value.is_empty() => uds = Some(PathBuf::from(value)),
                 "uds" => return Err(bad("empty uds=".into())),
                 _ => return Err(bad(format!("unknown key {key:?}"))),
@@ -260,7 +266,10 @@ impl FromStr for VsockConfig {
         let guest_cid = cid.ok_or_else(|| bad("no cid=".into()))?;
         let min = crate::devices::virtio::vsock::device::MIN_GUEST_CID;
         if guest_cid < min || guest_cid > u64::from(u32::MAX) {
-            return Err(bad(format!("cid {guest_cid} (must be {min} to {})", u32::MAX)));
+            return Err(bad(format!(
+                "cid {guest_cid} (must be {min} to {})",
+                u32::MAX
+            )));
         }
         Ok(VsockConfig {
             guest_cid,

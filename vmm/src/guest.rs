@@ -117,6 +117,17 @@ pub fn pattern_word(seed: u64, disk: u64, generation: u64, offset: u64) -> u64 {
     mix64(seed ^ (disk << 56) ^ (generation << 32) ^ (offset >> 3))
 }
 
+/// Bytes of each chunk the `io-loop` and `agent` workloads write (`LOOP_CHUNK` in guest.c).
+pub const IO_LOOP_CHUNK: u64 = 16 * 1024;
+
+/// The term chunk `chunk` of disk `disk`, last written with `generation`, adds to the digest
+/// the `agent` workload prints at a freeze (`agent frozen writes W chunks C digest D`; the
+/// digest is the wrapping sum over written chunks): a test recomputes it from the frozen
+/// image to show the image holds exactly what the guest had written when it froze.
+pub fn agent_digest_term(disk: u64, chunk: u64, generation: u64) -> u64 {
+    mix64((disk << 56) ^ (chunk << 24) ^ generation)
+}
+
 /// Fills `buf` (whose first byte is disk offset `offset`, 8-byte aligned) with the pattern.
 pub fn fill_pattern(buf: &mut [u8], seed: u64, disk: u64, generation: u64, offset: u64) {
     for (i, word) in buf.chunks_exact_mut(8).enumerate() {

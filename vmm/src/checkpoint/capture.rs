@@ -355,7 +355,11 @@ impl VmHandle {
                 return Err(mismatch(format!(
                     "the checkpoint {} a vsock device, this VM {}",
                     if saved.is_some() { "has" } else { "has no" },
-                    if saved.is_some() { "has none" } else { "has one" },
+                    if saved.is_some() {
+                        "has none"
+                    } else {
+                        "has one"
+                    },
                 )))
             }
         }

@@ -17,7 +17,9 @@ use snapshot::checkpoint::{
 
 use super::capture::{MachineState, RestoreTarget, VmHandle};
 use super::tracking::{Backing, Tracking};
-use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
+use crate::config::{
+    default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig,
+};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::error::{Error, Result};
@@ -168,7 +170,10 @@ impl LoadedCheckpoint {
         }
         if let (Some(saved), Some(vsock)) = (&self.machine.vsock, vsock) {
             vsock.check(&saved.device).map_err(|e| {
-                Error::Checkpoint(CheckpointError::Mismatch(format!("{e} ({})", self.dir.display())))
+                Error::Checkpoint(CheckpointError::Mismatch(format!(
+                    "{e} ({})",
+                    self.dir.display()
+                )))
             })?;
         }
         self.load_memory(memory)?;

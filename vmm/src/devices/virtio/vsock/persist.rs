@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(back, state);
         // The transport's state goes through its own Persist.
         let transport_state = vsock.transport.save(()).unwrap();
-        assert_eq!(transport_state.device_type, crate::devices::virtio::vsock::DEVICE_TYPE);
+        assert_eq!(
+            transport_state.device_type,
+            crate::devices::virtio::vsock::DEVICE_TYPE
+        );
         assert_eq!(transport_state.queues.len(), 3);
         vsock.transport.restore((), &transport_state).unwrap();
         vsock.restore((), &back).unwrap();
