@@ -12,7 +12,7 @@ use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
-use crate::checkpoint::{Checkpointer, LoadedCheckpoint, Tracking};
+use crate::checkpoint::{Checkpointer, LoadedCheckpoint, RestoreTarget, Tracking};
 use crate::config::{BootSource, DiskConfig, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -408,13 +408,15 @@ impl Vmm {
         }
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
         loaded.apply_new(
-            &assembled.vm,
             &memory,
-            &shared,
-            &assembled.devices,
-            &assembled.serial,
             &assembled.attached,
-            assembled.vsock.as_ref(),
+            RestoreTarget {
+                vm: &assembled.vm,
+                vcpus: &shared,
+                devices: &assembled.devices,
+                serial: &assembled.serial,
+                vsock: assembled.vsock.as_ref(),
+            },
         )?;
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.

@@ -73,7 +73,7 @@ pub struct MachineState {
 
 /// The objects of a VM a machine state is restored into (a running VM's, or those of one
 /// just built for a checkpoint).
-pub(super) struct RestoreTarget<'a> {
+pub(crate) struct RestoreTarget<'a> {
     /// The KVM VM.
     pub vm: &'a Vm,
     /// Every vCPU, by index.

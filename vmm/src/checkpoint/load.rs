@@ -20,15 +20,11 @@ use super::tracking::{Backing, Tracking};
 use crate::config::{
     default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig,
 };
-use crate::devices::serial::Serial;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::error::{Error, Result};
-use crate::machine::{AttachedDisk, AttachedVsock};
+use crate::machine::AttachedDisk;
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
-use crate::vcpu::SharedVcpuFd;
-use crate::vm::Vm;
 
 /// Largest page list a stream may announce (bytes of JSON).
 const MAX_STREAM_PAGE_LIST: u64 = 64 << 20;
@@ -152,13 +148,9 @@ impl LoadedCheckpoint {
     /// are left quiesced for the caller to resume once the vCPUs exist.
     pub(crate) fn apply_new(
         &self,
-        vm: &Vm,
         memory: &GuestMemoryMmap,
-        vcpus: &[SharedVcpuFd],
-        devices: &[Arc<Mutex<MmioTransport>>],
-        serial: &Arc<Mutex<Serial>>,
         disks: &[AttachedDisk],
-        vsock: Option<&AttachedVsock>,
+        target: RestoreTarget<'_>,
     ) -> Result<()> {
         for (saved, disk) in self.machine.disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
@@ -168,7 +160,7 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
-        if let (Some(saved), Some(vsock)) = (&self.machine.vsock, vsock) {
+        if let (Some(saved), Some(vsock)) = (&self.machine.vsock, target.vsock) {
             vsock.check(&saved.device).map_err(|e| {
                 Error::Checkpoint(CheckpointError::Mismatch(format!(
                     "{e} ({})",
@@ -177,13 +169,6 @@ impl LoadedCheckpoint {
             })?;
         }
         self.load_memory(memory)?;
-        let target = RestoreTarget {
-            vm,
-            vcpus,
-            devices,
-            serial,
-            vsock,
-        };
         self.machine.restore_into(target, true)
     }
 }

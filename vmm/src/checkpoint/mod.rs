@@ -44,6 +44,7 @@ use self::save::Saved;
 use crate::error::{Error, Result};
 use crate::machine::Machine;
 
+pub(crate) use self::capture::RestoreTarget;
 pub use self::capture::{DiskSnapshot, MachineState, VsockSnapshot};
 pub(crate) use self::load::LoadedCheckpoint;
 pub use self::save::{CheckpointOptions, CheckpointReport};
