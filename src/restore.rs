@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! snapvmm restore ckpt1 --serial console.log --api-socket vm.sock
+//! snapvmm restore ckpt1 --api-socket vm.sock --vsock-uds v2.sock --guest-agent vsock:52
 //! ```
+//!
+//! A vsock device comes back on the host socket it had (or `--vsock-uds`) with no
+//! connection: the guest is told its peers are gone (a transport reset), and host programs
+//! connect again.
 //!
 //! The checkpoint names the disk images it was taken on; they must still be there, the
 //! same size. Guest RAM maps the memory file copy-on-write, so the VM starts without
@@ -54,6 +59,13 @@ pub struct RestoreArgs {
     /// the same size: how clones start on their own overlays); repeatable.
     #[arg(long, value_name = "NAME=IMAGE")]
     disk_top: Vec<String>,
+    /// The vsock device's host socket [default: the one the checkpointed VM had].
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest agent quiesced snapshots freeze the guest through: vsock:PORT (through the
+    /// vsock device's socket) or the PATH of a Unix socket.
+    #[arg(long, value_name = "vsock:PORT|PATH", requires = "api_socket")]
+    guest_agent: Option<String>,
 }
 
 /// Parses the `--disk-top NAME=IMAGE` flags.
@@ -105,15 +117,30 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
             working_set_secs: args.working_set_secs,
         });
     }
-    let restore_options = disk_tops(&args.disk_top)?;
+    let mut restore_options = disk_tops(&args.disk_top)?;
+    restore_options.vsock_uds = args.vsock_uds.clone();
+    // Held until the snapshot tree has opened (it refuses a disk on an image a snapshot
+    // froze, which a snapshot's own checkpoint names): through the sandbox even without an
+    // API.
+    let vm = vmm::Vmm::restore_with(&args.dir, out, true, restore_options).map_err(text)?;
+    let guest_agent = match &args.guest_agent {
+        Some(spec) => match crate::run::guest_agent(spec, vm.config()) {
+            Ok(endpoint) => Some(endpoint),
+            Err(message) => {
+                let _ = vm.stop();
+                return Err(message);
+            }
+        },
+        None => None,
+    };
     let options = SandboxOptions {
         snapshot_metadata: args.snapshot_metadata.clone(),
+        guest_agent,
     };
-    // Through the sandbox even without an API: it opens the snapshot tree beside the disks,
-    // which refuses to let the guest write into an image a snapshot froze (a snapshot's own
-    // checkpoint names exactly those images).
-    let sandbox = Sandbox::restore_with(&args.dir, out, args.paused, &options, restore_options)
-        .map_err(text)?;
+    let sandbox = Sandbox::with_vmm(vm, &options).map_err(text)?;
+    if !args.paused {
+        sandbox.vmm().pause_gate().resume();
+    }
     tracing::info!("restored from {}", args.dir.display());
     let Some(socket) = &args.api_socket else {
         for problem in sandbox.warnings() {

@@ -13,6 +13,8 @@
 //! memory = 256
 //! disk = ["path=a.qcow2", "path=b.qcow2,id=data"]
 //! serial = "console.log"
+//! vsock = "cid=3,uds=vsock.sock"
+//! guest-agent = "vsock:52"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,14 +22,15 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 use snapvmm_api::ApiServer;
-use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload};
+use vmm::agent::AgentEndpoint;
+use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig, Workload};
 use vmm::{ExitReason, Sandbox, SandboxOptions};
 
 /// Arguments of `snapvmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Run the built-in micro-guest: builtin:counter, builtin:write-verify, builtin:io-loop
-    /// or builtin:io-bench.
+    /// Run the built-in micro-guest: builtin:counter, builtin:write-verify, builtin:io-loop,
+    /// builtin:io-bench or builtin:agent (io-loop with a guest agent on the vsock).
     #[arg(long, value_name = "builtin:WORKLOAD", conflicts_with = "kernel")]
     guest: Option<String>,
     /// Boot a Linux kernel: a bzImage, or an uncompressed ELF vmlinux (64-bit boot protocol).
@@ -52,6 +55,15 @@ pub struct RunArgs {
     /// Serial console destination: stdout, null, or a file [default: stdout].
     #[arg(long, value_name = "FILE|stdout")]
     serial: Option<String>,
+    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's host side: a host program
+    /// connects to PATH and writes `CONNECT <port>`; the guest's connections to port P reach
+    /// PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
+    /// The guest agent quiesced snapshots freeze the guest through: vsock:PORT (through
+    /// --vsock's socket) or the PATH of a Unix socket.
+    #[arg(long, value_name = "vsock:PORT|PATH")]
+    guest_agent: Option<String>,
     /// Seed of the micro-guest's data pattern [default: 1].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
@@ -80,6 +92,8 @@ struct FileConfig {
     #[serde(default)]
     disk: Vec<String>,
     serial: Option<String>,
+    vsock: Option<String>,
+    guest_agent: Option<String>,
     seed: Option<u64>,
     api_socket: Option<PathBuf>,
     snapshot_metadata: Option<PathBuf>,
@@ -95,6 +109,7 @@ fn read_config_file(path: &Path) -> Result<FileConfig, String> {
 struct ApiConfig {
     socket: Option<PathBuf>,
     snapshot_metadata: Option<PathBuf>,
+    guest_agent: Option<AgentEndpoint>,
 }
 
 /// Merges flags over the config file into a VM configuration and the API's settings.
@@ -162,19 +177,43 @@ fn build_config(args: RunArgs) -> Result<(VmConfig, ApiConfig), String> {
     if let Some(serial) = args.serial.or(file.serial) {
         config.serial = serial.parse().map_err(|e: vmm::Error| e.to_string())?;
     }
+    config.vsock = match (args.vsock, file.vsock) {
+        (Some(spec), _) => Some(spec.parse().map_err(|e: vmm::Error| e.to_string())?),
+        (None, Some(spec)) => {
+            let mut vsock: VsockConfig = spec.parse().map_err(|e: vmm::Error| e.to_string())?;
+            vsock.uds = rebase(vsock.uds);
+            Some(vsock)
+        }
+        (None, None) => None,
+    };
+    let guest_agent = match (args.guest_agent, file.guest_agent) {
+        (Some(spec), _) => Some(guest_agent(&spec, &config)?),
+        (None, Some(spec)) => Some(match guest_agent(&spec, &config)? {
+            AgentEndpoint::Unix(path) => AgentEndpoint::Unix(rebase(path)),
+            vsock => vsock,
+        }),
+        (None, None) => None,
+    };
     let api = ApiConfig {
         socket: args.api_socket.or(file.api_socket.map(&rebase)),
         snapshot_metadata: args
             .snapshot_metadata
             .or(file.snapshot_metadata.map(&rebase)),
+        guest_agent,
     };
     Ok((config, api))
+}
+
+/// The `--guest-agent` endpoint `spec` names for the VM `config` describes.
+pub(crate) fn guest_agent(spec: &str, config: &VmConfig) -> Result<AgentEndpoint, String> {
+    AgentEndpoint::parse(spec, config.vsock.as_ref().map(|v| v.uds.as_path()))
 }
 
 /// Runs the VM with the REST API served on `socket` until the VM ends.
 fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<ExitReason, String> {
     let options = SandboxOptions {
         snapshot_metadata: api.snapshot_metadata.clone(),
+        guest_agent: api.guest_agent.clone(),
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
     serve_api(sandbox, socket)
@@ -185,6 +224,7 @@ fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<Exi
 fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, String> {
     let options = SandboxOptions {
         snapshot_metadata: api.snapshot_metadata.clone(),
+        guest_agent: api.guest_agent.clone(),
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
     for problem in sandbox.warnings() {
@@ -360,5 +400,50 @@ mod tests {
         assert_eq!(config.disks[0].path, dir.path().join("a.qcow2"));
         std::fs::write(&path, "colour = 1\n").unwrap();
         assert!(parse(&["--config", path.to_str().unwrap()]).is_err());
+    }
+
+    #[test]
+    fn vsock_and_guest_agent_from_flags_or_file() {
+        let cli = Cli::try_parse_from([
+            "run",
+            "--guest",
+            "builtin:agent",
+            "--vsock",
+            "cid=3,uds=/tmp/v.sock",
+            "--guest-agent",
+            "vsock:52",
+        ])
+        .unwrap();
+        let (config, api) = build_config(cli.run).unwrap();
+        let vsock = config.vsock.clone().unwrap();
+        assert_eq!(
+            (vsock.guest_cid, vsock.uds),
+            (3, PathBuf::from("/tmp/v.sock"))
+        );
+        assert_eq!(
+            api.guest_agent,
+            Some(AgentEndpoint::Vsock {
+                uds: PathBuf::from("/tmp/v.sock"),
+                port: 52
+            })
+        );
+        // vsock:PORT needs a vsock device.
+        assert!(parse(&["--guest", "builtin:agent", "--guest-agent", "vsock:52"]).is_err());
+        assert!(parse(&["--guest", "builtin:agent", "--vsock", "cid=1,uds=/x"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            "guest = \"builtin:agent\"\nvsock = \"cid=7,uds=v.sock\"\nguest-agent = \"vsock:52\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["run", "--config", path.to_str().unwrap()]).unwrap();
+        let (config, api) = build_config(cli.run).unwrap();
+        let uds = dir.path().join("v.sock");
+        assert_eq!(config.vsock.unwrap().uds, uds);
+        assert_eq!(
+            api.guest_agent,
+            Some(AgentEndpoint::Vsock { uds, port: 52 })
+        );
     }
 }

@@ -459,6 +459,7 @@ pub(crate) fn restore_lazy(args: LazyArgs<'_>) -> Result<ExitReason, String> {
         args.paused,
         &SandboxOptions {
             snapshot_metadata: args.snapshot_metadata.clone(),
+            ..Default::default()
         },
         options,
     )

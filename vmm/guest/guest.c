@@ -35,6 +35,7 @@ enum workload {
     WORKLOAD_IO_LOOP = 3,
     WORKLOAD_IO_BENCH = 4,
     WORKLOAD_TOUCH = 5,
+    WORKLOAD_AGENT = 6,
 };
 
 /* Values the host writes into boot_info.control while the guest runs. */
@@ -787,6 +788,505 @@ static void io_loop_finish(struct io_loop *l)
     reset();
 }
 
+/* ---- virtio-vsock and the guest agent ---------------------------------------------------- */
+
+/*
+ * A minimal virtio-vsock driver (device ID 19, same polled virtio-mmio transport as the disks)
+ * and, on top, the agent of workload `agent`: a listener on AGENT_PORT answering the qemu-ga
+ * subset the VMM speaks (guest-sync-delimited, guest-ping, guest-fsfreeze-freeze/status/thaw).
+ * With no filesystem to freeze, a freeze flushes the disks and stops the io-loop's requests
+ * until the thaw; the thaw reports how many writes completed while frozen (always 0 if the
+ * freeze holds) on the serial line `agent thawed writes W frozen writes F`.
+ *
+ * Packets are taken whole from single-descriptor RX buffers; packets are sent one at a time
+ * from one TX descriptor, waiting for the device to take each. After a checkpoint load the
+ * device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: every connection is forgotten and the
+ * listener takes new ones.
+ */
+
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_VSOCK 19
+#define AGENT_PORT 52 /* vmm::guest::AGENT_PORT */
+#define VSOCK_HOST_CID 2
+#define VSOCK_TYPE_STREAM 1
+#define VSOCK_OP_REQUEST 1
+#define VSOCK_OP_RESPONSE 2
+#define VSOCK_OP_RST 3
+#define VSOCK_OP_SHUTDOWN 4
+#define VSOCK_OP_RW 5
+#define VSOCK_OP_CREDIT_UPDATE 6
+#define VSOCK_OP_CREDIT_REQUEST 7
+#define VSOCK_EVENT_TRANSPORT_RESET 0
+#define VSOCK_RX_BUF 4096
+#define VSOCK_BUF_ALLOC (64 * 1024) /* receive buffer announced per connection */
+#define VSOCK_CONNS 4
+#define AGENT_LINE_MAX 512
+#define VSOCK_TX_SPINS (1UL << 32) /* bounded wait for the device to take a packet */
+
+struct vsock_hdr {
+    u64 src_cid;
+    u64 dst_cid;
+    u32 src_port;
+    u32 dst_port;
+    u32 len;
+    u16 type;
+    u16 op;
+    u32 flags;
+    u32 buf_alloc;
+    u32 fwd_cnt;
+} __attribute__((packed));
+
+struct vsock_vq {
+    struct vring_desc desc[QUEUE_SIZE] __attribute__((aligned(16)));
+    struct vring_avail avail __attribute__((aligned(2)));
+    struct vring_used used __attribute__((aligned(4)));
+    u16 last_used;
+};
+
+struct vsock_conn {
+    int used;
+    u32 peer_port;    /* the host side's port */
+    u32 fwd_cnt;      /* bytes of the host's we consumed */
+    u32 announced;    /* fwd_cnt as last told to the host */
+    u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt;
+    u32 line_len;
+    int overflow;     /* the current line outgrew AGENT_LINE_MAX: answered as an error */
+    char line[AGENT_LINE_MAX];
+};
+
+static struct {
+    u64 base; /* 0 = no vsock device */
+    u64 cid;
+    int ok;
+    struct vsock_vq vq[3]; /* RX, TX, event */
+    struct vsock_conn conns[VSOCK_CONNS];
+} vsock;
+
+static u8 vsock_rx_bufs[QUEUE_SIZE][VSOCK_RX_BUF] __attribute__((aligned(4096)));
+static u8 vsock_tx_buf[VSOCK_RX_BUF] __attribute__((aligned(4096)));
+static u32 vsock_events[QUEUE_SIZE];
+
+/* The agent's state, read by the io-loop (agent_on: the loop polls the agent). */
+static int agent_on;
+static volatile int agent_frozen;
+static u64 agent_writes; /* io-loop writes completed */
+static u64 agent_writes_at_freeze;
+
+/* The io-loop completed a write: counted, so a thaw can tell whether any did while frozen. */
+static void agent_wrote(void) { agent_writes++; }
+
+static int virtio_device_id(u64 base)
+{
+    if (mmio_read32(base + VIRTIO_MMIO_MAGIC) != 0x74726976 ||
+        mmio_read32(base + VIRTIO_MMIO_VERSION) != 2)
+        return 0;
+    return (int)mmio_read32(base + VIRTIO_MMIO_DEVICE_ID);
+}
+
+static void vsock_post(struct vsock_vq *q, u16 id)
+{
+    q->avail.ring[q->avail.idx % QUEUE_SIZE] = id;
+    mb();
+    q->avail.idx++;
+    mb();
+}
+
+static int vsock_init(u64 base)
+{
+    vsock.base = base;
+    mmio_write32(base + VIRTIO_MMIO_STATUS, 0);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    if (!(mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES) & 1)) {
+        puts("vsock: device does not offer VIRTIO_F_VERSION_1\n");
+        return 0;
+    }
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, 0);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    mmio_write32(base + VIRTIO_MMIO_STATUS,
+                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (!(mmio_read32(base + VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
+        puts("vsock: device refused features\n");
+        return 0;
+    }
+    vsock.cid = mmio_read32(base + VIRTIO_MMIO_CONFIG) |
+                ((u64)mmio_read32(base + VIRTIO_MMIO_CONFIG + 4) << 32);
+    for (u32 q = 0; q < 3; q++) {
+        struct vsock_vq *vq = &vsock.vq[q];
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_SEL, q);
+        if (mmio_read32(base + VIRTIO_MMIO_QUEUE_NUM_MAX) < QUEUE_SIZE) {
+            puts("vsock: queue too small\n");
+            return 0;
+        }
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_NUM, QUEUE_SIZE);
+        u64 desc = (u64)vq->desc, avail = (u64)&vq->avail, used = (u64)&vq->used;
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)desc);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)avail);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (u32)(avail >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_USED_LOW, (u32)used);
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_USED_HIGH, (u32)(used >> 32));
+        mmio_write32(base + VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+    /* Every RX and event descriptor is a device-writable buffer, posted once and reposted
+     * after each use. */
+    for (u16 i = 0; i < QUEUE_SIZE; i++) {
+        vsock.vq[0].desc[i] =
+            (struct vring_desc){(u64)vsock_rx_bufs[i], VSOCK_RX_BUF, VRING_DESC_F_WRITE, 0};
+        vsock_post(&vsock.vq[0], i);
+        vsock.vq[2].desc[i] =
+            (struct vring_desc){(u64)&vsock_events[i], sizeof(u32), VRING_DESC_F_WRITE, 0};
+        vsock_post(&vsock.vq[2], i);
+    }
+    mmio_write32(base + VIRTIO_MMIO_STATUS,
+                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+    return 1;
+}
+
+/* Sends one packet on connection `c` (or, with c == 0, an RST to `peer` from `local`). */
+static void vsock_send(struct vsock_conn *c, u32 local, u32 peer, u16 op, const void *data,
+                       u32 len)
+{
+    struct vsock_vq *q = &vsock.vq[1];
+    if (len > VSOCK_RX_BUF - sizeof(struct vsock_hdr))
+        len = VSOCK_RX_BUF - sizeof(struct vsock_hdr);
+    if (c && op == VSOCK_OP_RW && (u32)(c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt)) < len) {
+        puts("vsock: no credit for an answer; dropped\n");
+        return;
+    }
+    struct vsock_hdr h = {vsock.cid, VSOCK_HOST_CID, local, c ? c->peer_port : peer, len,
+                          VSOCK_TYPE_STREAM, op, 0, VSOCK_BUF_ALLOC, c ? c->fwd_cnt : 0};
+    memcpy(vsock_tx_buf, &h, sizeof(h));
+    memcpy(vsock_tx_buf + sizeof(h), data, len);
+    if (c) {
+        c->announced = c->fwd_cnt;
+        if (op == VSOCK_OP_RW)
+            c->tx_cnt += len;
+    }
+    q->desc[0] = (struct vring_desc){(u64)vsock_tx_buf, (u32)sizeof(h) + len, 0, 0};
+    vsock_post(q, 0);
+    mmio_write32(vsock.base + VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+    for (u64 spins = 0; *(volatile u16 *)&q->used.idx == q->last_used; spins++) {
+        if (spins > VSOCK_TX_SPINS) {
+            puts("vsock: the device never took a packet\n");
+            return;
+        }
+        cpu_relax();
+    }
+    mb();
+    q->last_used++;
+}
+
+static void agent_answer(struct vsock_conn *c, const char *text)
+{
+    u32 len = 0;
+    while (text[len])
+        len++;
+    vsock_send(c, AGENT_PORT, 0, VSOCK_OP_RW, text, len);
+}
+
+static void agent_answer_number(struct vsock_conn *c, const char *prefix, u64 v)
+{
+    char buf[64];
+    u32 n = 0;
+    while (*prefix)
+        buf[n++] = *prefix++;
+    char digits[21];
+    int i = 20;
+    digits[i] = 0;
+    do {
+        digits[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (digits[i])
+        buf[n++] = digits[i++];
+    buf[n++] = '}';
+    buf[n++] = '\n';
+    buf[n] = 0;
+    agent_answer(c, buf);
+}
+
+/* Where `needle` starts in the NUL-terminated `s`, or 0. */
+static const char *find(const char *s, const char *needle)
+{
+    for (; *s; s++) {
+        u32 i = 0;
+        while (needle[i] && s[i] == needle[i])
+            i++;
+        if (!needle[i])
+            return s;
+    }
+    return 0;
+}
+
+/* The io-loop's data as it stands: a digest over (disk, chunk, generation) of every chunk
+ * written, which the host recomputes from a frozen image (tests/vmm_vsock.rs). */
+static u64 agent_digest(struct io_loop *l, u64 *chunks_written)
+{
+    u64 digest = 0, written = 0;
+    for (u32 slot = 0; slot < l->nusable; slot++) {
+        u32 index = l->usable[slot];
+        u64 chunks = loop_chunks(&disks[index]);
+        for (u64 chunk = 0; chunk < chunks; chunk++) {
+            u32 gen = generations[slot][chunk];
+            if (!gen)
+                continue;
+            digest += mix64(((u64)index << 56) ^ (chunk << 24) ^ gen);
+            written++;
+        }
+    }
+    *chunks_written = written;
+    return digest;
+}
+
+static void agent_freeze(struct io_loop *l, struct vsock_conn *c)
+{
+    if (agent_frozen) {
+        agent_answer(c, "{\"error\": {\"class\": \"GenericError\", \"desc\": "
+                        "\"Command guest-fsfreeze-freeze has been disabled: frozen\"}}\n");
+        return;
+    }
+    /* As fsfreeze syncs a filesystem: what was written is on the disk before the answer. */
+    for (u32 slot = 0; slot < l->nusable; slot++) {
+        struct disk *d = &disks[l->usable[slot]];
+        if (d->features & (1UL << VIRTIO_BLK_F_FLUSH))
+            request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+    }
+    agent_frozen = 1;
+    agent_writes_at_freeze = agent_writes;
+    u64 chunks;
+    u64 digest = agent_digest(l, &chunks);
+    puts("agent frozen writes ");
+    put_dec(agent_writes);
+    puts(" chunks ");
+    put_dec(chunks);
+    puts(" digest ");
+    put_hex(digest);
+    puts("\n");
+    agent_answer_number(c, "{\"return\": ", l->nusable);
+}
+
+static void agent_thaw(struct io_loop *l, struct vsock_conn *c)
+{
+    if (!agent_frozen) {
+        agent_answer(c, "{\"return\": 0}\n");
+        return;
+    }
+    agent_frozen = 0;
+    puts("agent thawed writes ");
+    put_dec(agent_writes);
+    puts(" frozen writes ");
+    put_dec(agent_writes - agent_writes_at_freeze);
+    puts("\n");
+    agent_answer_number(c, "{\"return\": ", l->nusable);
+}
+
+/* One request line of the qemu-ga protocol. */
+static void agent_command(struct io_loop *l, struct vsock_conn *c, const char *line)
+{
+    const char *execute = find(line, "\"execute\"");
+    if (!execute) {
+        agent_answer(c, "{\"error\": {\"class\": \"GenericError\", \"desc\": "
+                        "\"Invalid JSON syntax\"}}\n");
+        return;
+    }
+    if (find(execute, "\"guest-sync-delimited\"")) {
+        const char *id = find(line, "\"id\"");
+        u64 value = 0;
+        if (id) {
+            id += 4;
+            while (*id == ' ' || *id == ':')
+                id++;
+            while (*id >= '0' && *id <= '9')
+                value = value * 10 + (u64)(*id++ - '0');
+        }
+        /* The 0xFF marks where the answer starts for a client skipping stale bytes. */
+        vsock_send(c, AGENT_PORT, 0, VSOCK_OP_RW, "\xff", 1);
+        agent_answer_number(c, "{\"return\": ", value);
+    } else if (find(execute, "\"guest-ping\"")) {
+        agent_answer(c, "{\"return\": {}}\n");
+    } else if (find(execute, "\"guest-fsfreeze-freeze\"")) {
+        agent_freeze(l, c);
+    } else if (find(execute, "\"guest-fsfreeze-thaw\"")) {
+        agent_thaw(l, c);
+    } else if (find(execute, "\"guest-fsfreeze-status\"")) {
+        agent_answer(c, agent_frozen ? "{\"return\": \"frozen\"}\n" : "{\"return\": \"thawed\"}\n");
+    } else {
+        agent_answer(c, "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": "
+                        "\"The command is not supported by this agent\"}}\n");
+    }
+}
+
+/* Bytes from the host: 0xFF resets the line (qemu-ga's parser reset), '\n' ends a request. */
+static void agent_input(struct io_loop *l, struct vsock_conn *c, const u8 *data, u32 len)
+{
+    for (u32 i = 0; i < len && c->used; i++) {
+        u8 b = data[i];
+        if (b == 0xff) {
+            c->line_len = 0;
+            c->overflow = 0;
+        } else if (b == '\n') {
+            c->line[c->line_len] = 0;
+            if (c->overflow)
+                agent_answer(c, "{\"error\": {\"class\": \"GenericError\", \"desc\": "
+                                "\"request too long\"}}\n");
+            else if (c->line_len)
+                agent_command(l, c, c->line);
+            c->line_len = 0;
+            c->overflow = 0;
+        } else if (c->line_len < AGENT_LINE_MAX - 1) {
+            /* A NUL inside a request would end the string early: take it as a space. */
+            c->line[c->line_len++] = b ? (char)b : ' ';
+        } else {
+            c->overflow = 1;
+        }
+    }
+}
+
+static struct vsock_conn *vsock_conn(u32 peer_port)
+{
+    for (u32 i = 0; i < VSOCK_CONNS; i++)
+        if (vsock.conns[i].used && vsock.conns[i].peer_port == peer_port)
+            return &vsock.conns[i];
+    return 0;
+}
+
+/* One packet the device put in an RX buffer (`len` bytes, header included). */
+static void vsock_packet(struct io_loop *l, const u8 *buf, u32 len)
+{
+    struct vsock_hdr h;
+    if (len < sizeof(h))
+        return;
+    memcpy(&h, buf, sizeof(h));
+    if (h.type != VSOCK_TYPE_STREAM || h.dst_cid != vsock.cid || h.src_cid != VSOCK_HOST_CID ||
+        h.len > len - sizeof(h))
+        return;
+    struct vsock_conn *c = vsock_conn(h.src_port);
+    if (c && h.dst_port != AGENT_PORT)
+        c = 0;
+    if (h.op == VSOCK_OP_REQUEST) {
+        if (h.dst_port != AGENT_PORT) { /* nobody listens there: refused */
+            vsock_send(0, h.dst_port, h.src_port, VSOCK_OP_RST, 0, 0);
+            return;
+        }
+        /* An entry for the same host port is stale (the host gives live ones distinct
+         * ports): the new connection takes it over. */
+        for (u32 i = 0; i < VSOCK_CONNS && !c; i++)
+            if (!vsock.conns[i].used)
+                c = &vsock.conns[i];
+        if (!c) {
+            vsock_send(0, h.dst_port, h.src_port, VSOCK_OP_RST, 0, 0);
+            return;
+        }
+        memset(c, 0, sizeof(*c));
+        c->used = 1;
+        c->peer_port = h.src_port;
+        c->peer_buf_alloc = h.buf_alloc;
+        c->peer_fwd_cnt = h.fwd_cnt;
+        vsock_send(c, AGENT_PORT, 0, VSOCK_OP_RESPONSE, 0, 0);
+        return;
+    }
+    if (!c) {
+        if (h.op != VSOCK_OP_RST)
+            vsock_send(0, h.dst_port, h.src_port, VSOCK_OP_RST, 0, 0);
+        return;
+    }
+    c->peer_buf_alloc = h.buf_alloc;
+    c->peer_fwd_cnt = h.fwd_cnt;
+    switch (h.op) {
+    case VSOCK_OP_RW:
+        c->fwd_cnt += h.len;
+        agent_input(l, c, buf + sizeof(h), h.len);
+        if (c->used && c->fwd_cnt - c->announced > VSOCK_BUF_ALLOC / 2)
+            vsock_send(c, AGENT_PORT, 0, VSOCK_OP_CREDIT_UPDATE, 0, 0);
+        break;
+    case VSOCK_OP_CREDIT_REQUEST:
+        vsock_send(c, AGENT_PORT, 0, VSOCK_OP_CREDIT_UPDATE, 0, 0);
+        break;
+    case VSOCK_OP_SHUTDOWN: /* the host hung up: nothing more to say either */
+        vsock_send(c, AGENT_PORT, 0, VSOCK_OP_RST, 0, 0);
+        c->used = 0;
+        break;
+    case VSOCK_OP_RST:
+        c->used = 0;
+        break;
+    case VSOCK_OP_CREDIT_UPDATE:
+        break;
+    default: /* RESPONSE: we never connect */
+        vsock_send(c, AGENT_PORT, 0, VSOCK_OP_RST, 0, 0);
+        c->used = 0;
+    }
+}
+
+static void agent_listening(void)
+{
+    puts("agent listening cid ");
+    put_dec(vsock.cid);
+    puts(" port ");
+    put_dec(AGENT_PORT);
+    puts("\n");
+}
+
+/* Takes whatever the device delivered; answers whether the io-loop must hold its I/O. */
+static int agent_step(struct io_loop *l)
+{
+    struct vsock_vq *rx = &vsock.vq[0], *ev = &vsock.vq[2];
+    int rx_posted = 0, ev_posted = 0;
+    while (*(volatile u16 *)&ev->used.idx != ev->last_used) {
+        mb();
+        u16 id = (u16)(ev->used.ring[ev->last_used % QUEUE_SIZE].id % QUEUE_SIZE);
+        ev->last_used++;
+        if (vsock_events[id] == VSOCK_EVENT_TRANSPORT_RESET) {
+            /* A checkpoint was loaded: the host's connections are gone. */
+            memset(vsock.conns, 0, sizeof(vsock.conns));
+            puts("vsock transport reset\n");
+            agent_listening();
+        }
+        vsock_post(ev, id);
+        ev_posted = 1;
+    }
+    while (*(volatile u16 *)&rx->used.idx != rx->last_used) {
+        mb();
+        struct vring_used_elem e = rx->used.ring[rx->last_used % QUEUE_SIZE];
+        rx->last_used++;
+        u16 id = (u16)(e.id % QUEUE_SIZE);
+        vsock_packet(l, vsock_rx_bufs[id], e.len < VSOCK_RX_BUF ? e.len : VSOCK_RX_BUF);
+        vsock_post(rx, id);
+        rx_posted = 1;
+    }
+    if (rx_posted || ev_posted) {
+        u32 isr = mmio_read32(vsock.base + VIRTIO_MMIO_INTERRUPT_STATUS);
+        if (isr)
+            mmio_write32(vsock.base + VIRTIO_MMIO_INTERRUPT_ACK, isr);
+    }
+    if (rx_posted)
+        mmio_write32(vsock.base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    if (ev_posted)
+        mmio_write32(vsock.base + VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+    if (agent_frozen)
+        cpu_relax();
+    return agent_frozen;
+}
+
+static void run_io_loop(struct boot_info *info, u32 ndisks);
+
+/* Workload `agent`: the io-loop, with the agent answering on the vsock between requests. */
+static void run_agent(struct boot_info *info, u32 ndisks)
+{
+    if (!vsock.base || !vsock_init(vsock.base)) {
+        puts("agent: no vsock device\n");
+        reset();
+    }
+    agent_on = 1;
+    agent_listening();
+    run_io_loop(info, ndisks);
+}
+
 static void run_io_loop(struct boot_info *info, u32 ndisks)
 {
     static struct io_loop l;
@@ -809,15 +1309,18 @@ static void run_io_loop(struct boot_info *info, u32 ndisks)
             rng = (rng ^ reseed) | 1;
         if (control_word(info) == CONTROL_FINISH)
             io_loop_finish(&l);
+        if (agent_on && agent_step(&l))
+            continue; /* frozen by the agent: no request until the thaw */
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         u32 slot = (u32)(rng % l.nusable);
         struct disk *d = &disks[l.usable[slot]];
         u64 chunk = (rng >> 8) % loop_chunks(d);
-        if ((rng >> 40) & 1)
+        if ((rng >> 40) & 1) {
             io_loop_write(&l, slot, chunk);
-        else
+            agent_wrote();
+        } else
             io_loop_read(&l, slot, chunk);
         l.ops++;
         if (l.ops % 1024 == 0 && d->features & (1UL << VIRTIO_BLK_F_FLUSH))
@@ -907,13 +1410,21 @@ void guest_main(u64 cpu, struct boot_info *info)
     /* Wait (bounded) for the other vCPUs, so the line below proves they all ran. */
     for (u64 spins = 0; cpus_online < want && spins < 200000000UL; spins++)
         cpu_relax();
+
+    /* The disks come first in the device list, then the vsock device if any. */
+    u32 ndevices = info->num_devices < MAX_DEVICES ? info->num_devices : MAX_DEVICES;
+    u32 ndisks = 0;
+    for (u32 i = 0; i < ndevices; i++)
+        if (virtio_device_id(info->devices[i].mmio_base) == VIRTIO_ID_VSOCK)
+            vsock.base = info->devices[i].mmio_base;
+        else
+            ndisks++;
     puts("micro-guest: cpus ");
     put_dec(cpus_online);
     puts(" disks ");
-    put_dec(info->num_devices);
+    put_dec(ndisks);
     puts("\n");
 
-    u32 ndisks = info->num_devices < MAX_DEVICES ? info->num_devices : MAX_DEVICES;
     for (u32 i = 0; i < ndisks; i++)
         disks[i].ok = disk_init(&disks[i], info->devices[i].mmio_base, i);
 
@@ -932,6 +1443,9 @@ void guest_main(u64 cpu, struct boot_info *info)
         break;
     case WORKLOAD_IO_BENCH:
         run_io_bench(info, ndisks);
+        break;
+    case WORKLOAD_AGENT:
+        run_agent(info, ndisks);
         break;
     default:
         puts("micro-guest: unknown workload\n");

@@ -13,7 +13,9 @@ use storage::LiveDisk;
 
 use crate::arch::x86_64::layout::{self, BOOT_INFO_ADDR, SERIAL_GSI, SERIAL_PORT};
 use crate::arch::x86_64::{acpi, linux, regs};
-use crate::checkpoint::{Checkpointer, LoadedCheckpoint, MemorySource, RestoreOptions, Tracking};
+use crate::checkpoint::{
+    Checkpointer, LoadedCheckpoint, MemorySource, RestoreOptions, RestoreTarget, Tracking,
+};
 use crate::config::{BootSource, DiskConfig, SerialOutput, VmConfig, MAX_VCPUS};
 use crate::devices::bus::BusDevice;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
@@ -21,12 +23,13 @@ use crate::devices::legacy::{IgnoredPorts, IGNORED_PORT_RANGES};
 use crate::devices::serial::{IrqTrigger, Serial, SERIAL_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::{SharedVsock, Vsock};
 use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::guest::{self, GuestDevice};
-pub use crate::machine::AttachedDisk;
 use crate::machine::Machine;
+pub use crate::machine::{AttachedDisk, AttachedVsock};
 use crate::memory::uffd::{PageSource, Pager};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
@@ -65,6 +68,7 @@ struct Assembled {
     serial: Arc<Mutex<Serial>>,
     /// The pager of a lazy restore's RAM (set by [`Vmm::restore_with`]).
     pager: Option<Pager>,
+    vsock: Option<AttachedVsock>,
 }
 
 /// Checks the VM's shape and returns its memory size in bytes.
@@ -154,23 +158,7 @@ fn assemble(
             Box::new(block),
             memory.clone(),
         )?;
-        vm.fd()
-            .register_irqfd(transport.interrupt().irqfd(), gsi)
-            .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
-        for (queue, event) in transport.notify_events().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        buses
-            .mmio
-            .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
-            .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+        let transport = plug_transport(&vm, &mut buses, transport, mmio_base, gsi)?;
         devices.push(transport);
         attached.push(AttachedDisk {
             name,
@@ -180,6 +168,32 @@ fn assemble(
             gsi,
         });
     }
+    // The vsock comes after the disks, so the disks keep their windows and names.
+    let vsock = match &config.vsock {
+        Some(vsock_config) => {
+            let index = devices.len();
+            let gsi = layout::virtio_gsi(index).ok_or_else(|| {
+                Error::Config("too many devices: no interrupt left for the vsock".into())
+            })?;
+            let mmio_base = layout::virtio_mmio_window(index);
+            let (shared, device) = SharedVsock::new(Vsock::new(vsock_config.clone())?);
+            let transport = MmioTransport::new(
+                format!("virtio-vsock cid {}", vsock_config.guest_cid),
+                Box::new(shared),
+                memory.clone(),
+            )?;
+            let transport = plug_transport(&vm, &mut buses, transport, mmio_base, gsi)?;
+            devices.push(transport.clone());
+            Some(AttachedVsock {
+                config: vsock_config.clone(),
+                device,
+                transport,
+                mmio_base,
+                gsi,
+            })
+        }
+        None => None,
+    };
     Ok(Assembled {
         vm,
         buses,
@@ -187,7 +201,49 @@ fn assemble(
         attached,
         serial,
         pager: None,
+        vsock,
     })
+}
+
+/// Wires `transport` into the VM at `mmio_base`: its interrupt to `gsi`, its queue notify
+/// register to ioeventfds, its window onto the MMIO bus.
+fn plug_transport(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    transport: MmioTransport,
+    mmio_base: u64,
+    gsi: u32,
+) -> Result<Arc<Mutex<MmioTransport>>> {
+    let name = transport.name().to_string();
+    vm.fd()
+        .register_irqfd(transport.interrupt().irqfd(), gsi)
+        .map_err(Error::kvm(format!("KVM_IRQFD ({name})")))?;
+    for (queue, event) in transport.notify_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                event,
+                &IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(Error::kvm(format!("KVM_IOEVENTFD ({name} queue {queue})")))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    buses
+        .mmio
+        .insert(transport.clone(), mmio_base, layout::VIRTIO_MMIO_SIZE)
+        .map_err(|o| Error::Config(format!("MMIO window {:#x} overlaps", o.base)))?;
+    Ok(transport)
+}
+
+/// The virtio-mmio devices the guest is told about (boot info, ACPI): the disks, then the
+/// vsock.
+fn mmio_devices(assembled: &Assembled) -> Vec<(u64, u32)> {
+    assembled
+        .attached
+        .iter()
+        .map(|d| (d.mmio_base, d.gsi))
+        .chain(assembled.vsock.iter().map(|v| (v.mmio_base, v.gsi)))
+        .collect()
 }
 
 /// Opens the serial console's destination.
@@ -262,19 +318,16 @@ impl Vmm {
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
         let assembled = assemble(config, &memory, serial, &exit, None)?;
-        let attached = &assembled.attached;
+        let mmio = mmio_devices(&assembled);
 
         regs::write_boot_tables(&memory)?;
         // A fresh generation for a fresh VM (a restore writes its own in the load).
         VmGenId::default().regenerate(&memory)?;
         let starts = match &config.boot {
             BootSource::MicroGuest { workload, seed } => {
-                let guest_devices: Vec<GuestDevice> = attached
+                let guest_devices: Vec<GuestDevice> = mmio
                     .iter()
-                    .map(|d| GuestDevice {
-                        mmio_base: d.mmio_base,
-                        gsi: d.gsi,
-                    })
+                    .map(|&(mmio_base, gsi)| GuestDevice { mmio_base, gsi })
                     .collect();
                 let entry = guest::load(&memory, *workload, *seed, config.vcpus, &guest_devices)?;
                 // Every vCPU enters the micro-guest directly; it picks a stack by index.
@@ -294,12 +347,9 @@ impl Vmm {
                 initrd,
                 cmdline,
             } => {
-                let acpi_devices: Vec<acpi::MmioDevice> = attached
+                let acpi_devices: Vec<acpi::MmioDevice> = mmio
                     .iter()
-                    .map(|d| acpi::MmioDevice {
-                        mmio_base: d.mmio_base,
-                        gsi: d.gsi,
-                    })
+                    .map(|&(mmio_base, gsi)| acpi::MmioDevice { mmio_base, gsi })
                     .collect();
                 let rsdp = acpi::create_tables(&memory, config.vcpus, &acpi_devices)?;
                 let loaded = linux::load(
@@ -357,6 +407,8 @@ impl Vmm {
     /// [`MemorySource::Pager`] registers guest RAM with a userfaultfd pager (started before
     /// anything touches RAM) instead of mapping memory files; `disk_tops` opens disks on
     /// other images than the saved ones (a clone's overlays).
+    /// A restored vsock device has dropped every connection of the VM checkpointed and
+    /// tells the guest so (a transport reset event).
     pub fn restore_with(
         dir: &Path,
         serial: Box<dyn Write + Send>,
@@ -370,6 +422,9 @@ impl Vmm {
         let loaded = LoadedCheckpoint::open_with(dir, paged)?;
         let mut config = loaded.config()?;
         options.apply(&mut config)?;
+        if let (Some(vsock), Some(uds)) = (config.vsock.as_mut(), &options.vsock_uds) {
+            vsock.uds = uds.clone();
+        }
         let memory_bytes = check_config(&config)?;
         let memory = memory::create(memory_bytes)?;
         memory::persist::check_layout(&memory, &loaded.layout())
@@ -391,12 +446,18 @@ impl Vmm {
         }
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
         loaded.apply_new(
-            &assembled.vm,
             &memory,
-            &shared,
-            &assembled.devices,
-            &assembled.serial,
             &assembled.attached,
+            RestoreTarget {
+                vm: &assembled.vm,
+                vcpus: &shared,
+                devices: &assembled.devices,
+                serial: &assembled.serial,
+                memory: &memory,
+                // The new VM's device sits where every VM's does (assembled the same way).
+                vmgenid: &VmGenId::default(),
+                vsock: assembled.vsock.as_ref(),
+            },
         )?;
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.
@@ -423,6 +484,7 @@ impl Vmm {
             attached,
             serial,
             pager,
+            vsock,
         } = assembled;
         let msr_list = crate::vcpu::persist::msr_list(vm.kvm())?;
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
@@ -459,6 +521,7 @@ impl Vmm {
             devices,
             serial,
             disks: attached,
+            vsock,
             config,
             gate: pause,
             msr_list,
@@ -498,6 +561,11 @@ impl Vmm {
     /// The VM's disks, in device order.
     pub fn disks(&self) -> &[AttachedDisk] {
         &self.machine.disks
+    }
+
+    /// The VM's vsock device, if it has one.
+    pub fn vsock(&self) -> Option<&AttachedVsock> {
+        self.machine.vsock.as_ref()
     }
 
     /// What the VM was built from.

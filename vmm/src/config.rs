@@ -6,6 +6,7 @@ use std::str::FromStr;
 use storage::ImageFormat;
 
 use crate::devices::virtio::block::device::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
+pub use crate::devices::virtio::vsock::VsockConfig;
 use crate::error::Error;
 
 /// Default number of vCPUs.
@@ -28,6 +29,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Where the serial console goes.
     pub serial: SerialOutput,
+    /// A virtio-vsock device (`--vsock cid=N,uds=PATH`), presented after the disks.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -39,6 +42,7 @@ impl VmConfig {
             boot,
             disks: Vec::new(),
             serial: SerialOutput::Stdout,
+            vsock: None,
         }
     }
 
@@ -104,16 +108,21 @@ pub enum Workload {
     /// `touch done mib N`, then prints `counter N` lines forever, reading every touched page
     /// between them: a known working set, for measuring what clones share.
     Touch,
+    /// `io-loop` with a guest agent on the VM's vsock device (port
+    /// [`crate::guest::AGENT_PORT`]) answering the qemu-ga subset the VMM uses; a freeze
+    /// stops the disk writes until the thaw (DESIGN.md §11).
+    Agent,
 }
 
 impl Workload {
     /// Every workload, with its name.
-    pub const ALL: [(Workload, &'static str); 5] = [
+    pub const ALL: [(Workload, &'static str); 6] = [
         (Workload::Counter, "counter"),
         (Workload::WriteVerify, "write-verify"),
         (Workload::IoLoop, "io-loop"),
         (Workload::IoBench, "io-bench"),
         (Workload::Touch, "touch"),
+        (Workload::Agent, "agent"),
     ];
 
     /// The number the micro-guest knows the workload by.
@@ -124,6 +133,7 @@ impl Workload {
             Workload::IoLoop => 3,
             Workload::IoBench => 4,
             Workload::Touch => 5,
+            Workload::Agent => 6,
         }
     }
 
@@ -147,7 +157,7 @@ impl FromStr for Workload {
             .map(|(w, _)| *w)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown workload {s:?} (counter, write-verify, io-loop, io-bench, touch)"
+                    "unknown workload {s:?} (counter, write-verify, io-loop, io-bench, touch, agent)"
                 ))
             })
     }
@@ -234,6 +244,46 @@ impl FromStr for DiskConfig {
     }
 }
 
+impl FromStr for VsockConfig {
+    type Err = Error;
+
+    /// Parses `cid=N,uds=PATH` (Firecracker's `guest_cid` and `uds_path`).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |message: String| Error::Config(format!("--vsock {s:?}: {message}"));
+        let mut cid = None;
+        let mut uds = None;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            match key {
+                "cid" => {
+                    cid = Some(
+                        value
+                            .parse::<u64>()
+                            .map_err(|_| bad(format!("cid={value}")))?,
+                    )
+                }
+                "uds" if !value.is_empty() => uds = Some(PathBuf::from(value)),
+                "uds" => return Err(bad("empty uds=".into())),
+                _ => return Err(bad(format!("unknown key {key:?}"))),
+            }
+        }
+        let guest_cid = cid.ok_or_else(|| bad("no cid=".into()))?;
+        let min = crate::devices::virtio::vsock::device::MIN_GUEST_CID;
+        if guest_cid < min || guest_cid > u64::from(u32::MAX) {
+            return Err(bad(format!(
+                "cid {guest_cid} (must be {min} to {})",
+                u32::MAX
+            )));
+        }
+        Ok(VsockConfig {
+            guest_cid,
+            uds: uds.ok_or_else(|| bad("no uds=".into()))?,
+        })
+    }
+}
+
 /// Where the serial console's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOutput {
@@ -307,5 +357,24 @@ mod tests {
             assert_eq!(workload.name(), name);
         }
         assert!("forever".parse::<Workload>().is_err());
+    }
+
+    #[test]
+    fn parses_vsock_options() {
+        let vsock: VsockConfig = "cid=3,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(vsock.guest_cid, 3);
+        assert_eq!(vsock.uds, PathBuf::from("/run/v.sock"));
+        for bad in [
+            "cid=3",
+            "uds=/x",
+            "cid=2,uds=/x",
+            "cid=4294967296,uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=",
+            "cid=3,uds=/x,port=1",
+            "cid",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
     }
 }

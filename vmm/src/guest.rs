@@ -3,7 +3,8 @@
 //!
 //! The VMM hands it a boot info page at [`BOOT_INFO_ADDR`] (layout below, mirrored by
 //! `struct boot_info` in `guest.c`): the workload, the vCPU count, the pattern seed and the
-//! virtio-mmio devices' windows and GSIs. One word, `control`, stays a mailbox from the host
+//! virtio-mmio devices' windows and GSIs (the disks in order, then the vsock device if
+//! any; the guest tells them apart by their device ID). One word, `control`, stays a mailbox from the host
 //! to the running guest ([`request_finish`]).
 //!
 //! ```text
@@ -30,6 +31,9 @@ pub const MAX_DEVICES: usize = 16;
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNAPVMM1");
 /// Guest RAM the micro-guest needs: image, stacks and buffers above 1 MiB.
 pub const MIN_MEMORY: u64 = 8 << 20;
+/// The vsock port the micro-guest's agent (workload `agent`) listens on, as qemu-ga would
+/// with `--method vsock-listen` (`AGENT_PORT` in guest.c).
+pub const AGENT_PORT: u32 = 52;
 /// Offset of the `control` word in the boot info page.
 const CONTROL_OFFSET: u64 = 0x1c;
 /// Offset of `vmgenid_addr` in the boot info page: after the device table.
@@ -61,7 +65,7 @@ pub fn load(
     }
     if devices.len() > MAX_DEVICES {
         return Err(Error::Config(format!(
-            "the micro-guest handles at most {MAX_DEVICES} disks"
+            "the micro-guest handles at most {MAX_DEVICES} devices"
         )));
     }
     memory
@@ -116,6 +120,17 @@ fn mix64(mut z: u64) -> u64 {
 /// ```
 pub fn pattern_word(seed: u64, disk: u64, generation: u64, offset: u64) -> u64 {
     mix64(seed ^ (disk << 56) ^ (generation << 32) ^ (offset >> 3))
+}
+
+/// Bytes of each chunk the `io-loop` and `agent` workloads write (`LOOP_CHUNK` in guest.c).
+pub const IO_LOOP_CHUNK: u64 = 16 * 1024;
+
+/// The term chunk `chunk` of disk `disk`, last written with `generation`, adds to the digest
+/// the `agent` workload prints at a freeze (`agent frozen writes W chunks C digest D`; the
+/// digest is the wrapping sum over written chunks): a test recomputes it from the frozen
+/// image to show the image holds exactly what the guest had written when it froze.
+pub fn agent_digest_term(disk: u64, chunk: u64, generation: u64) -> u64 {
+    mix64((disk << 56) ^ (chunk << 24) ^ generation)
 }
 
 /// Fills `buf` (whose first byte is disk offset `offset`, 8-byte aligned) with the pattern.

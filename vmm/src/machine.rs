@@ -12,6 +12,7 @@ use storage::LiveDisk;
 use crate::config::VmConfig;
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::vmgenid::VmGenId;
 use crate::memory::GuestMemoryMmap;
 use crate::vcpu::{PauseGate, SharedVcpuFd};
@@ -32,6 +33,21 @@ pub struct AttachedDisk {
     pub gsi: u32,
 }
 
+/// The vsock device of a running VM.
+#[derive(Debug, Clone)]
+pub struct AttachedVsock {
+    /// Its CID and host socket.
+    pub config: VsockConfig,
+    /// The device, for a checkpoint load's transport reset.
+    pub device: Arc<Mutex<Vsock>>,
+    /// Its virtio-mmio transport (also the last of [`Machine::devices`]).
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Guest-physical base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+}
+
 /// The parts of a built VM that outlive any one call: what checkpoints save and load.
 pub(crate) struct Machine {
     /// The KVM VM.
@@ -40,12 +56,14 @@ pub(crate) struct Machine {
     pub memory: GuestMemoryMmap,
     /// Every vCPU's fd, by index.
     pub vcpus: Vec<SharedVcpuFd>,
-    /// The virtio-mmio transports, in disk order.
+    /// The virtio-mmio transports: the disks' in disk order, then the vsock's if any.
     pub devices: Vec<Arc<Mutex<MmioTransport>>>,
     /// The serial console.
     pub serial: Arc<Mutex<Serial>>,
     /// The disks, in device order.
     pub disks: Vec<AttachedDisk>,
+    /// The vsock device.
+    pub vsock: Option<AttachedVsock>,
     /// What the VM was built from (disk paths as first opened).
     pub config: VmConfig,
     /// Pauses and resumes the vCPUs.

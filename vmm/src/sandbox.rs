@@ -31,6 +31,8 @@ pub struct SandboxOptions {
     /// The snapshot tree's metadata file [default: [`DEFAULT_METADATA`] beside the first
     /// writable disk's image].
     pub snapshot_metadata: Option<PathBuf>,
+    /// The guest agent quiesced snapshots freeze the guest through (`--guest-agent`).
+    pub guest_agent: Option<crate::agent::AgentEndpoint>,
 }
 
 /// A running VM and its [`Control`].
@@ -97,7 +99,12 @@ impl Sandbox {
             .unwrap_or_default();
         let disks = vmm.disks().iter().map(Disk::from).collect();
         let machine = Arc::new(VmMachine::new(&vmm));
-        let control = Arc::new(Control::new(machine, disks, tree));
+        let mut control = Control::new(machine, disks, tree);
+        if let Some(endpoint) = &options.guest_agent {
+            let agent = crate::agent::GuestAgent::new(endpoint.clone());
+            control = control.with_guest_agent(Arc::new(agent));
+        }
+        let control = Arc::new(control);
         Ok(Sandbox {
             vmm,
             control,

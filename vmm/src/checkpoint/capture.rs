@@ -20,10 +20,11 @@ use crate::devices::serial::Serial;
 use crate::devices::virtio::block::persist::{BlockDiskState, BlockSaveArgs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::MmioTransportState;
+use crate::devices::virtio::vsock::persist::VsockState;
 use crate::devices::vmgenid::persist::{VmGenIdRestoreArgs, VmGenIdState};
 use crate::devices::vmgenid::VmGenId;
 use crate::error::{Error, Result};
-use crate::machine::Machine;
+use crate::machine::{AttachedVsock, Machine};
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
 use crate::vcpu::persist::{VcpuRestoreArgs, VcpuSaveArgs, VcpuState};
@@ -39,6 +40,15 @@ pub(super) const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct DiskSnapshot {
     /// How the disk was presented and which files it was on.
     pub disk: BlockDiskState,
+    /// The virtio-mmio transport and its queues.
+    pub transport: MmioTransportState,
+}
+
+/// The vsock device's checkpoint: the device and its transport.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VsockSnapshot {
+    /// Its CID, host socket and window.
+    pub device: VsockState,
     /// The virtio-mmio transport and its queues.
     pub transport: MmioTransportState,
 }
@@ -61,16 +71,19 @@ pub struct MachineState {
     /// The VM generation ID device (absent in checkpoints older than it).
     #[serde(default)]
     pub vmgenid: Option<VmGenIdState>,
+    /// The vsock device (absent from checkpoints of VMs without one, and older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSnapshot>,
 }
 
 /// The objects of a VM a machine state is restored into (a running VM's, or those of one
 /// just built for a checkpoint).
-pub(super) struct RestoreTarget<'a> {
+pub(crate) struct RestoreTarget<'a> {
     /// The KVM VM.
     pub vm: &'a Vm,
     /// Every vCPU, by index.
     pub vcpus: &'a [SharedVcpuFd],
-    /// The virtio-mmio transports, in disk order.
+    /// The virtio-mmio transports: the disks' in disk order, then the vsock's.
     pub devices: &'a [Arc<Mutex<MmioTransport>>],
     /// The serial console.
     pub serial: &'a Mutex<Serial>,
@@ -78,6 +91,8 @@ pub(super) struct RestoreTarget<'a> {
     pub memory: &'a GuestMemoryMmap,
     /// The VM generation ID device.
     pub vmgenid: &'a VmGenId,
+    /// The vsock device.
+    pub vsock: Option<&'a AttachedVsock>,
 }
 
 impl MachineState {
@@ -88,6 +103,11 @@ impl MachineState {
         target.serial.restore((), &self.serial)?;
         for (device, saved) in target.devices.iter().zip(&self.disks) {
             device.restore((), &saved.transport)?;
+        }
+        // Its transport first: the device's reset event goes on the restored event queue.
+        if let (Some(vsock), Some(saved)) = (target.vsock, &self.vsock) {
+            vsock.transport.restore((), &saved.transport)?;
+            vsock.restore((), &saved.device)?;
         }
         for (fd, saved) in target.vcpus.iter().zip(&self.vcpus) {
             fd.lock().restore(VcpuRestoreArgs { first_time }, saved)?;
@@ -266,6 +286,13 @@ impl VmHandle {
                 transport: device.save(())?,
             });
         }
+        let vsock = match &machine.vsock {
+            Some(vsock) => Some(VsockSnapshot {
+                device: vsock.save(())?,
+                transport: vsock.transport.save(())?,
+            }),
+            None => None,
+        };
         let serial = machine.serial.save(())?;
         let vm = machine.vm.save(())?;
         let mut vcpus = Vec::new();
@@ -285,6 +312,7 @@ impl VmHandle {
             serial,
             disks,
             vmgenid,
+            vsock,
         })
     }
 
@@ -340,6 +368,24 @@ impl VmHandle {
             fits(disk.restore(self.disk_args(index, &top), &saved.disk))?;
             fits(device.check(&saved.transport))?;
         }
+        match (&state.vsock, &machine.vsock) {
+            (Some(saved), Some(vsock)) => {
+                fits(vsock.check(&saved.device))?;
+                fits(vsock.transport.check(&saved.transport))?;
+            }
+            (None, None) => {}
+            (saved, _) => {
+                return Err(mismatch(format!(
+                    "the checkpoint {} a vsock device, this VM {}",
+                    if saved.is_some() { "has" } else { "has no" },
+                    if saved.is_some() {
+                        "has none"
+                    } else {
+                        "has one"
+                    },
+                )))
+            }
+        }
         Ok(())
     }
 
@@ -352,6 +398,7 @@ impl VmHandle {
             serial: &self.machine.serial,
             memory: &self.machine.memory,
             vmgenid: &self.machine.vmgenid,
+            vsock: self.machine.vsock.as_ref(),
         }
     }
 }

@@ -18,18 +18,15 @@ use storage::BlockDevice;
 
 use super::capture::{MachineState, RestoreTarget, VmHandle};
 use super::tracking::{Backing, Tracking};
-use crate::config::{default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig};
-use crate::devices::serial::Serial;
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::vmgenid::VmGenId;
+use crate::config::{
+    default_disk_name, BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig,
+};
 use crate::error::{Error, Result};
 use crate::machine::AttachedDisk;
 use crate::memory::persist::{self as memory_persist, MemoryLayer};
 use crate::memory::uffd::PageSource;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
-use crate::vcpu::SharedVcpuFd;
-use crate::vm::Vm;
 
 /// Largest page list a stream may announce (bytes of JSON).
 const MAX_STREAM_PAGE_LIST: u64 = 64 << 20;
@@ -75,6 +72,9 @@ pub struct RestoreOptions {
     /// image must show the same contents (an overlay on the saved image, as a clone's is)
     /// and have the same size, which the restore checks.
     pub disk_tops: Vec<(String, PathBuf)>,
+    /// The vsock device's host socket, instead of the one saved (the VM checkpointed may
+    /// still be running, bound to it).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 impl RestoreOptions {
@@ -99,6 +99,7 @@ impl std::fmt::Debug for RestoreOptions {
             .field("memory", &self.memory)
             .field("disks", &self.disks.as_ref().map(Vec::len))
             .field("disk_tops", &self.disk_tops)
+            .field("vsock_uds", &self.vsock_uds)
             .finish()
     }
 }
@@ -230,6 +231,10 @@ impl LoadedCheckpoint {
             }
             config.disks.push(entry);
         }
+        config.vsock = state.vsock.as_ref().map(|saved| VsockConfig {
+            guest_cid: saved.device.guest_cid,
+            uds: saved.device.uds.clone(),
+        });
         Ok(config)
     }
 
@@ -261,12 +266,9 @@ impl LoadedCheckpoint {
     /// are left quiesced for the caller to resume once the vCPUs exist.
     pub(crate) fn apply_new(
         &self,
-        vm: &Vm,
         memory: &GuestMemoryMmap,
-        vcpus: &[SharedVcpuFd],
-        devices: &[Arc<Mutex<MmioTransport>>],
-        serial: &Arc<Mutex<Serial>>,
         disks: &[AttachedDisk],
+        target: RestoreTarget<'_>,
     ) -> Result<()> {
         for (saved, disk) in self.machine.disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
@@ -276,16 +278,15 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
+        if let (Some(saved), Some(vsock)) = (&self.machine.vsock, target.vsock) {
+            vsock.check(&saved.device).map_err(|e| {
+                Error::Checkpoint(CheckpointError::Mismatch(format!(
+                    "{e} ({})",
+                    self.dir.display()
+                )))
+            })?;
+        }
         self.load_memory(memory)?;
-        let target = RestoreTarget {
-            vm,
-            vcpus,
-            devices,
-            serial,
-            memory,
-            // The new VM's device sits where every VM's does (the builder makes the same).
-            vmgenid: &VmGenId::default(),
-        };
         self.machine.restore_into(target, true)
     }
 }

@@ -44,7 +44,8 @@ use self::save::Saved;
 use crate::error::{Error, Result};
 use crate::machine::Machine;
 
-pub use self::capture::{DiskSnapshot, MachineState};
+pub(crate) use self::capture::RestoreTarget;
+pub use self::capture::{DiskSnapshot, MachineState, VsockSnapshot};
 pub(crate) use self::load::LoadedCheckpoint;
 pub use self::load::{MemorySource, RestoreOptions};
 pub use self::save::{CheckpointOptions, CheckpointReport};

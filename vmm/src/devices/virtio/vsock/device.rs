@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use parking_lot::Mutex;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -265,5 +266,70 @@ impl VirtioDevice for Vsock {
 
     fn quiesce(&mut self) -> Vec<(u16, Queue)> {
         self.stop_worker()
+    }
+}
+
+/// A [`Vsock`] the VM keeps a handle on besides its transport: the transport drives it as
+/// its [`VirtioDevice`], and a checkpoint load reaches it through the handle to reset its
+/// transport ([`Vsock::reset_transport`]). Locks are taken transport first, then device;
+/// the handle's users never hold the device while taking the transport.
+pub struct SharedVsock {
+    inner: Arc<Mutex<Vsock>>,
+    /// A copy, so [`VirtioDevice::queue_max_sizes`] can hand out a reference.
+    queue_sizes: [u16; 3],
+}
+
+impl std::fmt::Debug for SharedVsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedVsock").finish_non_exhaustive()
+    }
+}
+
+impl SharedVsock {
+    /// Wraps `device`; answers the transport's device and the VM's handle.
+    pub fn new(device: Vsock) -> (SharedVsock, Arc<Mutex<Vsock>>) {
+        let queue_sizes = device.queue_sizes;
+        let inner = Arc::new(Mutex::new(device));
+        (
+            SharedVsock {
+                inner: inner.clone(),
+                queue_sizes,
+            },
+            inner,
+        )
+    }
+}
+
+impl VirtioDevice for SharedVsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.lock().features()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.inner.lock().read_config(offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.inner.lock().write_config(offset, data)
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<()> {
+        self.inner.lock().activate(activation)
+    }
+
+    fn reset(&mut self) {
+        self.inner.lock().reset()
+    }
+
+    fn quiesce(&mut self) -> Vec<(u16, Queue)> {
+        self.inner.lock().quiesce()
     }
 }

@@ -11,23 +11,24 @@
 //!   (connections, half-open host connections, control backlog, read-ahead);
 //! - [`device`]: the [`super::VirtioDevice`] (RX, TX and event queues, the CID in config
 //!   space) and its worker thread; [`Vsock::reset_transport`] queues
-//!   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET for a restored guest.
+//!   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET for a restored guest; [`SharedVsock`], the device
+//!   as its transport drives it while the VM keeps a handle for checkpoint loads;
+//! - [`persist`]: what a checkpoint records (CID, window) and what a load does (drop the
+//!   host connections, owe the guest the transport reset), as Firecracker does.
 //!
-//! Not yet wired (see docs/DESIGN.md §11): the `--vsock cid=N,uds=PATH` option, the builder
-//! and ACPI entry, a `persist.rs` (the device keeps no state worth saving beyond its queues:
-//! a restore is a fresh device plus [`Vsock::reset_transport`]), and the micro-guest's agent
-//! workload.
+//! The builder attaches it after the disks (`--vsock cid=N,uds=PATH`, DESIGN.md §11).
 
 pub mod connection;
 pub mod device;
 pub mod host;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 
 #[cfg(test)]
 mod tests;
 
-pub use device::{Vsock, VsockConfig};
+pub use device::{SharedVsock, Vsock, VsockConfig};
 
 /// The virtio device type of vsock.
 pub const DEVICE_TYPE: u32 = 19;
