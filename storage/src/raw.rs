@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
-use crate::ImageFormat;
+use crate::format::ImageFormat;
 
 /// A raw image file. Its virtual size is the file's length at open.
 #[derive(Debug)]

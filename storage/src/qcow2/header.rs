@@ -133,7 +133,7 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Reads the bytes a header parse needs: the first cluster (or the whole file when shorter),
 /// found by peeking at `cluster_bits` first.
-pub(crate) fn read_first_cluster(file: &crate::file::ImageFile) -> Result<Vec<u8>> {
+pub fn read_first_cluster(file: &crate::file::ImageFile) -> Result<Vec<u8>> {
     let file_len = file.len()?;
     let mut first = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
     file.read_at(&mut first, 0)?;
@@ -549,6 +549,14 @@ fn feature_table() -> Vec<u8> {
         out.extend_from_slice(&entry);
     }
     out
+}
+
+/// Writes the header (with its extensions and backing name) into the first cluster.
+pub fn write_header(file: &crate::file::ImageFile, header: &mut Header) -> Result<()> {
+    let buf = header.serialize()?;
+    let used = buf.iter().rposition(|&b| b != 0).map_or(512, |p| p + 1);
+    let len = used.div_ceil(512) * 512;
+    file.write_at(&buf[..len.min(buf.len())], 0)
 }
 
 #[cfg(test)]
