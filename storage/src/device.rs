@@ -96,6 +96,13 @@ pub trait BlockDevice: Send + Sync {
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
 
+    /// Whether this layer's format was guessed from its first bytes because none was given.
+    /// A writable probed raw image refuses guest writes that would make it probe as another
+    /// format; a VMM should warn and ask for an explicit format.
+    fn format_probed(&self) -> bool {
+        false
+    }
+
     /// Static facts about this layer.
     fn info(&self) -> ImageInfo;
 

@@ -40,3 +40,30 @@ impl std::str::FromStr for ImageFormat {
         }
     }
 }
+
+/// Formats QEMU recognises by their first bytes, with where their magic sits.
+const MAGICS: &[(&str, usize, &[u8])] = &[
+    ("qcow2", 0, b"QFI\xfb"),
+    ("qed", 0, b"QED\0"),
+    ("vmdk", 0, b"KDMV"),
+    ("vmdk", 0, b"COWD"),
+    ("vmdk", 0, b"# Disk DescriptorFile"),
+    ("vdi", 64, &[0x7f, 0x10, 0xda, 0xbe]),
+    ("vhdx", 0, b"vhdxfile"),
+    ("vpc", 0, b"conectix"),
+    ("luks", 0, b"LUKS\xba\xbe"),
+    ("parallels", 0, b"WithoutFreeSpace"),
+    ("parallels", 0, b"WithouFreSpacExt"),
+    ("bochs", 0, b"Bochs Virtual HD Image"),
+    ("cloop", 0, b"#!/bin/sh\n#V2.0 Format\n"),
+];
+
+/// The format other than raw that an image whose first bytes are `head` would be probed as
+/// (by snapvmm or by QEMU), if any. A guest must never be able to make its raw disk look
+/// like one: the next probe would follow a backing file name of the guest's choosing.
+pub fn foreign_magic(head: &[u8]) -> Option<&'static str> {
+    MAGICS
+        .iter()
+        .find(|(_, at, magic)| head.get(*at..*at + magic.len()) == Some(*magic))
+        .map(|(name, _, _)| *name)
+}

@@ -17,9 +17,11 @@
 
 pub mod device;
 pub mod error;
+pub mod fault;
 pub mod file;
 pub mod format;
 pub mod live;
+pub mod lock;
 pub mod open;
 pub mod options;
 pub mod qcow2;

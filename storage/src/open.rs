@@ -73,17 +73,30 @@ fn open_layer(
         )));
     }
     let read_only = options.read_only || is_backing;
+    let probed = format.is_none();
     let format = match format {
         Some(f) => f,
         None => probe_format(path)?,
     };
     match format {
-        ImageFormat::Raw => Ok(Arc::new(RawImage::open(path, read_only, options.direct)?)),
+        ImageFormat::Raw => {
+            let mut image = RawImage::open(path, read_only, options.direct)?;
+            if let Some(mode) = options.lock_mode(read_only)? {
+                image.lock(mode)?;
+            }
+            if probed {
+                image.set_format_probed();
+            }
+            Ok(Arc::new(image))
+        }
         ImageFormat::Qcow2 => {
-            let image = Qcow2Image::open_with(path, read_only, options, |name, fmt| {
+            let mut image = Qcow2Image::open_with(path, read_only, options, |name, fmt| {
                 let backing_path = resolve_backing_path(path, name);
                 open_layer(&backing_path, fmt, options, true, depth + 1, seen)
             })?;
+            if probed {
+                image.set_format_probed();
+            }
             Ok(Arc::new(image))
         }
     }

@@ -1,6 +1,8 @@
 //! How an image is opened: the options every layer of a chain is opened with.
 
+use crate::error::{Error, Result};
 use crate::format::ImageFormat;
+use crate::lock::LockMode;
 
 /// Deepest backing chain opened by default; deeper chains are refused as likely loops or abuse.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 64;
@@ -22,6 +24,12 @@ pub struct OpenOptions {
     pub refcount_cache_bytes: Option<usize>,
     /// Deepest chain accepted.
     pub max_chain_depth: usize,
+    /// Claim every layer with QEMU-compatible OFD locks (see [`crate::lock`]): refuse a
+    /// second writer, and a writer on an image another process reads as a backing file.
+    pub locking: bool,
+    /// Read-only opens share every permission (`qemu-img -U`): inspect an image another
+    /// process is writing. Refused for a writable open.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -34,6 +42,27 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             refcount_cache_bytes: None,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            locking: true,
+            force_share: false,
         }
+    }
+}
+
+impl OpenOptions {
+    /// The lock a layer opened read-only (or not) with these options takes, if any.
+    pub fn lock_mode(&self, read_only: bool) -> Result<Option<LockMode>> {
+        if !self.locking {
+            return Ok(None);
+        }
+        Ok(Some(match (read_only, self.force_share) {
+            (false, true) => {
+                return Err(Error::InvalidArgument(
+                    "force-share can only be used with read-only images".into(),
+                ))
+            }
+            (false, false) => LockMode::Write,
+            (true, false) => LockMode::Read,
+            (true, true) => LockMode::SharedRead,
+        }))
     }
 }

@@ -201,7 +201,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     }
     let temp = temporary_name(path);
     let written = write_image(&temp, &mut header, &layout).and_then(|()| {
-        std::fs::rename(&temp, path).map_err(|e| Error::io(path, "rename new image into place", e))
+        crate::file::rename(&temp, path)
+            .map_err(|e| Error::io(path, "rename new image into place", e))
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);

@@ -257,7 +257,10 @@ impl Header {
             ));
         }
         h.parse_extensions(path, buf)?;
-        if h.backing_file_offset != 0 {
+        // An empty name means no backing file, as in QEMU (whose check of the name length
+        // is the same with or without it); taken as a name it would resolve to the image's
+        // own directory.
+        if h.backing_file_offset != 0 && h.backing_file_size != 0 {
             let limit = cluster_size.min(buf.len() as u64);
             let end = h
                 .backing_file_offset
@@ -607,6 +610,16 @@ mod tests {
         let buf = h.serialize().unwrap();
         let err = Header::parse(Path::new("x"), &buf, 0x40000).unwrap_err();
         assert!(err.to_string().contains("unknown incompatible"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_backing_name_means_no_backing_file() {
+        let mut h = sample();
+        let mut buf = h.serialize().unwrap();
+        // Keep the offset, make the name empty (QEMU: no backing file).
+        buf[16..20].copy_from_slice(&0u32.to_be_bytes());
+        let parsed = Header::parse(Path::new("x"), &buf, 0x40000).unwrap();
+        assert_eq!(parsed.backing_file, None);
     }
 
     #[test]

@@ -525,6 +525,13 @@ impl Refcounts {
         Ok(wrote)
     }
 
+    /// Marks every cached slice dirty: after a failed fsync the kernel may have dropped what
+    /// was written, so the next flush writes it all again. The cache always holds values
+    /// that are safe on disk (decrements come only after the mappings are durable).
+    pub fn mark_cached_dirty(&mut self) {
+        self.slices.values_mut().for_each(|s| s.dirty = true);
+    }
+
     /// Whether any refcount slice is waiting to be written.
     pub fn is_dirty(&self) -> bool {
         self.slices.values().any(|s| s.dirty)

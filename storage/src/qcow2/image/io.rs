@@ -479,6 +479,10 @@ impl BlockDevice for Qcow2Image {
         self.is_read_only()
     }
 
+    fn format_probed(&self) -> bool {
+        self.format_probed
+    }
+
     fn info(&self) -> ImageInfo {
         self.info.clone()
     }

@@ -61,7 +61,6 @@ impl Qcow2Image {
         self.decode(slice.get(index), guest_cluster)
     }
 
-
     /// Splits `[offset, offset+len)` at cluster boundaries.
     pub(in crate::qcow2) fn clusters(
         &self,

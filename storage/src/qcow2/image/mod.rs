@@ -97,6 +97,8 @@ pub struct Qcow2Image {
     pub(super) metadata: Arc<MetadataMap>,
     /// Bytes the snapshot table occupies on disk.
     pub(super) snapshot_table_bytes: u64,
+    /// The format was guessed from the first bytes, not given.
+    pub(super) format_probed: bool,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -119,6 +121,12 @@ impl Qcow2Image {
             layer = l.backing();
         }
         depth
+    }
+
+    /// Records that the image was opened without an explicit format (see
+    /// [`BlockDevice::format_probed`]).
+    pub(crate) fn set_format_probed(&mut self) {
+        self.format_probed = true;
     }
 
     /// Whether writes are refused.

@@ -45,7 +45,11 @@ impl Qcow2Image {
             tracing::warn!(path = %path.display(), "image is marked corrupt: opening read-only");
             read_only = true;
         }
-        let file = ImageFile::open(path, read_only, options.direct)?;
+        let mut file = ImageFile::open(path, read_only, options.direct)?;
+        // Claimed before anything is written (a dirty-image rebuild, a header update).
+        if let Some(mode) = options.lock_mode(read_only)? {
+            file.lock(mode)?;
+        }
         let file_len = file.len()?;
         let was_dirty = !read_only && hdr.incompatible_features & INCOMPAT_DIRTY != 0;
         if was_dirty {
@@ -182,6 +186,7 @@ impl Qcow2Image {
             snapshots,
             snapshot_table_bytes,
             metadata,
+            format_probed: false,
             file,
         };
         if was_dirty {

@@ -4,10 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::Qcow2Image;
+use super::{Meta, Qcow2Image};
 use crate::device::BlockDevice;
 use crate::error::Result;
 use crate::format::ImageFormat;
+use crate::lock::LockMode;
 use crate::qcow2::header::write_header;
 
 impl Qcow2Image {
@@ -19,7 +20,8 @@ impl Qcow2Image {
         }
         self.close()?;
         self.read_only.store(true, Ordering::Release);
-        Ok(())
+        // Other processes may read it now, and may no longer write it.
+        self.file.set_lock_mode(LockMode::Read)
     }
 
     /// Rewrites the backing file pointer in the header (name and backing-format extension;
@@ -47,16 +49,23 @@ impl Qcow2Image {
     }
 
     /// Writes dirty metadata back in crash-safe order, then applies deferred frees.
+    ///
+    /// A failure leaves everything that was not made durable still pending: data stays
+    /// marked unsynced, L2 slices and L1 sectors stay dirty (also those written but not
+    /// synced: after a failed fsync the kernel may have dropped them), refcount slices
+    /// likewise, and unapplied frees stay queued. A retried flush therefore writes and
+    /// syncs again instead of reporting success over a lost write.
     pub(in crate::qcow2) fn writeback(&self) -> Result<()> {
         if self.is_read_only() {
             return Ok(());
         }
         let mut meta = self.meta.lock();
         self.dirtied.store(0, Ordering::Relaxed);
+        // Cleared before the syncs so that writes acknowledged meanwhile set it again; put
+        // back on any failure below.
         let data_written = self.unsynced.swap(false, Ordering::AcqRel);
-        let dirty_slices = self.l2_cache.dirty_slices();
         if !data_written
-            && dirty_slices.is_empty()
+            && !self.l2_cache.has_dirty()
             && meta.l1_dirty.is_empty()
             && meta.pending_frees.is_empty()
             && !meta.refcounts.is_dirty()
@@ -64,27 +73,39 @@ impl Qcow2Image {
             // Nothing since the last barrier: skip the fsyncs.
             return Ok(());
         }
+        let result = self.writeback_locked(&mut meta);
+        if result.is_err() {
+            self.unsynced.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    fn writeback_locked(&self, meta: &mut Meta) -> Result<()> {
         // 1. Refcount blocks (covering every cluster any dirty L2 entry can point at), and
         //    the data written so far, reach the disk.
         meta.refcounts.flush(&self.file)?;
-        self.file.sync()?;
-        // 2. L2 slices (collected again: writers may have dirtied more meanwhile).
-        drop(dirty_slices);
+        if let Err(e) = self.file.sync() {
+            meta.refcounts.mark_cached_dirty();
+            return Err(e);
+        }
+        // 2. L2 slices.
         let dirty = self.l2_cache.dirty_slices();
-        for slice in &dirty {
+        for (k, slice) in dirty.iter().enumerate() {
             let raw = slice.take_for_writeback();
             if let Err(e) = self.file.write_at(&raw, slice.offset) {
-                slice.mark_dirty();
+                dirty[..=k].iter().for_each(|s| s.mark_dirty());
                 return Err(e);
             }
         }
         if !dirty.is_empty() {
-            self.file.sync()?;
+            if let Err(e) = self.file.sync() {
+                dirty.iter().for_each(|s| s.mark_dirty());
+                return Err(e);
+            }
         }
-        // 3. L1 sectors.
+        // 3. L1 sectors, forgotten only once synced.
         if !meta.l1_dirty.is_empty() {
-            let sectors: Vec<u64> = std::mem::take(&mut meta.l1_dirty).into_iter().collect();
-            for sector in sectors {
+            for &sector in meta.l1_dirty.iter() {
                 let first = (sector * 64) as usize;
                 let last = (first + 64).min(self.l1.len());
                 let mut raw = Vec::with_capacity(512);
@@ -94,10 +115,12 @@ impl Qcow2Image {
                 self.file.write_at(&raw, self.l1_offset + sector * 512)?;
             }
             self.file.sync()?;
+            meta.l1_dirty.clear();
         }
-        // 4. Only now may references dropped by those mappings be released.
-        let frees = std::mem::take(&mut meta.pending_frees);
-        for (offset, len) in frees {
+        // 4. Only now may references dropped by those mappings be released. A free that
+        //    fails is dropped, not retried: it may have been applied in part, and a leak is
+        //    safe where a second decrement is not.
+        while let Some((offset, len)) = meta.pending_frees.pop() {
             meta.refcounts.update_range(&self.file, offset, len, -1)?;
         }
         Ok(())
