@@ -225,6 +225,13 @@ impl ImageFile {
         if self.direct && !is_aligned(buf, offset) {
             return self.read_bounced(buf, offset);
         }
+        fault::check(Op::Read, &self.path).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("read {} bytes at {:#x}", buf.len(), offset),
+                e,
+            )
+        })?;
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {

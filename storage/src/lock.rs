@@ -232,17 +232,19 @@ impl ImageLock {
             id,
             path: path.to_path_buf(),
         };
-        match lock.claim(&mut registry, mode) {
+        let claimed = lock.claim(&mut registry, mode);
+        if claimed.is_err() {
+            lock.forget(&mut registry);
+        }
+        // Released before `lock` can be dropped: its drop takes the registry again.
+        drop(registry);
+        match claimed {
             Ok(()) => Ok(Some(lock)),
             Err(Claim::Unsupported(e)) => {
                 tracing::warn!(path = %path.display(), error = %e, "file system cannot lock the image: opening it unlocked");
-                lock.forget(&mut registry);
                 Ok(None)
             }
-            Err(Claim::Refused(e)) => {
-                lock.forget(&mut registry);
-                Err(e)
-            }
+            Err(Claim::Refused(e)) => Err(e),
         }
     }
 

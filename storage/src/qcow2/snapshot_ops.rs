@@ -252,7 +252,6 @@ impl Qcow2Image {
         self.update_refcounts(&refs, 1)?;
         self.flush_refcounts()?;
 
-        // 3. Commit: the new table, switched to by one header write.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -276,12 +275,15 @@ impl Qcow2Image {
             icount: -1,
             extra_unknown: Vec::new(),
         };
+        // 3. The active tables are about to share everything: COPIED goes first (as QEMU
+        //    does it), so that at every point the flags agree with the refcounts on disk,
+        //    which already count the snapshot's references.
+        self.clear_copied_flags()?;
+
+        // 4. Commit: the new table, switched to by one header write.
         let mut entries = self.snapshots.clone();
         entries.push(entry.clone());
         self.commit_table(entries)?;
-
-        // 4. The active tables now share everything: COPIED goes.
-        self.clear_copied_flags()?;
 
         // 5. The VM state belongs to the snapshot alone; keeping it in the active layer would
         //    only force copies on the next snapshot (QEMU drops it too).
@@ -313,6 +315,17 @@ impl Qcow2Image {
             .find_snapshot(id_or_name)
             .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
         let snapshot = self.snapshots[index].clone();
+        // Snapshot L1 tables are not validated at open (see `mark_metadata`): now is the time.
+        let file_len = self.file.len()?;
+        let l1_end = snapshot
+            .l1_table_offset
+            .checked_add(snapshot.l1_size as u64 * 8);
+        if l1_end.is_none_or(|end| end > file_len) {
+            return Err(self.invalid(format!(
+                "snapshot '{}': L1 table at {:#x} ({} entries) lies past the end of the file",
+                snapshot.name, snapshot.l1_table_offset, snapshot.l1_size
+            )));
+        }
         self.settle()?;
         self.set_dirty(true)?;
 

@@ -55,10 +55,11 @@ impl Qcow2Image {
                 if host.is_none() {
                     continue;
                 }
-                // A shared table's entries never carry COPIED: their clusters are reached
-                // through every owner of the table.
-                let count = counts.next();
-                let copied = owned && count == Some(1);
+                // COPIED follows the cluster's own refcount, as QEMU's check wants it. In a
+                // table truly shared with a snapshot every cluster is counted once per owner,
+                // so none has refcount 1; a table whose refcount is only too high (a leaked
+                // reference left by a crash) still has its clusters' exact counts.
+                let copied = counts.next() == Some(1);
                 new_table[j] = if copied {
                     table[j] | OFLAG_COPIED
                 } else {

@@ -110,14 +110,13 @@ impl Qcow2Image {
         let (snapshots, snapshot_table_bytes) = load_snapshots(&file, &hdr, file_len)?;
         let metadata = refcounts.metadata.clone();
         mark_metadata(
-            &file,
             &hdr,
             &l1,
             &refcounts.table,
             &snapshots,
             snapshot_table_bytes,
             &metadata,
-        )?;
+        );
 
         let backing = match (&hdr.backing_file, options.open_backing) {
             (Some(name), true) => {
@@ -197,17 +196,23 @@ impl Qcow2Image {
     }
 }
 
-/// Records every metadata cluster of a freshly opened image: header, active L1 and its L2
-/// tables, refcount table and blocks, snapshot table, and every snapshot's L1 and L2 tables.
+/// Records every metadata cluster of a freshly opened image that the header and the tables
+/// already in memory name: header, active L1 and its L2 tables, refcount table and blocks,
+/// snapshot table and every snapshot's L1 table.
+///
+/// Snapshot L1 tables are not read here: an image may have thousands of snapshots with L1
+/// tables of up to 32 MiB each, and opening must cost time and memory bounded by what it
+/// needs (they are read when a snapshot is applied, deleted or checked). Their L2 tables are
+/// therefore not in the map, as QEMU's default overlap check ("cached") leaves inactive L2
+/// tables out too; the allocator never hands them out, since their refcount is not 0.
 fn mark_metadata(
-    file: &ImageFile,
     hdr: &Header,
     l1: &[AtomicU64],
     refcount_table: &[u64],
     snapshots: &[SnapshotEntry],
     snapshot_table_bytes: u64,
     map: &MetadataMap,
-) -> Result<()> {
+) {
     let cs = hdr.cluster_size();
     let bits = hdr.cluster_bits;
     let clusters = |bytes: u64| bytes.div_ceil(cs).max(1);
@@ -223,30 +228,19 @@ fn mark_metadata(
     for &block in refcount_table.iter().filter(|&&b| b != 0) {
         map.insert(block >> bits, 1);
     }
-    let mark_l1 = |entries: &mut dyn Iterator<Item = u64>| {
-        for e in entries {
-            let l2 = e & crate::qcow2::entry::OFFSET_MASK;
-            if l2 != 0 {
-                map.insert(l2 >> bits, 1);
-            }
+    for e in l1 {
+        let l2 = e.load(Ordering::Relaxed) & crate::qcow2::entry::OFFSET_MASK;
+        if l2 != 0 {
+            map.insert(l2 >> bits, 1);
         }
-    };
-    mark_l1(&mut l1.iter().map(|e| e.load(Ordering::Relaxed)));
+    }
     if snapshot_table_bytes > 0 {
         map.insert(hdr.snapshots_offset >> bits, clusters(snapshot_table_bytes));
     }
     for snapshot in snapshots {
         let bytes = snapshot.l1_size as u64 * 8;
         map.insert(snapshot.l1_table_offset >> bits, clusters(bytes));
-        let mut raw = vec![0u8; bytes as usize];
-        file.read_at(&mut raw, snapshot.l1_table_offset)?;
-        mark_l1(
-            &mut raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
-        );
     }
-    Ok(())
 }
 
 /// Reads and parses the snapshot table named by the header.
