@@ -14,7 +14,7 @@
 //! it does (a live snapshot reopens its old top read-only while the top is still open, a
 //! commit reopens a backing file writable): every open of an inode shares one lock
 //! description, which holds the union of what its users need, and only other processes are
-//! tested against. The last user to go closes it, releasing its locks.
+//! tested against. The last user to go unlocks and closes it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -306,11 +306,12 @@ impl ImageLock {
             return;
         };
         entry.holders.remove(&self.id);
+        // Unlocked explicitly, not by closing: a child forked by another thread (before its
+        // exec closes the descriptors) can keep the open file description, and its locks,
+        // alive after this process closed every descriptor of it.
+        entry.settle(&self.path);
         if entry.holders.is_empty() {
-            // Closing the description releases its locks.
             registry.remove(&self.key);
-        } else {
-            entry.settle(&self.path);
         }
     }
 }
