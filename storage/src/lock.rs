@@ -213,19 +213,16 @@ impl ImageLock {
         let key = (meta.dev(), meta.ino());
         let id = NEXT_HOLDER.fetch_add(1, Ordering::Relaxed);
         let mut registry = REGISTRY.lock();
-        if !registry.contains_key(&key) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = registry.entry(key) {
             let dup = file
                 .try_clone()
                 .map_err(|e| Error::io(path, "dup for locking", e))?;
-            registry.insert(
-                key,
-                Entry {
-                    file: dup,
-                    holders: BTreeMap::new(),
-                    locked_perm: 0,
-                    locked_unshared: 0,
-                },
-            );
+            slot.insert(Entry {
+                file: dup,
+                holders: BTreeMap::new(),
+                locked_perm: 0,
+                locked_unshared: 0,
+            });
         }
         let lock = ImageLock {
             key,
