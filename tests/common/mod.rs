@@ -142,6 +142,8 @@ fn json_u64(output: &str, key: &str) -> u64 {
 pub fn qemu_check(path: &Path) -> CheckResult {
     let args = [
         "check".to_string(),
+        // -U: the test process may hold the image open itself (image locking).
+        "-U".to_string(),
         "--output=json".to_string(),
         "-f".to_string(),
         "qcow2".to_string(),
@@ -167,6 +169,7 @@ pub fn assert_check_clean(path: &Path) {
             "qemu-img",
             &[
                 "check".as_ref(),
+                "-U".as_ref(),
                 "-f".as_ref(),
                 "qcow2".as_ref(),
                 path.as_os_str(),
@@ -188,6 +191,7 @@ pub fn assert_check_consistent(path: &Path) -> CheckResult {
             "qemu-img",
             &[
                 "check".as_ref(),
+                "-U".as_ref(),
                 "-f".as_ref(),
                 "qcow2".as_ref(),
                 path.as_os_str(),
@@ -208,6 +212,7 @@ pub fn qemu_read_all(path: &Path) -> Vec<u8> {
     let raw = dir.path().join("converted.raw");
     qemu_img(&[
         "convert".as_ref(),
+        "-U".as_ref(),
         "-O".as_ref(),
         "raw".as_ref(),
         path.as_os_str(),
@@ -222,6 +227,7 @@ pub fn assert_qemu_compare_equal(qcow2: &Path, raw: &Path) {
         "qemu-img",
         &[
             "compare".as_ref(),
+            "-U".as_ref(),
             "-f".as_ref(),
             "qcow2".as_ref(),
             "-F".as_ref(),
