@@ -33,7 +33,7 @@ impl RawImage {
         })
     }
 
-    /// Claims the image (see [`crate::lock`]), as [`crate::open`] does.
+    /// Claims the image (see [`crate::lock`]), as [`crate::open()`] does.
     pub fn lock(&mut self, mode: LockMode) -> Result<()> {
         self.file.lock(mode)
     }
