@@ -553,6 +553,7 @@ fn internal_snapshots_show_a_vm_size_in_qemu_img() {
     let listing = qemu_img(&[
         "snapshot",
         "-l",
+        "-U",
         world.dir.join("vda.qcow2").to_str().unwrap(),
     ]);
     let line = listing

@@ -24,7 +24,7 @@ pub struct InfoArgs {
     /// Show every image of the backing chain, top first.
     #[arg(short = 'b', long = "backing-chain")]
     pub backing_chain: bool,
-    /// Accepted for qemu-img compatibility (images are opened read-only anyway).
+    /// Inspect an image another process may be writing (no lock refusing its writes).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.
@@ -87,11 +87,12 @@ struct Facts {
 
 /// Opens one image file (not its backing chain, as qemu-img info does, so that an image
 /// whose backing file is missing can still be inspected) and gathers its facts.
-fn gather(path: &Path, format: Option<ImageFormat>) -> Result<Facts, CliError> {
+fn gather(path: &Path, format: Option<ImageFormat>, force_share: bool) -> Result<Facts, CliError> {
     let options = OpenOptions {
         read_only: true,
         open_backing: false,
         format,
+        force_share,
         ..OpenOptions::default()
     };
     let device = storage::open(path, &options).map_err(|e| CliError::open(path, e))?;
@@ -401,7 +402,7 @@ fn facts_human(f: &Facts) -> String {
 
 /// Runs `snapvmm img info`.
 pub fn run(args: InfoArgs) -> Result<u8, CliError> {
-    let mut images = vec![gather(&args.file, args.format)?];
+    let mut images = vec![gather(&args.file, args.format, args.force_share)?];
     if args.backing_chain {
         let mut seen = HashSet::new();
         if let Ok(c) = std::fs::canonicalize(&args.file) {
@@ -431,7 +432,7 @@ pub fn run(args: InfoArgs) -> Result<u8, CliError> {
                     storage::DEFAULT_MAX_CHAIN_DEPTH
                 )));
             }
-            images.push(gather(&path, format)?);
+            images.push(gather(&path, format, args.force_share)?);
         }
     }
     match args.output {

@@ -26,7 +26,7 @@ pub struct MapArgs {
     /// Map at most this many bytes.
     #[arg(long = "max-length", value_parser = parse_size_arg)]
     pub max_length: Option<u64>,
-    /// Accepted for qemu-img compatibility (images are opened read-only anyway).
+    /// Inspect an image another process may be writing (no lock refusing its writes).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// The image.
@@ -123,6 +123,7 @@ pub fn run(args: MapArgs) -> Result<u8, CliError> {
         args.format,
         OpenOptions {
             read_only: true,
+            force_share: args.force_share,
             ..OpenOptions::default()
         },
     )?;

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::ImageFormat;
+use crate::format::ImageFormat;
 
 /// Where the data of a guest range lives, as reported by [`BlockDevice::block_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +96,13 @@ pub trait BlockDevice: Send + Sync {
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
 
+    /// Whether this layer's format was guessed from its first bytes because none was given.
+    /// A writable probed raw image refuses guest writes that would make it probe as another
+    /// format; a VMM should warn and ask for an explicit format.
+    fn format_probed(&self) -> bool {
+        false
+    }
+
     /// Static facts about this layer.
     fn info(&self) -> ImageInfo;
 
@@ -105,9 +112,10 @@ pub trait BlockDevice: Send + Sync {
     /// The file this layer lives in.
     fn path(&self) -> &Path;
 
-    /// This layer as a qcow2 image, for operations only qcow2 has (snapshots, backing
-    /// pointer changes).
-    fn as_qcow2(&self) -> Option<&crate::qcow2::Qcow2Image> {
+    /// This layer as `Any`, for downcasts to a format's own type (see
+    /// `as_qcow2` on `dyn BlockDevice`, defined with the qcow2 layer so that this trait does
+    /// not depend on any format). Layers without format-specific operations keep `None`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
 }

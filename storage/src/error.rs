@@ -59,6 +59,14 @@ pub enum Error {
     /// A caller passed an argument that cannot work (bad cluster size, bad option value ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// Another process holds the image in a way that excludes this use (image locking).
+    #[error("{path}: {reason}")]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// The conflict, in QEMU's words ("Failed to get \"write\" lock").
+        reason: String,
+    },
     /// The image filled the address space the format can describe, or the host ran out of space.
     #[error("{path}: no space: {reason}")]
     NoSpace {

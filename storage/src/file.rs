@@ -1,13 +1,15 @@
 //! Positional I/O on an image file, buffered or with `O_DIRECT`.
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::lock_api::RawMutex as _;
 use parking_lot::RawMutex;
 
 use crate::error::{Error, Result};
+use crate::fault::{self, Op};
+use crate::lock::{ImageLock, LockMode};
 
 /// Memory and offset alignment used for `O_DIRECT` transfers. 4 KiB suits every logical block
 /// size Linux file systems use.
@@ -24,6 +26,8 @@ pub struct ImageFile {
     /// of the blocks around it; any write touching a block holds that block's stripe so an
     /// RMW never puts back stale bytes over a neighbour's concurrent write.
     block_locks: [RawMutex; BLOCK_STRIPES],
+    /// This open's claim on the image (see [`crate::lock`]), when it took one.
+    lock: Option<ImageLock>,
 }
 
 impl std::fmt::Debug for ImageFile {
@@ -153,25 +157,44 @@ impl ImageFile {
             direct,
             read_only,
             block_locks: [const { RawMutex::INIT }; BLOCK_STRIPES],
+            lock: None,
         })
     }
 
-    /// Creates (or truncates) `path` for writing.
+    /// Creates (or truncates) `path` for writing; a new file is private (see
+    /// [`create_private_file`]).
     pub fn create(path: &Path) -> Result<Self> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| Error::io(path, "create", e))?;
+        let file = create_private_file(path).map_err(|e| Error::io(path, "create", e))?;
         Ok(ImageFile {
             file,
             path: path.to_path_buf(),
             direct: false,
             read_only: false,
             block_locks: [const { RawMutex::INIT }; BLOCK_STRIPES],
+            lock: None,
         })
+    }
+
+    /// Claims the image in `mode` (see [`crate::lock`]): refused with [`Error::Locked`] when
+    /// another process's claim conflicts. Held until the file is closed.
+    pub fn lock(&mut self, mode: LockMode) -> Result<()> {
+        if mode == LockMode::Write && self.read_only {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a read-only open cannot take a write lock",
+                self.path.display()
+            )));
+        }
+        let lock = ImageLock::acquire(&self.path, &self.file, mode)?;
+        self.lock = lock;
+        Ok(())
+    }
+
+    /// Changes the claim taken by [`ImageFile::lock`] (nothing when none was taken).
+    pub fn set_lock_mode(&self, mode: LockMode) -> Result<()> {
+        match &self.lock {
+            Some(lock) => lock.set_mode(mode),
+            None => Ok(()),
+        }
     }
 
     /// The file's path.
@@ -202,6 +225,13 @@ impl ImageFile {
         if self.direct && !is_aligned(buf, offset) {
             return self.read_bounced(buf, offset);
         }
+        fault::check(Op::Read, &self.path).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("read {} bytes at {:#x}", buf.len(), offset),
+                e,
+            )
+        })?;
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -236,13 +266,15 @@ impl ImageFile {
     }
 
     fn write_plain(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                &self.path,
-                format!("write {} bytes at {:#x}", buf.len(), offset),
-                e,
-            )
-        })
+        fault::check(Op::Write, &self.path)
+            .and_then(|()| self.file.write_all_at(buf, offset))
+            .map_err(|e| {
+                Error::io(
+                    &self.path,
+                    format!("write {} bytes at {:#x}", buf.len(), offset),
+                    e,
+                )
+            })
     }
 
     fn aligned_span(buf_len: usize, offset: u64) -> (u64, usize) {
@@ -278,15 +310,15 @@ impl ImageFile {
 
     /// `fdatasync`: every completed write is durable when this returns.
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        fault::check(Op::Sync, &self.path)
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| Error::io(&self.path, "fdatasync", e))
     }
 
     /// Sets the file's length.
     pub fn set_len(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
+        fault::check(Op::Truncate, &self.path)
+            .and_then(|()| self.file.set_len(len))
             .map_err(|e| Error::io(&self.path, "truncate", e))
     }
 
@@ -321,5 +353,59 @@ pub fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    fault::check(Op::Sync, dir)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Permissions of every file the engine creates: guest disks and memory are nobody else's
+/// business, whatever the umask says.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Permissions of every directory the engine creates.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `path` for reading and writing with mode 0600 whatever the umask, or opens and
+/// truncates it if it exists (an existing file keeps the mode its owner gave it).
+pub fn create_private_file(path: &Path) -> std::io::Result<File> {
+    fault::check(Op::Create, path)?;
+    let mut options = FsOpenOptions::new();
+    options.read(true).write(true).mode(PRIVATE_FILE_MODE);
+    match options.clone().create_new(true).open(path) {
+        Ok(file) => {
+            // The umask may have taken bits away; never added any, but say exactly 0600.
+            file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+            Ok(file)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            options.truncate(true).open(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates directory `path` and any missing parents with mode 0700 whatever the umask;
+/// directories that exist are left as they are.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)?;
+    }
+    fault::check(Op::Create, path)?;
+    match std::fs::DirBuilder::new()
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+    {
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE)),
+        // Created meanwhile by someone else: theirs to keep.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Renames `from` to `to` (replacing `to`), through the fault-injection layer so tests can
+/// fail it. The caller syncs the directory (see [`sync_parent_dir`]) when it must be durable.
+pub fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    fault::check(Op::Rename, to)?;
+    std::fs::rename(from, to)
 }

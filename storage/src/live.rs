@@ -86,7 +86,7 @@ impl std::fmt::Debug for LiveDisk {
 }
 
 impl LiveDisk {
-    /// Wraps the open chain `top` (usually from [`crate::open`]) as live disk `name`.
+    /// Wraps the open chain `top` (usually from [`crate::open()`]) as live disk `name`.
     pub fn new(name: impl Into<String>, top: Arc<dyn BlockDevice>) -> Arc<Self> {
         Arc::new(LiveDisk {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

@@ -6,45 +6,10 @@ use std::sync::Arc;
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
+use crate::format::ImageFormat;
+pub use crate::options::{OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
-use crate::ImageFormat;
-
-/// Deepest backing chain opened by default; deeper chains are refused as likely loops or abuse.
-pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 64;
-
-/// How to open an image.
-#[derive(Debug, Clone)]
-pub struct OpenOptions {
-    /// Refuse writes. Backing files are always opened read-only.
-    pub read_only: bool,
-    /// Use `O_DIRECT` (qemu's `-t none`); buffered otherwise.
-    pub direct: bool,
-    /// The top image's format; probed from its first bytes when `None`.
-    pub format: Option<ImageFormat>,
-    /// Open the backing chain (false: reads of unallocated clusters return zeroes).
-    pub open_backing: bool,
-    /// Bytes of L2 cache per qcow2 layer; `None` picks a cache covering 8 GiB of data.
-    pub l2_cache_bytes: Option<usize>,
-    /// Bytes of refcount cache per qcow2 layer; `None` picks a default.
-    pub refcount_cache_bytes: Option<usize>,
-    /// Deepest chain accepted.
-    pub max_chain_depth: usize,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            read_only: false,
-            direct: false,
-            format: None,
-            open_backing: true,
-            l2_cache_bytes: None,
-            refcount_cache_bytes: None,
-            max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
-        }
-    }
-}
 
 /// Reads the first bytes of `path` and names its format: qcow2 by magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<ImageFormat> {
@@ -85,7 +50,7 @@ pub fn resolve_backing_path(image: &Path, backing: &str) -> PathBuf {
     }
 }
 
-pub(crate) fn open_layer(
+fn open_layer(
     path: &Path,
     format: Option<ImageFormat>,
     options: &OpenOptions,
@@ -108,18 +73,46 @@ pub(crate) fn open_layer(
         )));
     }
     let read_only = options.read_only || is_backing;
+    let probed = format.is_none();
     let format = match format {
         Some(f) => f,
         None => probe_format(path)?,
     };
     match format {
-        ImageFormat::Raw => Ok(Arc::new(RawImage::open(path, read_only, options.direct)?)),
+        ImageFormat::Raw => {
+            let mut image = RawImage::open(path, read_only, options.direct)?;
+            if let Some(mode) = options.lock_mode(read_only)? {
+                image.lock(mode)?;
+            }
+            if probed {
+                image.set_format_probed();
+            }
+            Ok(Arc::new(image))
+        }
         ImageFormat::Qcow2 => {
-            let image = Qcow2Image::open_with(path, read_only, options, |name, fmt| {
+            let mut image = Qcow2Image::open_with(path, read_only, options, |name, fmt| {
                 let backing_path = resolve_backing_path(path, name);
                 open_layer(&backing_path, fmt, options, true, depth + 1, seen)
             })?;
+            if probed {
+                image.set_format_probed();
+            }
             Ok(Arc::new(image))
         }
+    }
+}
+
+impl Qcow2Image {
+    /// Opens a qcow2 image with its backing chain, as [`open`] does, as a qcow2 layer
+    /// (for the operations only qcow2 has: internal snapshots, backing pointer changes).
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<Self> {
+        let mut seen = HashSet::new();
+        if let Ok(c) = std::fs::canonicalize(path) {
+            seen.insert(c);
+        }
+        Qcow2Image::open_with(path, options.read_only, options, |name, fmt| {
+            let backing = resolve_backing_path(path, name);
+            open_layer(&backing, fmt, options, true, 1, &mut seen)
+        })
     }
 }

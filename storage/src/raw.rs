@@ -6,13 +6,19 @@ use std::sync::Arc;
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
-use crate::ImageFormat;
+use crate::format::{foreign_magic, ImageFormat};
+use crate::lock::LockMode;
+
+/// Bytes a format probe looks at (QEMU's `BLOCK_PROBE_BUF_SIZE`): the first sector.
+const PROBE_BYTES: u64 = 512;
 
 /// A raw image file. Its virtual size is the file's length at open.
 #[derive(Debug)]
 pub struct RawImage {
     file: ImageFile,
     size: u64,
+    /// The format was guessed, not given: guest writes must not change what a probe sees.
+    probed: bool,
 }
 
 impl RawImage {
@@ -20,7 +26,46 @@ impl RawImage {
     pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
         let file = ImageFile::open(path, read_only, direct)?;
         let size = file.len()?;
-        Ok(RawImage { file, size })
+        Ok(RawImage {
+            file,
+            size,
+            probed: false,
+        })
+    }
+
+    /// Claims the image (see [`crate::lock`]), as [`crate::open()`] does.
+    pub fn lock(&mut self, mode: LockMode) -> Result<()> {
+        self.file.lock(mode)
+    }
+
+    /// Marks the image as opened with a probed format (no format given), so that guest writes
+    /// to its first sector that would make it probe as another format are refused, as QEMU
+    /// refuses them.
+    pub(crate) fn set_format_probed(&mut self) {
+        self.probed = true;
+    }
+
+    /// On a probed image, refuses a write that would make the first sector look like another
+    /// format (say a qcow2 header naming a host file as its backing file).
+    fn check_probe_safe(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.probed || offset >= PROBE_BYTES || buf.is_empty() {
+            return Ok(());
+        }
+        let mut head = vec![0u8; PROBE_BYTES.min(self.size) as usize];
+        self.file.read_at(&mut head, 0)?;
+        let at = offset as usize;
+        let n = buf.len().min(head.len().saturating_sub(at));
+        head[at..at + n].copy_from_slice(&buf[..n]);
+        match foreign_magic(&head) {
+            None => Ok(()),
+            Some(format) => Err(Error::io(
+                self.file.path(),
+                format!(
+                    "guest write at {offset:#x}: the image's format was probed as raw, and this write would make it probe as {format} (give the format explicitly to allow it)"
+                ),
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            )),
+        }
     }
 
     /// Creates a raw image of `size` bytes (sparse).
@@ -52,6 +97,7 @@ impl BlockDevice for RawImage {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
+        self.check_probe_safe(buf, offset)?;
         self.file.write_at(buf, offset)
     }
 
@@ -105,6 +151,10 @@ impl BlockDevice for RawImage {
 
     fn read_only(&self) -> bool {
         self.file.read_only()
+    }
+
+    fn format_probed(&self) -> bool {
+        self.probed
     }
 
     fn info(&self) -> ImageInfo {

@@ -220,6 +220,8 @@ pub fn qemu_read_all(path: &Path) -> Vec<u8> {
     let raw = dir.path().join("converted.raw");
     qemu_img(&[
         "convert".as_ref(),
+        // -U: the test process may hold the image open itself (image locking).
+        "-U".as_ref(),
         "-O".as_ref(),
         "raw".as_ref(),
         path.as_os_str(),
@@ -234,6 +236,7 @@ pub fn assert_qemu_compare_equal(qcow2: &Path, raw: &Path) {
         "qemu-img",
         &[
             "compare".as_ref(),
+            "-U".as_ref(),
             "-f".as_ref(),
             "qcow2".as_ref(),
             "-F".as_ref(),

@@ -168,6 +168,13 @@ impl L2Cache {
         out
     }
 
+    /// Whether any cached slice holds changes not yet written.
+    pub fn has_dirty(&self) -> bool {
+        self.shards
+            .iter()
+            .any(|shard| shard.lock().map.values().any(|s| s.is_dirty()))
+    }
+
     /// Whether the cache holds more slices than it should (dirty ones pinned it).
     pub fn over_capacity(&self) -> bool {
         self.shards

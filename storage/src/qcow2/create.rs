@@ -2,14 +2,15 @@
 
 use std::path::Path;
 
+use super::header::write_header;
 use super::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::image::write_header;
+use super::refcount::write_entry;
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
-use crate::ImageFormat;
+use crate::format::ImageFormat;
 
 /// Options of `snapvmm img create -f qcow2`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +201,8 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     }
     let temp = temporary_name(path);
     let written = write_image(&temp, &mut header, &layout).and_then(|()| {
-        std::fs::rename(&temp, path).map_err(|e| Error::io(path, "rename new image into place", e))
+        crate::file::rename(&temp, path)
+            .map_err(|e| Error::io(path, "rename new image into place", e))
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -260,15 +262,7 @@ fn write_image(path: &Path, header: &mut Header, layout: &Layout) -> Result<()> 
     // Refcount blocks: every metadata cluster has refcount 1.
     let mut block_data = vec![0u8; (blocks * cs) as usize];
     for cluster in 0..end {
-        let bit = cluster << refcount_order;
-        let byte = (bit / 8) as usize;
-        match refcount_order {
-            0..=2 => block_data[byte] |= 1 << (bit % 8),
-            3 => block_data[byte] = 1,
-            4 => block_data[byte + 1] = 1,
-            5 => block_data[byte + 3] = 1,
-            _ => block_data[byte + 7] = 1,
-        }
+        write_entry(refcount_order, &mut block_data, cluster, 1);
     }
     file.write_at(&block_data, blocks_at * cs)?;
     // Zeroed L1 table, written so the file covers it.

@@ -133,7 +133,7 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Reads the bytes a header parse needs: the first cluster (or the whole file when shorter),
 /// found by peeking at `cluster_bits` first.
-pub(crate) fn read_first_cluster(file: &crate::file::ImageFile) -> Result<Vec<u8>> {
+pub fn read_first_cluster(file: &crate::file::ImageFile) -> Result<Vec<u8>> {
     let file_len = file.len()?;
     let mut first = vec![0u8; 4096.min(file_len as usize).max(V2_HEADER_LEN as usize)];
     file.read_at(&mut first, 0)?;
@@ -257,7 +257,10 @@ impl Header {
             ));
         }
         h.parse_extensions(path, buf)?;
-        if h.backing_file_offset != 0 {
+        // An empty name means no backing file, as in QEMU (whose check of the name length
+        // is the same with or without it); taken as a name it would resolve to the image's
+        // own directory.
+        if h.backing_file_offset != 0 && h.backing_file_size != 0 {
             let limit = cluster_size.min(buf.len() as u64);
             let end = h
                 .backing_file_offset
@@ -551,6 +554,14 @@ fn feature_table() -> Vec<u8> {
     out
 }
 
+/// Writes the header (with its extensions and backing name) into the first cluster.
+pub fn write_header(file: &crate::file::ImageFile, header: &mut Header) -> Result<()> {
+    let buf = header.serialize()?;
+    let used = buf.iter().rposition(|&b| b != 0).map_or(512, |p| p + 1);
+    let len = used.div_ceil(512) * 512;
+    file.write_at(&buf[..len.min(buf.len())], 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +610,16 @@ mod tests {
         let buf = h.serialize().unwrap();
         let err = Header::parse(Path::new("x"), &buf, 0x40000).unwrap_err();
         assert!(err.to_string().contains("unknown incompatible"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_backing_name_means_no_backing_file() {
+        let mut h = sample();
+        let mut buf = h.serialize().unwrap();
+        // Keep the offset, make the name empty (QEMU: no backing file).
+        buf[16..20].copy_from_slice(&0u32.to_be_bytes());
+        let parsed = Header::parse(Path::new("x"), &buf, 0x40000).unwrap();
+        assert_eq!(parsed.backing_file, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::offset_map::OffsetMap;
 
 use std::sync::Arc;
 
-use super::header::Header;
+use super::header::{be32, be64, Header};
 use super::overlap::MetadataMap;
 use crate::error::{Error, Result};
 use crate::file::ImageFile;
@@ -105,17 +105,12 @@ impl Refcounts {
     }
 
     fn max_refcount(&self) -> u64 {
-        let bits = 1u32 << self.refcount_order;
-        if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        }
+        max_refcount(self.refcount_order)
     }
 
-    /// Byte position of entry `index` inside a block, and the slice holding it.
+    /// The cache slice holding `cluster`'s refcount entry, and the entry's index inside it.
     #[inline]
-    fn locate(&self, cluster: u64) -> Option<(u64, usize, u32)> {
+    fn locate(&self, cluster: u64) -> Option<(u64, u64)> {
         // Every size here is a power of two: shifts and masks, no divisions (this runs once
         // per cluster when a snapshot operation walks a whole image).
         let block_shift = self.cluster_bits + 3 - self.refcount_order;
@@ -124,13 +119,11 @@ impl Refcounts {
             return None;
         }
         let index = cluster & ((1u64 << block_shift) - 1);
-        let bit = index << self.refcount_order;
-        let byte = bit >> 3;
-        let slice_mask = self.slice_bytes - 1;
+        let byte = (index << self.refcount_order) >> 3;
+        let per_slice = (self.slice_bytes * 8) >> self.refcount_order;
         Some((
-            block_offset + (byte & !slice_mask),
-            (byte & slice_mask) as usize,
-            (bit & 7) as u32,
+            block_offset + (byte & !(self.slice_bytes - 1)),
+            index & (per_slice - 1),
         ))
     }
 
@@ -166,43 +159,14 @@ impl Refcounts {
         Ok(())
     }
 
-    #[inline]
-    fn decode_entry(order: u32, data: &[u8], byte: usize, bit: u32) -> u64 {
-        match order {
-            0..=2 => {
-                let width = 1u32 << order;
-                ((data[byte] >> bit) as u64) & ((1u64 << width) - 1)
-            }
-            3 => data[byte] as u64,
-            4 => u16::from_be_bytes([data[byte], data[byte + 1]]) as u64,
-            5 => u32::from_be_bytes(data[byte..byte + 4].try_into().expect("4")) as u64,
-            _ => u64::from_be_bytes(data[byte..byte + 8].try_into().expect("8")),
-        }
-    }
-
-    #[inline]
-    fn write_entry(order: u32, data: &mut [u8], byte: usize, bit: u32, value: u64) {
-        match order {
-            0..=2 => {
-                let width = 1u32 << order;
-                let mask = (((1u16 << width) - 1) as u8) << bit;
-                data[byte] = (data[byte] & !mask) | (((value as u8) << bit) & mask);
-            }
-            3 => data[byte] = value as u8,
-            4 => data[byte..byte + 2].copy_from_slice(&(value as u16).to_be_bytes()),
-            5 => data[byte..byte + 4].copy_from_slice(&(value as u32).to_be_bytes()),
-            _ => data[byte..byte + 8].copy_from_slice(&value.to_be_bytes()),
-        }
-    }
-
     /// The refcount of cluster index `cluster` (0 when no block covers it).
     pub fn get(&mut self, file: &ImageFile, cluster: u64) -> Result<u64> {
-        let Some((slice, byte, bit)) = self.locate(cluster) else {
+        let Some((slice, index)) = self.locate(cluster) else {
             return Ok(0);
         };
         let order = self.refcount_order;
         let s = self.slice(file, slice)?;
-        Ok(Self::decode_entry(order, &s.data, byte, bit))
+        Ok(read_entry(order, &s.data, index))
     }
 
     /// Refcounts of many clusters at once (in any order; sorted input touches each slice
@@ -219,7 +183,7 @@ impl Refcounts {
                 .as_ref()
                 .is_none_or(|(first, _)| *first != slice_first)
             {
-                let Some((slice, _, _)) = self.locate(cluster) else {
+                let Some((slice, _)) = self.locate(cluster) else {
                     out.push(0);
                     continue;
                 };
@@ -227,13 +191,13 @@ impl Refcounts {
                 current = Some((slice_first, data));
             }
             let (_, data) = current.as_ref().expect("loaded");
-            out.push(read_packed(order, data, (cluster - slice_first) as usize));
+            out.push(read_entry(order, data, cluster - slice_first));
         }
         Ok(out)
     }
 
     fn set(&mut self, file: &ImageFile, cluster: u64, value: u64) -> Result<()> {
-        let (slice, byte, bit) = self.locate(cluster).ok_or_else(|| {
+        let (slice, index) = self.locate(cluster).ok_or_else(|| {
             Error::invalid(
                 file.path(),
                 format!("no refcount block covers cluster {cluster}"),
@@ -241,7 +205,7 @@ impl Refcounts {
         })?;
         let order = self.refcount_order;
         let s = self.slice(file, slice)?;
-        Self::write_entry(order, &mut s.data, byte, bit, value);
+        write_entry(order, &mut s.data, index, value);
         s.dirty = true;
         Ok(())
     }
@@ -309,7 +273,7 @@ impl Refcounts {
         let mut i = 0;
         while i < clusters.len() {
             let cluster = clusters[i];
-            let Some((slice_offset, _, _)) = self.locate(cluster) else {
+            let Some((slice_offset, _)) = self.locate(cluster) else {
                 return Err(Error::invalid(
                     file.path(),
                     format!("no refcount block covers cluster {cluster}"),
@@ -326,8 +290,8 @@ impl Refcounts {
                 if c < slice_first || c >= slice_first + per_slice {
                     break;
                 }
-                let index = (c - slice_first) as usize;
-                let current = read_packed(order, &slice.data, index);
+                let index = c - slice_first;
+                let current = read_entry(order, &slice.data, index);
                 let new = if delta >= 0 {
                     current.checked_add(delta as u64).filter(|&v| v <= max)
                 } else {
@@ -340,7 +304,7 @@ impl Refcounts {
                     ));
                     break;
                 };
-                write_packed(order, &mut slice.data, index, new);
+                write_entry(order, &mut slice.data, index, new);
                 slice.dirty = true;
                 if new == 0 {
                     self.metadata.remove(c);
@@ -398,19 +362,13 @@ impl Refcounts {
                     }
                     c += 1;
                 }
-                Some((slice_offset, _, _)) => {
+                Some((slice_offset, _)) => {
                     // Scan the rest of this slice without further lookups.
                     let per_slice = (self.slice_bytes * 8) >> order;
                     let slice_end = c - c % per_slice + per_slice;
                     let slice = self.slice(file, slice_offset)?;
                     while c < slice_end && c - start < count {
-                        let bit = (c % per_slice) << order;
-                        let value = Self::decode_entry(
-                            order,
-                            &slice.data,
-                            (bit / 8) as usize,
-                            (bit % 8) as u32,
-                        );
+                        let value = read_entry(order, &slice.data, c % per_slice);
                         if value != 0 || metadata.contains(c) {
                             start = c + 1;
                         }
@@ -444,15 +402,7 @@ impl Refcounts {
             let at = start.max(block * per_block);
             let cs = self.cluster_size();
             let mut data = vec![0u8; cs as usize];
-            let index = at % per_block;
-            let bit = index << self.refcount_order;
-            Self::write_entry(
-                self.refcount_order,
-                &mut data,
-                (bit / 8) as usize,
-                (bit % 8) as u32,
-                1,
-            );
+            write_entry(self.refcount_order, &mut data, at % per_block, 1);
             file.write_at(&data, at * cs)?;
             self.table[block as usize] = at * cs;
             self.metadata.insert(at, 1);
@@ -522,14 +472,7 @@ impl Refcounts {
             let mut data = vec![0u8; cs as usize];
             let range = b * per_block..(b + 1) * per_block;
             for c in start.max(range.start)..used_end.min(range.end) {
-                let bit = (c % per_block) << self.refcount_order;
-                Self::write_entry(
-                    self.refcount_order,
-                    &mut data,
-                    (bit / 8) as usize,
-                    (bit % 8) as u32,
-                    1,
-                );
+                write_entry(self.refcount_order, &mut data, c % per_block, 1);
             }
             file.write_at(&data, (blocks_at + i as u64) * cs)?;
         }
@@ -582,30 +525,94 @@ impl Refcounts {
         Ok(wrote)
     }
 
+    /// Marks every cached slice dirty: after a failed fsync the kernel may have dropped what
+    /// was written, so the next flush writes it all again. The cache always holds values
+    /// that are safe on disk (decrements come only after the mappings are durable).
+    pub fn mark_cached_dirty(&mut self) {
+        self.slices.values_mut().for_each(|s| s.dirty = true);
+    }
+
     /// Whether any refcount slice is waiting to be written.
     pub fn is_dirty(&self) -> bool {
         self.slices.values().any(|s| s.dirty)
     }
 }
 
-/// Entry `index` of a refcount slice. 16-bit refcounts (the default) get a direct path:
-/// snapshot operations call this once per cluster of the image.
+/// Entry `index` of refcount-block bytes `data` whose entries are `1 << order` bits wide.
+/// Sub-byte widths are packed from the least significant bit; wider ones are big-endian.
+/// 16-bit refcounts (the default) get a direct path: snapshot operations and the checker
+/// call this once per cluster of the image. The caller keeps `index` inside `data`.
 #[inline]
-fn read_packed(order: u32, data: &[u8], index: usize) -> u64 {
-    if order == 4 {
-        return u16::from_be_bytes([data[2 * index], data[2 * index + 1]]) as u64;
+pub fn read_entry(order: u32, data: &[u8], index: u64) -> u64 {
+    let i = index as usize;
+    match order {
+        4 => u16::from_be_bytes([data[2 * i], data[2 * i + 1]]) as u64,
+        0..=2 => {
+            let bit = index << order;
+            let mask = (1u64 << (1u32 << order)) - 1;
+            (u64::from(data[(bit / 8) as usize]) >> (bit % 8)) & mask
+        }
+        3 => u64::from(data[i]),
+        5 => u64::from(be32(data, 4 * i)),
+        _ => be64(data, 8 * i),
     }
-    let bit = index << order;
-    Refcounts::decode_entry(order, data, bit >> 3, (bit & 7) as u32)
 }
 
-/// Stores entry `index` of a refcount slice.
+/// Stores `value` (already within the width) as entry `index` of refcount-block bytes whose
+/// entries are `1 << order` bits wide; the encoding [`read_entry`] decodes.
 #[inline]
-fn write_packed(order: u32, data: &mut [u8], index: usize, value: u64) {
-    if order == 4 {
-        data[2 * index..2 * index + 2].copy_from_slice(&(value as u16).to_be_bytes());
-        return;
+pub fn write_entry(order: u32, data: &mut [u8], index: u64, value: u64) {
+    let i = index as usize;
+    match order {
+        4 => data[2 * i..2 * i + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+        0..=2 => {
+            let bit = index << order;
+            let shift = bit % 8;
+            let mask = (((1u16 << (1u32 << order)) - 1) as u8) << shift;
+            let byte = &mut data[(bit / 8) as usize];
+            *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
+        }
+        3 => data[i] = value as u8,
+        5 => data[4 * i..4 * i + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+        _ => data[8 * i..8 * i + 8].copy_from_slice(&value.to_be_bytes()),
     }
-    let bit = index << order;
-    Refcounts::write_entry(order, data, bit >> 3, (bit & 7) as u32, value);
+}
+
+/// Largest refcount an entry of `1 << order` bits holds.
+pub fn max_refcount(order: u32) -> u64 {
+    if order >= 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_encoding_round_trips_every_width() {
+        for order in 0..=6u32 {
+            let mut data = vec![0u8; 64];
+            let max = max_refcount(order);
+            let count = (64 * 8) >> order;
+            for i in 0..count {
+                write_entry(order, &mut data, i, (i * 7 + 1) & max);
+            }
+            for i in 0..count {
+                assert_eq!(
+                    read_entry(order, &data, i),
+                    (i * 7 + 1) & max,
+                    "order {order} index {i}"
+                );
+            }
+        }
+        // Sub-byte widths are packed from the least significant bit.
+        let mut data = [0u8; 1];
+        write_entry(0, &mut data, 1, 1);
+        assert_eq!(data[0], 0b10);
+        write_entry(2, &mut data, 1, 0xf);
+        assert_eq!(data[0], 0xf2);
+    }
 }

@@ -21,8 +21,8 @@ use super::entry::{
     decode_l1, decode_l2, Mapping, L2_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO,
 };
-use super::header::INCOMPAT_DIRTY;
-use super::image::{write_header, Qcow2Image};
+use super::header::{write_header, INCOMPAT_DIRTY};
+use super::image::Qcow2Image;
 use super::snapshot::{serialize_table, SnapshotEntry, MAX_SNAPSHOTS};
 use crate::error::{Error, Result};
 
@@ -87,23 +87,6 @@ impl Qcow2Image {
             header.incompatible_features &= !INCOMPAT_DIRTY;
         }
         self.sync_header()
-    }
-
-    fn read_table(&self, offset: u64, entries: u64) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; (entries * 8) as usize];
-        self.file.read_at(&mut raw, offset)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect())
-    }
-
-    fn write_table(&self, offset: u64, entries: &[u64]) -> Result<()> {
-        let mut raw = Vec::with_capacity(entries.len() * 8);
-        for e in entries {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        self.file.write_at(&raw, offset)
     }
 
     fn l1_clusters(&self, entries: u64) -> u64 {
@@ -178,20 +161,6 @@ impl Qcow2Image {
         self.finish_flag_rewrite(&l1, &cleared)
     }
 
-    /// Ends a COPIED-flag rewrite: stores the active L1 if it changed, syncs, and drops the
-    /// cached L2 slices, which may predate the rewritten tables.
-    fn finish_flag_rewrite(&mut self, old_l1: &[u64], new_l1: &[u64]) -> Result<()> {
-        if new_l1 != old_l1 {
-            self.write_table(self.l1_offset, new_l1)?;
-            for (slot, e) in self.l1.iter().zip(new_l1) {
-                slot.store(*e, Ordering::Release);
-            }
-        }
-        self.file.sync()?;
-        self.l2_cache = L2Cache::new(self.l2_capacity);
-        Ok(())
-    }
-
     fn update_refcounts(&mut self, clusters: &[u64], delta: i64) -> Result<()> {
         let meta = self.meta.get_mut();
         meta.refcounts.update_sorted(&self.file, clusters, delta)
@@ -214,71 +183,6 @@ impl Qcow2Image {
         let meta = self.meta.get_mut();
         meta.refcounts.flush(&self.file)?;
         self.file.sync()
-    }
-
-    /// Sets COPIED exactly where the refcount is 1 in the active L1 table and the L2 tables
-    /// it alone owns, rewriting only the tables that change. Clears it elsewhere.
-    pub(super) fn fix_copied_flags(&mut self) -> Result<()> {
-        let l1: Vec<u64> = self.l1.iter().map(|e| e.load(Ordering::Acquire)).collect();
-        let mut new_l1 = l1.clone();
-        for (i, &e) in l1.iter().enumerate() {
-            let (l2, _) = decode_l1(e, self.cluster_size)
-                .map_err(|err| self.invalid(format!("L1 entry {i}: {}", err.0)))?;
-            if l2 == 0 {
-                continue;
-            }
-            let owned = self.refcount(l2)? == 1;
-            new_l1[i] = if owned { l2 | OFLAG_COPIED } else { l2 };
-            let table = self.read_table(l2, self.l2_entries)?;
-            let mut hosts = Vec::with_capacity(table.len());
-            for &entry in &table {
-                if entry & (OFLAG_COMPRESSED | L2_RESERVED | OFLAG_ZERO) == 0 {
-                    let host = entry & OFFSET_MASK;
-                    if host != 0 && host & (self.cluster_size - 1) == 0 {
-                        hosts.push(Some(host >> self.cluster_bits));
-                        continue;
-                    }
-                }
-                let mapping = decode_l2(entry, self.cluster_bits, self.version)
-                    .map_err(|err| self.invalid(format!("L2 table {l2:#x}: {}", err.0)))?;
-                hosts.push(match mapping {
-                    Mapping::Data { host, .. } => Some(host >> self.cluster_bits),
-                    Mapping::Zero { host: Some(h), .. } => Some(h >> self.cluster_bits),
-                    _ => None,
-                });
-            }
-            let wanted: Vec<u64> = hosts.iter().flatten().copied().collect();
-            let counts = self
-                .meta
-                .get_mut()
-                .refcounts
-                .get_many(&self.file, &wanted)?;
-            let mut counts = counts.into_iter();
-            let mut new_table = table.clone();
-            for (j, host) in hosts.iter().enumerate() {
-                if host.is_none() {
-                    continue;
-                }
-                // A shared table's entries never carry COPIED: their clusters are reached
-                // through every owner of the table.
-                let count = counts.next();
-                let copied = owned && count == Some(1);
-                new_table[j] = if copied {
-                    table[j] | OFLAG_COPIED
-                } else {
-                    table[j] & !OFLAG_COPIED
-                };
-            }
-            if new_table != table {
-                self.write_table(l2, &new_table)?;
-            }
-        }
-        self.finish_flag_rewrite(&l1, &new_l1)
-    }
-
-    fn refcount(&mut self, offset: u64) -> Result<u64> {
-        let meta = self.meta.get_mut();
-        meta.refcounts.get(&self.file, offset >> self.cluster_bits)
     }
 
     /// Writes a new snapshot table and switches the header to it (the commit point of create
@@ -348,7 +252,6 @@ impl Qcow2Image {
         self.update_refcounts(&refs, 1)?;
         self.flush_refcounts()?;
 
-        // 3. Commit: the new table, switched to by one header write.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -372,12 +275,15 @@ impl Qcow2Image {
             icount: -1,
             extra_unknown: Vec::new(),
         };
+        // 3. The active tables are about to share everything: COPIED goes first (as QEMU
+        //    does it), so that at every point the flags agree with the refcounts on disk,
+        //    which already count the snapshot's references.
+        self.clear_copied_flags()?;
+
+        // 4. Commit: the new table, switched to by one header write.
         let mut entries = self.snapshots.clone();
         entries.push(entry.clone());
         self.commit_table(entries)?;
-
-        // 4. The active tables now share everything: COPIED goes.
-        self.clear_copied_flags()?;
 
         // 5. The VM state belongs to the snapshot alone; keeping it in the active layer would
         //    only force copies on the next snapshot (QEMU drops it too).
@@ -409,6 +315,17 @@ impl Qcow2Image {
             .find_snapshot(id_or_name)
             .ok_or_else(|| Error::InvalidArgument(format!("snapshot '{id_or_name}' not found")))?;
         let snapshot = self.snapshots[index].clone();
+        // Snapshot L1 tables are not validated at open (see `mark_metadata`): now is the time.
+        let file_len = self.file.len()?;
+        let l1_end = snapshot
+            .l1_table_offset
+            .checked_add(snapshot.l1_size as u64 * 8);
+        if l1_end.is_none_or(|end| end > file_len) {
+            return Err(self.invalid(format!(
+                "snapshot '{}': L1 table at {:#x} ({} entries) lies past the end of the file",
+                snapshot.name, snapshot.l1_table_offset, snapshot.l1_size
+            )));
+        }
         self.settle()?;
         self.set_dirty(true)?;
 
