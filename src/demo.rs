@@ -386,7 +386,12 @@ fn run_demo(dir: &Path, size: u64, steps: &mut Steps) -> Result<(), String> {
     let t = Instant::now();
     let mut detail = format!("{} images clean", images.len());
     for image in images {
-        match Command::new("qemu-img").arg("check").arg(image).output() {
+        // -U: this process may still hold the chain's images (and their locks) open.
+        match Command::new("qemu-img")
+            .args(["check", "-U"])
+            .arg(image)
+            .output()
+        {
             Ok(output) if output.status.success() => {}
             Ok(output) => {
                 return Err(format!(

@@ -281,6 +281,19 @@ pub fn open_disk(name: &str, disk: &DiskConfig) -> Result<Arc<LiveDisk>> {
         path: disk.path.clone(),
         source,
     })?;
+    if !disk.read_only && top.format_probed() {
+        // QEMU's warning, for the same reason: a guest writing a header into a probed raw
+        // image could turn it into an overlay of any host file at the next start. Storage
+        // refuses such writes; the user should say what the image is.
+        tracing::warn!(
+            "disk {name}: the format of {} was probed ({}); give format= explicitly for a              writable disk (writes that would change what the image probes as are refused)",
+            disk.path.display(),
+            top.info()
+                .format
+                .map(|f| format!("{f:?}").to_lowercase())
+                .unwrap_or_else(|| "unknown".into())
+        );
+    }
     Ok(LiveDisk::new(name, top))
 }
 
