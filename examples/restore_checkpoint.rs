@@ -5,7 +5,7 @@ use storage::qcow2::{create, CreateOptions};
 use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, Workload::Counter};
 use vmm::control::types::CheckpointRequest;
 use vmm::{Sandbox, SandboxOptions};
-
+/// Runs the example (also called by `tests/examples.rs`).
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (disk, checkpoint) = (dir.path().join("disk.qcow2"), dir.path().join("ckpt"));

@@ -10,7 +10,7 @@ fn count(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     String::from(text.lines().rfind(|l| l.contains("counter")).unwrap_or("-"))
 }
-
+/// Runs the example (also called by `tests/examples.rs`).
 pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (disk, log) = (dir.path().join("disk.qcow2"), dir.path().join("c.log"));

@@ -323,6 +323,7 @@ fn local_date(secs: u32) -> String {
     // SAFETY: `tm` is plain old data, fully written by localtime_r before it is read; both
     // pointers are valid for the duration of the call.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: both pointers are valid for the call, `tm` is written before read.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
     if !ok {
         return secs.to_string();

@@ -183,8 +183,9 @@ pub fn check_regions(memory: &GuestMemoryMmap<()>) -> Result<(), String> {
         let Some(file_offset) = region.file_offset() else {
             return Err(format!("region at {start:#x} has no file"));
         };
-        // SAFETY: fstat on a descriptor the region owns, into a zeroed stat buffer.
+        // SAFETY: `stat` is plain old data, for which all-zero bytes are a valid value.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on a descriptor the region owns, into a stat buffer it may fill.
         if unsafe { libc::fstat(file_offset.file().as_raw_fd(), &mut stat) } != 0 {
             return Err(format!(
                 "region at {start:#x}: fstat: {}",
