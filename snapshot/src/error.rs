@@ -57,7 +57,7 @@ pub enum Error {
         /// What was asked ("complete", "pause").
         verb: &'static str,
         /// The job's status at the time.
-        status: crate::job::JobStatus,
+        status: crate::job_status::JobStatus,
     },
     /// The job was cancelled before it finished.
     #[error("job {id} was cancelled")]

@@ -31,38 +31,7 @@ use crate::throttle::Throttle;
 /// Longest a throttled or idle job sleeps before looking at its verbs again.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Where a job is in its life (QEMU's `JobStatus`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobStatus {
-    /// Made, its thread not started yet.
-    Created,
-    /// Copying.
-    Running,
-    /// Paused before becoming ready.
-    Paused,
-    /// In sync: waiting for [`Job::complete`] (active commit), still mirroring writes.
-    Ready,
-    /// Paused while ready.
-    Standby,
-    /// Cancelled or failed: undoing what it must before it concludes.
-    Aborting,
-    /// Finished; [`Job::outcome`] says how.
-    Concluded,
-}
-
-impl std::fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            JobStatus::Created => "created",
-            JobStatus::Running => "running",
-            JobStatus::Paused => "paused",
-            JobStatus::Ready => "ready",
-            JobStatus::Standby => "standby",
-            JobStatus::Aborting => "aborting",
-            JobStatus::Concluded => "concluded",
-        })
-    }
-}
+pub use crate::job_status::JobStatus;
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -48,6 +48,7 @@ pub mod checkpoint;
 pub mod commit;
 pub mod error;
 pub mod job;
+pub mod job_status;
 pub mod live_snapshot;
 pub mod mirror;
 pub mod offline;
