@@ -6,7 +6,7 @@
 //!   layer above `top` gets `base` as its backing file.
 //! - **Active commit** (`top` is the active layer): the guest keeps writing into `top`. A
 //!   [`DirtyBitmap`] installed on the live disk records those writes, and a
-//!   [mirror](crate::mirror) copies everything marked into `base`. When nothing is marked
+//!   [mirror] copies everything marked into `base`. When nothing is marked
 //!   the job is *ready*; on [`Job::complete`] the disk is quiesced, the last marked granules
 //!   are copied, and the live disk pivots onto `base`. On cancel it stays on `top`.
 //!

@@ -8,7 +8,7 @@
 //! - [`pattern`]: deterministic data: pseudo-random bytes, tagged sectors, self-verifying
 //!   blocks, and a byte comparison that names the first difference.
 //! - [`image`]: creating, opening and reading images through snapvmm's storage crate.
-//! - [`reference`]: a byte-for-byte reference of a disk and the operation sequences applied
+//! - [`reference`](mod@reference): a byte-for-byte reference of a disk and the operation sequences applied
 //!   alike to it and to a device.
 //! - [`model`]: what each block of a live disk must hold while writer threads run.
 //! - `vm` (feature `vm`): running the `snapvmm` binary, `snapvmm ctl`, and a VM child process.

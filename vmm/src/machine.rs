@@ -40,7 +40,7 @@ pub struct AttachedVsock {
     pub config: VsockConfig,
     /// The device, for a checkpoint load's transport reset.
     pub device: Arc<Mutex<Vsock>>,
-    /// Its virtio-mmio transport (also the last of [`Machine::devices`]).
+    /// Its virtio-mmio transport (also the last of the machine's devices).
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Guest-physical base of its virtio-mmio window.
     pub mmio_base: u64,
