@@ -286,7 +286,8 @@ pub fn open_disk(name: &str, disk: &DiskConfig) -> Result<Arc<LiveDisk>> {
         // image could turn it into an overlay of any host file at the next start. Storage
         // refuses such writes; the user should say what the image is.
         tracing::warn!(
-            "disk {name}: the format of {} was probed ({}); give format= explicitly for a              writable disk (writes that would change what the image probes as are refused)",
+            "disk {name}: the format of {} was probed ({}); give format= explicitly for a writable \
+             disk (writes that would change what the image probes as are refused)",
             disk.path.display(),
             top.info()
                 .format
