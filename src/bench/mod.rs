@@ -26,6 +26,7 @@ mod guest_stall;
 mod images;
 mod internal;
 mod jobs;
+mod load;
 mod machine;
 mod micro_guest;
 mod model;
