@@ -14,7 +14,7 @@
 //! Buffered I/O throughout: the page cache holds the data, so these measure the engines.
 //! `SNAPVMM_BENCH_JOB_MIB` changes the 128 MiB. qemu-img is skipped if not installed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
