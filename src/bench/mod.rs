@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod checkpoint;
 mod compare;
+mod counter_guest;
 mod cow;
 mod guest_stall;
 mod images;
