@@ -21,9 +21,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use test_support::require::have_kvm;
-use vmm::config::{BootSource, VmConfig, Workload};
-use vmm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm::{CheckpointOptions, Vmm};
+
+// The shipped `snapvmm bench`'s counter guest (a self-contained module of the binary), so
+// that this bench and `snapvmm bench` measure the same thing.
+#[path = "../src/bench/counter_guest.rs"]
+mod counter_guest;
 
 fn sizes() -> Vec<u64> {
     std::env::var("SNAPVMM_BENCH_CKPT_MIB")
@@ -40,31 +43,9 @@ fn bench_dir() -> tempfile::TempDir {
     }
 }
 
-fn counter_vm(memory_mib: u64) -> Vmm {
-    let mut config = VmConfig::new(BootSource::MicroGuest {
-        workload: Workload::Counter,
-        seed: 1,
-    });
-    config.memory_mib = memory_mib;
-    let vmm = Vmm::start_with_serial(&config, Box::new(std::io::sink())).expect("start VM");
-    // Let the guest boot and print a few lines.
-    std::thread::sleep(Duration::from_millis(100));
-    vmm
-}
-
-/// Writes a non-zero pattern over all guest RAM from the host.
-fn dirty_all(vmm: &Vmm) {
-    for region in vmm.memory().iter() {
-        let host = region
-            .get_host_address(vmm::vm_memory::MemoryRegionAddress(0))
-            .unwrap();
-        // SAFETY: the region's whole mapping; the VM is paused, nothing else writes it. The
-        // bytes are patterned to defeat the zero-page check.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(host, region.len() as usize) };
-        for (i, chunk) in bytes.chunks_mut(4096).enumerate() {
-            chunk.fill((i % 251) as u8 | 1);
-        }
-    }
+/// A counter micro-guest of `mib` MiB, booted for 100 ms.
+fn counter_vm(mib: u64) -> Vmm {
+    counter_guest::counter_vm(mib).expect("start VM")
 }
 
 fn save(c: &mut Criterion) {
@@ -80,7 +61,7 @@ fn save(c: &mut Criterion) {
             let vmm = counter_vm(mib);
             vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
             if kind == "dirty" {
-                dirty_all(&vmm);
+                counter_guest::dirty_all(&vmm).expect("dirty guest RAM");
             }
             let target: PathBuf = dir.path().join(format!("save-{kind}-{mib}"));
             group.throughput(Throughput::Bytes(mib << 20));
@@ -147,19 +128,8 @@ fn live_pause(c: &mut Criterion) {
         b.iter_custom(|iterations| {
             let mut total = Duration::ZERO;
             for _ in 0..iterations {
-                // A checkpoint never overwrites one: clear the last (untimed).
-                let _ = std::fs::remove_dir_all(&target);
-                let report = vmm
-                    .checkpointer()
-                    .checkpoint(
-                        &target,
-                        CheckpointOptions {
-                            live: true,
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
-                let pause = Duration::from_micros(report.pause_us);
+                let pause_us = counter_guest::live_checkpoint(&vmm, &target).unwrap();
+                let pause = Duration::from_micros(pause_us);
                 pauses.push(pause);
                 total += pause;
             }

@@ -14,9 +14,9 @@
 //! Buffered I/O throughout: the page cache holds the data, so these measure the engines.
 //! `SNAPVMM_BENCH_JOB_MIB` changes the 128 MiB. qemu-img is skipped if not installed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -24,10 +24,17 @@ use snapshot::commit::{commit, CommitOptions};
 use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
 use snapshot::stream::{stream, StreamOptions};
 use snapshot::JobStatus;
-use storage::{ImageFormat, LiveDisk};
+use storage::LiveDisk;
 use test_support::image::{open_rw, qcow2};
 use test_support::qemu::ok_in;
 use test_support::require::have_qemu;
+
+// The shipped `snapvmm bench`'s images and write load (self-contained modules of the
+// binary), so that this bench and `snapvmm bench` measure the same thing.
+#[path = "../src/bench/images.rs"]
+mod images;
+#[path = "../src/bench/load.rs"]
+mod load;
 
 const GIB: u64 = 1 << 30;
 const SWITCHES_PER_CHAIN: u32 = 32;
@@ -37,6 +44,7 @@ struct Rig {
     dir: tempfile::TempDir,
     disks: Vec<Arc<LiveDisk>>,
     stop: Arc<AtomicBool>,
+    error: Arc<Mutex<Option<String>>>,
     writers: Vec<std::thread::JoinHandle<()>>,
     generation: u32,
     switches: u32,
@@ -48,6 +56,7 @@ impl Rig {
             dir: tempfile::tempdir().expect("tempdir"),
             disks: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            error: Arc::new(Mutex::new(None)),
             writers: Vec::new(),
             generation: 0,
             switches: 0,
@@ -79,21 +88,9 @@ impl Rig {
             .collect();
         self.stop = Arc::new(AtomicBool::new(false));
         for t in 0..2u64 {
-            let disks = self.disks.clone();
-            let stop = self.stop.clone();
+            let (disks, stop, error) = (self.disks.clone(), self.stop.clone(), self.error.clone());
             self.writers.push(std::thread::spawn(move || {
-                let buf = vec![0xa5u8; 4096];
-                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
-                let mut n = 0usize;
-                while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let disk = &disks[n % disks.len()];
-                    let offset = (x % (disk.size() / 4096)) * 4096;
-                    disk.write_at(&buf, offset).expect("write");
-                    n += 1;
-                }
+                load::write_load(&disks, &stop, &error, t)
             }));
         }
         // Let the writers get going.
@@ -104,6 +101,9 @@ impl Rig {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.writers.drain(..) {
             w.join().expect("writer panicked");
+        }
+        if let Some(e) = self.error.lock().expect("writer error slot").take() {
+            panic!("write: {e}");
         }
     }
 
@@ -176,10 +176,11 @@ fn switch_stall(c: &mut Criterion) {
     group.finish();
 }
 
-/// A template directory holding `data.qcow2` (`mib` MiB of non-zero data, 64 KiB clusters)
-/// and `empty.qcow2` over it; each run copies it so jobs start from identical files.
+/// A template directory holding `data.qcow2` (`mib` MiB of non-zero data, 64 KiB clusters);
+/// each run copies it so jobs start from identical files.
 struct Template {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    data: PathBuf,
     bytes: u64,
 }
 
@@ -192,53 +193,26 @@ impl Template {
         let bytes = mib << 20;
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data.qcow2");
-        qcow2(&data, bytes, None);
-        let dev = open_rw(&data);
-        let mut chunk = vec![0u8; 1 << 20];
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = (i % 251) as u8 | 1;
-        }
-        for at in (0..bytes).step_by(1 << 20) {
-            dev.write_at(&chunk, at).expect("fill");
-        }
-        dev.flush().expect("flush");
-        drop(dev);
-        qcow2(
-            &dir.path().join("empty.qcow2"),
+        images::data(&data, bytes).expect("template data");
+        Template {
+            _dir: dir,
+            data,
             bytes,
-            Some(Path::new("data.qcow2")),
-        );
-        Template { dir, bytes }
+        }
     }
 
-    /// A fresh copy of the template: (directory, data layer, empty overlay).
-    fn copy(&self) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    /// A fresh stream case: an empty `top.qcow2` over a copy of the data.
+    fn copy(&self) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
-        for f in ["data.qcow2", "empty.qcow2"] {
-            std::fs::copy(self.dir.path().join(f), dir.path().join(f)).expect("copy");
-        }
-        let data = dir.path().join("data.qcow2");
-        let empty = dir.path().join("empty.qcow2");
-        (dir, data, empty)
+        let top = images::stream_case(&self.data, dir.path(), self.bytes).expect("stream case");
+        (dir, top)
     }
 
     /// The same data as the *top* of a chain: `top.qcow2` (data) over an empty `base.qcow2`.
-    fn copy_as_top(&self) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    fn copy_as_top(&self) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = dir.path().join("base.qcow2");
-        let top = dir.path().join("top.qcow2");
-        qcow2(&base, self.bytes, None);
-        std::fs::copy(self.dir.path().join("data.qcow2"), &top).expect("copy");
-        // Point the data layer at the empty base (header only: both read the same).
-        snapshot::offline::rebase(
-            &top,
-            Some("base.qcow2"),
-            Some(ImageFormat::Qcow2),
-            true,
-            &mut |_, _| {},
-        )
-        .expect("rebase -u");
-        (dir, base, top)
+        let top = images::commit_case(&self.data, dir.path(), self.bytes).expect("commit case");
+        (dir, top)
     }
 }
 
@@ -254,8 +228,8 @@ fn jobs(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (_dir, _data, empty) = template.copy();
-                let live = LiveDisk::new("vda", open_rw(&empty));
+                let (_dir, top) = template.copy();
+                let live = LiveDisk::new("vda", open_rw(&top));
                 let start = Instant::now();
                 stream(&live, StreamOptions::default())
                     .expect("stream")
@@ -271,12 +245,12 @@ fn jobs(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (dir, _data, _empty) = template.copy();
+                    let (dir, _top) = template.copy();
                     let start = Instant::now();
                     ok_in(
                         dir.path(),
                         "qemu-img",
-                        &["rebase", "-q", "-b", "", "empty.qcow2"],
+                        &["rebase", "-q", "-b", "", "top.qcow2"],
                     );
                     total += start.elapsed();
                 }
@@ -294,7 +268,7 @@ fn jobs(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (_dir, _base, top) = template.copy_as_top();
+                let (_dir, top) = template.copy_as_top();
                 let live = LiveDisk::new("vda", open_rw(&top));
                 let start = Instant::now();
                 let job = commit(&live, CommitOptions::default()).expect("commit");
@@ -310,7 +284,7 @@ fn jobs(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (_dir, _base, top) = template.copy_as_top();
+                let (_dir, top) = template.copy_as_top();
                 let start = Instant::now();
                 snapshot::offline::commit(&top, None, true, &mut |_, _| {}).expect("commit");
                 total += start.elapsed();
@@ -323,7 +297,7 @@ fn jobs(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (dir, _base, _top) = template.copy_as_top();
+                    let (dir, _top) = template.copy_as_top();
                     let start = Instant::now();
                     ok_in(dir.path(), "qemu-img", &["commit", "-q", "-d", "top.qcow2"]);
                     total += start.elapsed();

@@ -16,13 +16,14 @@ use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use store::lazy::LazyRestore;
 use store::push::PushSummary;
 use store::remote::RemoteMemory;
 use store::{Location, Store, StoreConfig};
+use test_support::console::Console;
 use test_support::require::have_kvm;
 use test_support::vm::run_with_timeout;
 use vmm::checkpoint::{MemorySource, RestoreOptions};
@@ -258,45 +259,23 @@ fn have_weed() -> bool {
 // ---------------------------------------------------------------------------------------
 // The guest
 
-/// The serial console, captured.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// The serial console, captured, with this file's patience.
+fn new_console() -> Console {
+    Console::with_timeout(TIMEOUT)
 }
 
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn wait(&self, what: &str, done: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !done(&self.text()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; console:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn progress_lines(&self) -> usize {
-        self.text().matches("io-loop ops ").count()
-    }
-    /// Waits for `n` more progress lines.
-    fn wait_progress(&self, n: usize) {
-        let target = self.progress_lines() + n;
-        self.wait("io-loop progress", |t| {
-            t.matches("io-loop ops ").count() >= target
-        });
-    }
+/// Waits for `n` more io-loop progress lines on `console`.
+fn wait_progress(console: &Console, n: usize) {
+    let target = console.text().matches("io-loop ops ").count() + n;
+    console.wait(0, "io-loop progress", |t| {
+        t.matches("io-loop ops ").count() >= target
+    });
+}
+
+/// The stored chunks of a snapshot's guest memory (zero chunks are not stored).
+fn memory_chunks(manifest: &store::manifest::StoreManifest) -> Vec<store::chunk::ChunkHash> {
+    let memory = manifest.memory.as_ref().expect("the snapshot holds memory");
+    memory.chunks.iter().flatten().cloned().collect()
 }
 
 /// Guest memory of a snapshot in the store for the pager (what `snapvmm restore s3://`
@@ -334,7 +313,7 @@ fn lazy_restore(lazy: &LazyRestore, console: &Console) -> Vmm {
 /// Asks io-loop to read back and check everything it wrote; waits for its verdict.
 fn finish_and_verify(vmm: Vmm, console: &Console) -> String {
     vmm::guest::request_finish(vmm.memory()).unwrap();
-    console.wait("the io-loop verdict", |t| t.contains("io-loop verify "));
+    console.wait(0, "the io-loop verdict", |t| t.contains("io-loop verify "));
     let reason = vmm.wait().unwrap();
     let text = console.text();
     assert!(reason.is_clean(), "{reason:?}\n{text}");
@@ -428,11 +407,11 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let vm_dir = tempfile::tempdir().unwrap();
     let base = vm_dir.path().join("base.qcow2");
     prefilled_disk(&base);
-    let console = Console::default();
+    let console = new_console();
     let vmm = Vmm::start_with_serial(&io_loop_config(&base), Box::new(console.clone())).unwrap();
     let sandbox = Sandbox::with_vmm(vmm, &SandboxOptions::default()).unwrap();
-    console.wait("io-loop start", |t| t.contains("io-loop start"));
-    console.wait_progress(2);
+    console.wait(0, "io-loop start", |t| t.contains("io-loop start"));
+    wait_progress(&console, 2);
     let control = sandbox.control().clone();
     control
         .snapshot_create(&TreeSnapshotCreate::with_memory("s1"))
@@ -449,7 +428,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         "zero memory costs nothing: {first:?}"
     );
     assert_eq!(first.bytes_scanned, (MEMORY_MIB << 20) + DISK_SIZE);
-    console.wait_progress(1);
+    wait_progress(&console, 1);
     control
         .snapshot_create(&TreeSnapshotCreate::with_memory("s2"))
         .unwrap();
@@ -478,24 +457,16 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     // Another host: a fresh directory, an empty cache. The guest resumes and verifies.
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();
-    let restored = Console::default();
+    let restored = new_console();
     let vmm = lazy_restore(&lazy, &restored);
-    restored.wait_progress(2);
+    wait_progress(&restored, 2);
     let pager_chunks = vmm
         .pager()
         .unwrap()
         .stats()
         .chunks
         .load(std::sync::atomic::Ordering::Relaxed);
-    let stored_memory_chunks = lazy
-        .manifest
-        .memory
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter()
-        .flatten()
-        .count() as u64;
+    let stored_memory_chunks = memory_chunks(&lazy.manifest).len() as u64;
     assert!(pager_chunks > 0 && pager_chunks <= stored_memory_chunks);
     finish_and_verify(vmm, &restored);
     assert!(lazy.chunks.fetched_chunks() > 0);
@@ -514,7 +485,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let clone_console = Console::default();
+    let clone_console = new_console();
     let clone = Sandbox::restore(
         &clone_dir.path().join("s2/checkpoint"),
         Box::new(clone_console.clone()),
@@ -522,7 +493,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         &SandboxOptions::default(),
     )
     .unwrap();
-    clone_console.wait_progress(1);
+    wait_progress(&clone_console, 1);
     clone
         .control()
         .snapshot_create(&TreeSnapshotCreate::with_memory("c1"))
@@ -547,23 +518,15 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     corrupt_chunks(&bad_disk, &disk_chunks);
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(bad_disk.clone(), "s2", cache.path()).unwrap();
-    let console = Console::default();
+    let console = new_console();
     let vmm = lazy_restore(&lazy, &console);
-    console.wait("an I/O error in the guest", |t| t.contains("io error"));
+    console.wait(0, "an I/O error in the guest", |t| t.contains("io error"));
     vmm.stop().unwrap();
 
     // Flipped bytes in stored memory chunks: the VM stops with an error naming the chunk.
     let bad_memory = cluster.store("badmem");
     let manifest = store::catalog::read_manifest(&bad_memory, "s2").unwrap();
-    let memory_chunks: Vec<_> = manifest
-        .memory
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let memory_chunks = memory_chunks(&manifest);
     corrupt_chunks(&bad_memory, &memory_chunks);
     let cache = tempfile::tempdir().unwrap();
     let mut command = snapvmm();
@@ -712,11 +675,11 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     // A volume server dies in the middle of a lazy restore: the replica serves the rest.
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();
-    let console = Console::default();
+    let console = new_console();
     let vmm = lazy_restore(&lazy, &console);
-    console.wait_progress(1);
+    wait_progress(&console, 1);
     cluster.kill_volume(0);
-    console.wait_progress(2);
+    wait_progress(&console, 2);
     finish_and_verify(vmm, &console);
 
     // rm and gc: s1's own chunks go, the ones s2 and c1 share stay readable.

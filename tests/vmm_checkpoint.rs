@@ -4,11 +4,11 @@
 //! Needs a usable /dev/kvm: without one each test prints why and passes, unless
 //! `SNAPVMM_REQUIRE_KVM=1` (CI) makes it fail.
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use test_support::console::Console;
 use test_support::require::have_kvm;
 use test_support::vm::{counters, last_counter};
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
@@ -17,44 +17,6 @@ use vmm::snapshot::vm_state::VmState;
 use vmm::{CheckpointOptions, Vmm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The serial console, captured.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn since(&self, mark: usize) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()[mark..]).into_owned()
-    }
-    /// Waits until `done` holds for the text after `mark`.
-    fn wait(&self, mark: usize, what: &str, done: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !done(&self.since(mark)) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; console:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 /// Asserts `text` counts 1, 2, 3, ... with no gap or repeat, and returns the last value.
 fn assert_contiguous(text: &str) -> u64 {

@@ -18,10 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::config::{BootSource, VmConfig, Workload};
-use vmm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm::{CheckpointOptions, Vmm};
 
+use super::counter_guest::{counter_vm, dirty_all, live_checkpoint};
 use super::model::{Figure, Status};
 use super::Bench;
 
@@ -169,20 +168,6 @@ fn figures(mib: u64) -> [Figure; 7] {
     ]
 }
 
-/// A counter micro-guest of `mib` MiB, its console discarded, booted for 100 ms.
-fn counter_vm(mib: u64) -> Result<Vmm, String> {
-    let mut config = VmConfig::new(BootSource::MicroGuest {
-        workload: Workload::Counter,
-        seed: 1,
-    });
-    config.memory_mib = mib;
-    let vm = Vmm::start_with_serial(&config, Box::new(std::io::sink()))
-        .map_err(|e| format!("starting a {mib} MiB VM: {e}"))?;
-    // Let the guest boot and print a few lines.
-    std::thread::sleep(Duration::from_millis(100));
-    Ok(vm)
-}
-
 /// Stops `vm` whatever happened, keeping the first error.
 fn with_vm<T>(vm: Vmm, result: Result<T, String>) -> Result<T, String> {
     let stopped = vm.stop().map_err(|e| format!("stopping the VM: {e}"));
@@ -223,24 +208,6 @@ fn save(dir: &Path, mib: u64, dirty: bool, count: usize) -> Result<Vec<f64>, Str
     with_vm(vm, result)
 }
 
-/// Writes a non-zero pattern over all guest RAM from the host (the VM is paused).
-fn dirty_all(vm: &Vmm) -> Result<(), String> {
-    for region in vm.memory().iter() {
-        let host = region
-            .get_host_address(vmm::vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| format!("guest memory region: {e}"))?;
-        let len = usize::try_from(region.len()).map_err(|e| format!("region length: {e}"))?;
-        // SAFETY: `host` is the start of the region's whole mapping of `len` bytes, alive as
-        // long as `vm`; the vCPUs are paused and nothing else writes guest RAM meanwhile.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        for (i, page) in bytes.chunks_mut(4096).enumerate() {
-            // Patterned, so the save's zero-page check finds nothing to skip.
-            page.fill((i % 251) as u8 | 1);
-        }
-    }
-    Ok(())
-}
-
 /// Create, write `mib` MiB in 8 MiB pieces, fsync, rename; ms.
 fn plain_write(dir: &Path, mib: u64) -> Result<f64, String> {
     let piece: Vec<u8> = (0..8usize << 20).map(|i| (i >> 12) as u8 | 1).collect();
@@ -270,20 +237,7 @@ fn live_pause(dir: &Path, mib: u64, count: usize) -> Result<Vec<f64>, String> {
     let vm = counter_vm(mib)?;
     let target = dir.join("live");
     let result = (0..count)
-        .map(|_| {
-            let _ = std::fs::remove_dir_all(&target);
-            let report = vm
-                .checkpointer()
-                .checkpoint(
-                    &target,
-                    CheckpointOptions {
-                        live: true,
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| format!("live checkpoint to {}: {e}", target.display()))?;
-            Ok(report.pause_us as f64)
-        })
+        .map(|_| Ok(live_checkpoint(&vm, &target)? as f64))
         .collect();
     let _ = std::fs::remove_dir_all(&target);
     with_vm(vm, result)

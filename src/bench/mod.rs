@@ -21,11 +21,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod checkpoint;
 mod compare;
+mod counter_guest;
 mod cow;
 mod guest_stall;
 mod images;
 mod internal;
 mod jobs;
+mod load;
 mod machine;
 mod micro_guest;
 mod model;

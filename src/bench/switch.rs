@@ -12,6 +12,7 @@ use snapshot::live_snapshot::{external_snapshot, DiskOverlay};
 use storage::qcow2::{create, CreateOptions};
 use storage::{LiveDisk, OpenOptions};
 
+use super::load::write_load;
 use super::model::Figure;
 use super::Bench;
 
@@ -148,31 +149,5 @@ impl Drop for Rig {
         for writer in self.writers.drain(..) {
             let _ = writer.join();
         }
-    }
-}
-
-/// 4 KiB writes at xorshift-random aligned offsets, round-robin over `disks`, until `stop`.
-fn write_load(
-    disks: &[Arc<LiveDisk>],
-    stop: &AtomicBool,
-    error: &Mutex<Option<String>>,
-    seed: u64,
-) {
-    let buf = vec![0xa5u8; 4096];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    let mut n = 0usize;
-    while !stop.load(Ordering::Relaxed) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let disk = &disks[n % disks.len()];
-        let offset = (x % (disk.size() / 4096).max(1)) * 4096;
-        if let Err(e) = disk.write_at(&buf, offset) {
-            if let Ok(mut slot) = error.lock() {
-                slot.get_or_insert_with(|| format!("write at {offset} on {}: {e}", disk.name()));
-            }
-            return;
-        }
-        n += 1;
     }
 }

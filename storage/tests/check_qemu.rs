@@ -14,28 +14,11 @@ use storage::qcow2::{check, CheckReport, Header, RepairMode};
 /// Low bits of a refcount table entry that must be clear.
 const REFT_RESERVED: u64 = 0x1ff;
 
-/// qemu-img and qemu-io are the reference; without them the tests have nothing to
-/// compare against, and are skipped unless CI demands them.
-fn qemu_available() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("SNAPVMM_REQUIRE_QEMU").is_err(),
-            "qemu-img and qemu-io are required (SNAPVMM_REQUIRE_QEMU is set) but not found"
-        );
-    }
-    ok
-}
-
+/// qemu-img and qemu-io are the reference; without them the tests have nothing to compare
+/// against, and are skipped unless CI demands them (`test_support::require`).
 macro_rules! require_qemu {
     () => {
-        if !qemu_available() {
-            eprintln!("skipped: qemu-img / qemu-io not installed");
+        if !test_support::require::have_qemu(concat!(file!(), ":", line!())) {
             return;
         }
     };
@@ -177,6 +160,26 @@ fn assert_qemu_clean(path: &Path) {
 /// `qemu-img check -r` on another copy fixes and leaves the same numbers.
 fn repair_copy(path: &Path, mode: RepairMode) -> (PathBuf, CheckReport) {
     repair_copy_as(path, mode, true)
+}
+
+/// Repairs a copy of `path` fully, like `qemu-img check -r all`: our report after the repair
+/// and qemu-img's check of the copy must both be clean. `what` starts the failure message.
+fn assert_repairs_clean(path: &Path, what: &str) -> (PathBuf, CheckReport) {
+    check_repaired_clean(repair_copy(path, RepairMode::All), what)
+}
+
+/// [`assert_repairs_clean`] without comparing with what `qemu-img check -r` fixes.
+fn assert_repairs_clean_unlike_qemu(path: &Path, what: &str) -> (PathBuf, CheckReport) {
+    check_repaired_clean(repair_copy_as(path, RepairMode::All, false), what)
+}
+
+fn check_repaired_clean(
+    (copy, repaired): (PathBuf, CheckReport),
+    what: &str,
+) -> (PathBuf, CheckReport) {
+    assert!(repaired.is_clean(), "{what}{repaired:#?}");
+    assert_qemu_clean(&copy);
+    (copy, repaired)
 }
 
 /// `repair_copy`, optionally without comparing with what `qemu-img check -r` fixes
@@ -393,10 +396,8 @@ fn zero_refcount_needs_a_rebuild() {
     std::fs::copy(&path, &copy).expect("copy");
     let leaks = check(&copy, RepairMode::Leaks).expect("check");
     assert_eq!(leaks.check_errors, 1, "{leaks:?}");
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
+    let (copy, repaired) = assert_repairs_clean(&path, "");
     assert!(repaired.corruptions_fixed >= 1, "{repaired:?}");
-    assert_qemu_clean(&copy);
     // The repaired image still reads back what was written.
     run(
         "qemu-io",
@@ -421,10 +422,8 @@ fn refcount_too_low_with_snapshot_is_repaired() {
     set_refcount(&path, cluster, 1);
     let report = assert_matches_qemu(&path);
     assert_eq!(report.corruptions, 2, "{:#?}", report.messages);
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
+    let (copy, _) = assert_repairs_clean(&path, "");
     assert_eq!(get_refcount(&copy, cluster), 2);
-    assert_qemu_clean(&copy);
 }
 
 #[test]
@@ -472,9 +471,7 @@ fn internal_snapshots_match_qemu() {
     assert!(count >= 2, "cluster {shared} refcount {count}");
     set_refcount(&path, shared, count - 1);
     assert_matches_qemu(&path);
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
-    assert_qemu_clean(&copy);
+    assert_repairs_clean(&path, "");
 }
 
 #[test]
@@ -529,9 +526,7 @@ fn refcount_widths_match_qemu() {
             set_refcount(&path, cluster, 0);
         }
         assert_matches_qemu(&path);
-        let (copy, repaired) = repair_copy(&path, RepairMode::All);
-        assert!(repaired.is_clean(), "refcount_bits={bits}: {repaired:#?}");
-        assert_qemu_clean(&copy);
+        assert_repairs_clean(&path, &format!("refcount_bits={bits}: "));
     }
 }
 
@@ -554,9 +549,7 @@ fn cluster_sizes_match_qemu() {
         let (l1_at, _) = entries_of(&path, 0);
         write_u64(&path, l1_at, read_u64(&path, l1_at) ^ OFLAG_COPIED);
         assert_matches_qemu(&path);
-        let (copy, repaired) = repair_copy(&path, RepairMode::All);
-        assert!(repaired.is_clean(), "cluster_size={cs}: {repaired:#?}");
-        assert_qemu_clean(&copy);
+        assert_repairs_clean(&path, &format!("cluster_size={cs}: "));
     }
 }
 
@@ -572,10 +565,8 @@ fn version_2_images_match_qemu() {
     append_leaked_cluster(&path);
     set_refcount(&path, host_cluster(&path, 5 << 16), 0);
     assert_matches_qemu(&path);
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
+    let (copy, _) = assert_repairs_clean(&path, "");
     assert_eq!(header_of(&copy).version, 2);
-    assert_qemu_clean(&copy);
 }
 
 #[test]
@@ -654,10 +645,8 @@ fn dirty_image_is_rebuilt_clean() {
     assert_qemu_clean(&rebuilt);
     assert_eq!(std::fs::metadata(&rebuilt).expect("stat").len(), len);
 
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
+    let (copy, _) = assert_repairs_clean(&path, "");
     assert_eq!(header_of(&copy).incompatible_features & INCOMPAT_DIRTY, 0);
-    assert_qemu_clean(&copy);
 }
 
 #[test]
@@ -705,9 +694,7 @@ fn broken_refcount_structures_are_rebuilt() {
     let first = read_u64(&path, h.refcount_table_offset);
     write_u64(&path, h.refcount_table_offset + 8, first);
     assert_matches_qemu(&path);
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
-    assert_qemu_clean(&copy);
+    assert_repairs_clean(&path, "");
 
     // An unaligned refcount table entry.
     let path = populated(dir.path(), "unaligned.qcow2", "", 64 << 10);
@@ -715,19 +702,15 @@ fn broken_refcount_structures_are_rebuilt() {
     let theirs = qemu_check(&path);
     let ours = check(&path, RepairMode::None).expect("check");
     assert_eq!(ours.corruptions, theirs.corruptions, "{:#?}", ours.messages);
-    let (copy, repaired) = repair_copy(&path, RepairMode::All);
-    assert!(repaired.is_clean(), "{repaired:#?}");
-    assert_qemu_clean(&copy);
+    assert_repairs_clean(&path, "");
 
     // A refcount block outside the file: QEMU grows the file to cover it (here to
     // 1 TiB); snapvmm rebuilds the refcount structure instead.
     let path = populated(dir.path(), "outside.qcow2", "", 64 << 10);
     write_u64(&path, h.refcount_table_offset + 16, 1 << 40);
     assert_matches_qemu(&path);
-    let (copy, repaired) = repair_copy_as(&path, RepairMode::All, false);
-    assert!(repaired.is_clean(), "{repaired:#?}");
+    let (copy, _) = assert_repairs_clean_unlike_qemu(&path, "");
     assert!(std::fs::metadata(&copy).expect("stat").len() < 1 << 30);
-    assert_qemu_clean(&copy);
 }
 
 #[test]

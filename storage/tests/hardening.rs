@@ -106,30 +106,14 @@ fn an_empty_backing_name_is_no_backing_file() {
     assert!(Qcow2Image::open(&path, &OpenOptions::default()).is_ok());
 }
 
-/// Whether qemu-img and qemu-io are usable; without them the interop tests are skipped
-/// unless CI demands them.
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var("SNAPVMM_REQUIRE_QEMU").is_err(),
-            "qemu-img is required (SNAPVMM_REQUIRE_QEMU is set) but not found"
-        );
-        eprintln!("skipping: qemu-img / qemu-io not found");
-    }
-    ok
-}
+use test_support::qemu::run as qemu;
 
-fn qemu(program: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"))
+/// An image opened read-only, everything else default.
+fn read_only() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
 }
 
 fn qemu_ok(program: &str, args: &[&str]) {
@@ -177,7 +161,9 @@ fn bump_refcount(path: &Path, cluster: u64, delta: i64) {
 /// with the refcounts even when the snapshot's L2 table carries a leaked reference.
 #[test]
 fn revert_onto_a_copy_keeps_copied_flags_right_with_a_leaked_l2_reference() {
-    if !have_qemu() {
+    if !test_support::require::have_qemu(
+        "revert_onto_a_copy_keeps_copied_flags_right_with_a_leaked_l2_reference",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -189,14 +175,7 @@ fn revert_onto_a_copy_keeps_copied_flags_right_with_a_leaked_l2_reference() {
     // The active layer copies the shared L2 table on this write: s1 keeps the old one.
     qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 0 64k", p]);
     let l2 = {
-        let image = Qcow2Image::open(
-            &path,
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let image = Qcow2Image::open(&path, &read_only()).unwrap();
         let l1 = image.snapshots()[0].l1_table_offset;
         read_u64(image.file(), l1) & storage::qcow2::entry::OFFSET_MASK
     };
@@ -263,14 +242,7 @@ fn opening_reads_no_snapshot_l1_table() {
 
     let reads =
         fault::inject(FaultPlan::fail_nth(0, Some(Op::Read), fault::Fault::Eio).under(dir.path()));
-    let image = Qcow2Image::open(
-        &path,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = Qcow2Image::open(&path, &read_only()).unwrap();
     let count = reads.count();
     drop(reads);
     assert_eq!(image.snapshots().len(), 1024);
@@ -292,7 +264,7 @@ fn opening_reads_no_snapshot_l1_table() {
 #[test]
 fn image_locks_interoperate_with_qemu() {
     use std::io::{BufRead, Write};
-    if !have_qemu() {
+    if !test_support::require::have_qemu("image_locks_interoperate_with_qemu") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -309,14 +281,7 @@ fn image_locks_interoperate_with_qemu() {
         );
         qemu_ok("qemu-img", &["info", "-U", p]);
         // Reopening in this process, read-only or writable, is not a conflict.
-        let again = storage::open(
-            &path,
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let again = storage::open(&path, &read_only()).unwrap();
         drop(again);
         disk.write_at(&[1; 512], 0).unwrap();
         disk.flush().unwrap();
@@ -353,15 +318,9 @@ fn image_locks_interoperate_with_qemu() {
         .expect("qemu-io writes it");
     assert!(matches!(err, storage::Error::Locked { .. }), "{err}");
     assert!(err.to_string().contains("locked.qcow2"), "{err}");
-    let err = storage::open(
-        &path,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .err()
-    .expect("a reader refuses a writer it cannot stop");
+    let err = storage::open(&path, &read_only())
+        .err()
+        .expect("a reader refuses a writer it cannot stop");
     assert!(err.to_string().contains("shared \"write\" lock"), "{err}");
     let shared = OpenOptions {
         read_only: true,

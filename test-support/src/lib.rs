@@ -10,14 +10,19 @@
 //! - [`image`]: creating, opening and reading images through snapvmm's storage crate.
 //! - [`reference`](mod@reference): a byte-for-byte reference of a disk and the operation sequences applied
 //!   alike to it and to a device.
+//! - [`console`]: a guest's serial console captured in memory, and waiting on it.
 //! - [`model`]: what each block of a live disk must hold while writer threads run.
+//! - [`qemu_vm`]: a real Linux under QEMU-TCG on `snapvmm vhost-user-blk` (guest fixture, ext4
+//!   base image, the daemon and `snapvmm ctl`, the QEMU command line, console watching).
 //! - `vm` (feature `vm`): running the `snapvmm` binary, `snapvmm ctl`, and a VM child process.
 #![warn(missing_docs)]
 
+pub mod console;
 pub mod image;
 pub mod model;
 pub mod pattern;
 pub mod qemu;
+pub mod qemu_vm;
 pub mod reference;
 pub mod require;
 #[cfg(feature = "vm")]
