@@ -81,22 +81,18 @@ pub fn comparisons(report: &Report) -> Vec<Comparison> {
             format!("ckpt.plain.{mib}"),
         ));
     }
-    pairs.push((
-        "checkpoint create vs Firecracker snapshot create".into(),
-        format!(
-            "ckpt.save.idle.{}",
-            report.memory_mib.first().copied().unwrap_or(128)
-        ),
-        "firecracker.snapshot_create".into(),
-    ));
-    pairs.push((
-        "whole-process restore vs Firecracker snapshot load".into(),
-        format!(
-            "ckpt.restore_process.{}",
-            report.memory_mib.first().copied().unwrap_or(128)
-        ),
-        "firecracker.snapshot_load".into(),
-    ));
+    for mib in &report.memory_mib {
+        pairs.push((
+            format!("checkpoint save vs Firecracker full snapshot create, {mib} MiB guest"),
+            format!("ckpt.save.idle.{mib}"),
+            format!("firecracker.snapshot_create.{mib}"),
+        ));
+        pairs.push((
+            format!("whole-process restore vs Firecracker snapshot load, {mib} MiB guest"),
+            format!("ckpt.restore_process.{mib}"),
+            format!("firecracker.snapshot_load.{mib}"),
+        ));
+    }
     pairs
         .into_iter()
         .filter_map(|(what, ours, theirs)| {

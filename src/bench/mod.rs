@@ -20,9 +20,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod checkpoint;
+mod clones;
 mod compare;
 mod counter_guest;
 mod cow;
+mod firecracker;
 mod guest_stall;
 mod images;
 mod internal;
@@ -67,10 +69,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
     /// Run only these families, comma-separated: switch, guest-stall, jobs, internal, cow,
-    /// checkpoint, qemu-live, peers [default: all].
+    /// checkpoint, qemu-live, clones, firecracker [default: all].
     #[arg(long, value_name = "FAMILIES", value_delimiter = ',', value_parser = family_name)]
     only: Vec<String>,
-    /// Also measure Firecracker, this binary.
+    /// Also measure Firecracker's snapshot create and load with this Firecracker binary,
+    /// beside snapvmm's checkpoint save and whole-process restore.
     #[arg(long, value_name = "PATH")]
     firecracker: Option<PathBuf>,
     /// Measure nothing: render the reports (--json, --html, --markdown) of an earlier run's
@@ -179,7 +182,7 @@ impl Bench {
 type Family = (&'static str, &'static str, fn(&mut Bench));
 
 /// The families, in the order they run.
-const FAMILIES: [Family; 8] = [
+const FAMILIES: [Family; 9] = [
     ("switch", "live overlay switch (host)", switch::run),
     (
         "guest-stall",
@@ -191,7 +194,8 @@ const FAMILIES: [Family; 8] = [
     ("cow", "4K copy-on-write writes", cow::run),
     ("checkpoint", "checkpoints", checkpoint::run),
     ("qemu-live", "QEMU live snapshot", qemu_live::run),
-    ("peers", "Firecracker and clones", checkpoint::run_peers),
+    ("clones", "clones", clones::run),
+    ("firecracker", "Firecracker snapshots", firecracker::run),
 ];
 
 /// The `--only` names.
