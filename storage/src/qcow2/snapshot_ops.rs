@@ -12,6 +12,14 @@
 //! too high and COPIED flags stale, which the dirty bit makes the next writable open rebuild.
 //! Version 2 images have no dirty bit: a crash can leave leaks and stale COPIED flags that
 //! `check -r all` repairs.
+//!
+//! The outcome reported is the outcome on disk, as a snapshot command must answer: an
+//! operation that returns an error left the snapshot set and the active state as they were,
+//! one that returns `Ok` is durable. A failed commit write or sync is in doubt (the header may
+//! have reached the file), so it is undone by writing the old header back and syncing it
+//! ([`Qcow2Image::commit_header`]). A failure after the commit point (freeing what the old
+//! state held, clearing the dirty bit) cannot undo the operation: it is logged and only leaves
+//! leaks, which the still-set dirty bit makes the next writable open repair.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,7 +29,7 @@ use super::entry::{
     decode_l1, decode_l2, Mapping, L2_RESERVED, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO,
 };
-use super::header::{write_header, INCOMPAT_DIRTY};
+use super::header::{write_header, Header, INCOMPAT_DIRTY};
 use super::image::Qcow2Image;
 use super::snapshot::{serialize_table, SnapshotEntry, MAX_SNAPSHOTS};
 use crate::error::{Error, Result};
@@ -74,6 +82,43 @@ impl Qcow2Image {
         let meta = self.meta.get_mut();
         write_header(&self.file, &mut meta.header)?;
         self.file.sync()
+    }
+
+    /// The commit point of create, apply and delete: applies `update` to the header, writes
+    /// it and syncs it. When either fails the new header may or may not be on disk, so the
+    /// old one is written back and synced: on error the image is as it was before the call,
+    /// in memory and (unless restoring failed too, which the error then says) on disk.
+    fn commit_header(&mut self, update: impl FnOnce(&mut Header)) -> Result<()> {
+        let old = self.meta.get_mut().header.clone();
+        update(&mut self.meta.get_mut().header);
+        let Err(error) = self.sync_header() else {
+            return Ok(());
+        };
+        self.meta.get_mut().header = old;
+        match self.sync_header() {
+            Ok(()) => Err(error),
+            Err(restore) => Err(Error::io(
+                self.path.clone(),
+                "restore the header after a failed commit",
+                std::io::Error::other(format!(
+                    "{error}; writing the previous header back failed too ({restore}): \
+                     the image holds the old or the new state, check it before use"
+                )),
+            )),
+        }
+    }
+
+    /// Logs a failure after an operation's commit point: the operation is done and durable,
+    /// what failed only leaves leaks that the dirty bit (still set) makes the next open fix.
+    fn after_commit(&self, operation: &str, result: Result<()>) {
+        if let Err(e) = result {
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %e,
+                "{operation} is committed, but cleaning up after it failed: \
+                 the image keeps leaked clusters until it is next opened writable"
+            );
+        }
     }
 
     fn set_dirty(&mut self, dirty: bool) -> Result<()> {
@@ -186,8 +231,8 @@ impl Qcow2Image {
     }
 
     /// Writes a new snapshot table and switches the header to it (the commit point of create
-    /// and delete), then frees the old table.
-    fn commit_table(&mut self, entries: Vec<SnapshotEntry>) -> Result<()> {
+    /// and delete); on success the old table is freed, failing which is only logged.
+    fn commit_table(&mut self, operation: &str, entries: Vec<SnapshotEntry>) -> Result<()> {
         let raw = serialize_table(&entries)?;
         let new_offset = if entries.is_empty() {
             0
@@ -200,19 +245,19 @@ impl Qcow2Image {
         self.flush_refcounts()?;
         let old_offset = self.meta.get_mut().header.snapshots_offset;
         let old_len = self.snapshot_table_bytes;
-        {
-            let header = &mut self.meta.get_mut().header;
-            header.nb_snapshots = entries.len() as u32;
+        let count = entries.len() as u32;
+        self.commit_header(|header| {
+            header.nb_snapshots = count;
             header.snapshots_offset = new_offset;
-        }
-        self.sync_header()?;
-        if old_offset != 0 && old_len != 0 {
-            let len = old_len.div_ceil(self.cluster_size) * self.cluster_size;
-            self.free_now(old_offset, len)?;
-        }
+        })?;
         self.snapshots = entries;
         self.snapshot_table_bytes = raw.len() as u64;
         self.info.snapshot_count = self.snapshots.len() as u32;
+        if old_offset != 0 && old_len != 0 {
+            let len = old_len.div_ceil(self.cluster_size) * self.cluster_size;
+            let freed = self.free_now(old_offset, len);
+            self.after_commit(operation, freed);
+        }
         Ok(())
     }
 
@@ -283,15 +328,18 @@ impl Qcow2Image {
         // 4. Commit: the new table, switched to by one header write.
         let mut entries = self.snapshots.clone();
         entries.push(entry.clone());
-        self.commit_table(entries)?;
+        self.commit_table("snapshot create", entries)?;
 
         // 5. The VM state belongs to the snapshot alone; keeping it in the active layer would
         //    only force copies on the next snapshot (QEMU drops it too).
-        if vm_state_size > 0 {
-            self.drop_vm_state(vm_state_size)?;
-        }
-        self.settle()?;
-        self.set_dirty(false)?;
+        let cleanup = (|| {
+            if vm_state_size > 0 {
+                self.drop_vm_state(vm_state_size)?;
+            }
+            self.settle()?;
+            self.set_dirty(false)
+        })();
+        self.after_commit("snapshot create", cleanup);
         Ok(entry)
     }
 
@@ -360,13 +408,11 @@ impl Qcow2Image {
         // Commit: active L1 offset, size and disk size in one header write.
         let old_offset = self.l1_offset;
         let old_clusters = self.l1_clusters(old_l1.len() as u64);
-        {
-            let header = &mut self.meta.get_mut().header;
+        self.commit_header(|header| {
             header.l1_table_offset = new_offset;
             header.l1_size = new_len as u32;
             header.size = snapshot.disk_size;
-        }
-        self.sync_header()?;
+        })?;
         self.l1 = new_l1.iter().map(|&e| AtomicU64::new(e)).collect();
         self.l1_offset = new_offset;
         self.size = snapshot.disk_size;
@@ -374,12 +420,16 @@ impl Qcow2Image {
         self.l2_cache = L2Cache::new(self.l2_capacity);
 
         // The old active state's references go after the commit.
-        self.update_refcounts(&old_refs, -1)?;
-        self.free_now(old_offset, old_clusters * self.cluster_size)?;
-        self.flush_refcounts()?;
-        self.fix_copied_flags()?;
-        self.settle()?;
-        self.set_dirty(false)
+        let cleanup = (|| {
+            self.update_refcounts(&old_refs, -1)?;
+            self.free_now(old_offset, old_clusters * self.cluster_size)?;
+            self.flush_refcounts()?;
+            self.fix_copied_flags()?;
+            self.settle()?;
+            self.set_dirty(false)
+        })();
+        self.after_commit("snapshot apply", cleanup);
+        Ok(())
     }
 
     /// Deletes snapshot `id_or_name`, releasing every cluster only it referenced.
@@ -397,15 +447,19 @@ impl Qcow2Image {
         // Commit: the entry leaves the table first, so a crash can only leak.
         let mut entries = self.snapshots.clone();
         entries.remove(index);
-        self.commit_table(entries)?;
+        self.commit_table("snapshot delete", entries)?;
 
-        self.update_refcounts(&refs, -1)?;
-        let l1_clusters = self.l1_clusters(snapshot.l1_size as u64);
-        self.free_now(snapshot.l1_table_offset, l1_clusters * self.cluster_size)?;
-        self.flush_refcounts()?;
-        self.fix_copied_flags()?;
-        self.settle()?;
-        self.set_dirty(false)
+        let cleanup = (|| {
+            self.update_refcounts(&refs, -1)?;
+            let l1_clusters = self.l1_clusters(snapshot.l1_size as u64);
+            self.free_now(snapshot.l1_table_offset, l1_clusters * self.cluster_size)?;
+            self.flush_refcounts()?;
+            self.fix_copied_flags()?;
+            self.settle()?;
+            self.set_dirty(false)
+        })();
+        self.after_commit("snapshot delete", cleanup);
+        Ok(())
     }
 
     /// Grows the active L1 table to `entries`, moving it to fresh clusters.
