@@ -4,7 +4,8 @@
 //! Every operation that changes an image file on disk goes through this module (and reads,
 //! which only plans naming [`Op::Read`] see): positioned writes, `fdatasync`/`fsync` (of files and of directories), `rename`, `truncate`/`set_len`
 //! and file creation, including the helpers of [`crate::file`] that other crates use for
-//! their own files. Disarmed (always, outside tests) a check costs one relaxed atomic load.
+//! their own files, and every step of the files other crates write themselves (tree
+//! metadata, checkpoints), which call [`check`]. Disarmed (always, outside tests) a check costs one relaxed atomic load.
 //!
 //! ```
 //! use storage::fault::{self, FaultPlan, Op};
@@ -179,9 +180,11 @@ pub fn count() -> u64 {
     STATE.lock().as_ref().map_or(0, |a| a.count)
 }
 
-/// Called by the file layer before operation `op` on `path`: the injected error when the
-/// armed plan says this one fails.
-pub(crate) fn check(op: Op, path: &Path) -> std::io::Result<()> {
+/// Called before operation `op` on `path`: the injected error when the armed plan says this
+/// one fails. The file layer calls it for image files; other crates call it before each step
+/// of writing their own files (the snapshot tree's metadata, checkpoint state and memory
+/// files), so one plan counts and fails the steps of a whole operation.
+pub fn check(op: Op, path: &Path) -> std::io::Result<()> {
     if !ARMED.load(Ordering::Relaxed) {
         return Ok(());
     }

@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use storage::fault;
 use super::error::{CheckpointError, CheckpointResult};
 use super::page_set::PageSet;
 use super::PAGE_SIZE;
@@ -52,6 +53,7 @@ impl MemoryFile {
     pub fn create(path: &Path, id: u64, data_len: u64) -> CheckpointResult<Self> {
         // Guest memory: readable by the owner only, whatever the umask (a file that
         // existed keeps its mode at open, hence the explicit chmod).
+        fault::check(fault::Op::Create, path).map_err(CheckpointError::io(path))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -62,9 +64,11 @@ impl MemoryFile {
             .map_err(CheckpointError::io(path))?;
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(CheckpointError::io(path))?;
-        file.set_len(HEADER_SIZE + data_len)
+        fault::check(fault::Op::Truncate, path)
+            .and_then(|()| file.set_len(HEADER_SIZE + data_len))
             .map_err(CheckpointError::io(path))?;
-        file.write_all_at(&header_bytes(id, data_len), 0)
+        fault::check(fault::Op::Write, path)
+            .and_then(|()| file.write_all_at(&header_bytes(id, data_len), 0))
             .map_err(CheckpointError::io(path))?;
         Ok(MemoryFile {
             file,
@@ -154,8 +158,8 @@ impl MemoryFile {
     /// Writes `buf` at linear memory offset `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> CheckpointResult<()> {
         self.check(offset, buf.len() as u64)?;
-        self.file
-            .write_all_at(buf, HEADER_SIZE + offset)
+        fault::check(fault::Op::Write, &self.path)
+            .and_then(|()| self.file.write_all_at(buf, HEADER_SIZE + offset))
             .map_err(CheckpointError::io(&self.path))
     }
 
@@ -179,8 +183,8 @@ impl MemoryFile {
 
     /// Makes the data durable.
     pub fn sync(&self) -> CheckpointResult<()> {
-        self.file
-            .sync_all()
+        fault::check(fault::Op::Sync, &self.path)
+            .and_then(|()| self.file.sync_all())
             .map_err(CheckpointError::io(&self.path))
     }
 

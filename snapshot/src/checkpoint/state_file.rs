@@ -17,6 +17,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use storage::fault;
 use super::error::{CheckpointError, CheckpointResult};
 use super::manifest::Manifest;
 
@@ -181,6 +182,7 @@ pub fn write(path: &Path, manifest: &Manifest) -> CheckpointResult<()> {
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> CheckpointResult<()> {
     let tmp = path.with_extension("tmp");
     // Owner-only whatever the umask: the state holds device and vCPU registers.
+    fault::check(fault::Op::Create, &tmp).map_err(CheckpointError::io(&tmp))?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -190,9 +192,13 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> CheckpointResult<()> {
         .map_err(CheckpointError::io(&tmp))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(CheckpointError::io(&tmp))?;
-    file.write_all(bytes).map_err(CheckpointError::io(&tmp))?;
-    file.sync_all().map_err(CheckpointError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(CheckpointError::io(path))?;
+    fault::check(fault::Op::Write, &tmp)
+        .and_then(|()| file.write_all(bytes))
+        .map_err(CheckpointError::io(&tmp))?;
+    fault::check(fault::Op::Sync, &tmp)
+        .and_then(|()| file.sync_all())
+        .map_err(CheckpointError::io(&tmp))?;
+    storage::file::rename(&tmp, path).map_err(CheckpointError::io(path))?;
     Ok(())
 }
 

@@ -37,14 +37,38 @@ impl SnapshotTree {
             return created;
         }
         self.create_internal(&mut info)?;
-        {
+        let before = {
             let mut meta = self.meta.lock();
+            let before = meta.clone();
             meta.snapshots.push(info.clone());
             meta.current = Some(name.to_string());
+            before
+        };
+        if let Err(e) = self.save() {
+            // Not recorded, so not created: an error must leave no snapshot behind.
+            self.undo_internal_create(&info, before);
+            return Err(e);
         }
-        self.save()?;
         tracing::info!(snapshot = name, kind = %info.kind, "snapshot created");
         Ok(info)
+    }
+
+    /// Takes back an internal snapshot whose metadata could not be written: the tree as it
+    /// was, the snapshot deleted from the images, and the metadata written again (a failed
+    /// write may have renamed the new file into place before its directory sync failed).
+    /// What cannot be undone is logged; the next open reports an internal snapshot the
+    /// metadata does not name, or a listed one that is missing, never silently.
+    fn undo_internal_create(&self, info: &SnapshotInfo, before: TreeFile) {
+        let deleted = self.claim_all("snapshot").and_then(|claims| {
+            let deleted = self.delete_internal(info);
+            drop(claims);
+            deleted
+        });
+        if let Err(e) = deleted {
+            tracing::error!(snapshot = %info.name, error = %e,
+                "rolling back an internal snapshot whose metadata write failed failed");
+        }
+        self.restore_metadata(before);
     }
 
     /// Refuses a snapshot that would make some disk's chain deeper than storage opens.

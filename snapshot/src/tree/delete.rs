@@ -19,12 +19,35 @@ impl SnapshotTree {
         };
         let mut deleted = Vec::new();
         for target in targets {
+            // An internal snapshot's delete commits its metadata itself (before touching
+            // its images); any other is committed by recording its files' removal.
+            let commits_itself = !options.metadata_only
+                && self.get(&target)?.kind == SnapshotKind::Internal;
+            let before = self.meta.lock().clone();
             let unnamed = self.delete_one(&target, options.metadata_only)?;
+            if let Err(e) = self.record_removal(&unnamed) {
+                if commits_itself {
+                    tracing::warn!(snapshot = %target, error = %e,
+                        "the snapshot is deleted, but recording it again failed");
+                } else {
+                    // Not committed: the snapshot is still there, as reported.
+                    self.restore_metadata(before);
+                    return Err(e);
+                }
+            }
             deleted.push(target);
-            self.remove_unnamed(unnamed)?;
+            if let Err(e) = self.finish_removal(&unnamed) {
+                tracing::warn!(error = %e,
+                    "removing a deleted snapshot's files failed; the next open finishes it");
+            }
         }
+        // Merging and removing images nothing needs any more is housekeeping after the
+        // deletes committed: a failure is not the delete failing, and the next delete or
+        // revert compacts again.
         if !options.metadata_only {
-            self.compact()?;
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "compacting the snapshot tree after a delete failed");
+            }
         }
         Ok(deleted)
     }
@@ -60,9 +83,21 @@ impl SnapshotTree {
             // between leaves an internal snapshot nothing lists, never a listed snapshot
             // whose data is gone.
             let claims = self.claim_all("snapshot-delete")?;
+            let before = self.meta.lock().clone();
             self.forget(&snapshot, false);
-            self.save()?;
-            self.delete_internal(&snapshot)?;
+            if let Err(e) = self.save() {
+                // Not forgotten on disk (or in doubt, if only the directory sync failed):
+                // the snapshot stays, in memory and, written again, in the file.
+                self.restore_metadata(before);
+                return Err(e);
+            }
+            // Deleted as far as anyone can see: a failure to free its clusters now is
+            // not the delete failing (the images keep an internal snapshot nothing lists,
+            // as a crash here would leave).
+            if let Err(e) = self.delete_internal(&snapshot) {
+                tracing::warn!(snapshot = name, error = %e,
+                    "the snapshot is deleted, but removing it from its images failed");
+            }
             drop(claims);
             return Ok(unnamed);
         }
@@ -95,7 +130,7 @@ impl SnapshotTree {
         tracing::info!(snapshot = name, metadata_only, "snapshot deleted");
     }
 
-    fn delete_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {
+    pub(super) fn delete_internal(&self, snapshot: &SnapshotInfo) -> Result<()> {
         for (disk, d) in self.disks.iter().zip(&snapshot.disks) {
             if abs(disk.top().path()) == d.image {
                 // The caller holds the disk's claim.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use storage::fault;
 
 use crate::error::{Error, Result};
 
@@ -377,7 +378,18 @@ impl TreeFile {
         let io = |what: &str, e: std::io::Error| {
             Error::InvalidArgument(format!("{}: {what}: {e}", path.display()))
         };
-        let step = |s: SaveStep| faults.map_or(Ok(()), |f| f(s));
+        // The test hook first, then the engine-wide fault layer, so one storage fault plan
+        // counts the metadata steps of an operation with its image steps.
+        let step = |s: SaveStep| {
+            faults.map_or(Ok(()), |f| f(s)).and_then(|()| match s {
+                SaveStep::CreateTemporary => fault::check(fault::Op::Create, path),
+                SaveStep::Write => fault::check(fault::Op::Write, path),
+                SaveStep::Fsync => fault::check(fault::Op::Sync, path),
+                SaveStep::Rename => fault::check(fault::Op::Rename, path),
+                // `sync_parent_dir` checks it.
+                SaveStep::FsyncDirectory => Ok(()),
+            })
+        };
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::InvalidArgument(format!("encoding snapshot metadata: {e}")))?;
         let temp = temp_path(path);

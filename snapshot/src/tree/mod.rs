@@ -549,21 +549,48 @@ impl SnapshotTree {
     /// first the metadata is written naming them as to be removed, so a crash in between
     /// leaves no file unaccounted for; then they go.
     fn remove_unnamed(&self, files: Vec<PathBuf>) -> Result<()> {
+        self.record_removal(&files)?;
+        self.finish_removal(&files)
+    }
+
+    /// The first half of [`SnapshotTree::remove_unnamed`]: writes the in-memory metadata,
+    /// naming `files` as to be removed. Once this returns `Ok` the change is committed.
+    fn record_removal(&self, files: &[PathBuf]) -> Result<()> {
         if files.is_empty() {
             return self.save();
         }
         self.write_intent(Intent {
             op: IntentOp::Remove,
             snapshot: String::new(),
-            files: files.clone(),
+            files: files.to_vec(),
             fresh_overlays: false,
             info: None,
             records: Vec::new(),
             tops: Vec::new(),
-        })?;
+        })
+    }
+
+    /// The second half: removes `files` and records that they are gone (a failure leaves
+    /// the intent in the file, which the next open finishes).
+    fn finish_removal(&self, files: &[PathBuf]) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
         files.iter().for_each(|f| recovery::remove_path(f));
         self.meta.lock().pending = None;
         self.save()
+    }
+
+    /// Puts the in-memory metadata back to `before` after its write failed, and writes it
+    /// again: the failed write may have renamed the new file into place before its
+    /// directory sync failed. A failure of that write too is logged (the next open reads
+    /// whichever file is in place, both consistent with the images).
+    fn restore_metadata(&self, before: TreeFile) {
+        *self.meta.lock() = before;
+        if let Err(e) = self.save() {
+            tracing::error!(metadata = %self.path.display(), error = %e,
+                "rewriting the metadata after a failed operation failed");
+        }
     }
 
     /// Creates the directory holding the tree's checkpoints, owner-only.
