@@ -16,10 +16,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use storage::fault;
 use super::error::{CheckpointError, CheckpointResult};
 use super::page_set::PageSet;
 use super::PAGE_SIZE;
+use storage::fault;
 
 /// Size of the header; guest memory starts here.
 pub const HEADER_SIZE: u64 = 4096;

@@ -17,9 +17,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use storage::fault;
 use super::error::{CheckpointError, CheckpointResult};
 use super::manifest::Manifest;
+use storage::fault;
 
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"SNAPVMCK";

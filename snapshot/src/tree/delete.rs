@@ -21,8 +21,8 @@ impl SnapshotTree {
         for target in targets {
             // An internal snapshot's delete commits its metadata itself (before touching
             // its images); any other is committed by recording its files' removal.
-            let commits_itself = !options.metadata_only
-                && self.get(&target)?.kind == SnapshotKind::Internal;
+            let commits_itself =
+                !options.metadata_only && self.get(&target)?.kind == SnapshotKind::Internal;
             let before = self.meta.lock().clone();
             let unnamed = self.delete_one(&target, options.metadata_only)?;
             if let Err(e) = self.record_removal(&unnamed) {
