@@ -791,3 +791,116 @@ fn tree_delete_internal_survives_every_failure() {
     }
     tree_delete_matrix("tree delete internal", TakeOptions::internal(false));
 }
+
+/// The guest memory a VM has now.
+fn vm_memory(vm: &vmm::Vmm) -> Vec<u8> {
+    use vmm::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let memory = vm.memory();
+    let mut bytes = Vec::new();
+    for region in memory.iter() {
+        let mut chunk = vec![0u8; region.len() as usize];
+        memory
+            .read_slice(&mut chunk, region.start_addr())
+            .expect("read guest memory");
+        bytes.extend_from_slice(&chunk);
+    }
+    bytes
+}
+
+/// The guest memory the checkpoint chain ending in `dir` holds, merged into `out`.
+fn chain_memory(dir: &Path, out: &Path) -> Vec<u8> {
+    use snapshot::checkpoint::{memory_path, state_file, state_path};
+    snapshot::checkpoint::merge::merge_chain(dir, out).expect("merge the chain");
+    let manifest = state_file::read(&state_path(out)).expect("merged state");
+    let total = manifest.memory.total_bytes();
+    let file = MemoryFile::open(&memory_path(out), manifest.id, total).expect("merged memory");
+    let mut bytes = vec![0u8; total as usize];
+    file.read_at(&mut bytes, 0).expect("read merged memory");
+    bytes
+}
+
+/// The VMM's checkpoint saves (full, incremental, live, live incremental) of one paused
+/// micro-guest, failed at every step: a failed save leaves nothing under its name (the
+/// rename is its commit point), a successful one verifies, and the next incremental save
+/// still holds everything (a failed save must not have consumed the dirty log or moved
+/// the diff base).
+#[test]
+fn checkpoint_saves_survive_every_failure() {
+    if !test_support::require::have_kvm("checkpoint_saves_survive_every_failure") {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let mut config = vmm::config::VmConfig::new(vmm::config::BootSource::MicroGuest {
+        workload: vmm::config::Workload::Counter,
+        seed: 1,
+    });
+    config.memory_mib = 16;
+    let vm = vmm::Vmm::start_with_serial(&config, Box::new(std::io::sink())).expect("start VM");
+    std::thread::sleep(Duration::from_millis(200));
+    // Paused for good: its memory is the same in every trial.
+    vm.pause_gate()
+        .pause(Duration::from_secs(5))
+        .expect("pause the VM");
+    let memory = vm_memory(&vm);
+    let checkpointer = vm.checkpointer();
+    checkpointer
+        .checkpoint(&root.join("base"), vmm::CheckpointOptions::default())
+        .expect("base checkpoint");
+    let incremental = vmm::CheckpointOptions {
+        incremental: true,
+        ..Default::default()
+    };
+    for (label, live, inc) in [
+        ("full", false, false),
+        ("incremental", false, true),
+        ("live", true, false),
+        ("live-incremental", true, true),
+    ] {
+        let options = vmm::CheckpointOptions {
+            live,
+            incremental: inc,
+            replace: false,
+        };
+        let (saved, steps, _) = armed(root, 0, Fault::Eio, || {
+            checkpointer.checkpoint(&root.join(format!("{label}-clean")), options)
+        });
+        saved.unwrap_or_else(|e| panic!("{label}: clean save: {e}"));
+        let trials = plan(steps);
+        eprintln!(
+            "checkpoint {label}: {steps} failure points, {} trials",
+            trials.len()
+        );
+        for (k, error) in trials {
+            let what = format!("checkpoint {label}, step {k} ({error:?})");
+            let target = root.join(format!("{label}-{k}-{error:?}"));
+            let (saved, _, fired) =
+                armed(root, k, error, || checkpointer.checkpoint(&target, options));
+            match saved {
+                Ok(_) => {
+                    snapshot::checkpoint::verify_chain(&target)
+                        .unwrap_or_else(|e| panic!("{what}: saved but does not verify: {e}"));
+                }
+                Err(e) => {
+                    assert!(fired, "{what}: unarmed save failed: {e}");
+                    assert!(
+                        !target.exists(),
+                        "{what}: the failed save ({e}) left {}",
+                        target.display()
+                    );
+                }
+            }
+            let next = root.join(format!("{label}-{k}-{error:?}-next"));
+            checkpointer
+                .checkpoint(&next, incremental)
+                .unwrap_or_else(|e| panic!("{what}: the next save: {e}"));
+            let merged = root.join(format!("{label}-{k}-{error:?}-merged"));
+            assert!(
+                chain_memory(&next, &merged) == memory,
+                "{what}: the next incremental checkpoint's chain lost memory"
+            );
+            std::fs::remove_dir_all(&merged).expect("remove merged");
+        }
+    }
+    vm.stop().expect("stop the VM");
+}

@@ -52,7 +52,8 @@ pub(super) fn set_mode(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
+    storage::fault::check(storage::fault::Op::Sync, dir)
+        .and_then(|()| std::fs::File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(io(format!("syncing directory {}", dir.display())))
 }
@@ -134,7 +135,7 @@ impl Staging {
         } else {
             // Onto nothing or an empty directory; anything that appeared there meanwhile
             // makes the rename fail rather than be overwritten.
-            std::fs::rename(&self.tmp, &self.target).map_err(|e| {
+            storage::file::rename(&self.tmp, &self.target).map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOTEMPTY)
                     || e.raw_os_error() == Some(libc::EEXIST)
                 {
@@ -151,7 +152,21 @@ impl Staging {
             })?;
         }
         self.committed = true;
-        sync_dir(parent_of(&self.target))?;
+        if let Err(e) = sync_dir(parent_of(&self.target)) {
+            // Whether the new name is durable is in doubt: take it back, so that the
+            // error leaves nothing under the name (the VM's diff base does not move
+            // either). If even that fails the checkpoint stays, complete, and is logged.
+            if !self.replace_existing {
+                match std::fs::rename(&self.target, &self.tmp) {
+                    Ok(()) => self.committed = false,
+                    Err(back) => tracing::warn!(
+                        "{}: syncing its directory failed and taking it back too: {back}",
+                        self.target.display()
+                    ),
+                }
+            }
+            return Err(e);
+        }
         if self.replace_existing {
             // The old checkpoint now sits at the temporary name.
             if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
