@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use snapshot::live_snapshot::{prepare, DiskOverlay};
 use snapshot::Error;
-use storage::fault::{self, Fault, FaultPlan, Op};
+use storage::fault::{self, Fault, FaultPlan};
 use storage::qcow2::{create, CreateOptions};
 use storage::{LiveDisk, OpenOptions};
 
@@ -105,6 +105,11 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     let disks = disks(dir.path());
     let specs = specs(&disks, dir.path());
     let mut prepared = prepare(&specs).expect("prepare");
+    // Writes between prepare and switch land in the old tops (a new cluster each: metadata
+    // to write back), which the seal must then make durable.
+    for (i, disk) in disks.iter().enumerate() {
+        disk.write_at(&[i as u8 + 31; 4096], 1 << 20).expect("write");
+    }
     prepared.switch(|| Ok(())).expect("switch");
     let overlays: Vec<PathBuf> = specs.iter().map(|s| s.overlay.clone()).collect();
     assert_eq!(tops(&disks), overlays);
@@ -112,12 +117,9 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     for (i, disk) in disks.iter().enumerate() {
         disk.write_at(&[i as u8 + 11; 4096], 0).expect("write");
     }
-    // Every flush fails from now on: sealing (flushing the old tops) cannot succeed.
-    let armed = fault::inject(
-        FaultPlan::fail_nth(1, Some(Op::Sync), Fault::Eio)
-            .sticky()
-            .under(dir.path()),
-    );
+    // Every file write and flush fails from now on: sealing (writing back and flushing the
+    // old tops) cannot succeed.
+    let armed = fault::inject(FaultPlan::fail_nth(1, None, Fault::Eio).sticky().under(dir.path()));
     let sealed = prepared.seal();
     drop(armed);
     match sealed {
@@ -129,6 +131,11 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     }
     assert_eq!(tops(&disks), overlays);
     assert_data(&disks, 11);
+    for (i, disk) in disks.iter().enumerate() {
+        let mut buf = [0u8; 4096];
+        disk.read_at(&mut buf, 1 << 20).expect("read");
+        assert!(buf.iter().all(|&b| b == i as u8 + 31), "disk {i} lost a write");
+    }
     // The disks were released and flush again once the device recovers.
     for disk in &disks {
         assert_eq!(disk.owner(), None);
