@@ -71,7 +71,11 @@ fn a_failure_at_any_step_of_prepare_leaves_nothing_behind() {
     assert!(steps > 2, "prepare did {steps} file operations");
     // The unswitched snapshot was dropped: its overlays are gone.
     for spec in specs(&disks, dir.path()) {
-        assert!(!spec.overlay.exists(), "{} left behind", spec.overlay.display());
+        assert!(
+            !spec.overlay.exists(),
+            "{} left behind",
+            spec.overlay.display()
+        );
     }
     let mut failed = 0;
     for nth in 1..=steps {
@@ -92,7 +96,12 @@ fn a_failure_at_any_step_of_prepare_leaves_nothing_behind() {
         }
         assert_eq!(tops(&disks), before, "step {nth}: a disk moved");
         for disk in &disks {
-            assert_eq!(disk.owner(), None, "step {nth}: {} still claimed", disk.name());
+            assert_eq!(
+                disk.owner(),
+                None,
+                "step {nth}: {} still claimed",
+                disk.name()
+            );
         }
         assert_data(&disks, 1);
     }
@@ -108,7 +117,8 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     // Writes between prepare and switch land in the old tops (a new cluster each: metadata
     // to write back), which the seal must then make durable.
     for (i, disk) in disks.iter().enumerate() {
-        disk.write_at(&[i as u8 + 31; 4096], 1 << 20).expect("write");
+        disk.write_at(&[i as u8 + 31; 4096], 1 << 20)
+            .expect("write");
     }
     prepared.switch(|| Ok(())).expect("switch");
     let overlays: Vec<PathBuf> = specs.iter().map(|s| s.overlay.clone()).collect();
@@ -119,7 +129,11 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     }
     // Every file write and flush fails from now on: sealing (writing back and flushing the
     // old tops) cannot succeed.
-    let armed = fault::inject(FaultPlan::fail_nth(1, None, Fault::Eio).sticky().under(dir.path()));
+    let armed = fault::inject(
+        FaultPlan::fail_nth(1, None, Fault::Eio)
+            .sticky()
+            .under(dir.path()),
+    );
     let sealed = prepared.seal();
     drop(armed);
     match sealed {
@@ -134,7 +148,10 @@ fn a_failing_seal_keeps_the_live_tops_and_the_guest_writes_in_them() {
     for (i, disk) in disks.iter().enumerate() {
         let mut buf = [0u8; 4096];
         disk.read_at(&mut buf, 1 << 20).expect("read");
-        assert!(buf.iter().all(|&b| b == i as u8 + 31), "disk {i} lost a write");
+        assert!(
+            buf.iter().all(|&b| b == i as u8 + 31),
+            "disk {i} lost a write"
+        );
     }
     // The disks were released and flush again once the device recovers.
     for disk in &disks {
@@ -153,7 +170,11 @@ fn a_switched_snapshot_dropped_unsealed_keeps_its_overlays() {
     assert!(prepared.switch(|| Ok(())).is_err(), "switched twice");
     drop(prepared);
     for spec in &specs {
-        assert!(spec.overlay.exists(), "{} was removed", spec.overlay.display());
+        assert!(
+            spec.overlay.exists(),
+            "{} was removed",
+            spec.overlay.display()
+        );
     }
     for (i, disk) in disks.iter().enumerate() {
         disk.write_at(&[i as u8 + 21; 4096], 0).expect("write");
@@ -175,13 +196,21 @@ fn a_failing_hook_or_a_seal_before_the_switch_removes_the_overlays() {
     assert_eq!(tops(&disks), before);
     drop(prepared);
     for spec in &specs {
-        assert!(!spec.overlay.exists(), "{} left behind", spec.overlay.display());
+        assert!(
+            !spec.overlay.exists(),
+            "{} left behind",
+            spec.overlay.display()
+        );
     }
 
     let prepared = prepare(&specs).expect("prepare again");
     assert!(prepared.seal().is_err(), "sealed without a switch");
     for spec in &specs {
-        assert!(!spec.overlay.exists(), "{} left behind", spec.overlay.display());
+        assert!(
+            !spec.overlay.exists(),
+            "{} left behind",
+            spec.overlay.display()
+        );
     }
     assert_eq!(tops(&disks), before);
     assert_data(&disks, 1);
