@@ -14,6 +14,11 @@
 //!
 //! The stall the guest sees is step 2: the hook and pointer swaps, no I/O at all. It does
 //! not depend on the size of the disks or of their caches.
+//!
+//! [`external_snapshot_with`] runs the three steps in a row. [`prepare`] returns them
+//! separately ([`PreparedSnapshot`]) for a caller that owns the critical section: a live
+//! fork switches the disks inside its checkpoint's final stop, with the files created
+//! before the vCPUs stop and the old tops sealed after they run again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,6 +98,39 @@ pub fn external_snapshot_with(
     overlays: &[DiskOverlay],
     hook: impl FnOnce() -> std::result::Result<(), HookError>,
 ) -> Result<SnapshotReport> {
+    let mut prepared = prepare(overlays)?;
+    prepared.switch(hook)?;
+    prepared.seal()
+}
+
+/// Step 1 of a snapshot split in three, for callers whose critical section is their own (a
+/// live fork switches the disks inside a checkpoint's final stop): claims every disk,
+/// creates, syncs and opens every overlay on top of the disk's current top, and flushes
+/// every top, all while the guest runs. Then [`PreparedSnapshot::switch`] (the pointer
+/// swaps) and [`PreparedSnapshot::seal`] (after the guest resumes).
+///
+/// On failure nothing is left behind: the files created so far are removed and the disks
+/// released. A prepared snapshot dropped before its switch does the same.
+pub fn prepare(overlays: &[DiskOverlay]) -> Result<PreparedSnapshot> {
+    check_overlays(overlays)?;
+    let claims = overlays
+        .iter()
+        .map(|o| o.disk.claim("snapshot"))
+        .collect::<std::result::Result<Vec<DiskClaim>, _>>()?;
+    let mut snapshot = PreparedSnapshot {
+        specs: overlays.to_vec(),
+        created: Vec::with_capacity(overlays.len()),
+        overlays: Vec::with_capacity(overlays.len()),
+        old_tops: Vec::with_capacity(overlays.len()),
+        quiesced_for: None,
+        _claims: claims,
+    };
+    // On error `snapshot` is dropped unswitched, which removes what was created.
+    snapshot.create_overlays()?;
+    Ok(snapshot)
+}
+
+fn check_overlays(overlays: &[DiskOverlay]) -> Result<()> {
     if overlays.is_empty() {
         return Err(Error::InvalidArgument(
             "a snapshot needs at least one disk".into(),
@@ -114,33 +152,193 @@ pub fn external_snapshot_with(
             }
         }
     }
-    let claims = overlays
-        .iter()
-        .map(|o| o.disk.claim("snapshot"))
-        .collect::<std::result::Result<Vec<DiskClaim>, _>>()?;
-    let mut prepared = Prepared::default();
-    let result = prepare(overlays, &mut prepared).and_then(|()| switch(overlays, &prepared, hook));
-    // Past the switch the overlays are the disks' tops, holding the guest's writes: an
-    // error from then on (`AfterSwitch`) never removes them.
-    if let Err(e) = &result {
-        if !matches!(e, Error::AfterSwitch { .. }) {
-            prepared.remove_files();
-        }
-    }
-    drop(claims);
-    result
+    Ok(())
 }
 
-/// Files created and overlays opened by step 1, undone on failure.
-#[derive(Default)]
-struct Prepared {
+/// A snapshot whose overlays exist and are open, not yet switched to (see [`prepare`]).
+/// It holds the disks' claims until it is sealed or dropped.
+///
+/// Dropped before [`PreparedSnapshot::switch`] succeeded, it removes every overlay it
+/// created. Once switched, the overlays are the disks' tops and hold the guest's writes:
+/// nothing ever removes them, whatever fails afterwards.
+pub struct PreparedSnapshot {
+    specs: Vec<DiskOverlay>,
     created: Vec<PathBuf>,
     overlays: Vec<Arc<dyn BlockDevice>>,
     old_tops: Vec<Arc<dyn BlockDevice>>,
+    /// Set by a successful switch: how long the disks were quiesced.
+    quiesced_for: Option<Duration>,
+    _claims: Vec<DiskClaim>,
 }
 
-impl Prepared {
-    fn remove_files(&mut self) {
+impl std::fmt::Debug for PreparedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedSnapshot")
+            .field("overlays", &self.created)
+            .field("switched", &self.quiesced_for.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedSnapshot {
+    /// The overlay files, in the order the disks were given.
+    pub fn overlay_paths(&self) -> Vec<PathBuf> {
+        self.specs.iter().map(|o| o.overlay.clone()).collect()
+    }
+
+    /// Whether [`PreparedSnapshot::switch`] succeeded.
+    pub fn is_switched(&self) -> bool {
+        self.quiesced_for.is_some()
+    }
+
+    /// Creates and opens every overlay, and flushes every top.
+    fn create_overlays(&mut self) -> Result<()> {
+        for spec in &self.specs {
+            let old_top = spec.disk.top();
+            let path = &spec.overlay;
+            if path.symlink_metadata().is_ok() {
+                return Err(Error::Exists { path: path.clone() });
+            }
+            let format = chain::format_of(&*old_top);
+            let options = CreateOptions {
+                size: Some(spec.disk.size()),
+                cluster_size: spec
+                    .cluster_size
+                    .or_else(|| old_top.as_qcow2().map(|i| i.cluster_size()))
+                    .unwrap_or(CreateOptions::default().cluster_size),
+                backing_file: Some(spec.backing_path.name_for(path, old_top.path())?),
+                backing_format: Some(format),
+                ..CreateOptions::default()
+            };
+            // Recorded before creating: a half-written file is removed on rollback too.
+            self.created.push(path.clone());
+            storage::qcow2::create(path, &options)?;
+            if let Err(e) = storage::file::sync_parent_dir(path) {
+                tracing::warn!(path = %path.display(), error = %e, "fsync of the overlay's directory failed");
+            }
+            let backing = old_top.clone();
+            let overlay = Qcow2Image::open_with(path, false, &OpenOptions::default(), |_, _| {
+                Ok(backing.clone())
+            })?;
+            if overlay.size() != spec.disk.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: overlay size {} differs from disk {}'s {}",
+                    path.display(),
+                    overlay.size(),
+                    spec.disk.name(),
+                    spec.disk.size()
+                )));
+            }
+            self.overlays.push(Arc::new(overlay));
+            // Flushed now, outside the critical section, so that the requests in flight when
+            // the switch drains them rarely have metadata write-back of their own to finish.
+            old_top.flush()?;
+            self.old_tops.push(old_top);
+        }
+        Ok(())
+    }
+
+    /// Step 2, the critical section: quiesces every disk (in a fixed order), runs `hook`,
+    /// and makes every overlay its disk's top. No I/O, no allocation beyond a guard per
+    /// disk: pointer swaps. Returns how long the disks were quiesced (draining the requests
+    /// in flight included).
+    ///
+    /// A failure (a disk's top changed since [`prepare`], the hook failed) switches nothing;
+    /// dropping the prepared snapshot then removes its overlays. Switching twice is refused.
+    pub fn switch(
+        &mut self,
+        hook: impl FnOnce() -> std::result::Result<(), HookError>,
+    ) -> Result<Duration> {
+        if self.is_switched() {
+            return Err(Error::InvalidArgument(
+                "the snapshot's disks are switched already".into(),
+            ));
+        }
+        let disks: Vec<&LiveDisk> = self.specs.iter().map(|o| &*o.disk).collect();
+        // The stall starts when new requests begin to wait: draining is part of it.
+        let started = Instant::now();
+        let mut guards = LiveDisk::quiesce_all(&disks);
+        for (guard, old_top) in guards.iter().zip(&self.old_tops) {
+            if !Arc::ptr_eq(guard.top(), old_top) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {}: its top changed while the snapshot was prepared",
+                    guard.disk().name()
+                )));
+            }
+        }
+        hook().map_err(Error::Hook)?;
+        // Nothing below can fail (sizes were checked in `prepare`): the switch is pointer
+        // swaps. The old tops' flush happens after the guest resumes; until then a guest
+        // flush covers them too (`retire`).
+        for (i, ((guard, overlay), old_top)) in guards
+            .iter_mut()
+            .zip(&self.overlays)
+            .zip(&self.old_tops)
+            .enumerate()
+        {
+            if let Err(e) = guard.replace_top(overlay.clone()) {
+                // Unreachable (sizes were checked), but should it happen after a first disk
+                // switched, that disk writes its overlay now: keep every file.
+                if i > 0 {
+                    self.quiesced_for = Some(started.elapsed());
+                }
+                return Err(e.into());
+            }
+            guard.retire(old_top.clone());
+        }
+        let quiesced_for = started.elapsed();
+        drop(guards);
+        self.quiesced_for = Some(quiesced_for);
+        Ok(quiesced_for)
+    }
+
+    /// Step 3, with the guest running again: seals every old top (flushed and read-only, as
+    /// a backing file must be) and releases the disks. A failure here cannot be rolled back
+    /// (the guest has written to the overlays): it is [`Error::AfterSwitch`], the overlays
+    /// stay, and the disk keeps flushing the old top on every guest flush.
+    ///
+    /// Called before a successful switch, it refuses and the overlays are removed.
+    pub fn seal(self) -> Result<SnapshotReport> {
+        let Some(quiesced_for) = self.quiesced_for else {
+            return Err(Error::InvalidArgument(
+                "a snapshot is sealed after its switch".into(),
+            ));
+        };
+        let mut sealed = Ok(());
+        for (spec, old_top) in self.specs.iter().zip(&self.old_tops) {
+            if let Err(e) = seal_in_place(old_top) {
+                tracing::error!(disk = spec.disk.name(), error = %e, "flushing the old top failed");
+                sealed = sealed.and(Err(e));
+            }
+            spec.disk.prune_retired();
+        }
+        let old_tops: Vec<PathBuf> = self
+            .old_tops
+            .iter()
+            .map(|t| t.path().to_path_buf())
+            .collect();
+        if let Err(cause) = sealed {
+            return Err(Error::AfterSwitch {
+                operation: "external snapshot".into(),
+                live: self.overlay_paths(),
+                left: old_tops,
+                cause: Box::new(cause),
+            });
+        }
+        Ok(SnapshotReport {
+            quiesced_for,
+            old_tops,
+        })
+    }
+}
+
+impl Drop for PreparedSnapshot {
+    fn drop(&mut self) {
+        // Past the switch the overlays are the disks' tops, holding the guest's writes:
+        // never removed.
+        if self.is_switched() {
+            return;
+        }
         // Handles first: dropping an overlay flushes it, which must not recreate the file.
         self.overlays.clear();
         for path in self.created.drain(..) {
@@ -149,114 +347,6 @@ impl Prepared {
             }
         }
     }
-}
-
-/// Step 1: create and open every overlay, and flush every top.
-fn prepare(overlays: &[DiskOverlay], prepared: &mut Prepared) -> Result<()> {
-    for spec in overlays {
-        let old_top = spec.disk.top();
-        let path = &spec.overlay;
-        if path.symlink_metadata().is_ok() {
-            return Err(Error::Exists { path: path.clone() });
-        }
-        let format = chain::format_of(&*old_top);
-        let options = CreateOptions {
-            size: Some(spec.disk.size()),
-            cluster_size: spec
-                .cluster_size
-                .or_else(|| old_top.as_qcow2().map(|i| i.cluster_size()))
-                .unwrap_or(CreateOptions::default().cluster_size),
-            backing_file: Some(spec.backing_path.name_for(path, old_top.path())?),
-            backing_format: Some(format),
-            ..CreateOptions::default()
-        };
-        // Recorded before creating: a half-written file is removed on rollback too.
-        prepared.created.push(path.clone());
-        storage::qcow2::create(path, &options)?;
-        if let Err(e) = storage::file::sync_parent_dir(path) {
-            tracing::warn!(path = %path.display(), error = %e, "fsync of the overlay's directory failed");
-        }
-        let backing = old_top.clone();
-        let overlay = Qcow2Image::open_with(path, false, &OpenOptions::default(), |_, _| {
-            Ok(backing.clone())
-        })?;
-        if overlay.size() != spec.disk.size() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: overlay size {} differs from disk {}'s {}",
-                path.display(),
-                overlay.size(),
-                spec.disk.name(),
-                spec.disk.size()
-            )));
-        }
-        prepared.overlays.push(Arc::new(overlay));
-        // Flushed now, outside the critical section, so that the requests in flight when
-        // the switch drains them rarely have metadata write-back of their own to finish.
-        old_top.flush()?;
-        prepared.old_tops.push(old_top);
-    }
-    Ok(())
-}
-
-/// Step 2: the critical section.
-fn switch(
-    overlays: &[DiskOverlay],
-    prepared: &Prepared,
-    hook: impl FnOnce() -> std::result::Result<(), HookError>,
-) -> Result<SnapshotReport> {
-    let disks: Vec<&LiveDisk> = overlays.iter().map(|o| &*o.disk).collect();
-    // The stall starts when new requests begin to wait: draining is part of it.
-    let started = Instant::now();
-    let mut guards = LiveDisk::quiesce_all(&disks);
-    for (guard, old_top) in guards.iter().zip(&prepared.old_tops) {
-        if !Arc::ptr_eq(guard.top(), old_top) {
-            return Err(Error::InvalidArgument(format!(
-                "disk {}: its top changed while the snapshot was prepared",
-                guard.disk().name()
-            )));
-        }
-    }
-    hook().map_err(Error::Hook)?;
-    // Nothing below can fail: the switch is pointer swaps. The old tops' flush happens after
-    // the guest resumes; until then a guest flush covers them too (`retire`).
-    for ((guard, overlay), old_top) in guards
-        .iter_mut()
-        .zip(&prepared.overlays)
-        .zip(&prepared.old_tops)
-    {
-        guard.replace_top(overlay.clone())?;
-        guard.retire(old_top.clone());
-    }
-    let quiesced_for = started.elapsed();
-    drop(guards);
-    // Seal every old top: flushed and read-only, as a backing file must be. A failure here
-    // cannot be rolled back (the guest has written to the overlays): it is reported, and
-    // the disk keeps flushing the old top on every guest flush until sealing succeeds.
-    let mut sealed = Ok(());
-    for (spec, old_top) in overlays.iter().zip(&prepared.old_tops) {
-        if let Err(e) = seal_in_place(old_top) {
-            tracing::error!(disk = spec.disk.name(), error = %e, "flushing the old top failed");
-            sealed = sealed.and(Err(e));
-        }
-        spec.disk.prune_retired();
-    }
-    let old_tops: Vec<PathBuf> = prepared
-        .old_tops
-        .iter()
-        .map(|t| t.path().to_path_buf())
-        .collect();
-    if let Err(cause) = sealed {
-        return Err(Error::AfterSwitch {
-            operation: "external snapshot".into(),
-            live: overlays.iter().map(|o| o.overlay.clone()).collect(),
-            left: old_tops,
-            cause: Box::new(cause),
-        });
-    }
-    Ok(SnapshotReport {
-        quiesced_for,
-        old_tops,
-    })
 }
 
 /// Makes the old top read-only in place. Raw tops have no read-only switch: nothing writes

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::checkpoint::manifest::new_id;
 use snapshot::checkpoint::{
     memory_path, state_file, BaseRef, DataDigest, Manifest, MemoryFile, MemoryLayout, PageSet,
+    PAGE_SIZE,
 };
 
 use super::capture::{MachineState, VmHandle, PAUSE_TIMEOUT};
@@ -228,19 +229,31 @@ pub(super) fn save_live(
         pending = tracking.collect_dirty(machine)?;
     }
 
-    // The stop: the last dirty pages, then devices, VM and vCPUs.
-    let pause_started = Instant::now();
-    machine.gate.pause(PAUSE_TIMEOUT)?;
-    let result = vm.with_devices_quiesced(|| {
-        pending.union(&tracking.collect_dirty(machine)?);
-        let copied = memory_persist::copy_out(memory, &pending);
-        at_stop()?;
-        let state = vm.capture()?;
-        Ok((copied, state))
-    });
-    machine.gate.resume();
-    let pause = pause_started.elapsed();
-    let (copied, state) = result?;
+    // The stop. Nothing slow may run while the vCPUs are stopped: the buffer the last pages
+    // are copied into is allocated and faulted in now, and the devices are quiesced before
+    // the vCPUs stop (draining their requests in flight, which may be a guest flush's fsync,
+    // while the guest still runs) and restarted after the vCPUs run again (their worker
+    // threads are spawned then). Inside the stop: the last dirty pages, the hook, and the
+    // VM, vCPU and device state.
+    let mut copied = Vec::new();
+    let margin = pending.count().saturating_add(LIVE_FINAL_PAGES);
+    copied.resize(usize::try_from(margin * PAGE_SIZE).unwrap_or(0), 0u8);
+    copied.clear();
+    let (state, pause) = vm.with_devices_quiesced(|| {
+        machine.gate.pause(PAUSE_TIMEOUT)?;
+        // The pause runs from the moment every vCPU is parked to the moment they may run
+        // again, both clock reads inside the stop.
+        let stopped = Instant::now();
+        let captured = (|| {
+            pending.union(&tracking.collect_dirty(machine)?);
+            memory_persist::copy_out(memory, &pending, &mut copied);
+            at_stop()?;
+            vm.capture()
+        })();
+        let pause = stopped.elapsed();
+        machine.gate.resume();
+        Ok((captured?, pause))
+    })?;
     memory_persist::write_copied(&file, &pending, &copied)?;
     written += pending.count();
     written_pages.union(&pending);

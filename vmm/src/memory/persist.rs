@@ -366,19 +366,20 @@ pub fn write_pages(
     Ok(stats)
 }
 
-/// Copies `pages` out of guest RAM, ascending: a live checkpoint's stop copies its last
-/// dirty pages into memory and writes them once the guest runs again, so no file I/O (which
-/// can block on writeback) happens while the guest waits.
-pub fn copy_out(memory: &GuestMemoryMmap, pages: &PageSet) -> Vec<u8> {
+/// Copies `pages` out of guest RAM, ascending, into `bytes` (cleared first): a live
+/// checkpoint's stop copies its last dirty pages into memory and writes them once the guest
+/// runs again, so no file I/O (which can block on writeback) happens while the guest waits.
+/// It passes a buffer allocated and faulted in beforehand, so the copy does not allocate
+/// either while the vCPUs are stopped.
+pub fn copy_out(memory: &GuestMemoryMmap, pages: &PageSet, bytes: &mut Vec<u8>) {
+    bytes.clear();
     let regions = linear_regions(memory);
-    let mut bytes = Vec::with_capacity((pages.count() * PAGE_SIZE) as usize);
     for (host, _, count) in host_runs(&regions, pages) {
         // SAFETY: the run lies in guest RAM; the caller has stopped the vCPUs and devices.
         bytes.extend_from_slice(unsafe {
             std::slice::from_raw_parts(host, (count * PAGE_SIZE) as usize)
         });
     }
-    bytes
 }
 
 /// Writes pages [`copy_out`] copied (`bytes`, ascending) to `file`.

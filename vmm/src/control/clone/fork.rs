@@ -1,14 +1,19 @@
 //! Live fork: a running VM becomes a parent and `count` children, all from one instant.
 //!
 //! A live checkpoint copies memory while the guest runs; in its final stop (vCPUs paused,
-//! queues drained, disks flushed) the parent's writable disks move onto fresh overlays
-//! ([`snapshot::live_snapshot::external_snapshot_with`]), so the images they were on are
-//! frozen at exactly the checkpoint's instant. The parent runs on; each child is a clone of
-//! that checkpoint with its own overlays on the frozen images.
+//! queues drained) the parent's writable disks move onto fresh overlays, so the images they
+//! were on are frozen at exactly the checkpoint's instant. The parent runs on; each child is
+//! a clone of that checkpoint with its own overlays on the frozen images.
+//!
+//! The disk snapshot is split around the stop ([`snapshot::live_snapshot::prepare`]): the
+//! overlays are created, synced and opened, and the old tops flushed, before the live
+//! checkpoint starts; the stop itself only swaps pointers; the old tops are sealed
+//! (read-only, flushed) once the parent runs again. Nothing slow happens while its vCPUs
+//! are stopped.
 
 use std::path::{Path, PathBuf};
 
-use snapshot::live_snapshot::{external_snapshot_with, DiskOverlay};
+use snapshot::live_snapshot::{prepare, DiskOverlay, PreparedSnapshot};
 
 use super::super::disk::Disk;
 use super::super::error::{ControlError, Result};
@@ -35,6 +40,15 @@ fn parent_overlay(disk: &Disk, stamp: u64) -> PathBuf {
         })
         .find(|p| p.symlink_metadata().is_err())
         .unwrap_or_else(|| image.with_file_name(format!("{stem}.fork-{stamp}.qcow2")))
+}
+
+/// The overlays' paths, for messages.
+fn overlay_list(overlays: &[DiskOverlay]) -> String {
+    overlays
+        .iter()
+        .map(|o| o.overlay.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The first free `DIR/fork-K` for the fork's checkpoint.
@@ -67,37 +81,64 @@ pub fn fork(
     let created_parent = make_parent_dir(&request.dir)?;
     let checkpoint = checkpoint_dir(&request.dir);
 
-    // The switch runs once, in the checkpoint's final stop; its own error is kept whole.
-    let mut switch_error = None;
-    let mut old_tops = Vec::new();
-    let mut pending = Some(overlays.clone());
-    let mut at_stop = || -> crate::Result<()> {
-        let Some(overlays) = pending.take() else {
-            return Ok(());
-        };
-        if overlays.is_empty() {
-            return Ok(());
-        }
-        match external_snapshot_with(&overlays, || Ok(())) {
-            Ok(report) => {
-                old_tops = report.old_tops;
-                Ok(())
-            }
+    // Step 1 of the disk snapshot, while the parent runs: a failure here leaves nothing.
+    let mut disks_snapshot: Option<PreparedSnapshot> = if overlays.is_empty() {
+        None
+    } else {
+        match prepare(&overlays) {
+            Ok(prepared) => Some(prepared),
             Err(e) => {
-                let message = e.to_string();
-                switch_error = Some(e);
-                Err(crate::Error::Device {
-                    device: "fork".into(),
-                    message,
-                })
+                if let Some(parent) = created_parent {
+                    let _ = std::fs::remove_dir_all(parent);
+                }
+                return Err(ControlError::from(e));
             }
         }
     };
-    let report = match machine.live_checkpoint_with(&checkpoint, &mut at_stop) {
+
+    // Step 2, once, in the checkpoint's final stop: pointer swaps only. Its own error is
+    // kept whole.
+    let mut switch_error = None;
+    let mut at_stop = || -> crate::Result<()> {
+        let Some(prepared) = disks_snapshot.as_mut() else {
+            return Ok(());
+        };
+        if prepared.is_switched() {
+            return Ok(());
+        }
+        prepared.switch(|| Ok(())).map(|_| ()).map_err(|e| {
+            let message = e.to_string();
+            switch_error = Some(e);
+            crate::Error::Device {
+                device: "fork".into(),
+                message,
+            }
+        })
+    };
+    let checkpointed = machine.live_checkpoint_with(&checkpoint, &mut at_stop);
+    // Step 3, the parent running again: seal the old tops. A prepared snapshot that never
+    // switched removes its overlays when dropped; a switched one never does.
+    let switched = disks_snapshot.as_ref().is_some_and(|p| p.is_switched());
+    let sealed = match disks_snapshot.take() {
+        Some(prepared) if prepared.is_switched() => prepared.seal().map(|r| r.old_tops),
+        Some(prepared) => {
+            drop(prepared);
+            Ok(Vec::new())
+        }
+        None => Ok(Vec::new()),
+    };
+    let report = match checkpointed {
         Ok(report) => report,
         Err(e) => {
             if let Some(parent) = created_parent {
                 let _ = std::fs::remove_dir_all(parent);
+            }
+            if switched {
+                // The parent's disks moved although the checkpoint failed: say where they are.
+                return Err(ControlError::Failed(format!(
+                    "the fork's checkpoint failed after the VM's disks moved to {}: {e}",
+                    overlay_list(&overlays)
+                )));
             }
             return Err(match switch_error {
                 Some(e) => ControlError::from(e),
@@ -105,6 +146,7 @@ pub fn fork(
             });
         }
     };
+    let old_tops = sealed.map_err(ControlError::from)?;
     // Past the switch: the parent runs on its new overlays whatever happens to the children.
     let source = CloneSource {
         snapshot: None,
@@ -123,11 +165,7 @@ pub fn fork(
         ControlError::Failed(format!(
             "the VM forked (checkpoint {}, its disks now on {}) but its children did not start: {e}",
             report.dir.display(),
-            overlays
-                .iter()
-                .map(|o| o.overlay.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            overlay_list(&overlays)
         ))
     })?;
     tracing::info!(
