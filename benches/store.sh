@@ -26,8 +26,11 @@ done
 (cd "$WORK/f" && exec weed filer -ip=127.0.0.1 -ip.bind=127.0.0.1 -master=127.0.0.1:$P \
     -port=$((P + 3)) -s3 -s3.port=$((P + 4)) >"$WORK/f.log" 2>&1) & PIDS+=($!)
 export AWS_ENDPOINT_URL=http://127.0.0.1:$((P + 4)) AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
-until curl -sf -o /dev/null "$AWS_ENDPOINT_URL/"; do sleep 0.2; done
-until curl -sf -o /dev/null -X PUT "$AWS_ENDPOINT_URL/bench"; do sleep 0.2; done
+# The bucket is made by SeaweedFS's own admin shell once the filer answers.
+until echo "s3.bucket.create -name bench" \
+    | timeout 10 weed shell -master=127.0.0.1:$P -filer=127.0.0.1:$((P + 3)) >/dev/null 2>&1; do
+    sleep 0.2
+done
 sleep 2
 STORE=s3://bench/fleet
 
