@@ -195,7 +195,10 @@ impl Cluster {
                 break;
             }
             self.check_alive();
-            assert!(Instant::now() < deadline, "could not create the bucket: {text}");
+            assert!(
+                Instant::now() < deadline,
+                "could not create the bucket: {text}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         let store = self.store("ready");
