@@ -26,10 +26,16 @@ done
 (cd "$WORK/f" && exec weed filer -ip=127.0.0.1 -ip.bind=127.0.0.1 -master=127.0.0.1:$P \
     -port=$((P + 3)) -s3 -s3.port=$((P + 4)) >"$WORK/f.log" 2>&1) & PIDS+=($!)
 export AWS_ENDPOINT_URL=http://127.0.0.1:$((P + 4)) AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
-until curl -sf -o /dev/null "$AWS_ENDPOINT_URL/"; do sleep 0.2; done
-until curl -sf -o /dev/null -X PUT "$AWS_ENDPOINT_URL/bench"; do sleep 0.2; done
-sleep 2
+# The bucket is made by SeaweedFS's own admin shell once the filer answers.
+# An attempt that timed out after creating it leaves "already exists" for the next one.
+until out=$(echo "s3.bucket.create -name bench" \
+    | timeout 20 weed shell -master=127.0.0.1:$P -filer=127.0.0.1:$((P + 3)) 2>&1) \
+    || [[ $out == *"already exists"* ]]; do
+    sleep 0.2
+done
 STORE=s3://bench/fleet
+# The S3 gateway starts after the filer: wait until our own client can list the store.
+until "$SNAPVMM" snapshot ls "$STORE" >/dev/null 2>&1; do sleep 0.2; done
 
 # 1. Ten snapshots of a running io-loop VM (64 MiB disk, 128 MiB RAM).
 "$SNAPVMM" img create -f qcow2 "$WORK/base.qcow2" 64M >/dev/null
@@ -48,9 +54,17 @@ done
 echo "dedup: 10 snapshots uploaded $((sum / 1024)) KiB; their data adds up to $((total / 1024)) KiB"
 "$SNAPVMM" ctl --api-socket "$WORK/vm.sock" shutdown >/dev/null; wait "$VM" || true
 
-first_progress() { # serial file -> ms until its first io-loop line appears
-    local start=$1 file=$2
-    until grep -q "io-loop ops" "$file" 2>/dev/null; do sleep 0.01; done
+first_progress() { # start ns, serial file, restore pid, its stderr -> ms until io-loop's first line
+    local start=$1 file=$2 pid=$3 err=$4 limit=$(( $(date +%s) + 120 ))
+    until grep -q "io-loop ops" "$file" 2>/dev/null; do
+        # A restore that died or never reached the guest must say so, not hang the bench.
+        if ! kill -0 "$pid" 2>/dev/null || [ "$(date +%s)" -ge "$limit" ]; then
+            echo "restore gave no guest progress in 120 s; its stderr:" >&2
+            cat "$err" >&2
+            return 1
+        fi
+        sleep 0.01
+    done
     echo $(( ($(date +%s%N) - start) / 1000000 ))
 }
 restore() { # label, source, extra args...
@@ -59,7 +73,7 @@ restore() { # label, source, extra args...
     local start; start=$(date +%s%N)
     SNAPVMM_LOG=info "$SNAPVMM" restore "$src" --serial "$serial" --api-socket "$sock" "$@" \
         2>"$WORK/r-$label.err" & local pid=$!
-    local ms; ms=$(first_progress "$start" "$serial")
+    local ms; ms=$(first_progress "$start" "$serial" "$pid" "$WORK/r-$label.err")
     sleep 3
     "$SNAPVMM" ctl --api-socket "$sock" shutdown >/dev/null || true; wait "$pid" || true
     echo "$label: first guest progress after ${ms} ms; $(grep -o 'fetched .*store' "$WORK/r-$label.err" || echo 'local files')"

@@ -95,7 +95,7 @@ fn clone(args: &CloneArgs) -> Result<(), String> {
 
 /// Runs `snapvmm clone`; returns the process exit status.
 pub fn main(args: CloneArgs) -> u8 {
-    crate::run::init_logging();
+    crate::serve::init_logging();
     match clone(&args) {
         Ok(()) => 0,
         Err(e) => {

@@ -16,6 +16,7 @@ mod demo;
 mod img;
 mod restore;
 mod run;
+mod serve;
 mod store;
 mod vhost_user_blk;
 

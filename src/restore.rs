@@ -148,12 +148,13 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         }
         return sandbox.wait().map_err(text);
     };
-    crate::run::serve_api(sandbox, socket)
+    crate::store::install_exporter(&sandbox);
+    crate::serve::serve_api(sandbox, socket)
 }
 
 /// Runs `snapvmm restore`; returns the process exit status.
 pub fn main(args: RestoreArgs) -> u8 {
-    crate::run::init_logging();
+    crate::serve::init_logging();
     match restore(&args) {
         Ok(reason) if reason.is_clean() => 0,
         Ok(ExitReason::Error(message)) => {

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::Deserialize;
-use snapvmm_api::ApiServer;
 use vmm::agent::AgentEndpoint;
 use vmm::config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig, Workload};
 use vmm::{ExitReason, Sandbox, SandboxOptions};
@@ -216,7 +215,8 @@ fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<Exi
         guest_agent: api.guest_agent.clone(),
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
-    serve_api(sandbox, socket)
+    crate::store::install_exporter(&sandbox);
+    crate::serve::serve_api(sandbox, socket)
 }
 
 /// Runs the VM with no API until it ends; its snapshot tree is opened all the same, so the
@@ -233,31 +233,9 @@ fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, Str
     sandbox.wait().map_err(|e| e.to_string())
 }
 
-/// Serves the REST API for `sandbox` on `socket` until its VM ends. Problems found in the
-/// snapshot metadata are printed as warnings first.
-pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, String> {
-    for problem in sandbox.warnings() {
-        eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
-    }
-    sandbox
-        .control()
-        .set_exporter(std::sync::Arc::new(crate::store::StoreExporter));
-    let server = match ApiServer::start(socket, sandbox.control().clone()) {
-        Ok(server) => server,
-        Err(e) => {
-            let _ = sandbox.stop();
-            return Err(e.to_string());
-        }
-    };
-    // Stop the server, and with it any block job, before the VM's disks are flushed.
-    sandbox.exit_handle().wait();
-    server.stop();
-    sandbox.wait().map_err(|e| e.to_string())
-}
-
 /// Runs `snapvmm run`; returns the process exit status.
 pub fn main(args: RunArgs) -> u8 {
-    init_logging();
+    crate::serve::init_logging();
     let (config, api) = match build_config(args) {
         Ok(built) => built,
         Err(message) => {
@@ -292,16 +270,6 @@ pub fn main(args: RunArgs) -> u8 {
             1
         }
     }
-}
-
-/// Logs to stderr, filtered by `SNAPVMM_LOG` (e.g. `debug`, `vmm=trace`; default `warn`).
-pub(crate) fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVMM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -336,9 +336,15 @@ impl SnapshotExporter for StoreExporter {
     }
 }
 
+/// Lets `PUT /snapshots/{name}/push` of `sandbox`'s API push to a snapshot store. The
+/// subcommands that serve an API call this, so the store depends on none of them.
+pub(crate) fn install_exporter(sandbox: &Sandbox) {
+    sandbox.control().set_exporter(Arc::new(StoreExporter));
+}
+
 /// Runs `snapvmm snapshot`; returns the process exit status.
 pub fn main(args: SnapshotArgs) -> u8 {
-    crate::run::init_logging();
+    crate::serve::init_logging();
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
@@ -472,7 +478,10 @@ pub(crate) fn restore_lazy(args: LazyArgs<'_>) -> Result<ExitReason, String> {
     let recorder = (lazy.working_set.is_none() && args.working_set_secs > 0)
         .then(|| record_working_set(&lazy, sandbox.exit_handle(), args.working_set_secs));
     let reason = match args.api_socket {
-        Some(socket) => crate::run::serve_api(sandbox, socket),
+        Some(socket) => {
+            install_exporter(&sandbox);
+            crate::serve::serve_api(sandbox, socket)
+        }
         None => sandbox.wait().map_err(|e| e.to_string()),
     };
     if let Some(recorder) = recorder {

@@ -44,7 +44,7 @@ pub struct VhostUserBlkArgs {
 
 /// Runs the daemon until `snapvmm ctl shutdown` (or a signal); returns the exit status.
 pub fn main(args: VhostUserBlkArgs) -> u8 {
-    crate::run::init_logging();
+    crate::serve::init_logging();
     let disk: DiskConfig = match args.disk.parse() {
         Ok(disk) => disk,
         Err(e) => {

