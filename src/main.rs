@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod checkpoint;
 mod clone;
+mod confine;
 mod ctl;
 mod demo;
 mod img;

@@ -22,6 +22,8 @@ use vmm::{ExitReason, Sandbox, SandboxOptions};
 /// Arguments of `snapvmm restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
+    #[command(flatten)]
+    confine: crate::confine::ConfineArgs,
     /// The checkpoint directory (a full checkpoint or the top of a diff chain), or a
     /// snapshot in a store, s3://BUCKET/PREFIX/NAME, restored lazily (needs --cache).
     dir: PathBuf,
@@ -146,6 +148,7 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         for problem in sandbox.warnings() {
             eprintln!("snapvmm restore: warning: snapshot metadata: {problem}");
         }
+        crate::confine::trigger();
         return sandbox.wait().map_err(text);
     };
     crate::store::install_exporter(&sandbox);
@@ -155,6 +158,10 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
 /// Runs `snapvmm restore`; returns the process exit status.
 pub fn main(args: RestoreArgs) -> u8 {
     crate::serve::init_logging();
+    if let Err(message) = args.confine.apply() {
+        eprintln!("snapvmm restore: error: confinement: {message}");
+        return 1;
+    }
     match restore(&args) {
         Ok(reason) if reason.is_clean() => 0,
         Ok(ExitReason::Error(message)) => {

@@ -28,6 +28,8 @@ use vmm::{ExitReason, Sandbox, SandboxOptions};
 /// Arguments of `snapvmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    confine: crate::confine::ConfineArgs,
     /// Run the built-in micro-guest: builtin:counter, builtin:write-verify, builtin:io-loop,
     /// builtin:io-bench or builtin:agent (io-loop with a guest agent on the vsock).
     #[arg(long, value_name = "builtin:WORKLOAD", conflicts_with = "kernel")]
@@ -227,6 +229,7 @@ fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, Str
         guest_agent: api.guest_agent.clone(),
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
+    crate::confine::trigger();
     for problem in sandbox.warnings() {
         eprintln!("snapvmm run: warning: snapshot metadata: {problem}");
     }
@@ -234,8 +237,9 @@ fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, Str
 }
 
 /// Runs `snapvmm run`; returns the process exit status.
-pub fn main(args: RunArgs) -> u8 {
+pub fn main(mut args: RunArgs) -> u8 {
     crate::serve::init_logging();
+    let confine = std::mem::take(&mut args.confine);
     let (config, api) = match build_config(args) {
         Ok(built) => built,
         Err(message) => {
@@ -245,6 +249,10 @@ pub fn main(args: RunArgs) -> u8 {
     };
     if let SerialOutput::File(path) = &config.serial {
         tracing::info!("serial console in {}", path.display());
+    }
+    if let Err(message) = confine.apply() {
+        eprintln!("snapvmm run: error: confinement: {message}");
+        return 1;
     }
     let result = match &api.socket {
         Some(socket) => run_with_api(&config, &api, socket),

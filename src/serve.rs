@@ -21,6 +21,7 @@ pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, S
             return Err(e.to_string());
         }
     };
+    crate::confine::trigger();
     // Stop the server, and with it any block job, before the VM's disks are flushed.
     sandbox.exit_handle().wait();
     server.stop();

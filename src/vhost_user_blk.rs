@@ -22,6 +22,8 @@ use vmm::config::DiskConfig;
 /// Arguments of `snapvmm vhost-user-blk`.
 #[derive(Debug, Args)]
 pub struct VhostUserBlkArgs {
+    #[command(flatten)]
+    confine: crate::confine::ConfineArgs,
     /// The vhost-user socket to listen on; frontends may disconnect and reconnect.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
@@ -63,6 +65,11 @@ pub fn main(args: VhostUserBlkArgs) -> u8 {
     let signals = termination_signals();
     // SAFETY: changing this thread's signal mask; every thread spawned later inherits it.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // Confined after the mask is set so that the spawner thread inherits it too.
+    if let Err(message) = args.confine.apply() {
+        eprintln!("snapvmm vhost-user-blk: error: confinement: {message}");
+        return 1;
+    }
     let daemon = match BlkDaemon::new(&config) {
         Ok(daemon) => daemon,
         Err(e) => {

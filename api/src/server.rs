@@ -94,7 +94,10 @@ impl ApiServer {
             .name("api".into())
             .spawn({
                 let router = router.clone();
-                move || runtime.block_on(serve(listener, router, stopped))
+                move || {
+                    vmm::confine::enter_or_abort(vmm::confine::ThreadKind::Api);
+                    runtime.block_on(serve(listener, router, stopped))
+                }
             })
             .map_err(socket_error("spawning the server thread"))?;
         tracing::info!("API server on {}", path.display());

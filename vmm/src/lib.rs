@@ -28,6 +28,7 @@ pub mod arch;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
+pub mod confine;
 pub mod console;
 pub mod control;
 pub mod devices;

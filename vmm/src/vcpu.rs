@@ -142,7 +142,10 @@ impl Vcpu {
         let thread_gate = gate.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&buses, &exit, &stop, &thread_gate))
+            .spawn(move || {
+                crate::confine::enter_or_abort(crate::confine::ThreadKind::Vcpu);
+                self.run(&buses, &exit, &stop, &thread_gate)
+            })
             .map_err(Error::io(format!("spawning vCPU {index}")))?;
         gate.register(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
         Ok(VcpuThread { index, handle })

@@ -253,7 +253,10 @@ impl Pager {
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("uffd-pager".into())
-            .spawn(move || worker.run(&thread_stop, prefetch))
+            .spawn(move || {
+                crate::confine::enter_or_abort(crate::confine::ThreadKind::Pager);
+                worker.run(&thread_stop, prefetch)
+            })
             .map_err(|e| Error::Memory(format!("starting the pager thread: {e}")))?;
         Ok(Pager {
             stop,

@@ -87,8 +87,7 @@ impl CloneLauncher {
             .stderr(err)
             .current_dir(dir)
             .process_group(0);
-        let child = command
-            .spawn()
+        let child = crate::confine::spawn(command)
             .map_err(|e| failed(&format!("starting {}", self.binary.display()), e))?;
         Ok(Starting {
             info: CloneInfo {

@@ -271,7 +271,10 @@ impl VirtioDevice for Block {
             };
             let handle = std::thread::Builder::new()
                 .name(worker.name.clone())
-                .spawn(move || worker.run())
+                .spawn(move || {
+                    crate::confine::enter_or_abort(crate::confine::ThreadKind::BlockWorker);
+                    worker.run()
+                })
                 .map_err(Error::io("spawning a virtio-blk queue worker"))?;
             self.workers.push((index, handle));
         }

@@ -250,7 +250,10 @@ impl VirtioDevice for Vsock {
         };
         let handle = std::thread::Builder::new()
             .name(format!("vsock-{}", self.config.guest_cid))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::confine::enter_or_abort(crate::confine::ThreadKind::Vsock);
+                worker.run()
+            })
             .map_err(Error::io("spawning the vsock worker"))?;
         self.worker = Some(handle);
         Ok(())
