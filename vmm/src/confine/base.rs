@@ -116,6 +116,9 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
             libc::SYS_timerfd_settime,
             libc::SYS_getcwd,
             libc::SYS_readlinkat,
+            libc::SYS_readlink,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
             libc::SYS_sysinfo,
             libc::SYS_uname,
             libc::SYS_getrlimit,
@@ -127,6 +130,17 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
             libc::SYS_recvfrom,
             libc::SYS_shutdown,
         ],
+    );
+    // Stacking a narrower filter: a thread inherits its spawner's filter and adds its kind's
+    // (SECCOMP_SET_MODE_FILTER only ever narrows what a thread may do).
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            1, // SECCOMP_SET_MODE_FILTER
+        )?])?],
     );
     // mmap, but never executable: no guest bytes become host code.
     rules.insert(

@@ -46,6 +46,7 @@ fn name(nr: libc::c_long) -> &'static str {
         libc::SYS_dup3 => "dup3",
         libc::SYS_sched_setaffinity => "sched_setaffinity",
         libc::SYS_io_uring_setup => "io_uring_setup",
+        libc::SYS_seccomp => "seccomp",
         _ => "?",
     }
 }
