@@ -25,7 +25,7 @@ pub enum SeccompFlag {
 #[derive(Debug, Default, Args)]
 pub struct ConfineArgs {
     /// Seccomp filters, one per thread kind (see README "Confinement").
-    #[arg(long, value_enum, default_value_t = SeccompFlag::Kill)]
+    #[arg(long, value_enum, env = "SNAPVMM_SECCOMP", default_value_t = SeccompFlag::Kill)]
     seccomp: SeccompFlag,
     /// Debugging aid for the confinement tests, hidden: once the VM runs, a thread confined
     /// as a block worker calls socket(2), which its filter forbids.

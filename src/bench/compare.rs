@@ -4,7 +4,7 @@
 use super::model::{Comparison, Figure, Gap, Report, Status};
 
 /// (what, snapvmm's figure, the peer's figure) pairs, before sizes are expanded.
-const PAIRS: [(&str, &str, &str); 10] = [
+const PAIRS: [(&str, &str, &str); 13] = [
     (
         "offline stream: rebase -b \"\"",
         "jobs.stream.offline.snapvmm",
@@ -54,6 +54,21 @@ const PAIRS: [(&str, &str, &str); 10] = [
         "live overlay switch, guest-visible stall (methods differ: snapvmm's longest micro-guest request in the switch's window, QEMU's excess write-loop gap)",
         "switch.guest.1x16MiB",
         "switch.qemu.guest",
+    ),
+    (
+        "seccomp filters on vs off: guest 4K I/O rate",
+        "seccomp.io4k.kill",
+        "seccomp.io4k.off",
+    ),
+    (
+        "seccomp filters on vs off: checkpoint save",
+        "seccomp.ckpt_save.kill",
+        "seccomp.ckpt_save.off",
+    ),
+    (
+        "seccomp filters on vs off: whole-process restore",
+        "seccomp.restore.kill",
+        "seccomp.restore.off",
     ),
 ];
 

@@ -37,6 +37,7 @@ mod qemu_live;
 mod qmp;
 mod qsd;
 mod report;
+mod seccomp;
 mod stats;
 mod switch;
 mod tools;
@@ -182,7 +183,7 @@ impl Bench {
 type Family = (&'static str, &'static str, fn(&mut Bench));
 
 /// The families, in the order they run.
-const FAMILIES: [Family; 9] = [
+const FAMILIES: [Family; 10] = [
     ("switch", "live overlay switch (host)", switch::run),
     (
         "guest-stall",
@@ -196,6 +197,7 @@ const FAMILIES: [Family; 9] = [
     ("qemu-live", "QEMU live snapshot", qemu_live::run),
     ("clones", "clones", clones::run),
     ("firecracker", "Firecracker snapshots", firecracker::run),
+    ("seccomp", "seccomp filters on and off", seccomp::run),
 ];
 
 /// The `--only` names.

@@ -65,6 +65,7 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_socketpair,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
+    libc::SYS_chmod,
     libc::SYS_pipe2,
 ];
 
@@ -117,14 +118,24 @@ pub(super) fn rules(kind: ThreadKind) -> Result<Rules, BackendError> {
         }
         // vCPUs run the guest and emulate MMIO/PIO; device activation on a vCPU spawns the
         // block workers (clone is in the base list).
-        ThreadKind::Vcpu => kvm_ioctls(&mut rules)?,
+        // Device activation runs on a vCPU and starts the device threads, which inherit its
+        // filter: the vsock device's thread accepts guest-agent connections on a socket it was
+        // handed (accept only; a vCPU still cannot create or connect a socket).
+        ThreadKind::Vcpu => {
+            kvm_ioctls(&mut rules)?;
+            allow(&mut rules, &[libc::SYS_accept4]);
+        }
         // Block workers read and write images through descriptors they hold: the base list.
         ThreadKind::BlockWorker => {}
-        // The API thread drives the VMM through the control layer, which touches KVM state
-        // (snapshots pause the vCPUs and save their registers).
+        // The API thread (and the runtime threads it starts) drives the VMM through the control
+        // layer, which does all the control thread does: KVM state (snapshots pause the vCPUs
+        // and save their registers), 0600 checkpoint and overlay files, connecting to the guest
+        // agent and to the API sockets of the clones it starts.
         ThreadKind::Api => {
             kvm_ioctls(&mut rules)?;
-            allow(&mut rules, API);
+            for list in [API, VSOCK, MAIN] {
+                allow(&mut rules, list);
+            }
         }
         ThreadKind::Pager => uffd_ioctls(&mut rules)?,
         ThreadKind::Vsock => allow(&mut rules, VSOCK),
