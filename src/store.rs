@@ -147,7 +147,7 @@ fn push_text(s: &PushSummary) -> String {
 
 /// Pushes snapshot `source` into `store` with a progress bar on a terminal.
 pub(crate) fn push_with_progress(
-    store: &Store,
+    store: &Arc<Store>,
     source: &SnapshotSource,
     options: &PushOptions,
 ) -> Result<PushSummary, String> {

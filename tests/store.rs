@@ -492,7 +492,36 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         .load(std::sync::atomic::Ordering::Relaxed);
     let stored_memory_chunks = memory_chunks(&lazy.manifest).len() as u64;
     assert!(pager_chunks > 0 && pager_chunks <= stored_memory_chunks);
-    finish_and_verify(vmm, &restored);
+    // The lazily restored VM snapshots itself and pushes the snapshot: its disk's frozen
+    // overlay reads what it did not write through the remote layer (the origin file),
+    // chunks it never changed are referenced without a fetch, its memory comes through
+    // the pager: it uploads a small fraction. r1 is restored and verified further down.
+    let sandbox = Sandbox::with_vmm(vmm, &SandboxOptions::default()).unwrap();
+    sandbox
+        .control()
+        .snapshot_create(&TreeSnapshotCreate::with_memory("r1"))
+        .unwrap();
+    let lazy_push = push_cli(
+        &cluster,
+        &lazy.run_dir.join("snapvmm-snapshots.json"),
+        "r1",
+        &url,
+    );
+    assert!(
+        lazy_push.bytes_uploaded * 4 < first.bytes_uploaded,
+        "a lazily restored VM's snapshot uploads a small fraction: {first:?} then {lazy_push:?}"
+    );
+    assert!(
+        lazy_push.chunks_reused * 2 > lazy_push.chunks,
+        "{lazy_push:?}"
+    );
+    assert_eq!(lazy_push.bytes_scanned, first.bytes_scanned);
+    vmm::guest::request_finish(sandbox.vmm().memory()).unwrap();
+    restored.wait(0, "the io-loop verdict", |t| t.contains("io-loop verify "));
+    let reason = sandbox.wait().unwrap();
+    let text = restored.text();
+    assert!(reason.is_clean(), "{reason:?}\n{text}");
+    assert!(text.contains("io-loop verify ok"), "{text}");
     assert!(lazy.chunks.fetched_chunks() > 0);
 
     // A clone: pulled for offline use, started from the pulled files, snapshotted and
@@ -697,8 +726,9 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     vm.wait().unwrap();
 
     // A volume server dies in the middle of a lazy restore: the replica serves the rest.
+    // The snapshot is r1, pushed from the lazily restored VM: the guest verifies its data.
     let cache = tempfile::tempdir().unwrap();
-    let lazy = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();
+    let lazy = store::lazy::prepare(store.clone(), "r1", cache.path()).unwrap();
     let console = new_console();
     let vmm = lazy_restore(&lazy, &console);
     wait_progress(&console, 1);

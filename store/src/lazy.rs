@@ -20,6 +20,7 @@ use crate::chunk::ChunkHash;
 use crate::client::Store;
 use crate::error::{Error, Result};
 use crate::manifest::{StoreManifest, WorkingSet};
+use crate::origin::Origin;
 use crate::pull::{fetch_state, set_disk_tops};
 use crate::remote::{RemoteChunks, RemoteDisk, RemoteMemory};
 
@@ -68,6 +69,9 @@ fn new_run_dir(cache: &Path, name: &str) -> Result<PathBuf> {
 /// directory under `cache_dir`.
 pub fn prepare(store: Arc<Store>, name: &str, cache_dir: &Path) -> Result<LazyRestore> {
     let manifest = read_manifest(&store, name)?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, "create directory", e))?;
+    // Absolute: the origin files name it for readers in other directories.
+    let cache = std::fs::canonicalize(cache_dir).map_err(|e| Error::io(cache_dir, "resolve", e))?;
     let working_set = read_working_set(&store, &manifest)?;
     let chunks = Arc::new(RemoteChunks::new(store, cache_dir)?);
     let memory = Arc::new(RemoteMemory::new(chunks.clone(), &manifest)?);
@@ -87,14 +91,13 @@ pub fn prepare(store: Arc<Store>, name: &str, cache_dir: &Path) -> Result<LazyRe
                 ..Default::default()
             },
         )?;
-        let origin = serde_json::json!({
-            "store": chunks.store().location().to_string(),
-            "snapshot": manifest.name,
-            "disk": disk.name,
-        });
-        let origin_path = run_dir.join(format!("{}.origin.json", disk.name));
-        std::fs::write(&origin_path, origin.to_string())
-            .map_err(|e| Error::io(&origin_path, "write", e))?;
+        Origin {
+            store: chunks.store().location().to_string(),
+            snapshot: manifest.name.clone(),
+            disk: disk.name.clone(),
+            cache: cache.clone(),
+        }
+        .write(&path)?;
         let overlay = Qcow2Image::open(&path, &storage::OpenOptions::default())?;
         overlay.replace_backing_device(Some(remote.clone() as Arc<dyn BlockDevice>));
         overlays.push(Arc::new(overlay) as Arc<dyn BlockDevice>);

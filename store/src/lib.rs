@@ -24,6 +24,7 @@ pub mod error;
 pub mod lazy;
 pub mod location;
 pub mod manifest;
+pub mod origin;
 pub mod pull;
 pub mod push;
 pub mod remote;

@@ -5,6 +5,7 @@
 //! push that fails before leaves only chunks (which `gc` reclaims if nothing uses them).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -17,7 +18,9 @@ use crate::location::check_snapshot_name;
 use crate::manifest::{
     manifest_key, Blob, ChunkList, DiskData, MemoryImage, StoreManifest, MANIFEST_VERSION,
 };
-use crate::source::{open_image, range_is_hole, FlatMemory, SnapshotSource};
+use crate::origin::{open_with_origin, RemoteBase};
+use crate::source::{range_is_hole, FlatMemory, SnapshotSource};
+use storage::{Allocation, BlockDevice};
 
 /// How to push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +97,13 @@ impl Uploader<'_> {
         Ok(Some(hash))
     }
 
+    /// A chunk known to be in the store already, referenced without being read.
+    fn reuse(&mut self, len: u64) {
+        self.summary.bytes_scanned += len;
+        self.summary.chunks += 1;
+        self.summary.chunks_reused += 1;
+    }
+
     fn zero(&mut self, len: u64) {
         self.summary.bytes_scanned += len;
         self.summary.zero_chunks += 1;
@@ -117,6 +127,42 @@ impl Uploader<'_> {
     }
 }
 
+/// The stored chunk that `offset..offset + len` of a lazily restored disk's frozen chain
+/// still reads from, when nothing above its remote layer changed that range, the remote
+/// layer is in the store pushed to, chunks line up and the store still holds the chunk (a
+/// gc after a `rm` may have taken it): then the push references it without fetching it.
+fn unchanged_remote_chunk(
+    disk: &dyn BlockDevice,
+    base: &Option<RemoteBase>,
+    store: &Store,
+    offset: u64,
+    len: u64,
+    chunk_size: u64,
+) -> Result<Option<ChunkHash>> {
+    let Some(base) = base else { return Ok(None) };
+    if !base.same_store || base.chunk_size != chunk_size || offset % chunk_size != 0 {
+        return Ok(None);
+    }
+    let mut done = 0;
+    while done < len {
+        let status = disk.block_status(offset + done, len - done)?;
+        if status.allocation != Allocation::Data || status.depth != base.depth {
+            return Ok(None);
+        }
+        done += status.len.max(1);
+    }
+    let Some(hash) = base
+        .data
+        .chunks
+        .get((offset / chunk_size) as usize)
+        .cloned()
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    Ok(store.exists(&hash.key())?.then_some(hash))
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -126,7 +172,7 @@ fn now_unix() -> u64 {
 
 /// Pushes `source` into `store`; `progress` is told the bytes scanned so far and the total.
 pub fn push(
-    store: &Store,
+    store: &Arc<Store>,
     source: &SnapshotSource,
     options: &PushOptions,
     progress: Progress<'_>,
@@ -154,10 +200,13 @@ pub fn push(
     let disks = source
         .disks
         .iter()
-        .map(|(disk, path)| Ok((disk.clone(), open_image(path)?)))
+        .map(|(disk, path)| {
+            let (image, base) = open_with_origin(path, store)?;
+            Ok((disk.clone(), image, base))
+        })
         .collect::<Result<Vec<_>>>()?;
     let total = memory.as_ref().map_or(0, |m| m.layout().total_bytes())
-        + disks.iter().map(|(_, d)| d.size()).sum::<u64>();
+        + disks.iter().map(|(_, d, _)| d.size()).sum::<u64>();
 
     let mut up = Uploader {
         store,
@@ -196,7 +245,7 @@ pub fn push(
         });
     }
     let mut disk_data = Vec::new();
-    for (disk_name, disk) in &disks {
+    for (disk_name, disk, base) in &disks {
         let len = disk.size();
         let mut chunks = ChunkList::new();
         let mut offset = 0;
@@ -205,6 +254,11 @@ pub fn push(
             if range_is_hole(disk.as_ref(), offset, n)? {
                 up.zero(n);
                 chunks.push(None);
+            } else if let Some(hash) =
+                unchanged_remote_chunk(disk.as_ref(), base, store, offset, n, size)?
+            {
+                up.reuse(n);
+                chunks.push(Some(hash));
             } else {
                 disk.read_at(&mut buf[..n as usize], offset)?;
                 chunks.push(up.add(&buf[..n as usize])?);
