@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Snapshot store figures (issue 15), against SeaweedFS on loopback started here:
-#   1. dedup: bytes uploaded by 10 successive snapshots of a running io-loop VM vs their sum;
+#   1. dedup: bytes uploaded by 10 successive snapshots of a running io-loop VM vs their sum,
+#      with 512 KiB chunks (the default, pushed through the VM's API) and 64 KiB chunks
+#      (the same snapshots pushed offline from the tree metadata into another prefix);
 #   2. restore to the first guest progress line: local checkpoint vs the store, cold cache;
 #   3. bytes fetched vs chunks the guest touched, without and with working-set prefetch.
 # Usage: benches/store.sh [path/to/snapvmm]   (needs `weed`, /dev/kvm, jq)
@@ -42,16 +44,20 @@ until "$SNAPVMM" snapshot ls "$STORE" >/dev/null 2>&1; do sleep 0.2; done
 "$SNAPVMM" run --guest builtin:io-loop --memory 128 --disk path="$WORK/base.qcow2" \
     --serial "$WORK/serial.log" --api-socket "$WORK/vm.sock" & VM=$!; PIDS+=($VM)
 until [ -S "$WORK/vm.sock" ]; do sleep 0.1; done
-sum=0; total=0
+sum=0; total=0; sum64=0; total64=0
 for i in $(seq 1 10); do
     sleep 1
     "$SNAPVMM" ctl --api-socket "$WORK/vm.sock" snapshot-create-as "s$i" >/dev/null
     up=$("$SNAPVMM" snapshot push --json --api-socket "$WORK/vm.sock" "s$i" "$STORE" | jq .bytes_uploaded)
     scanned=$("$SNAPVMM" snapshot ls --json "$STORE" | jq ".[] | select(.name==\"s$i\") | .data_bytes")
-    echo "snapshot s$i: uploaded $((up / 1024)) KiB of $((scanned / 1024)) KiB of data"
-    sum=$((sum + up)); total=$((total + scanned))
+    up64=$("$SNAPVMM" snapshot push --json --chunk-size 65536 \
+        --snapshot-metadata "$WORK/snapvmm-snapshots.json" "s$i" "$STORE-64k" | jq .bytes_uploaded)
+    scanned64=$("$SNAPVMM" snapshot ls --json "$STORE-64k" | jq ".[] | select(.name==\"s$i\") | .data_bytes")
+    echo "snapshot s$i: uploaded $((up / 1024)) KiB of $((scanned / 1024)) KiB of data; 64 KiB chunks: $((up64 / 1024)) KiB of $((scanned64 / 1024)) KiB"
+    sum=$((sum + up)); total=$((total + scanned)); sum64=$((sum64 + up64)); total64=$((total64 + scanned64))
 done
-echo "dedup: 10 snapshots uploaded $((sum / 1024)) KiB; their data adds up to $((total / 1024)) KiB"
+echo "dedup, 512 KiB chunks: 10 snapshots uploaded $((sum / 1024)) KiB; their data adds up to $((total / 1024)) KiB ($((100 * sum / total))%)"
+echo "dedup, 64 KiB chunks: 10 snapshots uploaded $((sum64 / 1024)) KiB; their data adds up to $((total64 / 1024)) KiB ($((100 * sum64 / total64))%)"
 "$SNAPVMM" ctl --api-socket "$WORK/vm.sock" shutdown >/dev/null; wait "$VM" || true
 
 first_progress() { # start ns, serial file, restore pid, its stderr -> ms until io-loop's first line
@@ -76,10 +82,19 @@ restore() { # label, source, extra args...
     local ms; ms=$(first_progress "$start" "$serial" "$pid" "$WORK/r-$label.err")
     sleep 3
     "$SNAPVMM" ctl --api-socket "$sock" shutdown >/dev/null || true; wait "$pid" || true
-    echo "$label: first guest progress after ${ms} ms; $(grep -o 'fetched .*store' "$WORK/r-$label.err" || echo 'local files')"
+    local started; started=$(grep -o "from s3://[^ ]* in [0-9]* ms" "$WORK/r-$label.err" | grep -o "[0-9]* ms" || echo "-")
+    echo "$label: VM started after $started; first guest progress line after ${ms} ms; $(grep -o 'fetched [0-9]* chunk(s), .*' "$WORK/r-$label.err" || echo 'local files')"
 }
-# 2 and 3.
-restore local "$WORK/snapvmm-snapshots.checkpoints/s10"
-restore store-cold "$STORE/s10" --cache "$WORK/c1" --working-set-secs 3
-restore store-no-prefetch "$STORE/s10" --cache "$WORK/c2" --no-prefetch
-restore store-prefetch "$STORE/s10" --cache "$WORK/c3"
+# 2 and 3. The local peer starts s10 on an overlay of the disk image s10 froze (as clones
+# do: a frozen image never opens writable).
+frozen=$(jq -r '.snapshots[] | select(.name=="s10") | .disks[0].image' "$WORK/snapvmm-snapshots.json")
+[[ $frozen == /* ]] || frozen="$WORK/$frozen"
+"$SNAPVMM" img create -q -f qcow2 -b "$frozen" -F qcow2 "$WORK/local-top.qcow2"
+restore local "$WORK/snapvmm-snapshots.checkpoints/s10" --disk-top "vda=$WORK/local-top.qcow2" \
+    --snapshot-metadata "$WORK/local.json"
+for store in "$STORE" "$STORE-64k"; do
+    tag=${store##*/}
+    restore "$tag-cold" "$store/s10" --cache "$WORK/$tag-c1" --working-set-secs 3
+    restore "$tag-no-prefetch" "$store/s10" --cache "$WORK/$tag-c2" --no-prefetch
+    restore "$tag-prefetch" "$store/s10" --cache "$WORK/$tag-c3"
+done

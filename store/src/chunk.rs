@@ -119,6 +119,13 @@ struct MemoryCache {
     order: VecDeque<ChunkHash>,
 }
 
+/// A number no other call in this process gets: the pager, block workers and a prefetch
+/// may insert the same chunk at once, each through its own temporary file.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl ChunkCache {
     /// Opens (creating) the cache in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -165,9 +172,12 @@ impl ChunkCache {
     pub fn insert(&self, hash: &ChunkHash, bytes: &[u8]) -> Result<Arc<[u8]>> {
         let path = self.path(hash);
         if !path.exists() {
-            let tmp = self
-                .dir
-                .join(format!(".{}.{}.tmp", hash.as_str(), std::process::id()));
+            let tmp = self.dir.join(format!(
+                ".{}.{}.{}.tmp",
+                hash.as_str(),
+                std::process::id(),
+                unique()
+            ));
             let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
             file.write_all(bytes)
                 .map_err(|e| Error::io(&tmp, "write", e))?;

@@ -6,6 +6,7 @@
 //! Chunks fetched are checked against their hash; a mismatch is fetched once more (another
 //! replica may serve it) before it is reported as corrupt.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,17 +49,27 @@ pub struct Traffic {
 }
 
 /// A blocking handle on the objects under one `s3://BUCKET/PREFIX`.
+///
+/// Every request runs as a task on the store's own runtime threads, never on the calling
+/// thread: the callers include seccomp-confined VMM threads (the userfaultfd pager, block
+/// workers) that may not open sockets, while the runtime's threads start with the filter of
+/// the thread that opened the store.
 pub struct Store {
+    inner: Arc<Inner>,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// What a request task needs (owned by the tasks, shared with the handle).
+struct Inner {
     location: Location,
     objects: Arc<dyn ObjectStore>,
-    runtime: tokio::runtime::Runtime,
     traffic: Traffic,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("location", &self.location)
+            .field("location", &self.inner.location)
             .finish_non_exhaustive()
     }
 }
@@ -118,23 +129,176 @@ impl Store {
             .build()
             .map_err(|e| Error::io("tokio runtime", "start", e))?;
         Ok(Store {
-            location,
-            objects,
+            inner: Arc::new(Inner {
+                location,
+                objects,
+                traffic: Traffic::default(),
+            }),
             runtime,
-            traffic: Traffic::default(),
         })
     }
 
     /// Where the store lives.
     pub fn location(&self) -> &Location {
-        &self.location
+        &self.inner.location
     }
 
     /// Bytes moved so far.
     pub fn traffic(&self) -> &Traffic {
-        &self.traffic
+        &self.inner.traffic
     }
 
+    /// Runs the request `make` builds as a task on the runtime's threads and waits for it
+    /// (the calling thread only waits: it makes no system call of the request).
+    fn block<T, F>(&self, make: impl FnOnce(Arc<Inner>) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let task = self.runtime.spawn(make(self.inner.clone()));
+        self.runtime.block_on(task).map_err(|e| Error::Remote {
+            key: self.inner.location.to_string(),
+            op: "request",
+            message: format!("the request task failed: {e}"),
+        })?
+    }
+
+    /// Fetches the object at `key` (relative to the prefix), refusing objects larger than
+    /// `max` bytes.
+    pub fn get(&self, key: &str, max: u64) -> Result<Bytes> {
+        let key = key.to_string();
+        self.block(move |inner| async move {
+            let path = inner.path(&key)?;
+            inner.get(&key, &path, max).await
+        })
+    }
+
+    /// Stores `bytes` at `key`.
+    pub fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
+        let key = key.to_string();
+        self.block(move |inner| async move {
+            let path = inner.path(&key)?;
+            inner.put(&key, &path, bytes).await
+        })
+    }
+
+    /// Whether an object exists at `key`.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        let key = key.to_string();
+        self.block(move |inner| async move {
+            let path = inner.path(&key)?;
+            inner.exists(&key, &path).await
+        })
+    }
+
+    /// Deletes the object at `key` (absent objects are not an error).
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        self.block(move |inner| async move {
+            let path = inner.path(&key)?;
+            match inner.objects.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(inner.remote_error(&key, "delete", e)),
+            }
+        })
+    }
+
+    /// Every object under `dir` (relative to the prefix), recursively.
+    pub fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        let dir = dir.to_string();
+        self.block(move |inner| async move {
+            let path = inner.path(&dir)?;
+            let root = if inner.location.prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", inner.location.prefix)
+            };
+            let metas: Vec<_> = inner
+                .objects
+                .list(Some(&path))
+                .try_collect()
+                .await
+                .map_err(|e| inner.remote_error(&dir, "list", e))?;
+            Ok(metas
+                .into_iter()
+                .map(|meta| {
+                    let full = meta.location.to_string();
+                    ObjectInfo {
+                        key: full.strip_prefix(&root).unwrap_or(&full).to_string(),
+                        size: meta.size,
+                        modified_unix: meta.last_modified.timestamp(),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Fetches chunk `hash` and checks it; a mismatch is fetched once more before it is
+    /// reported as [`Error::Corrupt`].
+    pub fn get_chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
+        let hash = hash.clone();
+        self.block(move |inner| async move { inner.get_chunk(&hash).await })
+    }
+
+    /// Fetches many chunks in parallel, handing each checked chunk to `sink` (on the
+    /// calling thread, in completion order). Stops at the first error.
+    pub fn get_chunks(
+        &self,
+        hashes: &[ChunkHash],
+        sink: &mut dyn FnMut(&ChunkHash, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(PARALLEL_REQUESTS);
+        let hashes = hashes.to_vec();
+        let inner = self.inner.clone();
+        // The fetching task stops when the receiver goes (an error here ends the loop).
+        self.runtime.spawn(async move {
+            let mut fetches = futures::stream::iter(hashes.into_iter().map(|hash| {
+                let inner = inner.clone();
+                async move {
+                    let bytes = inner.get_chunk(&hash).await?;
+                    Ok::<_, Error>((hash, bytes))
+                }
+            }))
+            .buffer_unordered(PARALLEL_REQUESTS);
+            while let Some(result) = fetches.next().await {
+                let failed = result.is_err();
+                if sender.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        while let Some(result) = self.runtime.block_on(receiver.recv()) {
+            let (hash, bytes) = result?;
+            sink(&hash, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the chunks the store does not hold yet (checked with HEAD), in parallel;
+    /// returns which of `chunks` were uploaded (true) or found present (false), in order.
+    pub fn put_missing_chunks(&self, chunks: &[(ChunkHash, Bytes)]) -> Result<Vec<bool>> {
+        let chunks = chunks.to_vec();
+        self.block(move |inner| async move {
+            futures::stream::iter(chunks.into_iter().map(|(hash, bytes)| {
+                let inner = inner.clone();
+                async move {
+                    let key = hash.key();
+                    let path = inner.path(&key)?;
+                    if inner.exists(&key, &path).await? {
+                        return Ok(false);
+                    }
+                    inner.put(&key, &path, bytes).await?;
+                    Ok::<_, Error>(true)
+                }
+            }))
+            .buffered(PARALLEL_REQUESTS)
+            .try_collect()
+            .await
+        })
+    }
+}
+
+impl Inner {
     fn path(&self, key: &str) -> Result<ObjectPath> {
         let full = self.location.key(key);
         ObjectPath::parse(&full)
@@ -154,14 +318,7 @@ impl Store {
         }
     }
 
-    /// Fetches the object at `key` (relative to the prefix), refusing objects larger than
-    /// `max` bytes.
-    pub fn get(&self, key: &str, max: u64) -> Result<Bytes> {
-        let path = self.path(key)?;
-        self.runtime.block_on(self.get_async(key, &path, max))
-    }
-
-    async fn get_async(&self, key: &str, path: &ObjectPath, max: u64) -> Result<Bytes> {
+    async fn get(&self, key: &str, path: &ObjectPath, max: u64) -> Result<Bytes> {
         let result = self
             .objects
             .get(path)
@@ -188,13 +345,7 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Stores `bytes` at `key`.
-    pub fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
-        let path = self.path(key)?;
-        self.runtime.block_on(self.put_async(key, &path, bytes))
-    }
-
-    async fn put_async(&self, key: &str, path: &ObjectPath, bytes: Bytes) -> Result<()> {
+    async fn put(&self, key: &str, path: &ObjectPath, bytes: Bytes) -> Result<()> {
         let len = bytes.len() as u64;
         self.objects
             .put(path, PutPayload::from_bytes(bytes))
@@ -204,13 +355,7 @@ impl Store {
         Ok(())
     }
 
-    /// Whether an object exists at `key`.
-    pub fn exists(&self, key: &str) -> Result<bool> {
-        let path = self.path(key)?;
-        self.runtime.block_on(self.exists_async(key, &path))
-    }
-
-    async fn exists_async(&self, key: &str, path: &ObjectPath) -> Result<bool> {
+    async fn exists(&self, key: &str, path: &ObjectPath) -> Result<bool> {
         match self.objects.head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -218,113 +363,19 @@ impl Store {
         }
     }
 
-    /// Deletes the object at `key` (absent objects are not an error).
-    pub fn delete(&self, key: &str) -> Result<()> {
-        let path = self.path(key)?;
-        self.runtime.block_on(async {
-            match self.objects.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(self.remote_error(key, "delete", e)),
-            }
-        })
-    }
-
-    /// Every object under `dir` (relative to the prefix), recursively.
-    pub fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
-        let path = self.path(dir)?;
-        let root = if self.location.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.location.prefix)
-        };
-        self.runtime.block_on(async {
-            let metas: Vec<_> = self
-                .objects
-                .list(Some(&path))
-                .try_collect()
-                .await
-                .map_err(|e| self.remote_error(dir, "list", e))?;
-            Ok(metas
-                .into_iter()
-                .map(|meta| {
-                    let full = meta.location.to_string();
-                    ObjectInfo {
-                        key: full.strip_prefix(&root).unwrap_or(&full).to_string(),
-                        size: meta.size,
-                        modified_unix: meta.last_modified.timestamp(),
-                    }
-                })
-                .collect())
-        })
-    }
-
-    /// Fetches chunk `hash` and checks it; a mismatch is fetched once more before it is
-    /// reported as [`Error::Corrupt`].
-    pub fn get_chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
+    async fn get_chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
         let key = hash.key();
         let path = self.path(&key)?;
-        self.runtime
-            .block_on(self.get_chunk_async(hash, &key, &path))
-    }
-
-    async fn get_chunk_async(
-        &self,
-        hash: &ChunkHash,
-        key: &str,
-        path: &ObjectPath,
-    ) -> Result<Bytes> {
         let mut last = None;
         for _ in 0..2 {
-            let bytes = self.get_async(key, path, MAX_OBJECT_BYTES).await?;
+            let bytes = self.get(&key, &path, MAX_OBJECT_BYTES).await?;
             match hash.verify(&bytes) {
                 Ok(()) => return Ok(bytes),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| Error::NotFound {
-            key: self.location.key(key),
+            key: self.location.key(&key),
         }))
-    }
-
-    /// Fetches many chunks in parallel, handing each checked chunk to `sink` (on the
-    /// calling thread, in completion order). Stops at the first error.
-    pub fn get_chunks(
-        &self,
-        hashes: &[ChunkHash],
-        sink: &mut dyn FnMut(&ChunkHash, Bytes) -> Result<()>,
-    ) -> Result<()> {
-        self.runtime.block_on(async {
-            let mut fetches = futures::stream::iter(hashes.iter().map(|hash| async move {
-                let key = hash.key();
-                let path = self.path(&key)?;
-                let bytes = self.get_chunk_async(hash, &key, &path).await?;
-                Ok::<_, Error>((hash, bytes))
-            }))
-            .buffer_unordered(PARALLEL_REQUESTS);
-            while let Some(result) = fetches.next().await {
-                let (hash, bytes) = result?;
-                sink(hash, bytes)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Uploads the chunks the store does not hold yet (checked with HEAD), in parallel;
-    /// returns which of `chunks` were uploaded (true) or found present (false), in order.
-    pub fn put_missing_chunks(&self, chunks: &[(ChunkHash, Bytes)]) -> Result<Vec<bool>> {
-        self.runtime.block_on(async {
-            futures::stream::iter(chunks.iter().map(|(hash, bytes)| async move {
-                let key = hash.key();
-                let path = self.path(&key)?;
-                if self.exists_async(&key, &path).await? {
-                    return Ok(false);
-                }
-                self.put_async(&key, &path, bytes.clone()).await?;
-                Ok::<_, Error>(true)
-            }))
-            .buffered(PARALLEL_REQUESTS)
-            .try_collect()
-            .await
-        })
     }
 }

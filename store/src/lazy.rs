@@ -135,22 +135,32 @@ impl LazyRestore {
     /// Fetches the recorded working set's chunks into the cache, in parallel; returns how
     /// many were fetched (0 without a working set).
     pub fn prefetch(&self) -> Result<u64> {
+        let (mut hashes, disks) = self.working_set_hashes();
+        hashes.extend(disks);
+        self.chunks.prefetch(&hashes)
+    }
+
+    /// The stored chunks of the recorded working set: memory's, then the disks' (empty
+    /// without a working set). A restore fetches memory's before the VM starts (the pager
+    /// installs them ahead of faults) and the disks' beside the starting guest.
+    pub fn working_set_hashes(&self) -> (Vec<ChunkHash>, Vec<ChunkHash>) {
         let Some(set) = &self.working_set else {
-            return Ok(0);
+            return (Vec::new(), Vec::new());
         };
-        let mut hashes: Vec<ChunkHash> = set
+        let memory = set
             .memory
             .iter()
             .filter_map(|&i| self.memory.chunk_hash(i).cloned())
             .collect();
+        let mut disks = Vec::new();
         for (disk, indices) in self.manifest.disks.iter().zip(&set.disks) {
-            hashes.extend(
+            disks.extend(
                 indices
                     .iter()
                     .filter_map(|&i| disk.chunks.get(i as usize).cloned().flatten()),
             );
         }
-        self.chunks.prefetch(&hashes)
+        (memory, disks)
     }
 
     /// The chunks touched so far, as a working set (memory, then each disk).

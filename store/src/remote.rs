@@ -118,7 +118,7 @@ fn read_chunked(
     total: u64,
     buf: &mut [u8],
     offset: u64,
-    touch: &TouchLog,
+    touch: Option<&TouchLog>,
 ) -> Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
@@ -127,7 +127,9 @@ fn read_chunked(
         let within = (position % chunk_size) as usize;
         let chunk_len = chunk_size.min(total - index * chunk_size) as usize;
         let n = (chunk_len - within).min(buf.len() - done);
-        touch.touch(index);
+        if let Some(touch) = touch {
+            touch.touch(index);
+        }
         match list.get(index as usize).and_then(Option::as_ref) {
             None => buf[done..done + n].fill(0),
             Some(hash) => {
@@ -203,7 +205,7 @@ impl BlockDevice for RemoteDisk {
             self.data.virtual_size,
             buf,
             offset,
-            &self.touched,
+            Some(&self.touched),
         )
         .map_err(|e| self.io_error(format!("read at {offset:#x}"), e))
     }
@@ -348,7 +350,8 @@ impl RemoteMemory {
     }
 
     /// Fills `buf` with chunk `index` (its full length, shorter at the end of memory).
-    /// The error names the chunk.
+    /// The error names the chunk. Not counted as touched (a prefetch reads too): the pager
+    /// says which chunks the guest needed through [`RemoteMemory::touch`].
     pub fn read_chunk(&self, index: u64, buf: &mut [u8]) -> Result<()> {
         let offset = index * self.chunk_size;
         read_chunked(
@@ -358,7 +361,7 @@ impl RemoteMemory {
             self.total_bytes(),
             buf,
             offset,
-            &self.touched,
+            None,
         )
     }
 
