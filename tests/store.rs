@@ -789,3 +789,36 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     )
     .unwrap();
 }
+
+/// A store nobody answers for: the CLI retries a bounded number of times with backoff, then
+/// fails with an error naming what it could not reach, and never the credentials.
+#[test]
+fn an_unreachable_store_fails_after_bounded_retries_with_a_clear_error() {
+    // A port that was free a moment ago: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = snapvmm();
+    command
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "snapvmm-test")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-secret-42")
+        .env("AWS_REGION", "us-east-1")
+        .args(["snapshot", "ls", "s3://nowhere/fleet"]);
+    // Bounded: five retries with backoff from 100 ms, far inside the timeout.
+    let output = run_with_timeout(command, TIMEOUT);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("snapvmm snapshot: error:")
+            && stderr.contains("fleet/snapshots")
+            && stderr.contains("after 5 retries"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("not-a-secret-42") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

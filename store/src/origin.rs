@@ -164,3 +164,33 @@ pub fn open_with_origin(
         }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_files_round_trip_and_are_read_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vda.qcow2");
+        assert_eq!(Origin::read(&image).unwrap(), None);
+        let origin = Origin {
+            store: "s3://snaps/fleet".into(),
+            snapshot: "s1".into(),
+            disk: "vda".into(),
+            cache: dir.path().to_path_buf(),
+        };
+        origin.write(&image).unwrap();
+        assert_eq!(origin_path(&image), dir.path().join("vda.origin.json"));
+        assert_eq!(Origin::read(&image).unwrap(), Some(origin));
+        // Unknown fields (a secret someone added, say) and oversized files are refused.
+        std::fs::write(
+            origin_path(&image),
+            r#"{"store":"s3://a/b","snapshot":"s","disk":"d","cache":"/c","secret":"x"}"#,
+        )
+        .unwrap();
+        assert!(Origin::read(&image).is_err());
+        std::fs::write(origin_path(&image), vec![b' '; MAX_ORIGIN_BYTES as usize + 1]).unwrap();
+        assert!(Origin::read(&image).is_err());
+    }
+}
