@@ -523,6 +523,18 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     assert!(reason.is_clean(), "{reason:?}\n{text}");
     assert!(text.contains("io-loop verify ok"), "{text}");
     assert!(lazy.chunks.fetched_chunks() > 0);
+    // A clone of the same remote snapshot on this host shares the cache: its own run
+    // directory, and what the first one fetched is not fetched again.
+    let again = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();
+    assert_ne!(again.run_dir, lazy.run_dir);
+    let (_, touched_disks) = lazy.touched();
+    assert!(!touched_disks[0].is_empty());
+    let mut sector = vec![0u8; 4096];
+    for &index in &touched_disks[0] {
+        let offset = index * lazy.manifest.chunk_size;
+        storage::BlockDevice::read_at(&*again.remote_disks[0], &mut sector, offset).unwrap();
+    }
+    assert_eq!(again.chunks.fetched_chunks(), 0, "the shared cache served");
 
     // A clone: pulled for offline use, started from the pulled files, snapshotted and
     // pushed: it shares nearly everything with s2.

@@ -190,7 +190,11 @@ mod tests {
         )
         .unwrap();
         assert!(Origin::read(&image).is_err());
-        std::fs::write(origin_path(&image), vec![b' '; MAX_ORIGIN_BYTES as usize + 1]).unwrap();
+        std::fs::write(
+            origin_path(&image),
+            vec![b' '; MAX_ORIGIN_BYTES as usize + 1],
+        )
+        .unwrap();
         assert!(Origin::read(&image).is_err());
     }
 }
