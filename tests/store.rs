@@ -515,6 +515,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         lazy_push.chunks_reused * 2 > lazy_push.chunks,
         "{lazy_push:?}"
     );
+    eprintln!("pushes: s1 {first:?}\ns2 {second:?}\nr1 (lazily restored s2) {lazy_push:?}");
     assert_eq!(lazy_push.bytes_scanned, first.bytes_scanned);
     vmm::guest::request_finish(sandbox.vmm().memory()).unwrap();
     restored.wait(0, "the io-loop verdict", |t| t.contains("io-loop verify "));

@@ -14,7 +14,8 @@
 //! [`pull::pull`] writes one back as local files; [`lazy::prepare`] readies a restore that
 //! fetches data on first use: disks as [`remote::RemoteDisk`] under local qcow2 overlays,
 //! memory as [`remote::RemoteMemory`] for the VMM's userfaultfd pager. Everything fetched
-//! is checked against its hash. The crate has no KVM; it talks to the store through the
+//! is checked against its hash. [`origin`] lets a reader (a push) of a lazily restored
+//! VM's snapshot attach the remote layer its overlays' files do not name. The crate has no KVM; it talks to the store through the
 //! `object_store` crate with a small tokio runtime of its own, behind a blocking API.
 
 pub mod catalog;
