@@ -801,6 +801,28 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
         &out.path().join("c"),
     )
     .unwrap();
+
+    // Last (it confines threads of this process for good): a thread under a block
+    // worker's seccomp filter, which has no `socket`, fetches a chunk through a client that
+    // holds no connection yet. The request runs on the store's own threads; run on the
+    // calling thread, it would kill this process.
+    let fresh = cluster.store("fleet");
+    let manifest = store::catalog::read_manifest(&fresh, "s2").unwrap();
+    let memory = manifest.memory.as_ref().expect("s2 holds memory");
+    let hash = memory.chunks.iter().flatten().next().unwrap().clone();
+    let fresh = cluster.store("fleet");
+    vmm::confine::configure(vmm::confine::Confinement {
+        seccomp: vmm::confine::SeccompMode::Kill,
+    })
+    .unwrap();
+    let fetched = std::thread::spawn(move || {
+        vmm::confine::enter(vmm::confine::ThreadKind::BlockWorker).unwrap();
+        fresh.get_chunk(&hash).map(|bytes| bytes.len())
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    assert_eq!(fetched as u64, manifest.chunk_size);
 }
 
 /// A store nobody answers for: the CLI retries a bounded number of times with backoff, then
