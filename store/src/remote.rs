@@ -50,15 +50,15 @@ impl RemoteChunks {
         self.cache.insert(hash, &bytes)
     }
 
-    /// Fetches the chunks not cached yet, in parallel (a working-set prefetch).
+    /// Fetches the chunks not cached yet, in parallel and in the order given (a working
+    /// set lists chunks in first-touch order: what the guest needs first comes first).
     pub fn prefetch(&self, hashes: &[ChunkHash]) -> Result<u64> {
-        let mut missing: Vec<ChunkHash> = hashes
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<ChunkHash> = hashes
             .iter()
-            .filter(|h| !self.cache.contains(h))
+            .filter(|h| seen.insert(*h) && !self.cache.contains(h))
             .cloned()
             .collect();
-        missing.sort();
-        missing.dedup();
         let count = missing.len() as u64;
         self.store.get_chunks(&missing, &mut |hash, bytes| {
             self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
