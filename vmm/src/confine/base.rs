@@ -117,6 +117,11 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
             libc::SYS_getcwd,
             libc::SYS_readlinkat,
             libc::SYS_readlink,
+            // The legacy path calls std and libc still make next to their `*at` forms.
+            libc::SYS_rename,
+            libc::SYS_unlink,
+            libc::SYS_rmdir,
+            libc::SYS_mkdir,
             libc::SYS_faccessat,
             libc::SYS_faccessat2,
             libc::SYS_sysinfo,

@@ -43,6 +43,10 @@ const API: &[libc::c_long] = &[
     libc::SYS_getpeername,
     libc::SYS_wait4,
     libc::SYS_kill,
+    // Snapshot overlays and checkpoint files are created with the mode of the image they follow.
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_chmod,
 ];
 
 /// What vsock / guest-agent threads add: host-side Unix sockets.
@@ -65,6 +69,7 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_socketpair,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
+    libc::SYS_chmod,
     libc::SYS_pipe2,
 ];
 
