@@ -417,9 +417,9 @@ mod tests {
         ]);
         assert_eq!(devices(&run).unwrap(), vec![Device::Kvm]);
         assert_eq!(inputs(&run), vec![PathBuf::from("/d.qcow2")]);
-        let run = strings(&["run", "--kernel=/k", "--disk=id=x,path=/vm/d.raw"]);
+        let linux = strings(&["run", "--kernel=/k", "--disk=id=x,path=/vm/d.raw"]);
         assert_eq!(
-            inputs(&run),
+            inputs(&linux),
             vec![PathBuf::from("/k"), PathBuf::from("/vm/d.raw")]
         );
         let lazy = strings(&["restore", "s3://b/p/n", "--cache", "/c"]);
@@ -430,6 +430,8 @@ mod tests {
             host: "/h".into(),
             jail: "/vm".into(),
         }];
+        assert!(check_inputs_placed(&linux, &placed).is_err(), "/k is not placed");
+        let run = strings(&["run", "--disk", "path=/vm/d.qcow2"]);
         assert!(check_inputs_placed(&run, &placed).is_ok());
         let missing = strings(&["run", "--disk", "path=/other.qcow2"]);
         assert!(check_inputs_placed(&missing, &placed).is_err());
