@@ -430,7 +430,10 @@ mod tests {
             host: "/h".into(),
             jail: "/vm".into(),
         }];
-        assert!(check_inputs_placed(&linux, &placed).is_err(), "/k is not placed");
+        assert!(
+            check_inputs_placed(&linux, &placed).is_err(),
+            "/k is not placed"
+        );
         let run = strings(&["run", "--disk", "path=/vm/d.qcow2"]);
         assert!(check_inputs_placed(&run, &placed).is_ok());
         let missing = strings(&["run", "--disk", "path=/other.qcow2"]);

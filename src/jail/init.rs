@@ -78,7 +78,15 @@ fn setup(spec: &JailSpec, layout: &Layout, cgroup: Option<&Cgroup>) -> Result<()
             let _ = nix::unistd::close(null);
         }
     }
-    privileges::drop_to(spec.uid, spec.gid)
+    privileges::drop_to(spec.uid, spec.gid)?;
+    if !spec.daemonize {
+        // A foreground jail ends with its jailer, even one killed by SIGKILL: the kernel
+        // forces this signal on a namespace's PID 1 as it comes from an ancestor namespace.
+        // (Set after the credential change, which clears it.)
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Execs the jailed `snapvmm`; returns only with the reason it could not.
