@@ -81,7 +81,6 @@ pub fn prepare(spec: &JailSpec, binary: &Path, libraries: &[PathBuf]) -> Result<
         .mode(0o700)
         .create(&root)
         .map_err(|e| error("creating", &root, e))?;
-    chown(&root, Some(spec.uid), Some(spec.gid)).map_err(|e| error("chown", &root, e))?;
 
     let mut layout = Layout::default();
     place(&root, binary, Path::new(JAILED_BINARY), true, &mut layout)?;
@@ -111,6 +110,9 @@ pub fn prepare(spec: &JailSpec, binary: &Path, libraries: &[PathBuf]) -> Result<
         device_node(&root, Path::new(device), spec.uid, spec.gid)?;
     }
     make_dir(&root.join("proc"), 0o555)?;
+    // Given to the VMM's user last: until now no process of that user on the host could
+    // swap a directory of the jail for a symbolic link under the jailer's mknod and links.
+    chown(&root, Some(spec.uid), Some(spec.gid)).map_err(|e| error("chown", &root, e))?;
     Ok(layout)
 }
 
