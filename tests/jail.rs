@@ -369,19 +369,28 @@ fn sandbox_options_confine_an_embedders_vm() {
             mine.contains("Seccomp:\t2"),
             "the starting thread is not filtered"
         );
-        let threads: Vec<(String, String)> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .map(|t| t.unwrap().path())
-            .map(|t| {
-                let read = |name| std::fs::read_to_string(t.join(name)).unwrap_or_default();
-                (read("comm").trim().to_string(), read("status"))
-            })
-            .collect();
+        // A thread names itself once it runs: look until both have.
+        let deadline = Instant::now() + TIMEOUT;
+        let threads = loop {
+            let threads: Vec<(String, String)> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .map(|t| t.unwrap().path())
+                .map(|t| {
+                    let read = |name| std::fs::read_to_string(t.join(name)).unwrap_or_default();
+                    (read("comm").trim().to_string(), read("status"))
+                })
+                .collect();
+            let named = |name: &str| threads.iter().any(|(comm, _)| comm == name);
+            if (named("vcpu0") && named("spawner")) || Instant::now() > deadline {
+                break threads;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         for name in ["vcpu0", "spawner"] {
             let (_, status) = threads
                 .iter()
                 .find(|(comm, _)| comm == name)
-                .unwrap_or_else(|| panic!("no {name} thread: {threads:?}"));
+                .unwrap_or_else(|| panic!("no {name} thread"));
             assert!(status.contains("Seccomp:\t2"), "{name} is not filtered");
         }
         sandbox.stop().unwrap();
