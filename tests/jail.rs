@@ -8,7 +8,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use test_support::require::{have_kvm, skip, Need};
@@ -35,6 +35,8 @@ fn can_jail(test: &str) -> bool {
 struct Jail {
     child: Child,
     root: PathBuf,
+    /// The jailer's stderr, beside the jails (a file: a pipe nobody reads could fill).
+    log: PathBuf,
 }
 
 impl Jail {
@@ -47,33 +49,36 @@ impl Jail {
         for file in files {
             jailer.arg("--file").arg(file);
         }
+        let log = base.join(format!("{id}.stderr"));
         let child = jailer
             .arg("--")
             .args(command)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn snapvmm jail");
         let mut jail = Jail {
             child,
             root: base.join("snapvmm").join(id).join("root"),
+            log,
         };
         let deadline = Instant::now() + TIMEOUT;
         while std::os::unix::net::UnixStream::connect(jail.socket()).is_err() {
             if let Some(status) = jail.child.try_wait().unwrap() {
-                let output =
-                    std::mem::replace(&mut jail.child, Command::new("true").spawn().unwrap())
-                        .wait_with_output()
-                        .unwrap();
                 panic!(
                     "snapvmm jail {id} ended early ({status}): {}",
-                    String::from_utf8_lossy(&output.stderr)
+                    jail.stderr()
                 );
             }
             assert!(Instant::now() < deadline, "no API socket in jail {id}");
             std::thread::sleep(Duration::from_millis(20));
         }
         jail
+    }
+
+    /// What the jailer (and the VMM) wrote on stderr.
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn socket(&self) -> PathBuf {
@@ -106,8 +111,12 @@ impl Jail {
             assert!(Instant::now() < deadline, "the jail did not end");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        child.wait_with_output().unwrap()
+        let status = self.child.wait().unwrap();
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: self.stderr().into_bytes(),
+        }
     }
 }
 
