@@ -270,16 +270,18 @@ fn interpreter(binary: &Path) -> Result<Option<PathBuf>, String> {
     use object::read::elf::{ElfFile64, ProgramHeader};
     use std::os::unix::ffi::OsStrExt;
 
-    let data = std::fs::read(binary).map_err(|e| error("reading", binary, e))?;
-    let elf =
-        ElfFile64::<object::Endianness>::parse(&*data).map_err(|e| error("parsing", binary, e))?;
+    // Read on demand: only the headers are needed, not the whole (debug-sized) binary.
+    let file = File::open(binary).map_err(|e| error("reading", binary, e))?;
+    let data = object::ReadCache::new(file);
+    let elf = ElfFile64::<object::Endianness, _>::parse(&data)
+        .map_err(|e| error("parsing", binary, e))?;
     let endian = elf.endian();
     for header in elf.elf_program_headers() {
         if header.p_type(endian) != object::elf::PT_INTERP {
             continue;
         }
         let bytes = header
-            .data(endian, &*data)
+            .data(endian, &data)
             .map_err(|_| error("parsing", binary, "bad PT_INTERP"))?;
         let bytes = bytes.split(|b| *b == 0).next().unwrap_or_default();
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(bytes));
