@@ -15,6 +15,7 @@ mod confine;
 mod ctl;
 mod demo;
 mod img;
+mod jail;
 mod restore;
 mod run;
 mod serve;
@@ -58,6 +59,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Snapshots in an S3-compatible store: push, pull, ls, rm, gc.
     Snapshot(store::SnapshotArgs),
+    /// Run `run`, `restore` or `vhost-user-blk` confined: namespaces, a chroot, no privileges.
+    Jail(jail::JailArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Clone(args) => clone::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Snapshot(args) => store::main(args),
+        Command::Jail(args) => jail::main(args),
     };
     ExitCode::from(code)
 }

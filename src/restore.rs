@@ -138,6 +138,8 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
     let options = SandboxOptions {
         snapshot_metadata: args.snapshot_metadata.clone(),
         guest_agent,
+        // Confined by `--seccomp` (`ConfineArgs::apply`) before the VM is built.
+        confinement: None,
     };
     let sandbox = Sandbox::with_vmm(vm, &options).map_err(text)?;
     if !args.paused {

@@ -215,6 +215,8 @@ fn run_with_api(config: &VmConfig, api: &ApiConfig, socket: &Path) -> Result<Exi
     let options = SandboxOptions {
         snapshot_metadata: api.snapshot_metadata.clone(),
         guest_agent: api.guest_agent.clone(),
+        // Confined by `--seccomp` (`ConfineArgs::apply`) before the sandbox starts.
+        confinement: None,
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
     crate::store::install_exporter(&sandbox);
@@ -227,6 +229,8 @@ fn run_without_api(config: &VmConfig, api: &ApiConfig) -> Result<ExitReason, Str
     let options = SandboxOptions {
         snapshot_metadata: api.snapshot_metadata.clone(),
         guest_agent: api.guest_agent.clone(),
+        // Confined by `--seccomp` (`ConfineArgs::apply`) before the sandbox starts.
+        confinement: None,
     };
     let sandbox = Sandbox::start(config, &options).map_err(|e| e.to_string())?;
     crate::confine::trigger();

@@ -15,6 +15,7 @@ use snapshot::vm_state::VmState;
 
 use crate::builder::Vmm;
 use crate::config::VmConfig;
+use crate::confine::{Confinement, ThreadKind};
 use crate::control::{Control, Disk, VmMachine};
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
@@ -33,6 +34,12 @@ pub struct SandboxOptions {
     pub snapshot_metadata: Option<PathBuf>,
     /// The guest agent quiesced snapshots freeze the guest through (`--guest-agent`).
     pub guest_agent: Option<crate::agent::AgentEndpoint>,
+    /// Seccomp confinement, applied by [`Sandbox::start`] and [`Sandbox::restore`] before the
+    /// VM is built: the process is configured ([`crate::confine::configure`]) and the calling
+    /// thread becomes the confined control thread ([`ThreadKind::Main`]) for the rest of its
+    /// life; every thread the VMM starts confines itself by kind. `None` leaves the process as
+    /// it is (an embedder that confines itself, or none).
+    pub confinement: Option<Confinement>,
 }
 
 /// A running VM and its [`Control`].
@@ -50,6 +57,7 @@ impl Sandbox {
     /// refuses a disk (an image a snapshot froze, given as writable) stops the VM before the
     /// guest could write a byte into it.
     pub fn start(config: &VmConfig, options: &SandboxOptions) -> Result<Self> {
+        confine(options)?;
         let sandbox = Sandbox::with_vmm(Vmm::start_paused(config)?, options)?;
         sandbox.vmm.pause_gate().resume();
         Ok(sandbox)
@@ -76,6 +84,7 @@ impl Sandbox {
         options: &SandboxOptions,
         restore: crate::checkpoint::RestoreOptions,
     ) -> Result<Self> {
+        confine(options)?;
         // Held until the tree has opened, as in `start`: a refused disk never sees a write.
         let sandbox = Sandbox::with_vmm(Vmm::restore_with(dir, serial, true, restore)?, options)?;
         if !paused {
@@ -148,6 +157,26 @@ impl Sandbox {
         self.vmm.exit_handle().request(ExitReason::Stopped);
         self.wait()
     }
+}
+
+thread_local! {
+    /// Whether this thread has entered its [`ThreadKind::Main`] filter through a sandbox: a
+    /// second sandbox started on it does not stack the same filter again.
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Applies `options.confinement` to the process and the calling thread.
+fn confine(options: &SandboxOptions) -> Result<()> {
+    let Some(confinement) = options.confinement else {
+        return Ok(());
+    };
+    let failed = |e: crate::confine::ConfineError| Error::Config(format!("confinement: {e}"));
+    crate::confine::configure(confinement).map_err(failed)?;
+    if !CONFINED.get() {
+        crate::confine::enter(ThreadKind::Main).map_err(failed)?;
+        CONFINED.set(true);
+    }
+    Ok(())
 }
 
 /// Opens the snapshot tree over `vmm`'s writable disks (none without one): metadata in

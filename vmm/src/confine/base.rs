@@ -182,7 +182,7 @@ pub(super) fn ioctl_rules(requests: &[libc::c_ulong]) -> Result<Vec<SeccompRule>
                 1,
                 SeccompCmpArgLen::Dword,
                 SeccompCmpOp::Eq,
-                request as u64,
+                request,
             )?])
         })
         .collect()
