@@ -90,7 +90,6 @@ fn check_config(config: &VmConfig) -> Result<u64> {
 fn assemble(
     config: &VmConfig,
     memory: &GuestMemoryMmap,
-    vm: Vm,
     serial: Box<dyn Write + Send>,
     exit: &ExitHandle,
     tops: Option<Vec<Arc<dyn storage::BlockDevice>>>,
@@ -114,6 +113,7 @@ fn assemble(
                 .collect()
         }
     };
+    let vm = Vm::new(memory)?;
 
     let mut buses = IoBuses::default();
     let trigger = IrqTrigger::new()?;
@@ -331,8 +331,7 @@ impl Vmm {
         }
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
-        let vm = Vm::new(&memory)?;
-        let assembled = assemble(config, &memory, vm, serial, &exit, None)?;
+        let assembled = assemble(config, &memory, serial, &exit, None)?;
         let mmio = mmio_devices(&assembled);
 
         regs::write_boot_tables(&memory)?;
@@ -430,14 +429,6 @@ impl Vmm {
         paused: bool,
         options: RestoreOptions,
     ) -> Result<Self> {
-        // KVM's VM, interrupt controllers and PIT need nothing from the checkpoint and take
-        // longer than reading it (SRCU grace periods, the PIT's kernel thread): built on
-        // another thread meanwhile. On an early error the handle is dropped and the thread
-        // drops its VM.
-        let early_vm = std::thread::Builder::new()
-            .name("vm-create".into())
-            .spawn(Vm::without_memory)
-            .map_err(|e| Error::Config(format!("starting the VM-creating thread: {e}")))?;
         let paged = match &options.memory {
             MemorySource::Files => None,
             MemorySource::Pager { source, .. } => Some(paged_data_pages(dir, source.as_ref())?),
@@ -461,14 +452,7 @@ impl Vmm {
         };
         // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
         // the restore in the pagemap (see `memory::persist::written_since_mapped`).
-        let vm = early_vm
-            .join()
-            .map_err(|_| Error::Config("the VM-creating thread panicked".into()))??;
-        vm.set_memory(&memory)?;
-        // The file is mapped over the fresh RAM now, while the disks and devices are built:
-        // the RAM is this restore's own, so a failed check further on only drops it.
-        loaded.load_memory(&memory)?;
-        let mut assembled = assemble(&config, &memory, vm, serial, &exit, options.disks)?;
+        let mut assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
         assembled.pager = pager;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
@@ -476,6 +460,7 @@ impl Vmm {
         }
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
         loaded.apply_new(
+            &memory,
             &assembled.attached,
             RestoreTarget {
                 vm: &assembled.vm,

@@ -59,18 +59,9 @@ impl Vm {
     /// As [`Vm::new`], with KVM's dirty page log on from the start when `log_dirty` (cheaper
     /// than turning it on later, which rebuilds every memory slot).
     pub fn with_dirty_logging(memory: &GuestMemoryMmap, log_dirty: bool) -> Result<Self> {
-        let vm = Self::without_memory()?;
-        set_memory_slots(&vm.fd, memory, log_dirty)?;
-        Ok(vm)
-    }
-
-    /// A VM with its interrupt controllers and PIT but no RAM yet: everything of building a
-    /// VM that does not depend on its memory. These ioctls wait for SRCU grace periods and
-    /// for the PIT's kernel thread (0.2 to several ms), so a restore runs this on another
-    /// thread while it reads the checkpoint, then adds the RAM with [`Vm::set_memory`].
-    pub fn without_memory() -> Result<Self> {
         let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        set_memory_slots(&fd, memory, log_dirty)?;
         // Intel VMX needs three pages for the real-mode TSS; harmless elsewhere.
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
@@ -88,12 +79,6 @@ impl Vm {
     /// The KVM system handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
-    }
-
-    /// Gives a VM from [`Vm::without_memory`] its RAM (dirty logging off), before any vCPU
-    /// runs.
-    pub fn set_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
-        set_memory_slots(&self.fd, memory, false)
     }
 
     /// Turns KVM's dirty page logging on or off for every memory slot.

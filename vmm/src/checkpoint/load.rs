@@ -239,7 +239,7 @@ impl LoadedCheckpoint {
     }
 
     /// Loads memory: the full checkpoint mapped, then each diff's pages copied in.
-    pub(crate) fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+    fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
         if self.paged.is_some() {
             // The pager fills RAM on demand; only the layout must fit.
             return memory_persist::check_layout(memory, &self.layout()).map_err(Error::Memory);
@@ -262,11 +262,11 @@ impl LoadedCheckpoint {
         memory.restore(&layers, &self.layout())
     }
 
-    /// Loads the machine state into a VM just built for it ([`crate::Vmm::restore`]), whose
-    /// RAM [`LoadedCheckpoint::load_memory`] has already filled; the devices are left
-    /// quiesced for the caller to resume once the vCPUs exist.
+    /// Loads everything into a VM just built for it ([`crate::Vmm::restore`]); the devices
+    /// are left quiesced for the caller to resume once the vCPUs exist.
     pub(crate) fn apply_new(
         &self,
+        memory: &GuestMemoryMmap,
         disks: &[AttachedDisk],
         target: RestoreTarget<'_>,
     ) -> Result<()> {
@@ -286,6 +286,7 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
+        self.load_memory(memory)?;
         self.machine.restore_into(target, true)
     }
 }
