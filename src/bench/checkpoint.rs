@@ -50,12 +50,20 @@ pub fn run(bench: &mut Bench) {
         let [idle, dirty, plain, pause, restore, process, revert] = figures;
         bench.step(format!("checkpoint save, {mib} MiB guest"));
         let saves = bench.samples(3, 10);
-        let r = save(&dir, mib, false, saves);
+        let r = save(&dir, mib, false, saves).map(|(saves, _)| saves);
         bench.record(idle, r);
-        let r = save(&dir, mib, true, saves);
-        bench.record(dirty, r);
-        let r = (0..saves).map(|_| plain_write(&dir, mib)).collect();
-        bench.record(plain, r);
+        // The dirty saves and the plain writes alternate, so that a disk or a neighbour
+        // changing speed during the run weighs on both sides alike.
+        match save(&dir, mib, true, saves) {
+            Ok((saves, plains)) => {
+                bench.record(dirty, Ok(saves));
+                bench.record(plain, Ok(plains));
+            }
+            Err(e) => {
+                bench.record(dirty, Err(e.clone()));
+                bench.record(plain, Err(e));
+            }
+        }
         bench.step(format!("live checkpoint pause, {mib} MiB guest"));
         let r = live_pause(&dir, mib, bench.samples(10, 100));
         bench.record(pause, r);
@@ -180,18 +188,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `count` full checkpoints of a paused guest; ms each.
-fn save(dir: &Path, mib: u64, dirty: bool, count: usize) -> Result<Vec<f64>, String> {
+/// `count` full checkpoints of a paused counter guest, ms each; with `dirty`, of a fully
+/// dirtied one, each followed by a plain write of as many bytes (ms each, second list).
+fn save(dir: &Path, mib: u64, dirty: bool, count: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
     let vm = counter_vm(mib)?;
     let result = (|| {
         vm.pause_gate()
             .pause(Duration::from_secs(10))
             .map_err(|e| format!("pausing: {e}"))?;
+        // The plain writer's bytes: as many as the guest's RAM and, like them, not in cache.
+        let mut plain_bytes = Vec::new();
         if dirty {
             dirty_all(&vm)?;
+            plain_bytes = (0..(mib << 20) as usize)
+                .map(|i| (i >> 12) as u8 | 1)
+                .collect();
         }
         let target = dir.join("save");
         let mut samples = Vec::with_capacity(count);
+        let mut plains = Vec::with_capacity(count);
         for _ in 0..count {
             // A checkpoint never overwrites one: clear the last (untimed).
             let _ = std::fs::remove_dir_all(&target);
@@ -200,29 +215,28 @@ fn save(dir: &Path, mib: u64, dirty: bool, count: usize) -> Result<Vec<f64>, Str
                 .checkpoint(&target, CheckpointOptions::default())
                 .map_err(|e| format!("checkpoint to {}: {e}", target.display()))?;
             samples.push(ms(start.elapsed()));
+            if dirty {
+                plains.push(plain_write(dir, &plain_bytes)?);
+            }
         }
         let _ = std::fs::remove_dir_all(&target);
         vm.pause_gate().resume();
-        Ok(samples)
+        Ok((samples, plains))
     })();
     with_vm(vm, result)
 }
 
-/// Create, write `mib` MiB in 8 MiB pieces, fsync, rename; ms.
-fn plain_write(dir: &Path, mib: u64) -> Result<f64, String> {
-    let piece: Vec<u8> = (0..8usize << 20).map(|i| (i >> 12) as u8 | 1).collect();
+/// Create, write `bytes` in 8 MiB pieces, fsync, rename; ms.
+fn plain_write(dir: &Path, bytes: &[u8]) -> Result<f64, String> {
     let tmp = dir.join("plain.tmp");
     let path = dir.join("plain");
     let _ = std::fs::remove_file(&path);
     let start = Instant::now();
     let mut file =
         std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    let mut left = mib << 20;
-    while left > 0 {
-        let len = piece.len().min(left as usize);
-        file.write_all(&piece[..len])
+    for piece in bytes.chunks(8 << 20) {
+        file.write_all(piece)
             .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        left -= len as u64;
     }
     file.sync_all()
         .map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
