@@ -4,7 +4,7 @@
 //! thread the VMM creates calls [`enter`] with its [`ThreadKind`] before it touches guest state;
 //! the filter for that kind (built with rust-vmm's `seccompiler`, no hand-written BPF) is installed
 //! on that thread only. Filters stack: a thread spawned by a confined thread keeps its parent's
-//! filter as well as its own, so every kind's allow-list is the shared [`base`] list plus the
+//! filter as well as its own, so every kind's allow-list is the shared base list plus the
 //! kind's extras, and what a kind may do is never wider than what its spawner may do.
 //!
 //! Embedders opt in with [`configure`] (the `snapvmm` binary does so for `run`, `restore`, `clone`
