@@ -302,7 +302,7 @@ mod tree_crash {
     use snapshot::tree::{DeleteOptions, SnapshotTree, TakeOptions};
     use snapshot::vm_state::{VmState, VmStateError};
     use storage::{LiveDisk, OpenOptions};
-    use test_support::qemu::assert_check_consistent;
+    use test_support::qemu::assert_consistent_as_next_open_leaves;
     use test_support::require::have_qemu;
 
     const SIZE: u64 = 1 << 20;
@@ -522,8 +522,10 @@ mod tree_crash {
             assert!(image.exists(), "{what}: {} is missing", image.display());
         }
         if have_qemu("tree crash trials") {
+            // A crash inside an internal snapshot operation leaves the dirty bit, which makes
+            // the next writable open rebuild refcounts and COPIED flags: check what it leaves.
             for file in qcow2_files(dir) {
-                assert_check_consistent(&file);
+                assert_consistent_as_next_open_leaves(what, &file);
             }
         }
         // Every snapshot holds what it was taken with.
