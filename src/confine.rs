@@ -43,8 +43,7 @@ impl ConfineArgs {
             SeccompFlag::Kill => SeccompMode::Kill,
         };
         TRIGGER.store(self.debug_forbidden_syscall, Ordering::Relaxed);
-        vmm::confine::configure(Confinement { seccomp }).map_err(|e| e.to_string())?;
-        vmm::confine::enter(ThreadKind::Main).map_err(|e| e.to_string())
+        vmm::confine::confine_process(Confinement { seccomp }).map_err(|e| e.to_string())
     }
 }
 
@@ -54,20 +53,18 @@ pub fn trigger() {
     if !TRIGGER.load(Ordering::Relaxed) {
         return;
     }
-    {
-        let _ = std::thread::Builder::new()
-            .name("forbidden".into())
-            .spawn(|| {
-                vmm::confine::enter_or_abort(ThreadKind::BlockWorker);
-                eprintln!("snapvmm: debug: calling socket(2) from a block-worker thread");
-                // SAFETY: socket(2) with constant arguments; a descriptor it returns is closed.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-                if fd >= 0 {
-                    // SAFETY: closes the descriptor just created, owned by nobody else.
-                    unsafe { libc::close(fd) };
-                }
-                eprintln!("snapvmm: debug: socket(2) returned {fd}: still alive");
-            })
-            .map(|handle| handle.join());
-    }
+    let _ = std::thread::Builder::new()
+        .name("forbidden".into())
+        .spawn(|| {
+            vmm::confine::enter_or_abort(ThreadKind::BlockWorker);
+            eprintln!("snapvmm: debug: calling socket(2) from a block-worker thread");
+            // SAFETY: socket(2) with constant arguments; a descriptor it returns is closed.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+            if fd >= 0 {
+                // SAFETY: closes the descriptor just created, owned by nobody else.
+                unsafe { libc::close(fd) };
+            }
+            eprintln!("snapvmm: debug: socket(2) returned {fd}: still alive");
+        })
+        .map(|handle| handle.join());
 }

@@ -14,19 +14,17 @@
 //! The methods of `cargo bench --bench checkpoint`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmm::{CheckpointOptions, Vmm};
 
 use super::counter_guest::{counter_vm, dirty_all, live_checkpoint};
 use super::model::{Figure, Status};
+use super::process::restore_until_api;
 use super::Bench;
 
 const FAMILY: &str = "Checkpoints";
-/// How long a whole-process restore may take to answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Measures the family for every memory size.
 pub fn run(bench: &mut Bench) {
@@ -283,16 +281,6 @@ fn restore_in_process(target: &Path, count: usize) -> Result<Vec<f64>, String> {
         .collect()
 }
 
-/// A child `snapvmm restore`, killed when dropped.
-struct Restored(Child);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `count` whole-process restores: exec to the API's first answer; ms each.
 fn restore_process(
     exe: &Path,
@@ -301,46 +289,7 @@ fn restore_process(
     count: usize,
 ) -> Result<Vec<f64>, String> {
     (0..count)
-        .map(|n| {
-            let socket: PathBuf = dir.join(format!("api{n}.sock"));
-            let client = snapvmm_api::ApiClient::new(&socket)
-                .map_err(|e| format!("API client runtime: {e}"))?;
-            let start = Instant::now();
-            let child = Command::new(exe)
-                .arg("restore")
-                .arg(target)
-                .arg("--api-socket")
-                .arg(&socket)
-                .args(["--serial", "null"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("starting {} restore: {e}", exe.display()))?;
-            let mut child = Restored(child);
-            loop {
-                if let Ok(answer) = client.raw("GET", "/vm", &[]) {
-                    if answer.status == 200 {
-                        break;
-                    }
-                    return Err(format!(
-                        "GET /vm answered {}: {}",
-                        answer.status, answer.body
-                    ));
-                }
-                if let Ok(Some(status)) = child.0.try_wait() {
-                    return Err(format!("snapvmm restore exited early: {status}"));
-                }
-                if start.elapsed() > ANSWER_TIMEOUT {
-                    return Err(format!("the API did not answer in {ANSWER_TIMEOUT:?}"));
-                }
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            let took = ms(start.elapsed());
-            drop(child);
-            let _ = std::fs::remove_file(&socket);
-            Ok(took)
-        })
+        .map(|n| restore_until_api(exe, target, &dir.join(format!("api{n}.sock")), &[]))
         .collect()
 }
 

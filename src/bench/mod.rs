@@ -33,6 +33,7 @@ mod load;
 mod machine;
 mod micro_guest;
 mod model;
+mod process;
 mod qemu_live;
 mod qmp;
 mod qsd;

@@ -4,18 +4,19 @@
 //! the API, and a whole-process `snapvmm restore` of that checkpoint to its API answering.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use snapvmm_api::ApiClient;
 
 use super::model::{Figure, Status};
+use super::process::{restore_until_api, wait_api, Process};
 use super::Bench;
 
 const FAMILY: &str = "Seccomp";
-/// How long a VM may take to serve its API or print its next line.
+/// How long the guest may stay silent.
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest's disk: every cluster allocated, as the other io-bench figures use it.
 const DISK_SIZE: u64 = 16 << 20;
@@ -124,38 +125,6 @@ fn figures(mode: &str) -> [Figure; 3] {
     ]
 }
 
-/// A `snapvmm` child process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until the API on `client` answers GET /vm with 200.
-fn wait_api(client: &ApiClient, child: &mut Process, start: Instant) -> Result<(), String> {
-    loop {
-        if let Ok(answer) = client.raw("GET", "/vm", &[]) {
-            if answer.status == 200 {
-                return Ok(());
-            }
-            return Err(format!(
-                "GET /vm answered {}: {}",
-                answer.status, answer.body
-            ));
-        }
-        if let Ok(Some(status)) = child.0.try_wait() {
-            return Err(format!("snapvmm exited early: {status}"));
-        }
-        if start.elapsed() > TIMEOUT {
-            return Err(format!("the API did not answer in {TIMEOUT:?}"));
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
 /// One `snapvmm run` of io-bench in `mode` on an overlay of the shared disk: its I/O rate over
 /// `window`, one checkpoint save (ms), and a whole-process restore of it (ms).
 fn one_round(
@@ -203,7 +172,12 @@ fn one_round(
         ));
     }
     drop(child);
-    let restore = restore_process(exe, dir, &target, mode)?;
+    let restore = restore_until_api(
+        exe,
+        &target,
+        &dir.join("restored.sock"),
+        &["--seccomp", mode],
+    )?;
     Ok([rate, save, restore])
 }
 
@@ -257,26 +231,4 @@ fn io_rate(lines: &Receiver<(Instant, String)>, window: Duration) -> Result<f64,
             return Ok(ops as f64 / elapsed.as_secs_f64());
         }
     }
-}
-
-/// Exec of `snapvmm restore` of `target` in `mode` until its API answers; ms.
-fn restore_process(exe: &Path, dir: &Path, target: &Path, mode: &str) -> Result<f64, String> {
-    let socket: PathBuf = dir.join("restored.sock");
-    let client = ApiClient::new(&socket).map_err(|e| format!("API client runtime: {e}"))?;
-    let start = Instant::now();
-    let mut child = Process(
-        Command::new(exe)
-            .arg("restore")
-            .arg(target)
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(["--serial", "null", "--seccomp", mode])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting {} restore: {e}", exe.display()))?,
-    );
-    wait_api(&client, &mut child, start)?;
-    Ok(start.elapsed().as_secs_f64() * 1e3)
 }

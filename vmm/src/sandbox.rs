@@ -15,7 +15,7 @@ use snapshot::vm_state::VmState;
 
 use crate::builder::Vmm;
 use crate::config::VmConfig;
-use crate::confine::{Confinement, ThreadKind};
+use crate::confine::Confinement;
 use crate::control::{Control, Disk, VmMachine};
 use crate::error::{Error, Result};
 use crate::exit::{ExitHandle, ExitReason};
@@ -159,24 +159,13 @@ impl Sandbox {
     }
 }
 
-thread_local! {
-    /// Whether this thread has entered its [`ThreadKind::Main`] filter through a sandbox: a
-    /// second sandbox started on it does not stack the same filter again.
-    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 /// Applies `options.confinement` to the process and the calling thread.
 fn confine(options: &SandboxOptions) -> Result<()> {
     let Some(confinement) = options.confinement else {
         return Ok(());
     };
-    let failed = |e: crate::confine::ConfineError| Error::Config(format!("confinement: {e}"));
-    crate::confine::configure(confinement).map_err(failed)?;
-    if !CONFINED.get() {
-        crate::confine::enter(ThreadKind::Main).map_err(failed)?;
-        CONFINED.set(true);
-    }
-    Ok(())
+    crate::confine::confine_process(confinement)
+        .map_err(|e| Error::Config(format!("confinement: {e}")))
 }
 
 /// Opens the snapshot tree over `vmm`'s writable disks (none without one): metadata in

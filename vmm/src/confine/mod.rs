@@ -131,6 +131,25 @@ pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
     Ok(())
 }
 
+thread_local! {
+    /// Whether this thread entered its [`ThreadKind::Main`] filter through [`confine_process`]:
+    /// a second call on it (a second sandbox) does not stack the same filter again.
+    static MAIN_ENTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Configures the process's confinement ([`configure`]) and confines the calling thread as
+/// the control thread ([`ThreadKind::Main`]) for the rest of its life, once per thread; the
+/// threads the VMM starts later confine themselves by kind. What the binary's `--seccomp` and
+/// an embedder's `SandboxOptions::confinement` both do before a VM is built.
+pub fn confine_process(confinement: Confinement) -> Result<(), ConfineError> {
+    configure(confinement)?;
+    if !MAIN_ENTERED.get() {
+        enter(ThreadKind::Main)?;
+        MAIN_ENTERED.set(true);
+    }
+    Ok(())
+}
+
 /// Confines the calling thread or, when that fails, ends the process: a thread that was asked to
 /// be confined never runs unconfined (fail closed).
 pub fn enter_or_abort(kind: ThreadKind) {
