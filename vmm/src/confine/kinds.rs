@@ -116,11 +116,10 @@ pub(super) fn rules(kind: ThreadKind) -> Result<Rules, BackendError> {
                 rules.insert(libc::SYS_mprotect, Vec::new());
             }
         }
-        // vCPUs run the guest and emulate MMIO/PIO; device activation on a vCPU spawns the
-        // block workers (clone is in the base list).
-        // Device activation runs on a vCPU and starts the device threads, which inherit its
-        // filter: the vsock device's thread accepts guest-agent connections on a socket it was
-        // handed (accept only; a vCPU still cannot create or connect a socket).
+        // vCPUs run the guest and emulate MMIO/PIO. Device activation runs on a vCPU and starts
+        // the device threads (clone is in the base list), which inherit its filter: the vsock
+        // device's thread accepts guest-agent connections on a socket it was handed (accept
+        // only; a vCPU still cannot create or connect a socket).
         ThreadKind::Vcpu => {
             kvm_ioctls(&mut rules)?;
             allow(&mut rules, &[libc::SYS_accept4]);
