@@ -35,10 +35,11 @@ pub struct SandboxOptions {
     /// The guest agent quiesced snapshots freeze the guest through (`--guest-agent`).
     pub guest_agent: Option<crate::agent::AgentEndpoint>,
     /// Seccomp confinement, applied by [`Sandbox::start`] and [`Sandbox::restore`] before the
-    /// VM is built: the process is configured ([`crate::confine::configure`]) and the calling
-    /// thread becomes the confined control thread ([`ThreadKind::Main`]) for the rest of its
-    /// life; every thread the VMM starts confines itself by kind. `None` leaves the process as
-    /// it is (an embedder that confines itself, or none).
+    /// VM is built ([`crate::confine::confine_process`]): the process is configured and the
+    /// calling thread becomes the confined control thread
+    /// ([`crate::confine::ThreadKind::Main`]) for the rest of its life; every thread the VMM
+    /// starts confines itself by kind. `None` leaves the process as it is (an embedder that
+    /// confines itself, or none).
     pub confinement: Option<Confinement>,
 }
 
