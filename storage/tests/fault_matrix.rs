@@ -12,6 +12,7 @@ use std::process::Command;
 use storage::fault::{self, Fault, FaultPlan};
 use storage::qcow2::{create, CreateOptions, Qcow2Image};
 use storage::{BlockDevice, OpenOptions};
+use test_support::qemu::dirty_bit;
 
 const SIZE: u64 = 4 << 20;
 /// Small clusters: an L2 table covers 2 MiB, so the disk has two and a write can need a new
@@ -50,13 +51,6 @@ fn qemu_check(path: &Path) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// Whether the image's header has the dirty bit (refcounts to be rebuilt at the next
-/// writable open).
-fn dirty_bit(path: &Path) -> bool {
-    let bytes = std::fs::read(path).expect("read image");
-    bytes.get(72..80).is_some_and(|b| b[7] & 1 != 0)
 }
 
 /// The guest-visible contents the test writes: `pattern` over clusters `from..to`.

@@ -196,8 +196,13 @@ pub fn assert_check_clean(path: &Path) {
 /// rebuilt at the next writable open (QEMU's lazy-refcounts contract; what a crash or failure
 /// after an internal snapshot operation's commit point leaves).
 pub fn dirty_bit(path: &Path) -> bool {
-    let bytes = std::fs::read(path).expect("read image");
-    bytes.get(72..80).is_some_and(|b| b[7] & 1 != 0)
+    use std::os::unix::fs::FileExt;
+    // The header's big-endian incompatible-features field; a file too short to hold it has none.
+    const INCOMPATIBLE_FEATURES: u64 = 72;
+    let file = std::fs::File::open(path).expect("open image");
+    let mut field = [0u8; 8];
+    file.read_exact_at(&mut field, INCOMPATIBLE_FEATURES)
+        .is_ok_and(|()| u64::from_be_bytes(field) & storage::qcow2::header::INCOMPAT_DIRTY != 0)
 }
 
 /// Panics unless the qcow2 image, as its next writable open leaves it, has no corruption
