@@ -230,10 +230,14 @@ impl PreparedSnapshot {
                 )));
             }
             self.overlays.push(Arc::new(overlay));
-            // Flushed now, outside the critical section, so that the requests in flight when
-            // the switch drains them rarely have metadata write-back of their own to finish.
-            old_top.flush()?;
             self.old_tops.push(old_top);
+        }
+        // Flushed last, after every file is made and synced, so as close to the switch as
+        // `prepare` gets: the requests in flight when the switch drains them then rarely have
+        // metadata write-back of their own to finish, and no later sync of ours holds up the
+        // filesystem's journal while they run.
+        for old_top in &self.old_tops {
+            old_top.flush()?;
         }
         Ok(())
     }
