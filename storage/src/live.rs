@@ -4,6 +4,8 @@
 //! A [`LiveDisk`] owns the current top of a chain. Every request holds a shared lock on it
 //! for the duration of the I/O; [`LiveDisk::quiesce`] takes the lock exclusively, which waits
 //! for the requests in flight to drain and makes new ones wait until the guard is dropped.
+//! [`LiveDisk::quiesce_all`] does that for a set of disks as one hold: new requests stop on
+//! every disk before the drain of any begins.
 //! What happens under the guard (flush, swap the top, install a dirty bitmap) is therefore
 //! atomic with respect to the guest, and the stall it causes depends on the requests in
 //! flight and the metadata to flush, not on the size of the disk or of its caches.
@@ -662,7 +664,12 @@ mod tests {
                 end.recv().unwrap();
             }
         });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while second.gate.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second disk's gate stayed open while the first drained"
+            );
             std::thread::yield_now();
         }
 
@@ -710,7 +717,10 @@ mod tests {
         let closed_twice = a.gate.close();
         drop(outer);
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!writer.is_finished(), "a gate opened while a quiesce still held it");
+        assert!(
+            !writer.is_finished(),
+            "a gate opened while a quiesce still held it"
+        );
         drop(closed_twice);
         writer.join().unwrap();
         b.write_at(&[8; 16], 0).unwrap();
