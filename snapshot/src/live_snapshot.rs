@@ -2,9 +2,10 @@
 //! --disk-only --atomic`).
 //!
 //! 1. Outside the critical section: claim every disk, create each overlay file (qcow2,
-//!    backing = the disk's current top, backing format recorded), open it on top of the
-//!    live top, and flush every top.
-//! 2. Critical section, all disks quiesced (locked in a fixed order): run the caller's hook
+//!    backing = the disk's current top, backing format recorded, synced), open it on top of
+//!    the live top, and then flush every top.
+//! 2. Critical section, all disks quiesced as one hold (new requests stopped on every disk,
+//!    then the ones in flight drained, locks in a fixed order): run the caller's hook
 //!    (a memory checkpoint sees exactly these disk contents), switch every disk to its
 //!    overlay. Any failure up to here puts every disk back on its old top and removes every
 //!    file step 1 created.
@@ -230,10 +231,14 @@ impl PreparedSnapshot {
                 )));
             }
             self.overlays.push(Arc::new(overlay));
-            // Flushed now, outside the critical section, so that the requests in flight when
-            // the switch drains them rarely have metadata write-back of their own to finish.
-            old_top.flush()?;
             self.old_tops.push(old_top);
+        }
+        // Flushed last, after every file is made and synced, so as close to the switch as
+        // `prepare` gets: the requests in flight when the switch drains them then rarely have
+        // metadata write-back of their own to finish, and no later sync of ours holds up the
+        // filesystem's journal while they run.
+        for old_top in &self.old_tops {
+            old_top.flush()?;
         }
         Ok(())
     }

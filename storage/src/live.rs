@@ -4,6 +4,8 @@
 //! A [`LiveDisk`] owns the current top of a chain. Every request holds a shared lock on it
 //! for the duration of the I/O; [`LiveDisk::quiesce`] takes the lock exclusively, which waits
 //! for the requests in flight to drain and makes new ones wait until the guard is dropped.
+//! [`LiveDisk::quiesce_all`] does that for a set of disks as one hold: new requests stop on
+//! every disk before the drain of any begins.
 //! What happens under the guard (flush, swap the top, install a dirty bitmap) is therefore
 //! atomic with respect to the guest, and the stall it causes depends on the requests in
 //! flight and the metadata to flush, not on the size of the disk or of its caches.
@@ -33,10 +35,10 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::device::{check_range, Allocation, BlockDevice};
 use crate::error::{Error, Result};
@@ -74,6 +76,61 @@ pub struct LiveDisk {
     /// Former tops switched away from but maybe not yet flushed: a guest flush must cover
     /// the writes it made before the switch too. See [`Quiesced::retire`].
     retired: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// Holds new requests back from the moment a quiesce begins, before its drain.
+    gate: Gate,
+}
+
+/// The door in front of a disk's requests. A quiesce closes it first and only then waits for
+/// the requests in flight: [`LiveDisk::quiesce_all`] closes every disk's gate before it drains
+/// any, so the requests it waits for are the few in flight at that instant, drained side by
+/// side, instead of requests a writer keeps starting on the disks not yet locked (a guest
+/// writing its disks in turn stays one step ahead of a lock-one-disk-after-the-other drain).
+/// The request path pays one atomic load while the gate is open.
+struct Gate {
+    /// How many quiesces hold the gate closed (disk sets may overlap).
+    closed: AtomicU32,
+    lock: Mutex<()>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            closed: AtomicU32::new(0),
+            lock: Mutex::new(()),
+            opened: Condvar::new(),
+        }
+    }
+
+    /// Closes the gate until the returned guard drops.
+    fn close(&self) -> ClosedGate<'_> {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        ClosedGate(self)
+    }
+
+    /// Returns at once while the gate is open, else when it opens.
+    fn pass(&self) {
+        if self.closed.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut held = self.lock.lock();
+        // Checked under the mutex the opener notifies under: no wake-up is lost.
+        while self.closed.load(Ordering::SeqCst) != 0 {
+            self.opened.wait(&mut held);
+        }
+    }
+}
+
+/// A closed [`Gate`]; dropping it opens the gate (unless another quiesce holds it too).
+struct ClosedGate<'a>(&'a Gate);
+
+impl Drop for ClosedGate<'_> {
+    fn drop(&mut self) {
+        if self.0.closed.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _held = self.0.lock.lock();
+            self.0.opened.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -99,6 +156,7 @@ impl LiveDisk {
             }),
             owner: Mutex::new(None),
             retired: Mutex::new(Vec::new()),
+            gate: Gate::new(),
         })
     }
 
@@ -124,7 +182,7 @@ impl LiveDisk {
 
     /// Fills `buf` from guest offset `offset`, populating the top when copy-on-read is on.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let state = self.state.read();
+        let state = self.request();
         state.top.read_at(buf, offset)?;
         if let Some(cor) = state.copy_on_read {
             copy_up(&*state.top, cor, buf, offset);
@@ -134,7 +192,7 @@ impl LiveDisk {
 
     /// Writes `buf` at guest offset `offset` into the top.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let state = self.state.read();
+        let state = self.request();
         let result = state.top.write_at(buf, offset);
         // Marked after the write, even a failed one: a mirror must copy the range again
         // after any change it could have missed.
@@ -146,7 +204,7 @@ impl LiveDisk {
 
     /// Makes a range read as zeroes (see [`BlockDevice::write_zeroes`]).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let state = self.state.read();
+        let state = self.request();
         let result = state.top.write_zeroes(offset, len);
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -156,7 +214,7 @@ impl LiveDisk {
 
     /// Discards a range (see [`BlockDevice::discard`]).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let state = self.state.read();
+        let state = self.request();
         let result = state.top.discard(offset, len);
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -167,12 +225,19 @@ impl LiveDisk {
     /// A durability barrier (see [`BlockDevice::flush`]) on the current top, and on former
     /// tops still holding writes made before a switch.
     pub fn flush(&self) -> Result<()> {
-        let state = self.state.read();
+        let state = self.request();
         let retired: Vec<_> = self.retired.lock().clone();
         for old in &retired {
             old.flush()?;
         }
         state.top.flush()
+    }
+
+    /// The state a request runs against, held for the request's duration: past the gate,
+    /// shared with the other requests, excluding a quiesce.
+    fn request(&self) -> RwLockReadGuard<'_, State> {
+        self.gate.pass();
+        self.state.read()
     }
 
     /// Forgets former tops that are read-only now (sealed, hence flushed).
@@ -184,14 +249,19 @@ impl LiveDisk {
     /// guard is dropped. Do not issue I/O through this disk on the same thread meanwhile:
     /// use [`Quiesced::top`].
     pub fn quiesce(&self) -> Quiesced<'_> {
+        let gate = self.gate.close();
         Quiesced {
             disk: self,
             state: self.state.write(),
+            _gate: gate,
         }
     }
 
-    /// Quiesces every disk of a set, taking their locks in [`LiveDisk::id`] order so two
-    /// sets sharing disks cannot deadlock. The guards come back in `disks` order.
+    /// Quiesces every disk of a set as one hold: first holds new requests back on every
+    /// disk, then waits for the requests in flight on all of them (they finish side by
+    /// side, so the drain lasts about as long as the slowest one, not the sum). Locks are
+    /// taken in [`LiveDisk::id`] order so two sets sharing disks cannot deadlock. The guards
+    /// come back in `disks` order.
     ///
     /// # Panics
     /// If a disk appears twice in `disks`.
@@ -202,11 +272,26 @@ impl LiveDisk {
             order.windows(2).all(|w| disks[w[0]].id != disks[w[1]].id),
             "a disk appears twice in one set"
         );
-        let mut guards: Vec<Option<Quiesced<'a>>> = (0..disks.len()).map(|_| None).collect();
+        // Every gate closes before any drain starts: from here on no disk of the set starts
+        // a request, so the drains below wait for a fixed, small set of requests.
+        let gates: Vec<ClosedGate<'a>> = disks.iter().map(|d| d.gate.close()).collect();
+        let mut locks: Vec<Option<RwLockWriteGuard<'a, State>>> =
+            (0..disks.len()).map(|_| None).collect();
         for i in order {
-            guards[i] = Some(disks[i].quiesce());
+            locks[i] = Some(disks[i].state.write());
         }
-        guards.into_iter().flatten().collect()
+        disks
+            .iter()
+            .zip(locks)
+            .zip(gates)
+            .filter_map(|((&disk, state), gate)| {
+                Some(Quiesced {
+                    disk,
+                    state: state?,
+                    _gate: gate,
+                })
+            })
+            .collect()
     }
 
     /// Reserves the disk's chain for one job or operation; the reservation ends when the
@@ -267,7 +352,10 @@ fn copy_up(top: &dyn BlockDevice, cor: CopyOnRead, buf: &[u8], offset: u64) {
 /// A quiesced live disk: no guest request runs until this guard is dropped.
 pub struct Quiesced<'a> {
     disk: &'a LiveDisk,
+    // Declared before the gate: the lock is released first, so the requests the gate
+    // releases find the disk unlocked instead of parking again on the lock.
     state: RwLockWriteGuard<'a, State>,
+    _gate: ClosedGate<'a>,
 }
 
 impl Quiesced<'_> {
@@ -472,7 +560,171 @@ impl DirtyBitmap {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
     use super::*;
+    use crate::device::{BlockStatus, ImageInfo};
+    use crate::raw::RawImage;
+
+    /// A real raw image whose first write at offset 0 parks inside the device until the
+    /// test lets it go: a request in flight for exactly as long as the test wants.
+    struct HeldWrite {
+        inner: RawImage,
+        entered: Mutex<Option<mpsc::Sender<()>>>,
+        release: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl BlockDevice for HeldWrite {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            if offset == 0 {
+                if let Some(entered) = self.entered.lock().take() {
+                    entered.send(()).unwrap();
+                    let release = self.release.lock().take().unwrap();
+                    release.recv().unwrap();
+                }
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.write_zeroes(offset, len)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+            self.inner.block_status(offset, len)
+        }
+        fn read_only(&self) -> bool {
+            self.inner.read_only()
+        }
+        fn info(&self) -> ImageInfo {
+            self.inner.info()
+        }
+        fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+            None
+        }
+        fn path(&self) -> &std::path::Path {
+            self.inner.path()
+        }
+    }
+
+    fn raw(dir: &std::path::Path, name: &str) -> RawImage {
+        let path = dir.join(name);
+        RawImage::create(&path, 1 << 20).unwrap();
+        RawImage::open(&path, false, false).unwrap()
+    }
+
+    /// A quiesce of a disk set holds back requests on every disk of it from its start: a
+    /// request issued on the second disk while the first is still draining waits for the
+    /// hold to end instead of slipping in (which would make one hold as long as a chain of
+    /// requests, one per disk, as a guest writing its disks in turn produces).
+    #[test]
+    fn quiesce_all_closes_every_disk_before_draining_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let first = LiveDisk::new(
+            "vda",
+            Arc::new(HeldWrite {
+                inner: raw(dir.path(), "a.raw"),
+                entered: Mutex::new(Some(entered_tx)),
+                release: Mutex::new(Some(release_rx)),
+            }),
+        );
+        let second = LiveDisk::new("vdb", Arc::new(raw(dir.path(), "b.raw")));
+        assert!(first.id() < second.id(), "the first disk is drained first");
+
+        // A write in flight on the first disk.
+        let in_flight = std::thread::spawn({
+            let first = first.clone();
+            move || first.write_at(&[1; 512], 0).unwrap()
+        });
+        entered.recv().unwrap();
+
+        // The quiesce starts: it closes both gates, then waits for the write above.
+        let (held_tx, held) = mpsc::channel();
+        let (end_tx, end) = mpsc::channel::<()>();
+        let quiescer = std::thread::spawn({
+            let (first, second) = (first.clone(), second.clone());
+            move || {
+                let guards = LiveDisk::quiesce_all(&[&*first, &*second]);
+                let mut seen = [0u8; 512];
+                guards[1].top().read_at(&mut seen, 0).unwrap();
+                held_tx.send(seen).unwrap();
+                end.recv().unwrap();
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while second.gate.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second disk's gate stayed open while the first drained"
+            );
+            std::thread::yield_now();
+        }
+
+        // Issued on the second disk while the first still drains: it must wait.
+        let late = std::thread::spawn({
+            let second = second.clone();
+            move || second.write_at(&[2; 512], 0).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!late.is_finished(), "a request started during the drain");
+
+        release.send(()).unwrap();
+        in_flight.join().unwrap();
+        let seen = held.recv().unwrap();
+        assert_eq!(seen, [0; 512], "the late write reached a quiesced disk");
+        assert!(!late.is_finished());
+        end_tx.send(()).unwrap();
+        quiescer.join().unwrap();
+        late.join().unwrap();
+        let mut back = [0u8; 512];
+        second.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [2; 512]);
+        assert_eq!(second.gate.closed.load(Ordering::SeqCst), 0);
+    }
+
+    /// Quiesces of overlapping disk sets, one after the other and nested, each hold their
+    /// disks, and the gates open again only when the last of them ends.
+    #[test]
+    fn overlapping_quiesces_keep_the_gate_closed_until_the_last_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = LiveDisk::new("vda", Arc::new(raw(dir.path(), "a.raw")));
+        let b = LiveDisk::new("vdb", Arc::new(raw(dir.path(), "b.raw")));
+        let outer = a.quiesce();
+        let inner = {
+            // `a` is held above: quiesce only `b` here, as a second operation would.
+            LiveDisk::quiesce_all(&[&*b])
+        };
+        assert_eq!(b.gate.closed.load(Ordering::SeqCst), 1);
+        drop(inner);
+        assert_eq!(b.gate.closed.load(Ordering::SeqCst), 0);
+        let writer = std::thread::spawn({
+            let a = a.clone();
+            move || a.write_at(&[7; 16], 0).unwrap()
+        });
+        let closed_twice = a.gate.close();
+        drop(outer);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !writer.is_finished(),
+            "a gate opened while a quiesce still held it"
+        );
+        drop(closed_twice);
+        writer.join().unwrap();
+        b.write_at(&[8; 16], 0).unwrap();
+    }
 
     #[test]
     fn bitmap_marks_and_takes_each_granule_once() {
