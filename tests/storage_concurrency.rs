@@ -619,3 +619,122 @@ fn direct_io_adjacent_sectors_race() {
     }
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// Many threads (more than the engine's copy-on-write slots, so requests park and travel in
+/// shared runs) write one partial range into each of a stretch of neighbouring unallocated
+/// clusters, interleaved so that neighbours are in flight together: every write lands in
+/// its cluster with the rest of the cluster copied from the backing file, and nothing else.
+fn neighbouring_copy_on_writes(setup: Setup) {
+    const WRITERS: u64 = 16;
+    let size = 8 * MIB;
+    let fixture = fixture(setup, size, 7);
+    let disk = open(&fixture.overlay, setup);
+    let cs = setup.cluster_size;
+    let clusters = size / cs;
+    // Cluster c gets bytes [head, head+len) with head and len varying, never the whole
+    // cluster, sector aligned only when the cluster is even (O_DIRECT bounces the rest).
+    let range = move |c: u64| {
+        let head = if c % 2 == 0 {
+            (c % 3) * 512
+        } else {
+            c % 7 * 13
+        };
+        let len = (cs / 2 - (c % 5) * 512).max(512);
+        (c * cs + head, len)
+    };
+    let start = Arc::new(Barrier::new(WRITERS as usize));
+    let handles: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (disk, start) = (disk.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                for c in (t..clusters).step_by(WRITERS as usize) {
+                    let (at, len) = range(c);
+                    disk.write_at(&pattern(1000 + c, len as usize), at)
+                        .unwrap_or_else(|e| panic!("write into cluster {c}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer panicked");
+    }
+    disk.flush().expect("flush");
+    let mut expected = fixture.base.to_vec();
+    for c in 0..clusters {
+        let (at, len) = range(c);
+        expected[at as usize..(at + len) as usize]
+            .copy_from_slice(&pattern(1000 + c, len as usize));
+    }
+    let what = format!("neighbouring copy-on-writes {setup:?}");
+    finish(disk, &fixture, &expected, &what);
+}
+
+#[test]
+fn neighbouring_copy_on_writes_in_flight_all_land() {
+    if !have_qemu("neighbouring_copy_on_writes_in_flight_all_land") {
+        return;
+    }
+    for setup in BUFFERED.into_iter().chain(DIRECT) {
+        neighbouring_copy_on_writes(setup);
+    }
+}
+
+/// A full disk part-way through neighbouring copy-on-writes in flight together: every
+/// writer gets an answer (no writer waits for a run that failed), a failed write reports
+/// the lack of space, and each write that succeeded reads back once space is back.
+#[test]
+fn a_failed_copy_on_write_run_answers_every_writer() {
+    use storage::fault::{self, Fault, FaultPlan, Op};
+    const WRITERS: u64 = 16;
+    let setup = BUFFERED[0];
+    let size = 8 * MIB;
+    let fixture = fixture(setup, size, 9);
+    let disk = open(&fixture.overlay, setup);
+    let cs = setup.cluster_size;
+    let clusters = size / cs;
+    let start = Arc::new(Barrier::new(WRITERS as usize));
+    let full = fault::inject(
+        FaultPlan::fail_nth(40, Some(Op::Write), Fault::Enospc)
+            .sticky()
+            .under(fixture.overlay.parent().expect("dir")),
+    );
+    let handles: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (disk, start) = (disk.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                let mut landed = Vec::new();
+                for c in (t..clusters).step_by(WRITERS as usize) {
+                    match disk.write_at(&[c as u8 | 1; 4096], c * cs + 512) {
+                        Ok(()) => landed.push(c),
+                        Err(e) => {
+                            let text = e.to_string();
+                            assert!(
+                                text.contains("No space") || text.contains("no space"),
+                                "cluster {c}: {text}"
+                            );
+                        }
+                    }
+                }
+                landed
+            })
+        })
+        .collect();
+    let landed: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("writer panicked"))
+        .collect();
+    assert!(full.fired() > 0, "the disk never filled up");
+    drop(full);
+    assert!(landed.len() < clusters as usize, "no write failed");
+    let mut buf = vec![0u8; 4096];
+    for c in landed {
+        disk.read_at(&mut buf, c * cs + 512).expect("read");
+        assert!(
+            buf.iter().all(|&b| b == c as u8 | 1),
+            "cluster {c} lost its write"
+        );
+    }
+    disk.flush().expect("flush once space is back");
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{Qcow2Image, MAX_BATCH_CLUSTERS, STRIPES};
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
 use crate::error::Result;
+use crate::file::AlignedBuf;
 use crate::qcow2::cache::Slice;
 use crate::qcow2::compress::decompress;
 use crate::qcow2::entry::{CompressedExtent, Mapping, OFLAG_COPIED, OFLAG_ZERO};
@@ -178,6 +179,13 @@ impl Qcow2Image {
             self.check_data_target(host)?;
             return self.file.write_at(data, host + in_cluster);
         }
+        if matches!(old, Mapping::Unallocated) && data.len() as u64 != self.cluster_size {
+            // The copy from below may share its allocation, read and write with
+            // neighbouring clusters' copy-on-writes in flight (see `cow_batch`).
+            let target = self.cow_from_below(guest_cluster, in_cluster as usize, data)?;
+            let newly = slice.set(index, target | OFLAG_COPIED);
+            return self.note_dirty(newly);
+        }
         // A preallocated zero cluster we own can take the data in place of a new one.
         let (target, reuse) = match old {
             Mapping::Zero {
@@ -195,8 +203,11 @@ impl Qcow2Image {
         if data.len() as u64 == self.cluster_size {
             self.file.write_at(data, target)?;
         } else {
-            let cluster_start = guest_cluster << self.cluster_bits;
-            let mut full = vec![0u8; self.cluster_size as usize];
+            let cs = self.cluster_size as usize;
+            // Aligned, so that with O_DIRECT the reads and the write go straight to the
+            // device instead of through bounce buffers and copies.
+            let mut aligned = AlignedBuf::new(cs);
+            let full = &mut aligned[..cs];
             let head = in_cluster as usize;
             let tail = head + data.len();
             // Copy-on-write reads only the parts the write does not cover.
@@ -205,9 +216,13 @@ impl Qcow2Image {
                     self.file.read_at(&mut full[..head], host)?;
                     self.file.read_at(&mut full[tail..], host + tail as u64)?;
                 }
-                Mapping::Compressed(extent) => full = self.read_compressed(extent)?,
+                Mapping::Compressed(extent) => {
+                    full.copy_from_slice(&self.read_compressed(extent)?);
+                }
                 Mapping::Zero { .. } => {}
+                // Partial writes take `cow_from_below` above; kept for completeness.
                 Mapping::Unallocated => {
+                    let cluster_start = guest_cluster << self.cluster_bits;
                     if self.backing.read().is_some() {
                         self.read_below(&mut full[..head], cluster_start)?;
                         self.read_below(&mut full[tail..], cluster_start + tail as u64)?;
@@ -215,7 +230,7 @@ impl Qcow2Image {
                 }
             }
             full[head..tail].copy_from_slice(data);
-            self.file.write_at(&full, target)?;
+            self.file.write_at(full, target)?;
         }
         let newly = slice.set(index, target | OFLAG_COPIED);
         if !reuse {

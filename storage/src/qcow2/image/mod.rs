@@ -21,6 +21,7 @@
 //! flags in line with the refcounts.
 
 mod copied;
+mod cow_batch;
 mod io;
 mod mapping;
 mod open;
@@ -90,6 +91,8 @@ pub struct Qcow2Image {
     pub(super) dirtied: AtomicUsize,
     /// Data may have been written since the last sync.
     pub(super) unsynced: AtomicBool,
+    /// Where concurrent copy-on-writes of neighbouring clusters meet to share their I/O.
+    pub(in crate::qcow2::image) cow_batcher: cow_batch::CowBatcher,
     /// The internal snapshot table.
     pub(super) snapshots: Vec<SnapshotEntry>,
     /// Host clusters holding metadata (shared with the refcount state, which keeps it

@@ -182,6 +182,7 @@ impl Qcow2Image {
             backing: RwLock::new(backing),
             dirtied: AtomicUsize::new(0),
             unsynced: AtomicBool::new(false),
+            cow_batcher: Default::default(),
             snapshots,
             snapshot_table_bytes,
             metadata,
