@@ -180,7 +180,6 @@ impl Manifest {
             data: None,
         }
     }
-
 }
 
 impl<M> Manifest<M> {

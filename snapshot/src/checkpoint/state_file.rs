@@ -96,10 +96,7 @@ fn parse_header(header: &[u8; HEADER_SIZE], path: &Path) -> CheckpointResult<u64
     Ok(len)
 }
 
-fn parse_payload<M: DeserializeOwned>(
-    framed: &[u8],
-    path: &Path,
-) -> CheckpointResult<Manifest<M>> {
+fn parse_payload<M: DeserializeOwned>(framed: &[u8], path: &Path) -> CheckpointResult<Manifest<M>> {
     let (body, crc) = framed.split_at(framed.len() - 4);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
     let computed = crc32fast::hash(body);
