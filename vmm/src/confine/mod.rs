@@ -187,7 +187,7 @@ fn precompile() {
         Some(SeccompMode::Kill) => SeccompAction::Trap,
         Some(SeccompMode::Off) | None => return,
     };
-    for kind in [ThreadKind::Vcpu, ThreadKind::BlockWorker, ThreadKind::Api] {
+    for kind in [ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::BlockWorker] {
         let _ = program(kind, action.clone());
     }
 }
