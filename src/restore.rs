@@ -16,6 +16,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use snapvmm_api::ApiServer;
 use vmm::config::SerialOutput;
 use vmm::{ExitReason, Sandbox, SandboxOptions};
 
@@ -119,6 +120,12 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
             working_set_secs: args.working_set_secs,
         });
     }
+    // The API socket is bound, and its server readied, while the VM is built; it answers
+    // once the VM runs (a failed restore removes it again).
+    let pending = match &args.api_socket {
+        Some(socket) => Some(ApiServer::bind(socket).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let mut restore_options = disk_tops(&args.disk_top)?;
     restore_options.vsock_uds = args.vsock_uds.clone();
     // Held until the snapshot tree has opened (it refuses a disk on an image a snapshot
@@ -141,12 +148,14 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         // Confined by `--seccomp` (`ConfineArgs::apply`) before the VM is built.
         confinement: None,
     };
+    tracing::debug!(target: "vmm::restore", "snapvmm restore: VM built");
     let sandbox = Sandbox::with_vmm(vm, &options).map_err(text)?;
+    tracing::debug!(target: "vmm::restore", "snapvmm restore: sandbox ready");
     if !args.paused {
         sandbox.vmm().pause_gate().resume();
     }
     tracing::info!("restored from {}", args.dir.display());
-    let Some(socket) = &args.api_socket else {
+    let Some(pending) = pending else {
         for problem in sandbox.warnings() {
             eprintln!("snapvmm restore: warning: snapshot metadata: {problem}");
         }
@@ -154,16 +163,18 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason, String> {
         return sandbox.wait().map_err(text);
     };
     crate::store::install_exporter(&sandbox);
-    crate::serve::serve_api(sandbox, socket)
+    crate::serve::serve_api_on(sandbox, pending)
 }
 
 /// Runs `snapvmm restore`; returns the process exit status.
 pub fn main(args: RestoreArgs) -> u8 {
     crate::serve::init_logging();
+    tracing::debug!(target: "vmm::restore", "snapvmm restore: arguments parsed");
     if let Err(message) = args.confine.apply() {
         eprintln!("snapvmm restore: error: confinement: {message}");
         return 1;
     }
+    tracing::debug!(target: "vmm::restore", "snapvmm restore: confined");
     match restore(&args) {
         Ok(reason) if reason.is_clean() => 0,
         Ok(ExitReason::Error(message)) => {

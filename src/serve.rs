@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use snapvmm_api::server::PendingApiServer;
 use snapvmm_api::ApiServer;
 use vmm::{ExitReason, Sandbox};
 
@@ -11,16 +12,33 @@ use vmm::{ExitReason, Sandbox};
 /// snapshot metadata are printed as warnings first. Callers install whatever snapshot exporter
 /// the VM should have (see `crate::store::install_exporter`) before calling this.
 pub(crate) fn serve_api(sandbox: Sandbox, socket: &Path) -> Result<ExitReason, String> {
+    match ApiServer::bind(socket) {
+        Ok(pending) => serve_api_on(sandbox, pending),
+        Err(e) => {
+            let _ = sandbox.stop();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// As [`serve_api`], on a socket bound before the VM was built ([`ApiServer::bind`]): the
+/// server's start-up then overlaps the VM's, and clients that connected meanwhile are answered
+/// now.
+pub(crate) fn serve_api_on(
+    sandbox: Sandbox,
+    pending: PendingApiServer,
+) -> Result<ExitReason, String> {
     for problem in sandbox.warnings() {
         eprintln!("snapvmm: warning: snapshot metadata: {problem}");
     }
-    let server = match ApiServer::start(socket, sandbox.control().clone()) {
+    let server = match pending.serve(sandbox.control().clone()) {
         Ok(server) => server,
         Err(e) => {
             let _ = sandbox.stop();
             return Err(e.to_string());
         }
     };
+    tracing::debug!(target: "vmm::restore", "API serving");
     crate::confine::trigger();
     // Stop the server, and with it any block job, before the VM's disks are flushed.
     sandbox.exit_handle().wait();

@@ -42,10 +42,31 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// An API socket bound, and its server thread ready, before the VM it will serve exists:
+/// [`PendingApiServer::serve`] hands it the VM's control. A restore binds first and builds its
+/// VM meanwhile, so the server's own start-up (its thread, seccomp filter, runtime and
+/// handler thread) overlaps the VM's instead of following it. Clients that connect early wait
+/// in the socket's backlog and are answered once the server serves; nothing is answered
+/// before. Dropping it (the VM could not be built) ends the thread and removes the socket.
+#[derive(Debug)]
+pub struct PendingApiServer {
+    path: PathBuf,
+    ready: Option<oneshot::Sender<Arc<Router>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
 impl ApiServer {
     /// Listens on `path` and serves `control` from a new thread. A stale socket file at
     /// `path` is replaced; any other file there is an error.
     pub fn start(path: &Path, control: Arc<Control>) -> Result<Self> {
+        ApiServer::bind(path)?.serve(control)
+    }
+
+    /// Listens on `path` and readies the server thread, which answers nothing until
+    /// [`PendingApiServer::serve`]. A stale socket file at `path` is replaced; any other
+    /// file there is an error.
+    pub fn bind(path: &Path) -> Result<PendingApiServer> {
         let socket_error = |what: &'static str| {
             let path = path.to_path_buf();
             move |source| Error::Socket { path, what, source }
@@ -81,29 +102,41 @@ impl ApiServer {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
+        // From here on the socket is in place: an error removes it again.
+        let remove = |e: Error| {
+            let _ = std::fs::remove_file(path);
+            e
+        };
         listener
             .set_nonblocking(true)
-            .map_err(socket_error("making it non-blocking"))?;
+            .map_err(socket_error("making it non-blocking"))
+            .map_err(remove)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(socket_error("creating the server's runtime"))?;
+            .map_err(socket_error("creating the server's runtime"))
+            .map_err(remove)?;
         let (stop, stopped) = oneshot::channel();
-        let router = Arc::new(Router::new(control));
+        let (ready, routed) = oneshot::channel::<Arc<Router>>();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn({
-                let router = router.clone();
-                move || {
-                    vmm::confine::enter_or_abort(vmm::confine::ThreadKind::Api);
-                    runtime.block_on(serve(listener, router, stopped))
-                }
+            .spawn(move || {
+                vmm::confine::enter_or_abort(vmm::confine::ThreadKind::Api);
+                runtime.block_on(async move {
+                    // Requests are handled on the runtime's blocking pool: start its first
+                    // thread now rather than when the first request is waiting for it.
+                    let _ = tokio::task::spawn_blocking(|| ()).await;
+                    // No router: the VM was never built; the owner removes the socket.
+                    if let Ok(router) = routed.await {
+                        serve(listener, router, stopped).await;
+                    }
+                })
             })
-            .map_err(socket_error("spawning the server thread"))?;
-        tracing::info!("API server on {}", path.display());
-        Ok(ApiServer {
+            .map_err(socket_error("spawning the server thread"))
+            .map_err(remove)?;
+        Ok(PendingApiServer {
             path: path.to_path_buf(),
-            router,
+            ready: Some(ready),
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -140,6 +173,48 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.shut_down();
+    }
+}
+
+impl PendingApiServer {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts answering requests on `control`'s behalf.
+    pub fn serve(mut self, control: Arc<Control>) -> Result<ApiServer> {
+        let router = Arc::new(Router::new(control));
+        let thread = self.thread.take();
+        let sent = self.ready.take().map(|ready| ready.send(router.clone()));
+        let server = ApiServer {
+            path: self.path.clone(),
+            router,
+            stop: self.stop.take(),
+            thread,
+        };
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread is gone (it could not start its runtime): stop cleans up.
+            server.stop();
+            return Err(Error::Internal("the API server thread ended early".into()));
+        }
+        tracing::info!("API server on {}", self.path.display());
+        Ok(server)
+    }
+}
+
+impl Drop for PendingApiServer {
+    fn drop(&mut self) {
+        // Served: the `ApiServer` owns the thread and the socket now.
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // Never served: the thread sees its router's sender go and ends.
+        self.ready.take();
+        if thread.join().is_err() {
+            tracing::warn!("the API server thread panicked");
+        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

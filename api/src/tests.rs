@@ -125,6 +125,55 @@ fn wait_job(client: &ApiClient, disk: &str, done: impl Fn(&JobInfo) -> bool) -> 
     }
 }
 
+/// A socket bound before its VM exists answers nothing until served, then answers the
+/// clients that connected meanwhile; one never served goes away with its socket.
+#[test]
+fn a_bound_server_answers_early_clients_once_served() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let pending = ApiServer::bind(&socket).unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second server on the same socket is refused while the first holds it.
+    assert!(matches!(
+        ApiServer::bind(&socket),
+        Err(Error::SocketInUse { .. })
+    ));
+    let mut early = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    early
+        .write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        early.read(&mut byte).is_err(),
+        "answered before the server was given its VM"
+    );
+    let machine = Arc::new(TestMachine {
+        state: Mutex::new(VmState::Running),
+    });
+    let server = pending
+        .serve(Arc::new(Control::new(machine, Vec::new(), None)))
+        .unwrap();
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    early.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"running\""), "{answer}");
+    server.stop();
+    assert!(!socket.exists());
+
+    let pending = ApiServer::bind(&socket).unwrap();
+    let _waiting = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    drop(pending);
+    assert!(!socket.exists(), "an unserved socket outlived its server");
+}
+
 #[test]
 fn vm_info_and_lifecycle() {
     let f = fixture();

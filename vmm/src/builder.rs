@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
 use parking_lot::Mutex;
@@ -37,6 +37,36 @@ use crate::vm::Vm;
 
 /// How long a vCPU may take to leave `KVM_RUN` when the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a restore's time goes: each step's duration as a debug event of target
+/// `vmm::restore` (`SNAPVMM_LOG=vmm::restore=debug`), so a slow restore can be taken apart
+/// without a profiler.
+struct Steps {
+    start: Instant,
+    last: Instant,
+}
+
+impl Steps {
+    fn new() -> Self {
+        let now = Instant::now();
+        Steps {
+            start: now,
+            last: now,
+        }
+    }
+
+    /// Records that `what` just ended.
+    fn done(&mut self, what: &str) {
+        let now = Instant::now();
+        tracing::debug!(
+            target: "vmm::restore",
+            "{what}: {} us (at {} us)",
+            (now - self.last).as_micros(),
+            (now - self.start).as_micros()
+        );
+        self.last = now;
+    }
+}
 
 /// A running VM.
 pub struct Vmm {
@@ -429,11 +459,13 @@ impl Vmm {
         paused: bool,
         options: RestoreOptions,
     ) -> Result<Self> {
+        let mut steps = Steps::new();
         let paged = match &options.memory {
             MemorySource::Files => None,
             MemorySource::Pager { source, .. } => Some(paged_data_pages(dir, source.as_ref())?),
         };
         let loaded = LoadedCheckpoint::open_with(dir, paged)?;
+        steps.done("checkpoint read");
         let mut config = loaded.config()?;
         options.apply(&mut config)?;
         if let (Some(vsock), Some(uds)) = (config.vsock.as_mut(), &options.vsock_uds) {
@@ -443,6 +475,10 @@ impl Vmm {
         let memory = memory::create(memory_bytes)?;
         memory::persist::check_layout(&memory, &loaded.layout())
             .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
+        // The memory file is mapped over RAM before KVM has a slot on it (see
+        // `LoadedCheckpoint::load_memory`); this RAM is the restore's own until it succeeds.
+        loaded.load_memory(&memory)?;
+        steps.done("RAM mapped, memory loaded");
         let exit = ExitHandle::new()?;
         let pager = match options.memory {
             MemorySource::Files => None,
@@ -453,14 +489,15 @@ impl Vmm {
         // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
         // the restore in the pagemap (see `memory::persist::written_since_mapped`).
         let mut assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
+        steps.done("KVM VM and devices built");
         assembled.pager = pager;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
         }
+        steps.done("vCPUs created");
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();
         loaded.apply_new(
-            &memory,
             &assembled.attached,
             RestoreTarget {
                 vm: &assembled.vm,
@@ -473,12 +510,16 @@ impl Vmm {
                 vsock: assembled.vsock.as_ref(),
             },
         )?;
+        steps.done("state loaded");
         let tracking = loaded.tracking()?;
         // The devices restart before the vCPUs run; a failure stops the vCPUs again.
         for device in &assembled.devices {
             device.lock().resume()?;
         }
-        Self::launch(config, memory, assembled, vcpus, exit, paused, tracking)
+        steps.done("devices resumed");
+        let vmm = Self::launch(config, memory, assembled, vcpus, exit, paused, tracking)?;
+        steps.done("vCPU threads started");
+        Ok(vmm)
     }
 
     /// Starts the vCPU threads of an assembled VM.

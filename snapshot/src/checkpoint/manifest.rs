@@ -91,9 +91,12 @@ pub struct BaseRef {
     pub id: u64,
 }
 
-/// Everything a state file holds.
+/// Everything a state file holds. `M` is the machine state: an opaque JSON value for this
+/// crate, which knows no VMM type; a VMM restoring a checkpoint reads it as its own type
+/// ([`super::state_file::read_as`]), parsed straight from the file with no JSON tree in
+/// between. The bytes on disk are the same either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct Manifest<M = serde_json::Value> {
     /// Random id of this checkpoint; its memory file carries the same id.
     pub id: u64,
     /// For a diff: its base. `None` for a full checkpoint.
@@ -106,7 +109,7 @@ pub struct Manifest {
     /// to the base. For a full checkpoint: `None` (holes read as zero).
     pub pages: Option<PageSet>,
     /// The machine state (vCPUs, VM, devices), as the VMM wrote it.
-    pub machine: serde_json::Value,
+    pub machine: M,
     /// Which pages of the memory file hold data and their CRC, for `verify` (format 1.1;
     /// absent in 1.0 files).
     #[serde(default)]
@@ -177,7 +180,9 @@ impl Manifest {
             data: None,
         }
     }
+}
 
+impl<M> Manifest<M> {
     /// Whether this is a diff.
     pub fn is_diff(&self) -> bool {
         self.base.is_some()

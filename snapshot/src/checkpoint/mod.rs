@@ -70,13 +70,14 @@ pub fn create_private_dir(dir: &Path) -> CheckpointResult<()> {
         .map_err(CheckpointError::io(dir))
 }
 
-/// One checkpoint of a chain: its directory and manifest.
+/// One checkpoint of a chain: its directory and manifest (its machine state as `M`, see
+/// [`Manifest`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChainLink {
+pub struct ChainLink<M = serde_json::Value> {
     /// The checkpoint's directory.
     pub dir: PathBuf,
     /// Its manifest.
-    pub manifest: Manifest,
+    pub manifest: Manifest<M>,
 }
 
 /// Most diffs a chain may stack on its full checkpoint.
@@ -85,6 +86,13 @@ pub const MAX_CHAIN_LENGTH: usize = 1024;
 /// Reads the checkpoint in `dir` and every base below it: the full checkpoint first, `dir`
 /// last. Each link must carry the id its child names and the same memory layout.
 pub fn resolve_chain(dir: &Path) -> CheckpointResult<Vec<ChainLink>> {
+    resolve_chain_as(dir)
+}
+
+/// As [`resolve_chain`], with every link's machine state parsed as `M` ([`Manifest`]).
+pub fn resolve_chain_as<M: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> CheckpointResult<Vec<ChainLink<M>>> {
     let mut chain = Vec::new();
     let mut current = dir.to_path_buf();
     let mut expected_id = None;
@@ -96,7 +104,7 @@ pub fn resolve_chain(dir: &Path) -> CheckpointResult<Vec<ChainLink>> {
                 dir.display()
             )));
         }
-        let manifest = state_file::read(&state_path(&current))?;
+        let manifest = state_file::read_as::<M>(&state_path(&current))?;
         if let Some(id) = expected_id {
             if manifest.id != id {
                 return Err(CheckpointError::Chain(format!(

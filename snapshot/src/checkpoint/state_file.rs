@@ -19,6 +19,7 @@ use std::path::Path;
 
 use super::error::{CheckpointError, CheckpointResult};
 use super::manifest::Manifest;
+use serde::de::DeserializeOwned;
 use storage::fault;
 
 /// First bytes of every state file.
@@ -95,7 +96,7 @@ fn parse_header(header: &[u8; HEADER_SIZE], path: &Path) -> CheckpointResult<u64
     Ok(len)
 }
 
-fn parse_payload(framed: &[u8], path: &Path) -> CheckpointResult<Manifest> {
+fn parse_payload<M: DeserializeOwned>(framed: &[u8], path: &Path) -> CheckpointResult<Manifest<M>> {
     let (body, crc) = framed.split_at(framed.len() - 4);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
     let computed = crc32fast::hash(body);
@@ -107,7 +108,7 @@ fn parse_payload(framed: &[u8], path: &Path) -> CheckpointResult<Manifest> {
             ),
         ));
     }
-    let manifest: Manifest = serde_json::from_slice(&body[HEADER_SIZE..])
+    let manifest: Manifest<M> = serde_json::from_slice(&body[HEADER_SIZE..])
         .map_err(|e| bad(path, format!("payload: {e}")))?;
     manifest.validate().map_err(|message| bad(path, message))?;
     Ok(manifest)
@@ -115,6 +116,11 @@ fn parse_payload(framed: &[u8], path: &Path) -> CheckpointResult<Manifest> {
 
 /// Decodes state-file bytes; `path` names the source in errors.
 pub fn decode(bytes: &[u8], path: &Path) -> CheckpointResult<Manifest> {
+    decode_as(bytes, path)
+}
+
+/// As [`decode`], with the machine state parsed as `M` ([`Manifest`]).
+pub fn decode_as<M: DeserializeOwned>(bytes: &[u8], path: &Path) -> CheckpointResult<Manifest<M>> {
     let header: &[u8; HEADER_SIZE] = bytes
         .get(..HEADER_SIZE)
         .and_then(|h| h.try_into().ok())
@@ -143,6 +149,14 @@ pub fn decode(bytes: &[u8], path: &Path) -> CheckpointResult<Manifest> {
 
 /// Reads one framed state from a stream (a qcow2 VM-state area); `source` names it in errors.
 pub fn read_from(input: &mut dyn Read, source: &Path) -> CheckpointResult<Manifest> {
+    read_from_as(input, source)
+}
+
+/// As [`read_from`], with the machine state parsed as `M` ([`Manifest`]).
+pub fn read_from_as<M: DeserializeOwned>(
+    input: &mut dyn Read,
+    source: &Path,
+) -> CheckpointResult<Manifest<M>> {
     let mut header = [0u8; HEADER_SIZE];
     input
         .read_exact(&mut header)
@@ -159,6 +173,11 @@ pub fn read_from(input: &mut dyn Read, source: &Path) -> CheckpointResult<Manife
 
 /// Reads and checks the state file at `path`.
 pub fn read(path: &Path) -> CheckpointResult<Manifest> {
+    read_as(path)
+}
+
+/// As [`read`], with the machine state parsed as `M` ([`Manifest`]): what a restore uses.
+pub fn read_as<M: DeserializeOwned>(path: &Path) -> CheckpointResult<Manifest<M>> {
     let mut file = File::open(path).map_err(CheckpointError::io(path))?;
     let size = file.metadata().map_err(CheckpointError::io(path))?.len();
     if size > MAX_PAYLOAD + HEADER_SIZE as u64 + 4 {
@@ -170,7 +189,7 @@ pub fn read(path: &Path) -> CheckpointResult<Manifest> {
     let mut bytes = Vec::with_capacity(size as usize);
     file.read_to_end(&mut bytes)
         .map_err(CheckpointError::io(path))?;
-    decode(&bytes, path)
+    decode_as(&bytes, path)
 }
 
 /// Writes `manifest` to `path` durably: a temporary file, fsync, rename.

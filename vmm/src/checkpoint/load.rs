@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use snapshot::checkpoint::{
-    memory_path, resolve_chain, state_file, state_path, BaseRef, ChainLink, CheckpointError,
+    memory_path, resolve_chain_as, state_file, state_path, BaseRef, ChainLink, CheckpointError,
     MemoryFile, MemoryLayout, PageSet,
 };
 use storage::BlockDevice;
@@ -109,12 +109,12 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
         .map_err(Error::io(format!("resolving {}", dir.display())))
 }
 
-/// A checkpoint read and checked from disk: its chain, machine state and open memory files.
+/// A checkpoint read and checked from disk: its chain (machine states parsed straight into
+/// [`MachineState`]) and open memory files.
 #[derive(Debug)]
 pub(crate) struct LoadedCheckpoint {
     dir: PathBuf,
-    chain: Vec<ChainLink>,
-    machine: MachineState,
+    chain: Vec<ChainLink<MachineState>>,
     /// One per link, full checkpoint first (none when memory comes from a pager).
     files: Vec<Arc<MemoryFile>>,
     /// Memory comes from a pager, not from memory files: these pages hold data.
@@ -132,7 +132,7 @@ impl LoadedCheckpoint {
     /// from a pager, so only a full checkpoint's state file is read, no memory file.
     pub(crate) fn open_with(dir: &Path, paged: Option<PageSet>) -> Result<Self> {
         if let Some(pages) = paged {
-            let manifest = state_file::read(&state_path(dir))?;
+            let manifest = state_file::read_as::<MachineState>(&state_path(dir))?;
             if manifest.is_diff() {
                 return Err(Error::Checkpoint(CheckpointError::Chain(format!(
                     "{}: a paged restore needs a full checkpoint",
@@ -146,23 +146,22 @@ impl LoadedCheckpoint {
                     manifest.memory.total_pages()
                 )));
             }
-            let machine = machine_state(&manifest.machine, &state_path(dir))?;
+            check_machine(&manifest.machine, &state_path(dir))?;
             return Ok(LoadedCheckpoint {
                 dir: dir.to_path_buf(),
                 chain: vec![ChainLink {
                     dir: dir.to_path_buf(),
                     manifest,
                 }],
-                machine,
                 files: Vec::new(),
                 paged: Some(pages),
             });
         }
-        let chain = resolve_chain(dir)?;
+        let chain = resolve_chain_as::<MachineState>(dir)?;
         let top = chain
             .last()
             .ok_or_else(|| Error::Checkpoint(CheckpointError::Chain("empty chain".into())))?;
-        let machine = machine_state(&top.manifest.machine, &state_path(dir))?;
+        check_machine(&top.manifest.machine, &state_path(dir))?;
         let total = top.manifest.memory.total_bytes();
         let mut files = Vec::new();
         for link in &chain {
@@ -175,15 +174,19 @@ impl LoadedCheckpoint {
         Ok(LoadedCheckpoint {
             dir: dir.to_path_buf(),
             chain,
-            machine,
             files,
             paged: None,
         })
     }
 
-    fn top(&self) -> &ChainLink {
+    fn top(&self) -> &ChainLink<MachineState> {
         // `open` and the stream path build a non-empty chain.
         &self.chain[self.chain.len() - 1]
+    }
+
+    /// The machine state to load: the top checkpoint's.
+    fn machine(&self) -> &MachineState {
+        &self.top().manifest.machine
     }
 
     fn full_file(&self) -> Arc<MemoryFile> {
@@ -215,7 +218,7 @@ impl LoadedCheckpoint {
     /// The configuration to rebuild the saved VM: its shape and the disks' images at
     /// checkpoint time.
     pub(crate) fn config(&self) -> Result<VmConfig> {
-        let state = &self.machine;
+        let state = self.machine();
         let mut config = VmConfig::new(BootSource::Checkpoint(self.dir.clone()));
         config.vcpus = state.vcpu_count;
         config.memory_mib = state.memory_mib;
@@ -238,8 +241,11 @@ impl LoadedCheckpoint {
         Ok(config)
     }
 
-    /// Loads memory: the full checkpoint mapped, then each diff's pages copied in.
-    fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
+    /// Loads memory: the full checkpoint mapped, then each diff's pages copied in. A restore
+    /// calls it on the fresh RAM of a VM before KVM learns of that RAM
+    /// ([`crate::Vmm::restore_with`]): replacing a mapping KVM already has a slot on makes KVM
+    /// walk the whole slot to drop what it mapped (a cost that grows with RAM size).
+    pub(crate) fn load_memory(&self, memory: &GuestMemoryMmap) -> Result<()> {
         if self.paged.is_some() {
             // The pager fills RAM on demand; only the layout must fit.
             return memory_persist::check_layout(memory, &self.layout()).map_err(Error::Memory);
@@ -262,15 +268,16 @@ impl LoadedCheckpoint {
         memory.restore(&layers, &self.layout())
     }
 
-    /// Loads everything into a VM just built for it ([`crate::Vmm::restore`]); the devices
-    /// are left quiesced for the caller to resume once the vCPUs exist.
+    /// Loads the machine state into a VM just built for it ([`crate::Vmm::restore`]), whose
+    /// RAM [`LoadedCheckpoint::load_memory`] has already filled; the devices are left
+    /// quiesced for the caller to resume once the vCPUs exist. Nothing else holds that RAM
+    /// yet, so a check failing here only drops it.
     pub(crate) fn apply_new(
         &self,
-        memory: &GuestMemoryMmap,
         disks: &[AttachedDisk],
         target: RestoreTarget<'_>,
     ) -> Result<()> {
-        for (saved, disk) in self.machine.disks.iter().zip(disks) {
+        for (saved, disk) in self.machine().disks.iter().zip(disks) {
             disk.check(&saved.disk).map_err(|e| {
                 Error::Checkpoint(CheckpointError::Mismatch(format!(
                     "{e} ({})",
@@ -278,7 +285,7 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
-        if let (Some(saved), Some(vsock)) = (&self.machine.vsock, target.vsock) {
+        if let (Some(saved), Some(vsock)) = (&self.machine().vsock, target.vsock) {
             vsock.check(&saved.device).map_err(|e| {
                 Error::Checkpoint(CheckpointError::Mismatch(format!(
                     "{e} ({})",
@@ -286,21 +293,18 @@ impl LoadedCheckpoint {
                 )))
             })?;
         }
-        self.load_memory(memory)?;
-        self.machine.restore_into(target, true)
+        self.machine().restore_into(target, true)
     }
 }
 
-/// The machine state a manifest holds, checked for a consistent vCPU count.
-fn machine_state(value: &serde_json::Value, source: &Path) -> Result<MachineState> {
+/// Checks the machine state a manifest holds for a consistent vCPU count.
+fn check_machine(machine: &MachineState, source: &Path) -> Result<()> {
     let bad = |message: String| {
         Error::Checkpoint(CheckpointError::StateFile {
             path: source.to_path_buf(),
             message,
         })
     };
-    let machine: MachineState =
-        serde_json::from_value(value.clone()).map_err(|e| bad(format!("machine state: {e}")))?;
     if machine.vcpus.len() != usize::from(machine.vcpu_count) || machine.vcpus.is_empty() {
         return Err(bad(format!(
             "{} vCPU states for {} vCPUs",
@@ -308,12 +312,12 @@ fn machine_state(value: &serde_json::Value, source: &Path) -> Result<MachineStat
             machine.vcpu_count
         )));
     }
-    Ok(machine)
+    Ok(())
 }
 
 /// Checks `loaded` fits the VM before anything is changed.
 pub(super) fn check_fits(vm: &VmHandle, loaded: &LoadedCheckpoint) -> Result<()> {
-    vm.check_fits(&loaded.dir, &loaded.machine, &loaded.layout())
+    vm.check_fits(&loaded.dir, loaded.machine(), &loaded.layout())
 }
 
 /// Loads a checked checkpoint into the paused VM, running `before_load` first (devices
@@ -328,7 +332,7 @@ pub(super) fn load_paused(
     vm.with_devices_quiesced(|| {
         before_load()?;
         loaded.load_memory(vm.memory())?;
-        loaded.machine.restore_into(vm.target(), false)
+        loaded.machine().restore_into(vm.target(), false)
     })?;
     adopt(vm, &mut tracking.lock(), loaded)
 }
@@ -354,15 +358,14 @@ pub(super) fn load_stream(
 ) -> Result<()> {
     vm.require_paused()?;
     let source = Path::new("VM state stream");
-    let manifest = state_file::read_from(input, source)?;
-    let machine_state = machine_state(&manifest.machine, source)?;
+    let manifest = state_file::read_from_as::<MachineState>(input, source)?;
+    check_machine(&manifest.machine, source)?;
     let loaded = LoadedCheckpoint {
         dir: source.to_path_buf(),
         chain: vec![ChainLink {
             dir: source.to_path_buf(),
             manifest,
         }],
-        machine: machine_state,
         files: Vec::new(),
         paged: None,
     };
@@ -409,7 +412,7 @@ pub(super) fn load_stream(
     }
     vm.with_devices_quiesced(|| {
         staged.commit(memory)?;
-        loaded.machine.restore_into(vm.target(), false)
+        loaded.machine().restore_into(vm.target(), false)
     })?;
     // RAM is anonymous again; the next incremental checkpoint needs a new base.
     let mut tracking = tracking.lock();

@@ -122,8 +122,8 @@ pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Kill => SeccompAction::Trap,
     };
-    let program = filter(kind, action)?;
-    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Seccomp { kind, source })?;
+    let program = program(kind, action)?;
+    seccompiler::apply_filter(program).map_err(|source| ConfineError::Seccomp { kind, source })?;
     tracing::debug!(
         "seccomp filter for {kind:?} installed ({:?})",
         confinement.seccomp
@@ -159,6 +159,39 @@ pub fn enter_or_abort(kind: ThreadKind) {
     }
 }
 
+/// How many [`ThreadKind`]s there are.
+const KINDS: usize = 7;
+
+/// Each kind's program for the configured mode, compiled once per process (the mode is set
+/// once): by the first thread of its kind, or ahead of it by [`precompile`]. Every vCPU and
+/// queue worker then only installs it.
+static PROGRAMS: [OnceLock<BpfProgram>; KINDS] = [const { OnceLock::new() }; KINDS];
+
+/// The compiled program of `kind` answering `action` off its allow-list, from [`PROGRAMS`].
+fn program(kind: ThreadKind, action: SeccompAction) -> Result<&'static BpfProgram, ConfineError> {
+    let cell = &PROGRAMS[kind as usize];
+    if let Some(program) = cell.get() {
+        return Ok(program);
+    }
+    // Two threads of a kind starting at once may both compile; the programs are equal.
+    let compiled = filter(kind, action)?;
+    Ok(cell.get_or_init(|| compiled))
+}
+
+/// Compiles the programs of the threads a VM starts next (vCPUs, queue workers, the API
+/// server), so that they only install them. The spawner thread, idle otherwise, runs this
+/// while the VM is being built. A failure is left for the thread of that kind to report.
+fn precompile() {
+    let action = match configured().map(|c| c.seccomp) {
+        Some(SeccompMode::Log) => SeccompAction::Log,
+        Some(SeccompMode::Kill) => SeccompAction::Trap,
+        Some(SeccompMode::Off) | None => return,
+    };
+    for kind in [ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::BlockWorker] {
+        let _ = program(kind, action.clone());
+    }
+}
+
 /// Compiles the BPF program for `kind`, answering `mismatch` for anything off its allow-list.
 pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
     let build = |source| ConfineError::Build { kind, source };
@@ -171,6 +204,23 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_index_the_program_cache() {
+        let kinds = [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::BlockWorker,
+            ThreadKind::Api,
+            ThreadKind::Pager,
+            ThreadKind::Vsock,
+            ThreadKind::Spawner,
+        ];
+        assert_eq!(kinds.len(), KINDS);
+        for (index, kind) in kinds.into_iter().enumerate() {
+            assert_eq!(kind as usize, index);
+        }
+    }
 
     #[test]
     fn every_kind_compiles() {

@@ -25,6 +25,7 @@ pub(super) fn start() -> io::Result<()> {
         .name("spawner".into())
         .spawn(move || {
             super::enter_or_abort(super::ThreadKind::Spawner);
+            super::precompile();
             for (mut command, reply) in incoming {
                 let _ = reply.send(command.spawn());
             }
