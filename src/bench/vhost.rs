@@ -59,35 +59,29 @@ pub fn figure_id(case: &str, backend: &str) -> String {
 
 /// Measures the family.
 pub fn run(bench: &mut Bench) {
-    let (kernel, initramfs) = guest_files();
-    let reason = if bench.tools.qemu_system.is_none() {
-        Some((Status::NotInstalled, "qemu-system-x86_64 not installed".into()))
-    } else if bench.tools.qsd.is_none() {
-        Some((Status::NotInstalled, "qemu-storage-daemon not installed".into()))
-    } else if !kernel.is_file() || !initramfs.is_file() {
-        Some((
-            Status::Skipped,
-            format!(
-                "no guest kernel/initramfs at {} and {} (scripts/fetch-guest-kernel.sh and \
-                 scripts/build-initramfs.sh, or set SNAPVMM_GUEST_DIR)",
-                kernel.display(),
-                initramfs.display()
-            ),
-        ))
-    } else {
-        None
-    };
-    let (Some(qemu), Some(qsd), None) = (
-        bench.tools.qemu_system.clone(),
-        bench.tools.qsd.clone(),
-        reason.clone(),
-    ) else {
-        let (status, note) = reason.unwrap_or((Status::Skipped, String::new()));
+    let unmeasured = |bench: &mut Bench, status: Status, note: String| {
         for (_, _, figure) in figures() {
             bench.unmeasured(figure, status, note.clone());
         }
-        return;
     };
+    let Some(qemu) = bench.tools.qemu_system.clone() else {
+        let note = "qemu-system-x86_64 not installed".into();
+        return unmeasured(bench, Status::NotInstalled, note);
+    };
+    let Some(qsd) = bench.tools.qsd.clone() else {
+        let note = "qemu-storage-daemon not installed".into();
+        return unmeasured(bench, Status::NotInstalled, note);
+    };
+    let (kernel, initramfs) = guest_files();
+    if !kernel.is_file() || !initramfs.is_file() {
+        let note = format!(
+            "no guest kernel/initramfs at {} and {} (scripts/fetch-guest-kernel.sh and \
+             scripts/build-initramfs.sh, or set SNAPVMM_GUEST_DIR)",
+            kernel.display(),
+            initramfs.display()
+        );
+        return unmeasured(bench, Status::Skipped, note);
+    }
     let dir = bench.dir.join("vhost");
     let image = dir.join("disk.qcow2");
     bench.step("vhost-user-blk: 512 MiB image");
@@ -250,7 +244,9 @@ impl Guest {
             .map_err(|e| format!("creating {}: {e}", console.display()))?;
         let mut command = Command::new(&self.qemu);
         command
-            .args(["-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512"])
+            .args([
+                "-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512",
+            ])
             .args([
                 "-object",
                 "memory-backend-memfd,id=mem,size=512M,share=on",
@@ -283,8 +279,7 @@ impl Guest {
         let child = command.spawn().map_err(|e| format!("{what}: {e}"))?;
         wait_until(Process(child), BOOT_TIMEOUT)
             .map_err(|e| format!("{}: {e}", self.qemu.display()))?;
-        std::fs::read_to_string(&console)
-            .map_err(|e| format!("reading {}: {e}", console.display()))
+        std::fs::read_to_string(&console).map_err(|e| format!("reading {}: {e}", console.display()))
     }
 }
 
@@ -355,7 +350,8 @@ fn parse_console(console: &str) -> Result<BootResult, String> {
                 }
             }
             ["snapvmm:", "dd-requests", case, reads, writes] => {
-                if let (Some(c), Ok(reads), Ok(writes)) = (index(case), reads.parse(), writes.parse())
+                if let (Some(c), Ok(reads), Ok(writes)) =
+                    (index(case), reads.parse(), writes.parse())
                 {
                     requests[c] = Some((reads, writes));
                 }
