@@ -94,6 +94,11 @@ boot() {
     sed 's/\r$//' "$console" | awk -v n="$name" '$1 == "snapvmm:" && $2 == "dd" && NF == 5 && $5 > 0 {
             printf "%s %s %.1f\n", n, $3, $4 / $5 / 1e6
         }' >>"$dir/results"
+    # How the guest's driver split the I/O: its queue limits and each case's request count.
+    sed 's/\r$//' "$console" | awk -v n="$name" '$1 == "snapvmm:" && $2 == "dd-queue" {
+            $1 = ""; $2 = ""; print n ":" $0 }' >"$dir/queue-$name"
+    sed 's/\r$//' "$console" | awk -v n="$name" '$1 == "snapvmm:" && $2 == "dd-requests" && NF == 5 {
+            print n, $3, $4, $5 }' >>"$dir/requests"
     if ! grep -q '^snapvmm: dd ' "$console"; then
         echo "compare-vhost: no dd figures from $name; console:" >&2
         tail -n 30 "$console" >&2
@@ -102,6 +107,7 @@ boot() {
 }
 
 : >"$dir/results"
+: >"$dir/requests"
 for round in $(seq "$ROUNDS"); do
     if ((round % 2)); then order="snapvmm qemu"; else order="qemu snapvmm"; fi
     for name in $order; do
@@ -120,3 +126,7 @@ for case in read-1M-seq read-4k-direct write-1M-direct write-4k-direct; do
     awk -v c="$case" -v a="$ours" -v b="$theirs" \
         'BEGIN { printf "%-18s %10.1f %10.1f %7.2fx\n", c, a, b, (b > 0 ? a / b : 0) }'
 done
+echo
+echo "the guest driver's queue limits on each backend, and requests per case (reads writes, first boot)"
+cat "$dir"/queue-* 2>/dev/null || true
+awk '!seen[$1 " " $2]++ { printf "%-8s %-18s %8s %8s\n", $1, $2, $3, $4 }' "$dir/requests"

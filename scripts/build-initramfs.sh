@@ -19,7 +19,9 @@
 #                       ext4-write-verify recorded: "snapvmm: ext4-verify ok N files"
 #   dd-bench            dd on /dev/vda: 1 MiB sequential reads, 4 KiB O_DIRECT reads, 1 MiB
 #                       and 4 KiB O_DIRECT writes, each on a cold cache, printing
-#                       "snapvmm: dd CASE BYTES SECONDS" lines
+#                       "snapvmm: dd CASE BYTES SECONDS" lines (and the device's queue
+#                       limits and each case's request count, "snapvmm: dd-queue ..." and
+#                       "snapvmm: dd-requests CASE READS WRITES")
 #   shell               an interactive busybox shell on the console
 # Whatever the workload, when the VM has a virtio-serial port named org.qemu.guest_agent.0
 # (QEMU: -device virtio-serial -device virtserialport,name=org.qemu.guest_agent.0,...),
@@ -182,23 +184,39 @@ ext4_verify() {
     umount /mnt
 }
 
+# requests_done: reads and writes /dev/vda completed so far ("READS WRITES", from its stat).
+requests_done() {
+    awk '{ print $1, $5 }' /sys/block/vda/stat
+}
+
 # timed_dd CASE BYTES DD-ARGS...: runs dd on a cold page cache and prints
-# "snapvmm: dd CASE BYTES SECONDS" (busybox's dd prints no timing of its own).
+# "snapvmm: dd CASE BYTES SECONDS", then "snapvmm: dd-requests CASE READS WRITES": the
+# requests the driver sent the device meanwhile, which shows how it split the I/O
+# (busybox's dd prints no timing of its own).
 timed_dd() {
     name=$1 bytes=$2
     shift 2
     sync
     echo 3 >/proc/sys/vm/drop_caches
+    before=$(requests_done)
     start=$(cut -d' ' -f1 /proc/uptime)
     if dd "$@" 2>/dev/null; then
         end=$(cut -d' ' -f1 /proc/uptime)
         echo "snapvmm: dd $name $bytes $(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')"
+        echo "snapvmm: dd-requests $name $(echo "$before $(requests_done)" |
+            awk '{ print $3 - $1, $4 - $2 }')"
     else
         echo "snapvmm: dd $name FAILED"
     fi
 }
 
 dd_bench() {
+    # The limits the driver derived from the device's config space: they decide how a
+    # 1 MiB request is split.
+    q=/sys/block/vda/queue
+    echo "snapvmm: dd-queue max_segments=$(cat $q/max_segments)" \
+        "max_segment_size=$(cat $q/max_segment_size) max_sectors_kb=$(cat $q/max_sectors_kb)" \
+        "max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb) nr_requests=$(cat $q/nr_requests)"
     timed_dd read-1M-seq 268435456 if=/dev/vda of=/dev/null bs=1M count=256
     timed_dd read-4k-direct 67108864 if=/dev/vda of=/dev/null bs=4k count=16384 iflag=direct
     timed_dd write-1M-direct 268435456 if=/dev/zero of=/dev/vda bs=1M count=256 oflag=direct

@@ -108,6 +108,13 @@ pub fn comparisons(report: &Report) -> Vec<Comparison> {
             format!("firecracker.snapshot_load.{mib}"),
         ));
     }
+    for (case, _) in super::vhost::CASES {
+        pairs.push((
+            format!("Linux guest {case} over vhost-user-blk (TCG)"),
+            super::vhost::figure_id(case, "snapvmm"),
+            super::vhost::figure_id(case, "qsd"),
+        ));
+    }
     pairs
         .into_iter()
         .filter_map(|(what, ours, theirs)| {
@@ -177,15 +184,15 @@ pub fn gaps(report: &Report) -> Vec<Gap> {
             1.2,
             not_run,
         ),
-        Gap {
-            figure: "vhost-user-blk 1 MiB direct writes in a Linux guest, vs qemu-storage-daemon"
-                .into(),
-            now: "not measured by snapvmm bench (needs a Linux guest on vhost-user: \
-                  benches/compare-vhost.sh)"
-                .into(),
-            target: ">= 1.00x".into(),
-            met: None,
-        },
+        ratio_gap(
+            "vhost-user-blk 1 MiB direct writes in a Linux guest, vs qemu-storage-daemon",
+            ratio_of(
+                &super::vhost::figure_id("write-1M-direct", "snapvmm"),
+                &super::vhost::figure_id("write-1M-direct", "qsd"),
+            ),
+            1.0,
+            not_run,
+        ),
     ];
 
     // Live overlay switch: p99 at every size measured.

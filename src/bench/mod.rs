@@ -42,6 +42,7 @@ mod seccomp;
 mod stats;
 mod switch;
 mod tools;
+mod vhost;
 
 use model::{Figure, Report, Status};
 use stats::Summary;
@@ -71,7 +72,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
     /// Run only these families, comma-separated: switch, guest-stall, jobs, internal, cow,
-    /// checkpoint, qemu-live, clones, firecracker [default: all].
+    /// checkpoint, qemu-live, vhost, clones, firecracker, seccomp [default: all].
     #[arg(long, value_name = "FAMILIES", value_delimiter = ',', value_parser = family_name)]
     only: Vec<String>,
     /// Also measure Firecracker's snapshot create and load with this Firecracker binary,
@@ -184,7 +185,7 @@ impl Bench {
 type Family = (&'static str, &'static str, fn(&mut Bench));
 
 /// The families, in the order they run.
-const FAMILIES: [Family; 10] = [
+const FAMILIES: [Family; 11] = [
     ("switch", "live overlay switch (host)", switch::run),
     (
         "guest-stall",
@@ -196,6 +197,7 @@ const FAMILIES: [Family; 10] = [
     ("cow", "4K copy-on-write writes", cow::run),
     ("checkpoint", "checkpoints", checkpoint::run),
     ("qemu-live", "QEMU live snapshot", qemu_live::run),
+    ("vhost", "vhost-user-blk vs qemu-storage-daemon", vhost::run),
     ("clones", "clones", clones::run),
     ("firecracker", "Firecracker snapshots", firecracker::run),
     ("seccomp", "seccomp filters on and off", seccomp::run),

@@ -33,7 +33,7 @@ const LOOP: &str = "while :; do dd if=/dev/zero of=/dev/vda bs=4096 count=1 \
 
 /// The kernel and initramfs: `SNAPVMM_GUEST_DIR` (as `scripts/fetch-guest-kernel.sh` and
 /// `scripts/build-initramfs.sh` fill it), else `target/guest` under the current directory.
-fn guest_files() -> (PathBuf, PathBuf) {
+pub(super) fn guest_files() -> (PathBuf, PathBuf) {
     let dir = std::env::var_os("SNAPVMM_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/guest"));

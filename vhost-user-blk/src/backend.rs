@@ -4,7 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -23,12 +23,11 @@ use vmm::devices::virtio::block::queue::serve_queue;
 use vmm::devices::virtio::block::request::{DiskLimits, RequestProcessor};
 use vmm::devices::virtio::block::{BlockConfig, DiskBackend, ID_BYTES};
 
+use crate::poll::PollWindow;
+
 /// The frontend's guest memory as the backend maps it (no dirty log: the frontend's VMM
 /// tracks its own guest's memory).
 pub type FrontendMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-
-/// How long a queue worker watches its ring for more requests before going back to sleep.
-const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// Largest config read answered; the vhost-user message size bounds requests anyway.
 const MAX_CONFIG_READ: u32 = 4096;
@@ -43,7 +42,7 @@ pub struct BlockBackend {
     /// The frontend's memory once it sent a table that checked out; `None` before, and after
     /// a table that did not (queues are then left alone).
     memory: RwLock<Option<FrontendMemory>>,
-    processors: Vec<Mutex<RequestProcessor>>,
+    workers: Vec<Mutex<Worker>>,
     /// Ends the frontend's connection: called when its ring is broken, so a hostile or
     /// buggy frontend costs one error, not a worker spinning on its queue for ever.
     on_broken_ring: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -65,8 +64,8 @@ impl BlockBackend {
             id: config.id_bytes(),
             features: config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             config_space: config.config_space(disk.size()),
-            processors: (0..config.num_queues)
-                .map(|_| Mutex::new(RequestProcessor::new()))
+            workers: (0..config.num_queues)
+                .map(|_| Mutex::new(Worker::default()))
                 .collect(),
             memory: RwLock::new(None),
             on_broken_ring: std::sync::OnceLock::new(),
@@ -105,7 +104,7 @@ impl BlockBackend {
             tracing::warn!("{name}: kicked without a valid memory table; ignored");
             return;
         };
-        let Some(processor) = self.processors.get(queue_index) else {
+        let Some(worker) = self.workers.get(queue_index) else {
             tracing::warn!("{name}: no such queue");
             return;
         };
@@ -114,11 +113,13 @@ impl BlockBackend {
             read_only: self.config.read_only,
             id: &self.id,
         };
-        let mut processor = processor.lock();
+        let mut worker = worker.lock();
+        let Worker { processor, poll } = &mut *worker;
+        poll.woken(Instant::now());
         loop {
             {
                 // The vring lock is taken per pass (and its read side for at most
-                // POLL_BEFORE_SLEEP while polling), so the frontend's messages
+                // poll::POLL_MAX while polling), so the frontend's messages
                 // (GET_VRING_BASE on stop) are never held up for long.
                 let mut state = vring.get_mut();
                 if !state.is_enabled() || !state.get_queue().ready() {
@@ -128,7 +129,7 @@ impl BlockBackend {
                     &name,
                     state.get_queue_mut(),
                     &*memory,
-                    &mut processor,
+                    processor,
                     &*self.disk,
                     limits,
                 ) {
@@ -150,27 +151,48 @@ impl BlockBackend {
                     }
                 }
             }
-            // Watch the ring a little before sleeping: the driver's next request often
-            // follows its completion closely, and catching it here saves the kick's wake-up
-            // (QEMU's event loop polls the same way). A kick that arrives meanwhile only
-            // finds the ring served.
-            if !poll_avail(vring, &*memory) {
+            // Watch the ring a little before sleeping, for as long as watching has been
+            // paying (`poll`): the driver's next request often follows its completion
+            // closely, and catching it here saves the kick's wake-up. A kick that arrives
+            // meanwhile only finds the ring served.
+            if !poll_avail(vring, &*memory, poll.window()) {
+                poll.sleeping(Instant::now());
                 return;
             }
         }
     }
 }
 
-/// Spins up to [`POLL_BEFORE_SLEEP`] until the driver makes a request available.
-fn poll_avail<M: GuestMemoryBackend>(vring: &VringRwLock<FrontendMemory>, memory: &M) -> bool {
+/// Spins up to `window` until the driver makes a request available.
+fn poll_avail<M: GuestMemoryBackend>(
+    vring: &VringRwLock<FrontendMemory>,
+    memory: &M,
+    window: std::time::Duration,
+) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
-    let deadline = Instant::now() + POLL_BEFORE_SLEEP;
+    let deadline = Instant::now() + window;
     loop {
         match queue.avail_idx(memory, Ordering::Acquire) {
             Ok(idx) if idx.0 != queue.next_avail() => return true,
             Ok(_) if Instant::now() < deadline => std::hint::spin_loop(),
             _ => return false,
+        }
+    }
+}
+
+/// What a queue's worker thread keeps between wake-ups.
+#[derive(Debug)]
+struct Worker {
+    processor: RequestProcessor,
+    poll: PollWindow,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker {
+            processor: RequestProcessor::new(),
+            poll: PollWindow::default(),
         }
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`backend`]: the device model for `vhost-user-backend`, reusing the VMM's virtio-blk
 //!   request parser and queue loop over the frontend's shared memory.
+//! - [`poll`]: how long a queue worker watches its ring before sleeping, sized on how
+//!   soon the driver's requests follow each other.
 //! - [`BlkDaemon`] (here): listens on the vhost-user socket and serves one frontend at a time;
 //!   when it disconnects the disk stays open and the next frontend (a restarted QEMU) finds
 //!   it again.
@@ -16,6 +18,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod poll;
 
 #[cfg(test)]
 mod tests;

