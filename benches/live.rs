@@ -1,7 +1,7 @@
 //! Live snapshot and block-job benchmarks.
 //!
-//! - `switch_stall/{disks}x{size}`: the guest-visible stall of an external snapshot (disks
-//!   quiesced → every disk serving I/O from its new overlay) while writer threads issue 4 KiB
+//! - `switch_stall/{disks}x{size}`: the I/O hold of an external snapshot (new requests held
+//!   → every disk serving from its new overlay; no drain) while writer threads issue 4 KiB
 //!   random writes, for 1 and 8 disks of 1 GiB and 64 GiB (sparse). Criterion times the
 //!   stall alone; p50/p99 over all samples are printed at the end of each group. Disks are
 //!   rebuilt every 32 snapshots (untimed) so chains stay short.

@@ -4,19 +4,22 @@
 //! 1. Outside the critical section: claim every disk, create each overlay file (qcow2,
 //!    backing = the disk's current top, backing format recorded, synced), open it on top of
 //!    the live top, and then flush every top.
-//! 2. Critical section, all disks quiesced as one hold (new requests stopped on every disk,
-//!    then the ones in flight drained, locks in a fixed order): run the caller's hook
-//!    (a memory checkpoint sees exactly these disk contents), switch every disk to its
-//!    overlay. Any failure up to here puts every disk back on its old top and removes every
-//!    file step 1 created.
-//! 3. Resume, then seal every old top: flush it and make it read-only. Until that is done,
-//!    a guest flush on the disk flushes the old top too, so a flush acknowledged after the
-//!    switch still covers writes made before it.
+//! 2. The switch. With a hook to run at the snapshot's instant (a memory checkpoint must
+//!    see exactly the disks' contents), all disks are quiesced as one hold (new requests
+//!    stopped on every disk, then the ones in flight drained, locks in a fixed order), the
+//!    hook runs, every disk switches to its overlay. Without one, the disks switch without
+//!    a drain (`LiveDisk::switch_all`): requests in flight finish on the old tops, a new
+//!    write waits only for an old-top write in flight on the same cluster. Any failure up
+//!    to here puts every disk back on its old top and removes every file step 1 created.
+//! 3. Resume, then seal every old top: wait for the requests still running on it, flush it
+//!    and make it read-only. Until that is done, a guest flush on the disk flushes the old
+//!    top too, so a flush acknowledged after the switch still covers writes made before it.
 //!
-//! The stall the guest sees is step 2: the hook and pointer swaps, no I/O at all. It does
-//! not depend on the size of the disks or of their caches.
+//! The stall the guest sees is step 2: pointer swaps (and the drain and the hook when
+//! there is a hook), no I/O of ours. It does not depend on the size of the disks or of their
+//! caches; without a hook, not on how slow the requests in flight are either.
 //!
-//! [`external_snapshot_with`] runs the three steps in a row. [`prepare`] returns them
+//! [`external_snapshot`] and [`external_snapshot_with`] run the three steps in a row. [`prepare`] returns them
 //! separately ([`PreparedSnapshot`]) for a caller that owns the critical section: a live
 //! fork switches the disks inside its checkpoint's final stop, with the files created
 //! before the vCPUs stop and the old tops sealed after they run again.
@@ -25,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use storage::live::{DiskClaim, LiveDisk};
+use storage::live::{DiskClaim, LiveDisk, TopSwitch};
 use storage::qcow2::{CreateOptions, Qcow2Image};
 use storage::{BlockDevice, OpenOptions};
 
@@ -66,8 +69,8 @@ impl DiskOverlay {
 /// What a successful snapshot did.
 #[derive(Debug, Clone)]
 pub struct SnapshotReport {
-    /// How long guest requests were held back: draining the requests in flight, the hook
-    /// and the switch.
+    /// How long guest requests were held back: the switch, and for a snapshot with a hook
+    /// the drain of the requests in flight and the hook too.
     pub quiesced_for: Duration,
     /// For each disk, in the order given: the old top, now read-only.
     pub old_tops: Vec<PathBuf>,
@@ -85,8 +88,14 @@ pub struct SnapshotReport {
 /// ])?;
 /// # Ok(()) }
 /// ```
+///
+/// With no hook to run at the snapshot's instant, the disks switch without draining
+/// ([`PreparedSnapshot::switch_in_flight`]): the guest's I/O is held only for the pointer
+/// swaps, however slow the requests in flight are.
 pub fn external_snapshot(overlays: &[DiskOverlay]) -> Result<SnapshotReport> {
-    external_snapshot_with(overlays, || Ok(()))
+    let mut prepared = prepare(overlays)?;
+    prepared.switch_in_flight()?;
+    prepared.seal()
 }
 
 /// Like [`external_snapshot`], and runs `hook` while every disk is quiesced (no request in
@@ -297,6 +306,37 @@ impl PreparedSnapshot {
         Ok(quiesced_for)
     }
 
+    /// Step 2 without a drain, for a snapshot with nothing to record at its instant: every
+    /// disk switches to its overlay while the requests in flight finish on the old tops
+    /// ([`LiveDisk::switch_all`]). Returns how long new requests were held: the pointer
+    /// swaps. A write to an overlay that touches a cluster an old-top write in flight
+    /// changes waits for that write; [`PreparedSnapshot::seal`] waits for all of them.
+    ///
+    /// A failure (a disk's top changed since [`prepare`]) switches nothing.
+    pub fn switch_in_flight(&mut self) -> Result<Duration> {
+        if self.is_switched() {
+            return Err(Error::InvalidArgument(
+                "the snapshot's disks are switched already".into(),
+            ));
+        }
+        let switches: Vec<TopSwitch<'_>> = self
+            .specs
+            .iter()
+            .zip(&self.overlays)
+            .zip(&self.old_tops)
+            .map(|((spec, overlay), old_top)| TopSwitch {
+                disk: &spec.disk,
+                from: old_top,
+                to: overlay.clone(),
+            })
+            .collect();
+        let started = Instant::now();
+        LiveDisk::switch_all(&switches)?;
+        let held = started.elapsed();
+        self.quiesced_for = Some(held);
+        Ok(held)
+    }
+
     /// Step 3, with the guest running again: seals every old top (flushed and read-only, as
     /// a backing file must be) and releases the disks. A failure here cannot be rolled back
     /// (the guest has written to the overlays): it is [`Error::AfterSwitch`], the overlays
@@ -311,6 +351,8 @@ impl PreparedSnapshot {
         };
         let mut sealed = Ok(());
         for (spec, old_top) in self.specs.iter().zip(&self.old_tops) {
+            // After a switch without a drain, writes may still land on the old top.
+            spec.disk.settle();
             if let Err(e) = seal_in_place(old_top) {
                 tracing::error!(disk = spec.disk.name(), error = %e, "flushing the old top failed");
                 sealed = sealed.and(Err(e));

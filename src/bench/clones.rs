@@ -64,8 +64,6 @@ fn figure(count: u32, mib: u64) -> Figure {
 struct Parent {
     child: Child,
     api: ApiClient,
-    /// The parent's stderr: its last lines explain a failed request.
-    log: PathBuf,
 }
 
 impl Parent {
@@ -74,9 +72,6 @@ impl Parent {
         let disk = dir.join("base.qcow2");
         super::images::qcow2(&disk, 1 << 20, None)?;
         let socket = dir.join("api.sock");
-        let log = dir.join("parent.log");
-        let stderr =
-            std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let child = Command::new(exe)
             .arg("run")
             .args(["--guest", "builtin:counter", "--memory", &mib.to_string()])
@@ -86,11 +81,11 @@ impl Parent {
             .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting {} run: {e}", exe.display()))?;
         let api = ApiClient::new(&socket).map_err(|e| format!("API client runtime: {e}"))?;
-        let mut parent = Parent { child, api, log };
+        let mut parent = Parent { child, api };
         let start = Instant::now();
         while parent.api.raw("GET", "/vm", &[]).is_err() {
             if let Ok(Some(status)) = parent.child.try_wait() {
@@ -110,7 +105,7 @@ impl Parent {
         let answer = self
             .api
             .raw("PUT", path, body.to_string().as_bytes())
-            .map_err(|e| format!("PUT {path}: {e}{}", self.last_words()))?;
+            .map_err(|e| format!("PUT {path}: {e}"))?;
         if (200..300).contains(&answer.status) {
             Ok(answer.body)
         } else {
@@ -118,18 +113,6 @@ impl Parent {
                 "PUT {path} answered {}: {}",
                 answer.status, answer.body
             ))
-        }
-    }
-
-    /// The end of the parent's stderr, for an error message (empty when it said nothing).
-    fn last_words(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-        if tail.is_empty() {
-            String::new()
-        } else {
-            format!(" (snapvmm run said: {tail})")
         }
     }
 

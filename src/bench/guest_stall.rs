@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use snapshot::commit::{commit, CommitOptions};
-use snapshot::live_snapshot::{external_snapshot_with, DiskOverlay};
+use snapshot::live_snapshot::{prepare, DiskOverlay};
 use snapshot::JobStatus;
 
 use super::micro_guest::{start_io_bench, tsc_hz, TIMEOUT};
@@ -82,14 +82,16 @@ fn measure(dir: &Path, count: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
     for n in 0..count {
         let overlay = dir.join(format!("s{n}.qcow2"));
         guest.console.drain();
-        // The hook runs with the disk quiesced, just before the switch: the request the
-        // guest has in flight then completes in the first window reported after it.
-        let mut switch = Instant::now();
-        external_snapshot_with(&[DiskOverlay::new(&disk, &overlay)], || {
-            switch = Instant::now();
-            Ok(())
-        })
-        .map_err(|e| format!("snapshot: {e}"))?;
+        // The switch a disk-only snapshot makes (no drain): the request the guest has in
+        // flight finishes on the old top, and the first window reported after the switch
+        // bounds the stall.
+        let mut prepared =
+            prepare(&[DiskOverlay::new(&disk, &overlay)]).map_err(|e| format!("snapshot: {e}"))?;
+        let switch = Instant::now();
+        prepared
+            .switch_in_flight()
+            .map_err(|e| format!("snapshot: {e}"))?;
+        prepared.seal().map_err(|e| format!("snapshot: {e}"))?;
         let mut longest = None;
         while longest.is_none() {
             let window = guest.next_window()?;

@@ -1,11 +1,13 @@
 //! The live disk: the handle a virtual device does I/O through, whose image chain can be
 //! re-pointed while requests are in flight.
 //!
-//! A [`LiveDisk`] owns the current top of a chain. Every request holds a shared lock on it
-//! for the duration of the I/O; [`LiveDisk::quiesce`] takes the lock exclusively, which waits
-//! for the requests in flight to drain and makes new ones wait until the guard is dropped.
-//! [`LiveDisk::quiesce_all`] does that for a set of disks as one hold: new requests stop on
-//! every disk before the drain of any begins.
+//! A [`LiveDisk`] owns the current top of a chain. Every request takes a reference to the
+//! disk's current view (top, dirty bitmap, copy-on-read) and is counted in that view's
+//! flight until it ends (`flight`); it holds no lock while its I/O runs.
+//! [`LiveDisk::quiesce`] holds new requests back, waits for the ones in flight to drain and
+//! keeps the disk that way until the guard is dropped. [`LiveDisk::quiesce_all`] does that
+//! for a set of disks as one hold: new requests stop on every disk before the drain of any
+//! begins. [`LiveDisk::switch_all`] switches a set of disks to new tops without a drain.
 //! What happens under the guard (flush, swap the top, install a dirty bitmap) is therefore
 //! atomic with respect to the guest, and the stall it causes depends on the requests in
 //! flight and the metadata to flush, not on the size of the disk or of its caches.
@@ -35,14 +37,20 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 
-use crate::device::{check_range, Allocation, BlockDevice};
+use crate::device::{Allocation, BlockDevice};
 use crate::error::{Error, Result};
 use crate::qcow2::Fill;
+
+mod bitmap;
+mod flight;
+
+pub use bitmap::DirtyBitmap;
+use flight::{InFlight, Ticket};
 
 /// Source of [`LiveDisk::id`]: locks of a disk set are taken in id order, never deadlocking.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -57,11 +65,16 @@ pub struct CopyOnRead {
     pub base_depth: u32,
 }
 
-/// What the request path consults; replaced only under [`Quiesced`].
-struct State {
+/// What the request path consults: a request takes a reference to the current view and
+/// runs against it to its end. Replaced (never changed in place) under the disk's state
+/// lock, by a quiesce or a switch.
+#[derive(Clone)]
+struct View {
     top: Arc<dyn BlockDevice>,
     dirty: Option<Arc<DirtyBitmap>>,
     copy_on_read: Option<CopyOnRead>,
+    /// The requests running against `top`.
+    flight: Arc<InFlight>,
 }
 
 /// A disk as a virtual device sees it: one chain, whose top can be swapped while the guest
@@ -70,12 +83,21 @@ pub struct LiveDisk {
     id: u64,
     name: String,
     size: u64,
-    state: RwLock<State>,
+    /// Held shared only to take a reference to the view and enter its flight, exclusively
+    /// to replace the view: requests do not hold it while their I/O runs.
+    state: RwLock<Arc<View>>,
     /// The job or operation that owns the disk's chain right now ("stream", "commit", ...).
     owner: Mutex<Option<&'static str>>,
     /// Former tops switched away from but maybe not yet flushed: a guest flush must cover
     /// the writes it made before the switch too. See [`Quiesced::retire`].
     retired: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// The requests still running on tops a [`LiveDisk::switch_all`] switched away from
+    /// without draining them; new writes wait for those they overlap.
+    former: Mutex<Vec<Arc<InFlight>>>,
+    /// Whether `former` may be non-empty: the request path's one-load fast check.
+    has_former: AtomicBool,
+    /// New writes that waited for an overlapping write on a former top.
+    overlap_waits: AtomicU64,
     /// Holds new requests back from the moment a quiesce begins, before its drain.
     gate: Gate,
 }
@@ -149,13 +171,17 @@ impl LiveDisk {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.into(),
             size: top.size(),
-            state: RwLock::new(State {
+            state: RwLock::new(Arc::new(View {
                 top,
                 dirty: None,
                 copy_on_read: None,
-            }),
+                flight: Arc::default(),
+            })),
             owner: Mutex::new(None),
             retired: Mutex::new(Vec::new()),
+            former: Mutex::new(Vec::new()),
+            has_former: AtomicBool::new(false),
+            overlap_waits: AtomicU64::new(0),
             gate: Gate::new(),
         })
     }
@@ -182,7 +208,7 @@ impl LiveDisk {
 
     /// Fills `buf` from guest offset `offset`, populating the top when copy-on-read is on.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let state = self.request();
+        let state = self.request(None);
         state.top.read_at(buf, offset)?;
         if let Some(cor) = state.copy_on_read {
             copy_up(&*state.top, cor, buf, offset);
@@ -192,7 +218,7 @@ impl LiveDisk {
 
     /// Writes `buf` at guest offset `offset` into the top.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let state = self.request();
+        let state = self.request(Some((offset, buf.len() as u64)));
         let result = state.top.write_at(buf, offset);
         // Marked after the write, even a failed one: a mirror must copy the range again
         // after any change it could have missed.
@@ -204,7 +230,7 @@ impl LiveDisk {
 
     /// Makes a range read as zeroes (see [`BlockDevice::write_zeroes`]).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let state = self.request();
+        let state = self.request(Some((offset, len)));
         let result = state.top.write_zeroes(offset, len);
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -214,7 +240,7 @@ impl LiveDisk {
 
     /// Discards a range (see [`BlockDevice::discard`]).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let state = self.request();
+        let state = self.request(Some((offset, len)));
         let result = state.top.discard(offset, len);
         if let Some(dirty) = &state.dirty {
             dirty.mark(offset, len);
@@ -225,7 +251,7 @@ impl LiveDisk {
     /// A durability barrier (see [`BlockDevice::flush`]) on the current top, and on former
     /// tops still holding writes made before a switch.
     pub fn flush(&self) -> Result<()> {
-        let state = self.request();
+        let state = self.request(None);
         let retired: Vec<_> = self.retired.lock().clone();
         for old in &retired {
             old.flush()?;
@@ -233,11 +259,93 @@ impl LiveDisk {
         state.top.flush()
     }
 
-    /// The state a request runs against, held for the request's duration: past the gate,
-    /// shared with the other requests, excluding a quiesce.
-    fn request(&self) -> RwLockReadGuard<'_, State> {
+    /// The view a request runs against, counted in its flight until the request ends: past
+    /// the gate, and for a request that changes `(offset, len)`, past the writes still in
+    /// flight on former tops that change the same clusters (see [`LiveDisk::switch_all`]).
+    fn request(&self, changes: Option<(u64, u64)>) -> Request {
         self.gate.pass();
-        self.state.read()
+        let changes = changes.map(|(offset, len)| (offset, offset.saturating_add(len)));
+        let request = {
+            // Entered under the lock: a quiesce or switch, which takes it exclusively,
+            // sees every request that will run against the view it replaces.
+            let view = self.state.read();
+            let ticket = view.flight.enter(changes);
+            Request {
+                view: view.clone(),
+                ticket: Some(ticket),
+            }
+        };
+        if let Some((start, end)) = changes {
+            if self.has_former.load(Ordering::Acquire) {
+                self.wait_for_former_writes(&request.view, start, end);
+            }
+        }
+        request
+    }
+
+    /// Waits for the writes in flight on former tops that change a cluster of `top` that
+    /// `start..end` touches: a partial-cluster write to `top` copies the rest of its cluster
+    /// up from the former top, and must see every write the guest had started there.
+    ///
+    /// Only flights older than the request's own count: a switch after the request entered
+    /// its view makes that view's flight a former one too, and the request must not wait
+    /// for itself or for a neighbour that may be waiting for it.
+    fn wait_for_former_writes(&self, view: &View, start: u64, end: u64) {
+        let cluster = view.top.as_qcow2().map_or(1, |image| image.cluster_size());
+        let (start, end) = (
+            start - start % cluster,
+            end.saturating_add(cluster - 1) / cluster * cluster,
+        );
+        let former: Vec<Arc<InFlight>> = {
+            let mut former = self.former.lock();
+            former.retain(|flight| !flight.is_idle());
+            if former.is_empty() {
+                self.has_former.store(false, Ordering::Release);
+            }
+            former
+                .iter()
+                .filter(|flight| flight.is_older_than(&view.flight))
+                .cloned()
+                .collect()
+        };
+        let mut waited = false;
+        for flight in &former {
+            waited |= flight.wait_clear_of(start, end);
+        }
+        if waited {
+            self.overlap_waits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many writes have waited for an overlapping write still in flight on a top a
+    /// [`LiveDisk::switch_all`] switched away from (the only wait such a switch adds after
+    /// it ends).
+    pub fn overlap_waits(&self) -> u64 {
+        self.overlap_waits.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no request runs on a top this disk was switched away from, and forgets
+    /// those tops' requests. An old top is sealed only after this.
+    pub fn settle(&self) {
+        let former: Vec<Arc<InFlight>> = self.former.lock().clone();
+        for flight in &former {
+            flight.wait_idle();
+        }
+        let mut left = self.former.lock();
+        left.retain(|flight| !flight.is_idle());
+        if left.is_empty() {
+            self.has_former.store(false, Ordering::Release);
+        }
+    }
+
+    /// Waits for every request on the current view and on former tops: the drain of a
+    /// quiesce, run with the state lock held so no request starts meanwhile.
+    fn drain(&self, view: &View) {
+        view.flight.wait_idle();
+        let former: Vec<Arc<InFlight>> = self.former.lock().clone();
+        for flight in &former {
+            flight.wait_idle();
+        }
     }
 
     /// Forgets former tops that are read-only now (sealed, hence flushed).
@@ -250,9 +358,11 @@ impl LiveDisk {
     /// use [`Quiesced::top`].
     pub fn quiesce(&self) -> Quiesced<'_> {
         let gate = self.gate.close();
+        let state = self.state.write();
+        self.drain(&state);
         Quiesced {
             disk: self,
-            state: self.state.write(),
+            state,
             _gate: gate,
         }
     }
@@ -275,10 +385,16 @@ impl LiveDisk {
         // Every gate closes before any drain starts: from here on no disk of the set starts
         // a request, so the drains below wait for a fixed, small set of requests.
         let gates: Vec<ClosedGate<'a>> = disks.iter().map(|d| d.gate.close()).collect();
-        let mut locks: Vec<Option<RwLockWriteGuard<'a, State>>> =
+        let mut locks: Vec<Option<RwLockWriteGuard<'a, Arc<View>>>> =
             (0..disks.len()).map(|_| None).collect();
-        for i in order {
+        for &i in &order {
             locks[i] = Some(disks[i].state.write());
+        }
+        // The drains run side by side: each waits for requests already running.
+        for i in order {
+            if let Some(state) = &locks[i] {
+                disks[i].drain(state);
+            }
         }
         disks
             .iter()
@@ -292,6 +408,65 @@ impl LiveDisk {
                 })
             })
             .collect()
+    }
+
+    /// Switches every disk of a set to a new top at one instant, without draining: the
+    /// requests in flight finish on the tops they started on, new ones run on the new tops.
+    /// The hold is the time to take each disk's state lock (a request holds it only to
+    /// enter, never while its I/O runs) and swap pointers: it does not depend on how long
+    /// the requests in flight take. The set switches as one: every lock is taken, in
+    /// [`LiveDisk::id`] order, before any view changes, so no request sees some disks
+    /// switched and others not.
+    ///
+    /// What the drain guaranteed is kept where it matters. A write to a new top that
+    /// touches a cluster a former top's write in flight changes waits for that write first
+    /// (a partial-cluster write copies the rest of its cluster up from the former top).
+    /// A guest flush covers the former tops ([`Quiesced::retire`]). The caller seals a
+    /// former top only after [`LiveDisk::settle`].
+    ///
+    /// Nothing is switched on failure: a disk whose top is no longer `from`, a new top of
+    /// another size, a disk named twice.
+    pub fn switch_all(switches: &[TopSwitch<'_>]) -> Result<()> {
+        for (i, switch) in switches.iter().enumerate() {
+            let disk = switch.disk;
+            if switches[..i].iter().any(|other| other.disk.id == disk.id) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {} appears twice in one switch",
+                    disk.name
+                )));
+            }
+            check_new_top(disk, &switch.to)?;
+        }
+        let mut order: Vec<usize> = (0..switches.len()).collect();
+        order.sort_by_key(|&i| switches[i].disk.id);
+        let mut locks: Vec<Option<RwLockWriteGuard<'_, Arc<View>>>> =
+            (0..switches.len()).map(|_| None).collect();
+        for &i in &order {
+            locks[i] = Some(switches[i].disk.state.write());
+        }
+        let mut locks: Vec<_> = locks.into_iter().flatten().collect();
+        for (switch, view) in switches.iter().zip(&locks) {
+            if !Arc::ptr_eq(&view.top, switch.from) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk {}: its top changed before the switch",
+                    switch.disk.name
+                )));
+            }
+        }
+        for (switch, view) in switches.iter().zip(locks.iter_mut()) {
+            let disk = switch.disk;
+            disk.former.lock().push(view.flight.clone());
+            disk.has_former.store(true, Ordering::Release);
+            if !view.top.read_only() {
+                disk.retired.lock().push(view.top.clone());
+            }
+            **view = Arc::new(View {
+                top: switch.to.clone(),
+                flight: Arc::default(),
+                ..View::clone(view)
+            });
+        }
+        Ok(())
     }
 
     /// Reserves the disk's chain for one job or operation; the reservation ends when the
@@ -311,6 +486,52 @@ impl LiveDisk {
     /// Who holds the disk's claim, if anyone.
     pub fn owner(&self) -> Option<&'static str> {
         *self.owner.lock()
+    }
+}
+
+/// One disk of a [`LiveDisk::switch_all`].
+pub struct TopSwitch<'a> {
+    /// The disk to switch.
+    pub disk: &'a LiveDisk,
+    /// The top it must still have: the switch fails if it has another.
+    pub from: &'a Arc<dyn BlockDevice>,
+    /// Its new top, of the disk's size.
+    pub to: Arc<dyn BlockDevice>,
+}
+
+/// Refuses a new top of another size than the disk's.
+fn check_new_top(disk: &LiveDisk, top: &Arc<dyn BlockDevice>) -> Result<()> {
+    if top.size() != disk.size {
+        return Err(Error::InvalidArgument(format!(
+            "{}: cannot become the top of disk {}: size {} differs from the disk's {}",
+            top.path().display(),
+            disk.name,
+            top.size(),
+            disk.size
+        )));
+    }
+    Ok(())
+}
+
+/// A request running against a view, counted in the view's flight until dropped.
+struct Request {
+    view: Arc<View>,
+    ticket: Option<Ticket>,
+}
+
+impl std::ops::Deref for Request {
+    type Target = View;
+
+    fn deref(&self) -> &View {
+        &self.view
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.view.flight.leave(ticket);
+        }
     }
 }
 
@@ -354,7 +575,7 @@ pub struct Quiesced<'a> {
     disk: &'a LiveDisk,
     // Declared before the gate: the lock is released first, so the requests the gate
     // releases find the disk unlocked instead of parking again on the lock.
-    state: RwLockWriteGuard<'a, State>,
+    state: RwLockWriteGuard<'a, Arc<View>>,
     _gate: ClosedGate<'a>,
 }
 
@@ -372,16 +593,15 @@ impl Quiesced<'_> {
     /// Makes `top` serve every request from now on and returns the old top. The new top
     /// must have the disk's size.
     pub fn replace_top(&mut self, top: Arc<dyn BlockDevice>) -> Result<Arc<dyn BlockDevice>> {
-        if top.size() != self.disk.size {
-            return Err(Error::InvalidArgument(format!(
-                "{}: cannot become the top of disk {}: size {} differs from the disk's {}",
-                top.path().display(),
-                self.disk.name,
-                top.size(),
-                self.disk.size
-            )));
-        }
-        Ok(std::mem::replace(&mut self.state.top, top))
+        check_new_top(self.disk, &top)?;
+        let old = self.state.top.clone();
+        // Drained: the new top starts with a flight of its own.
+        *self.state = Arc::new(View {
+            top,
+            flight: Arc::default(),
+            ..View::clone(&self.state)
+        });
+        Ok(old)
     }
 
     /// Records `old`, a top this disk no longer writes to, as possibly holding writes that
@@ -395,12 +615,18 @@ impl Quiesced<'_> {
 
     /// Starts (`Some`) or stops (`None`) recording guest writes in `bitmap`.
     pub fn set_dirty_bitmap(&mut self, bitmap: Option<Arc<DirtyBitmap>>) {
-        self.state.dirty = bitmap;
+        *self.state = Arc::new(View {
+            dirty: bitmap,
+            ..View::clone(&self.state)
+        });
     }
 
     /// Turns copy-on-read on (`Some`) or off (`None`).
     pub fn set_copy_on_read(&mut self, copy_on_read: Option<CopyOnRead>) {
-        self.state.copy_on_read = copy_on_read;
+        *self.state = Arc::new(View {
+            copy_on_read,
+            ..View::clone(&self.state)
+        });
     }
 }
 
@@ -444,321 +670,5 @@ impl Drop for DiskClaim {
     }
 }
 
-/// Which granules of a disk changed since they were last taken: the guest-write log a
-/// mirror copies from. Lock-free: marking is a `fetch_or`, taking a `fetch_and`.
-#[derive(Debug)]
-pub struct DirtyBitmap {
-    granule_bits: u32,
-    size: u64,
-    words: Box<[AtomicU64]>,
-    /// Number of set bits, kept alongside so progress needs no scan.
-    count: AtomicU64,
-}
-
-impl DirtyBitmap {
-    /// A clean bitmap for a disk of `size` bytes tracked in `granule`-byte units (a power of
-    /// two, at least 512).
-    pub fn new(size: u64, granule: u64) -> Result<Self> {
-        if !granule.is_power_of_two() || granule < 512 {
-            return Err(Error::InvalidArgument(format!(
-                "dirty bitmap granule {granule} is not a power of two of at least 512"
-            )));
-        }
-        let granules = size.div_ceil(granule);
-        Ok(DirtyBitmap {
-            granule_bits: granule.trailing_zeros(),
-            size,
-            words: (0..granules.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            count: AtomicU64::new(0),
-        })
-    }
-
-    /// Bytes per granule.
-    pub fn granule(&self) -> u64 {
-        1 << self.granule_bits
-    }
-
-    /// Marks every granule that `offset..offset+len` touches.
-    pub fn mark(&self, offset: u64, len: u64) {
-        if len == 0 || check_range(offset, len, self.size).is_err() {
-            return;
-        }
-        let first = offset >> self.granule_bits;
-        let last = (offset + len - 1) >> self.granule_bits;
-        for granule in first..=last {
-            let bit = 1u64 << (granule % 64);
-            let old = self.words[(granule / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-            if old & bit == 0 {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Clears and returns the first dirty granule at or after granule `from` (wrapping
-    /// round once), as a byte range `(offset, len)`.
-    pub fn take_next(&self, from: u64) -> Option<(u64, u64)> {
-        let words = self.words.len();
-        if words == 0 {
-            return None;
-        }
-        let start_word = ((from / 64) as usize).min(words - 1);
-        for step in 0..=words {
-            let w = (start_word + step) % words;
-            let mut value = self.words[w].load(Ordering::Acquire);
-            if step == 0 {
-                // Granules below `from` in the first word are visited on the wrap.
-                value &= !0u64 << (from % 64);
-            }
-            while value != 0 {
-                let bit = value.trailing_zeros() as u64;
-                let mask = 1u64 << bit;
-                if self.words[w].fetch_and(!mask, Ordering::AcqRel) & mask != 0 {
-                    self.count.fetch_sub(1, Ordering::Relaxed);
-                    let granule = w as u64 * 64 + bit;
-                    let offset = granule << self.granule_bits;
-                    return Some((offset, self.granule().min(self.size - offset)));
-                }
-                value &= !mask;
-            }
-        }
-        None
-    }
-
-    /// Like [`DirtyBitmap::take_next`], and goes on taking the dirty granules that follow
-    /// it, up to `max_len` bytes in all, so that neighbouring granules are copied in one
-    /// request.
-    pub fn take_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
-        let (offset, mut len) = self.take_next(from)?;
-        let mut granule = (offset + len) >> self.granule_bits;
-        while len < max_len && (granule << self.granule_bits) < self.size {
-            let word = &self.words[(granule / 64) as usize];
-            let mask = 1u64 << (granule % 64);
-            if word.fetch_and(!mask, Ordering::AcqRel) & mask == 0 {
-                break;
-            }
-            self.count.fetch_sub(1, Ordering::Relaxed);
-            len += self
-                .granule()
-                .min(self.size - (granule << self.granule_bits));
-            granule += 1;
-        }
-        Some((offset, len))
-    }
-
-    /// Number of dirty granules.
-    pub fn dirty_granules(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Number of dirty bytes (granules times granule size, the last one clipped).
-    pub fn dirty_bytes(&self) -> u64 {
-        (self.dirty_granules() << self.granule_bits).min(self.size)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::sync::mpsc;
-    use std::time::Duration;
-
-    use super::*;
-    use crate::device::{BlockStatus, ImageInfo};
-    use crate::raw::RawImage;
-
-    /// A real raw image whose first write at offset 0 parks inside the device until the
-    /// test lets it go: a request in flight for exactly as long as the test wants.
-    struct HeldWrite {
-        inner: RawImage,
-        entered: Mutex<Option<mpsc::Sender<()>>>,
-        release: Mutex<Option<mpsc::Receiver<()>>>,
-    }
-
-    impl BlockDevice for HeldWrite {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            self.inner.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-            if offset == 0 {
-                if let Some(entered) = self.entered.lock().take() {
-                    entered.send(()).unwrap();
-                    let release = self.release.lock().take().unwrap();
-                    release.recv().unwrap();
-                }
-            }
-            self.inner.write_at(buf, offset)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-            self.inner.write_zeroes(offset, len)
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<()> {
-            self.inner.discard(offset, len)
-        }
-        fn flush(&self) -> Result<()> {
-            self.inner.flush()
-        }
-        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-            self.inner.block_status(offset, len)
-        }
-        fn read_only(&self) -> bool {
-            self.inner.read_only()
-        }
-        fn info(&self) -> ImageInfo {
-            self.inner.info()
-        }
-        fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-            None
-        }
-        fn path(&self) -> &std::path::Path {
-            self.inner.path()
-        }
-    }
-
-    fn raw(dir: &std::path::Path, name: &str) -> RawImage {
-        let path = dir.join(name);
-        RawImage::create(&path, 1 << 20).unwrap();
-        RawImage::open(&path, false, false).unwrap()
-    }
-
-    /// A quiesce of a disk set holds back requests on every disk of it from its start: a
-    /// request issued on the second disk while the first is still draining waits for the
-    /// hold to end instead of slipping in (which would make one hold as long as a chain of
-    /// requests, one per disk, as a guest writing its disks in turn produces).
-    #[test]
-    fn quiesce_all_closes_every_disk_before_draining_any() {
-        let dir = tempfile::tempdir().unwrap();
-        let (entered_tx, entered) = mpsc::channel();
-        let (release, release_rx) = mpsc::channel();
-        let first = LiveDisk::new(
-            "vda",
-            Arc::new(HeldWrite {
-                inner: raw(dir.path(), "a.raw"),
-                entered: Mutex::new(Some(entered_tx)),
-                release: Mutex::new(Some(release_rx)),
-            }),
-        );
-        let second = LiveDisk::new("vdb", Arc::new(raw(dir.path(), "b.raw")));
-        assert!(first.id() < second.id(), "the first disk is drained first");
-
-        // A write in flight on the first disk.
-        let in_flight = std::thread::spawn({
-            let first = first.clone();
-            move || first.write_at(&[1; 512], 0).unwrap()
-        });
-        entered.recv().unwrap();
-
-        // The quiesce starts: it closes both gates, then waits for the write above.
-        let (held_tx, held) = mpsc::channel();
-        let (end_tx, end) = mpsc::channel::<()>();
-        let quiescer = std::thread::spawn({
-            let (first, second) = (first.clone(), second.clone());
-            move || {
-                let guards = LiveDisk::quiesce_all(&[&*first, &*second]);
-                let mut seen = [0u8; 512];
-                guards[1].top().read_at(&mut seen, 0).unwrap();
-                held_tx.send(seen).unwrap();
-                end.recv().unwrap();
-            }
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while second.gate.closed.load(Ordering::SeqCst) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the second disk's gate stayed open while the first drained"
-            );
-            std::thread::yield_now();
-        }
-
-        // Issued on the second disk while the first still drains: it must wait.
-        let late = std::thread::spawn({
-            let second = second.clone();
-            move || second.write_at(&[2; 512], 0).unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!late.is_finished(), "a request started during the drain");
-
-        release.send(()).unwrap();
-        in_flight.join().unwrap();
-        let seen = held.recv().unwrap();
-        assert_eq!(seen, [0; 512], "the late write reached a quiesced disk");
-        assert!(!late.is_finished());
-        end_tx.send(()).unwrap();
-        quiescer.join().unwrap();
-        late.join().unwrap();
-        let mut back = [0u8; 512];
-        second.read_at(&mut back, 0).unwrap();
-        assert_eq!(back, [2; 512]);
-        assert_eq!(second.gate.closed.load(Ordering::SeqCst), 0);
-    }
-
-    /// Quiesces of overlapping disk sets, one after the other and nested, each hold their
-    /// disks, and the gates open again only when the last of them ends.
-    #[test]
-    fn overlapping_quiesces_keep_the_gate_closed_until_the_last_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = LiveDisk::new("vda", Arc::new(raw(dir.path(), "a.raw")));
-        let b = LiveDisk::new("vdb", Arc::new(raw(dir.path(), "b.raw")));
-        let outer = a.quiesce();
-        let inner = {
-            // `a` is held above: quiesce only `b` here, as a second operation would.
-            LiveDisk::quiesce_all(&[&*b])
-        };
-        assert_eq!(b.gate.closed.load(Ordering::SeqCst), 1);
-        drop(inner);
-        assert_eq!(b.gate.closed.load(Ordering::SeqCst), 0);
-        let writer = std::thread::spawn({
-            let a = a.clone();
-            move || a.write_at(&[7; 16], 0).unwrap()
-        });
-        let closed_twice = a.gate.close();
-        drop(outer);
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(
-            !writer.is_finished(),
-            "a gate opened while a quiesce still held it"
-        );
-        drop(closed_twice);
-        writer.join().unwrap();
-        b.write_at(&[8; 16], 0).unwrap();
-    }
-
-    #[test]
-    fn bitmap_marks_and_takes_each_granule_once() {
-        let map = DirtyBitmap::new(1 << 20, 4096).unwrap();
-        map.mark(4095, 2); // granules 0 and 1
-        map.mark(200 * 4096, 1);
-        map.mark(4096, 10); // already dirty
-        assert_eq!(map.dirty_granules(), 3);
-        assert_eq!(map.take_next(1), Some((4096, 4096)));
-        assert_eq!(map.take_next(2), Some((200 * 4096, 4096)));
-        // Wraps round to granule 0.
-        assert_eq!(map.take_next(201), Some((0, 4096)));
-        assert_eq!(map.take_next(0), None);
-        assert_eq!(map.dirty_bytes(), 0);
-    }
-
-    #[test]
-    fn bitmap_takes_runs_of_neighbours() {
-        let map = DirtyBitmap::new(1 << 20, 4096).unwrap();
-        map.mark(60 * 4096, 8 * 4096); // granules 60..68, across a word boundary
-        map.mark(70 * 4096, 1);
-        assert_eq!(map.take_run(0, 1 << 20), Some((60 * 4096, 8 * 4096)));
-        assert_eq!(map.take_run(0, 4096), Some((70 * 4096, 4096)));
-        map.mark(0, 3 * 4096);
-        assert_eq!(map.take_run(0, 2 * 4096), Some((0, 2 * 4096)));
-        assert_eq!(map.dirty_granules(), 1);
-    }
-
-    #[test]
-    fn bitmap_clips_the_last_granule_and_ignores_out_of_range() {
-        let map = DirtyBitmap::new(10_000, 4096).unwrap();
-        map.mark(9_000, 1000);
-        map.mark(20_000, 5);
-        assert_eq!(map.take_next(0), Some((8192, 10_000 - 8192)));
-        assert!(DirtyBitmap::new(1, 1000).is_err());
-    }
-}
+mod tests;
