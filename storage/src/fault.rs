@@ -57,6 +57,9 @@ pub enum Fault {
     Eio,
     /// `ENOSPC`: the file system is full.
     Enospc,
+    /// `EOPNOTSUPP`: what a kernel answers when it cannot copy between two files in the
+    /// kernel; [`crate::file::ImageFile::copy_from`] then copies through memory.
+    Unsupported,
 }
 
 impl Fault {
@@ -64,6 +67,7 @@ impl Fault {
         match self {
             Fault::Eio => libc::EIO,
             Fault::Enospc => libc::ENOSPC,
+            Fault::Unsupported => libc::EOPNOTSUPP,
         }
     }
 }
