@@ -321,9 +321,9 @@ impl ImageFile {
     /// returns, as after [`ImageFile::write_at`]; write-back of the range is started at
     /// once, so a copy job's final flush finds little left to write.
     ///
-    /// Fault injection sees the copy as one [`Op::Write`] on this file; an injected
-    /// [`fault::Fault::Unsupported`] stands for a kernel that cannot copy, so the fallback
-    /// can be tested.
+    /// Fault injection sees the in-kernel copy as one [`Op::Copy`] on this file (and the
+    /// fallback as reads and writes); an injected [`fault::Fault::Unsupported`] stands for
+    /// a kernel that cannot copy, so the fallback can be tested.
     pub fn copy_from(
         &self,
         src: &ImageFile,
@@ -335,7 +335,7 @@ impl ImageFile {
         let copied = if self.direct || src.direct {
             0
         } else {
-            match fault::check(Op::Write, &self.path) {
+            match fault::check(Op::Copy, &self.path) {
                 Ok(()) => self
                     .copy_in_kernel(src, src_offset, len, offset)
                     .map_err(|e| Error::io(&self.path, what(), e))?,
