@@ -79,6 +79,16 @@ report() {
         fi
         echo
     done
+    # Each round's tools ran back to back: the median of the per-round ratios is the figure
+    # least moved by load that comes and goes on a shared machine.
+    local i r=() rb=()
+    for ((i = 0; i < ${#ours[@]}; i++)); do
+        r+=("$(echo "${theirs[i]} / ${ours[i]}" | bc -l)")
+        [ -n "$BASELINE" ] && rb+=("$(echo "${base[i]} / ${ours[i]}" | bc -l)")
+    done
+    printf '%-7s paired median of per-round ratios: snapvmm/qemu-img %.2fx' "$what" "$(median "${r[@]}")"
+    [ -n "$BASELINE" ] && printf '   snapvmm/baseline %.2fx' "$(median "${rb[@]}")"
+    echo
 }
 
 # run_round KIND ROUND: one run of each tool on its own fresh case (all set up first), in

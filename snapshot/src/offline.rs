@@ -11,7 +11,7 @@ use storage::{Allocation, BlockDevice, ImageFormat, OpenOptions};
 
 use crate::chain;
 use crate::error::{Error, Result};
-use crate::pipeline::{self, Extents};
+use crate::pipeline::{self, Extents, FileRun};
 
 /// Guest bytes handled per step.
 const CHUNK: u64 = 2 << 20;
@@ -191,9 +191,8 @@ struct Differences {
     start: u64,
     /// (guest offset, length) of each run of whole clusters to write from `old`.
     clusters: Vec<(u64, u64)>,
-    /// Runs of whole clusters to copy file to file: (guest offset, length, depth of the
-    /// layer whose file holds them, host offset there).
-    extents: Vec<(u64, u64, u32, u64)>,
+    /// Runs of whole clusters to copy file to file.
+    extents: Vec<FileRun>,
     /// The chunk as the old chain reads it, from the chunk's first byte (only where read).
     old: Vec<u8>,
     /// The same bytes as the new backing chain reads them.
@@ -298,12 +297,19 @@ impl Differences {
             if differs {
                 // Neighbouring clusters, neighbours in the file too, join into one copy.
                 match self.extents.last_mut() {
-                    Some((g, len, d, h))
-                        if *g + *len == cluster && *d == depth && *h + *len == at =>
+                    Some(run)
+                        if run.offset + run.len == cluster
+                            && run.depth == depth
+                            && run.host + run.len == at =>
                     {
-                        *len += n
+                        run.len += n
                     }
-                    _ => self.extents.push((cluster, n, depth, at)),
+                    _ => self.extents.push(FileRun {
+                        offset: cluster,
+                        len: n,
+                        depth,
+                        host: at,
+                    }),
                 }
             }
             cluster += n;
@@ -383,21 +389,19 @@ impl Differences {
                 at += status.len;
             }
         }
-        for &(run, run_len, depth, host) in &self.extents {
-            let layer = &layers[depth as usize];
-            let file = layer.data_file().ok_or_else(|| {
-                Error::InvalidArgument(format!("{}: a layer lost its file", layer.path().display()))
-            })?;
-            let mut at = run;
-            while at < run + run_len {
-                let status = top.block_status(at, run + run_len - at)?;
+        pipeline::copy_split(&self.extents, pipeline::split_align(top), |run| {
+            let file = run.file(layers)?;
+            let end = run.offset + run.len;
+            let mut at = run.offset;
+            while at < end {
+                let status = top.block_status(at, end - at)?;
                 if status.depth > 0 {
-                    top.write_from_file(at, status.len, file, host + (at - run))?;
+                    top.write_from_file(at, status.len, file, run.host + (at - run.offset))?;
                 }
                 at += status.len;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
