@@ -10,8 +10,8 @@
 #   commit: `snapvmm img commit -d top`      vs `qemu-img commit -d top`     (data top over empty base)
 # and prints the median and best MiB/s of each over ROUNDS rounds (each run after a sync so
 # neither pays for the other's write-back; VERBOSE=1 lists every run) and the ratio
-# snapvmm/qemu-img (>= 1.0 means snapvmm is as fast or faster). Each round checks that
-# snapvmm's result has the same contents as qemu-img's (`qemu-img compare`).
+# snapvmm/qemu-img (>= 1.0 means snapvmm is as fast or faster). Every result is checked to
+# read the same as the data template (`qemu-img compare`), whichever tool made it.
 # The live jobs themselves are measured by `cargo bench --bench live`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -91,31 +91,33 @@ report() {
     echo
 }
 
-# run_round KIND ROUND: one run of each tool on its own fresh case (all set up first), in
-# an order that rotates each round: on a VM, whichever runs later after the setup's copies tends to get
-# page-cache pages the host never backed yet, which cost several times more.
+# run_round KIND ROUND: one run of each tool in an order that rotates each round, each on a
+# case set up just before it, checked against the data template (`qemu-img compare`: the
+# same contents whichever tool made it) and removed at once. So every run follows the same
+# steps (remove the last case, copy the next one in, sync): on a VM, page cache the host
+# has not backed yet costs several times more, and how much of it a run meets depends on
+# what was freed and allocated just before it.
 run_round() {
     local kind=$1 round=$2 tools=(ours theirs) i tool
     [ -n "$BASELINE" ] && tools+=(base)
-    for tool in "${tools[@]}"; do
-        "setup_$kind" "$kind-$tool"
-    done
     for ((i = 0; i < ${#tools[@]}; i++)); do
         tool=${tools[(i + round) % ${#tools[@]}]}
+        "setup_$kind" case
         case "$kind/$tool" in
-        stream/ours) ours+=("$(seconds "$SNAPVMM" img rebase -b "" "$kind-$tool/top.qcow2")") ;;
-        stream/base) base+=("$(seconds "$BASELINE" img rebase -b "" "$kind-$tool/top.qcow2")") ;;
-        stream/theirs) theirs+=("$(seconds qemu-img rebase -b "" "$kind-$tool/top.qcow2")") ;;
-        commit/ours) ours+=("$(seconds "$SNAPVMM" img commit -q -d "$kind-$tool/top.qcow2")") ;;
-        commit/base) base+=("$(seconds "$BASELINE" img commit -q -d "$kind-$tool/top.qcow2")") ;;
-        commit/theirs) theirs+=("$(seconds qemu-img commit -q -d "$kind-$tool/top.qcow2")") ;;
+        stream/ours) ours+=("$(seconds "$SNAPVMM" img rebase -b "" case/top.qcow2)") ;;
+        stream/base) base+=("$(seconds "$BASELINE" img rebase -b "" case/top.qcow2)") ;;
+        stream/theirs) theirs+=("$(seconds qemu-img rebase -b "" case/top.qcow2)") ;;
+        commit/ours) ours+=("$(seconds "$SNAPVMM" img commit -q -d case/top.qcow2)") ;;
+        commit/base) base+=("$(seconds "$BASELINE" img commit -q -d case/top.qcow2)") ;;
+        commit/theirs) theirs+=("$(seconds qemu-img commit -q -d case/top.qcow2)") ;;
         esac
+        if [ "$kind" = stream ]; then
+            qemu-img compare -q data.qcow2 case/top.qcow2
+        else
+            qemu-img compare -q data.qcow2 case/base.qcow2
+        fi
+        rm -rf case
     done
-    # Same contents as qemu-img's result, whatever path the copy took.
-    local result=top.qcow2
-    [ "$kind" = commit ] && result=base.qcow2
-    qemu-img compare -q "$kind-ours/$result" "$kind-theirs/$result"
-    rm -rf "$kind-ours" "$kind-theirs" "$kind-base"
 }
 
 for kind in stream commit; do

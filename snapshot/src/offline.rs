@@ -274,12 +274,13 @@ impl Differences {
         from: u64,
         to: u64,
     ) -> Result<()> {
-        let Some(file) = layers[depth as usize].data_file() else {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a layer lost its file",
-                layers[depth as usize].path().display()
-            )));
-        };
+        let file = FileRun {
+            offset: from,
+            len: to - from,
+            depth,
+            host,
+        }
+        .file(layers)?;
         let mut probe = [0u8; PROBE as usize];
         let mut cluster = from;
         while cluster < to {
@@ -389,19 +390,20 @@ impl Differences {
                 at += status.len;
             }
         }
-        pipeline::copy_split(&self.extents, pipeline::split_align(top), |run| {
+        for run in &self.extents {
             let file = run.file(layers)?;
             let end = run.offset + run.len;
             let mut at = run.offset;
             while at < end {
                 let status = top.block_status(at, end - at)?;
+                // Never overwrite what `top` holds itself.
                 if status.depth > 0 {
                     top.write_from_file(at, status.len, file, run.host + (at - run.offset))?;
                 }
                 at += status.len;
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 

@@ -170,85 +170,18 @@ pub(crate) struct FileRun {
 }
 
 impl FileRun {
-    /// The first `n` bytes of the run and the rest.
-    fn split_at(self, n: u64) -> (FileRun, FileRun) {
-        let head = FileRun { len: n, ..self };
-        let tail = FileRun {
-            offset: self.offset + n,
-            len: self.len - n,
-            host: self.host + n,
-            ..self
-        };
-        (head, tail)
-    }
-
     /// The data file holding the run, in `layers`.
     pub(crate) fn file<'a>(&self, layers: &'a [Arc<dyn BlockDevice>]) -> Result<&'a ImageFile> {
         let layer = layers.get(self.depth as usize).ok_or_else(|| {
             Error::InvalidArgument(format!("layer {} is not in the chain", self.depth))
         })?;
         layer.data_file().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: the layer has no local file", layer.path().display()))
+            Error::InvalidArgument(format!(
+                "{}: the layer has no local file",
+                layer.path().display()
+            ))
         })
     }
-}
-
-/// Below this many bytes a copy is not worth a second thread.
-const SPLIT_MIN: u64 = 1 << 20;
-
-/// Copies `runs` with `copy`, the second half (by bytes) on a helper thread while this one
-/// copies the first: an in-kernel copy into fresh page cache is bound by one core's memory
-/// bandwidth, and a job's chunk has nothing else to wait for. Halves are cut at a multiple
-/// of `align` (the target's cluster size), so neither half writes part of a cluster the
-/// other writes too. The first error is returned, after both halves ended.
-pub(crate) fn copy_split<F>(runs: &[FileRun], align: u64, copy: F) -> Result<()>
-where
-    F: Fn(FileRun) -> Result<()> + Sync,
-{
-    let total: u64 = runs.iter().map(|r| r.len).sum();
-    let half = (total / 2) / align * align;
-    if total < SPLIT_MIN || half == 0 {
-        return runs.iter().try_for_each(|&r| copy(r));
-    }
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    let mut taken = 0;
-    for &run in runs {
-        if taken >= half {
-            second.push(run);
-        } else if taken + run.len <= half {
-            first.push(run);
-        } else {
-            // Cut where the first half is full, rounded to the alignment within the run's
-            // guest range (a run not starting on a boundary keeps its head in the first).
-            let cut = (run.offset + (half - taken)).next_multiple_of(align) - run.offset;
-            if cut >= run.len {
-                first.push(run);
-            } else {
-                let (head, tail) = run.split_at(cut);
-                first.push(head);
-                second.push(tail);
-            }
-        }
-        taken += run.len;
-    }
-    let copy = &copy;
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(move || second.into_iter().try_for_each(copy));
-        let mine = first.into_iter().try_for_each(copy);
-        let theirs = helper
-            .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("a copy thread panicked".into())));
-        mine.and(theirs)
-    })
-}
-
-/// The alignment that [`copy_split`] cuts at for copies into `target`: its cluster size, so
-/// both halves write whole clusters.
-pub(crate) fn split_align(target: &dyn BlockDevice) -> u64 {
-    target
-        .as_qcow2()
-        .map_or(64 << 10, |image| image.cluster_size())
-        .max(4096)
 }
 
 impl Extents {
@@ -303,7 +236,6 @@ impl Extents {
     }
 
     /// Writes the runs into `base`; returns the bytes of data written (zero runs not counted).
-    /// Runs copied file to file are copied last, two halves side by side ([`copy_split`]).
     pub(crate) fn write_to(
         &self,
         layers: &[Arc<dyn BlockDevice>],
@@ -311,7 +243,6 @@ impl Extents {
     ) -> Result<u64> {
         let mut used = 0;
         let mut copied = 0;
-        let mut files = Vec::new();
         for run in &self.runs {
             match run.source {
                 Source::Zero => {
@@ -322,19 +253,18 @@ impl Extents {
                     base.write_at(&self.data[used..used + run.len as usize], run.offset)?;
                     used += run.len as usize;
                 }
-                Source::File { depth, host } => files.push(FileRun {
-                    offset: run.offset,
-                    len: run.len,
-                    depth,
-                    host,
-                }),
+                Source::File { depth, host } => {
+                    let run = FileRun {
+                        offset: run.offset,
+                        len: run.len,
+                        depth,
+                        host,
+                    };
+                    base.write_from_file(run.offset, run.len, run.file(layers)?, run.host)?;
+                }
             }
             copied += run.len;
         }
-        copy_split(&files, split_align(base), |run| {
-            base.write_from_file(run.offset, run.len, run.file(layers)?, run.host)?;
-            Ok(())
-        })?;
         Ok(copied)
     }
 }
@@ -395,37 +325,6 @@ mod tests {
         );
         assert!(result.unwrap_err().to_string().contains("bad read at 50"));
         assert_eq!(written, [0, 10, 20, 30, 40]);
-    }
-
-    #[test]
-    fn a_split_copy_covers_every_byte_once_and_cuts_on_the_alignment() {
-        let align = 64 << 10;
-        let runs = [
-            FileRun { offset: 0, len: 3 << 20, depth: 1, host: 1 << 30 },
-            FileRun { offset: 5 << 20, len: 100 << 10, depth: 2, host: 7 << 20 },
-        ];
-        let seen = parking_lot::Mutex::new(Vec::new());
-        copy_split(&runs, align, |run| {
-            seen.lock().push(run);
-            Ok(())
-        })
-        .unwrap();
-        let mut seen = seen.into_inner();
-        seen.sort_by_key(|r| r.offset);
-        assert_eq!(seen.len(), 3, "{seen:?}");
-        let (head, tail) = (seen[0], seen[1]);
-        assert_eq!(head.offset + head.len, tail.offset);
-        assert_eq!(tail.offset % align, 0, "cut off the alignment: {seen:?}");
-        assert_eq!(tail.host - head.host, tail.offset - head.offset);
-        assert_eq!(head.len + tail.len, 3 << 20);
-        assert_eq!(seen[2], runs[1]);
-
-        // An error in either half is returned.
-        let result = copy_split(&runs, align, |run| match run.depth {
-            2 => Err(Error::InvalidArgument("copy failed".into())),
-            _ => Ok(()),
-        });
-        assert!(result.is_err());
     }
 
     #[test]

@@ -53,7 +53,9 @@ fn own_clusters(path: &Path) -> Vec<Allocation> {
     (0..SIZE.div_ceil(CLUSTER))
         .map(|c| {
             let at = c * CLUSTER;
-            let status = image.block_status(at, CLUSTER.min(SIZE - at)).expect("status");
+            let status = image
+                .block_status(at, CLUSTER.min(SIZE - at))
+                .expect("status");
             match status.depth {
                 0 => status.allocation,
                 _ => Allocation::Unallocated,
@@ -85,7 +87,9 @@ fn chain(dir: &Path) -> PathBuf {
     {
         let image = open(&mid);
         fill(&*image, 4, 6, 0x30);
-        image.write_zeroes(8 * CLUSTER, 2 * CLUSTER).expect("zeroes");
+        image
+            .write_zeroes(8 * CLUSTER, 2 * CLUSTER)
+            .expect("zeroes");
         fill(&*image, 20, 10, 0x40);
         image.flush().expect("flush");
     }
@@ -123,9 +127,17 @@ fn rebase_onto_nothing_is_the_same_through_the_kernel_or_memory() {
         assert_eq!(read_all(&top), before, "contents changed (memory {memory})");
         let own = own_clusters(&top);
         // The cluster of zeroes is not copied; the one with data after its first page is.
-        assert_eq!(own[14], Allocation::Unallocated, "a cluster of zeroes was copied");
+        assert_eq!(
+            own[14],
+            Allocation::Unallocated,
+            "a cluster of zeroes was copied"
+        );
         assert_eq!(own[15], Allocation::Data, "late data was not copied");
-        assert_eq!(own[40], Allocation::Data, "the partial last cluster was not copied");
+        assert_eq!(
+            own[40],
+            Allocation::Data,
+            "the partial last cluster was not copied"
+        );
         results.push((before, own));
     }
     assert_eq!(results[0], results[1], "kernel and memory copies differ");
@@ -136,8 +148,14 @@ fn rebase_onto_another_backing_file_copies_only_what_differs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let top = chain(dir.path());
     let before = read_all(&top);
-    rebase(&top, Some("base.qcow2"), Some(ImageFormat::Qcow2), false, &mut |_, _| {})
-        .expect("rebase");
+    rebase(
+        &top,
+        Some("base.qcow2"),
+        Some(ImageFormat::Qcow2),
+        false,
+        &mut |_, _| {},
+    )
+    .expect("rebase");
     assert_eq!(read_all(&top), before);
     let own = own_clusters(&top);
     // Cluster 0 reads the same from base: not copied; cluster 20 came from mid: copied.
@@ -176,14 +194,25 @@ fn a_commit_or_rebase_failed_mid_copy_leaves_the_chain_reading_the_same() {
         assert_eq!(guard.fired(), 1, "commit: no copy failed ({error:?})");
         drop(guard);
         assert!(result.is_err(), "commit reported success ({error:?})");
-        assert_eq!(read_all(&top), before, "commit ({error:?}) changed the chain's contents");
+        assert_eq!(
+            read_all(&top),
+            before,
+            "commit ({error:?}) changed the chain's contents"
+        );
 
         let guard = fault::inject(FaultPlan::fail_nth(2, Some(Op::Copy), error).under(dir.path()));
         let result = rebase(&top, None, None, false, &mut |_, _| {});
         assert_eq!(guard.fired(), 1, "rebase: no copy failed ({error:?})");
         drop(guard);
         assert!(result.is_err(), "rebase reported success ({error:?})");
-        assert!(open(&top).backing().is_some(), "a failed rebase dropped the backing file");
-        assert_eq!(read_all(&top), before, "rebase ({error:?}) changed the chain's contents");
+        assert!(
+            open(&top).backing().is_some(),
+            "a failed rebase dropped the backing file"
+        );
+        assert_eq!(
+            read_all(&top),
+            before,
+            "rebase ({error:?}) changed the chain's contents"
+        );
     }
 }

@@ -85,7 +85,13 @@ pub trait BlockDevice: Send + Sync {
     /// a local file copy file to file in the kernel instead, without passing the bytes
     /// through memory (see [`ImageFile::copy_from`]), in the same order as a write: the
     /// data is in place before any mapping names it.
-    fn write_from_file(&self, offset: u64, len: u64, src: &ImageFile, src_offset: u64) -> Result<()> {
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
         const STEP: u64 = 1 << 20;
         let mut buf = vec![0u8; len.min(STEP) as usize];
         let mut done = 0;

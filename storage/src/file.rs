@@ -331,7 +331,12 @@ impl ImageFile {
         len: u64,
         offset: u64,
     ) -> Result<CopyPath> {
-        let what = || format!("copy {len} bytes from {} at {offset:#x}", src.path.display());
+        let what = || {
+            format!(
+                "copy {len} bytes from {} at {offset:#x}",
+                src.path.display()
+            )
+        };
         let copied = if self.direct || src.direct {
             0
         } else {
@@ -436,8 +441,10 @@ impl ImageFile {
         if self.direct || len == 0 {
             return;
         }
-        let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len))
-        else {
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
             return;
         };
         // SAFETY: a plain system call on a descriptor we own; no memory is passed.

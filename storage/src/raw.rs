@@ -101,7 +101,13 @@ impl BlockDevice for RawImage {
         self.file.write_at(buf, offset)
     }
 
-    fn write_from_file(&self, offset: u64, len: u64, src: &ImageFile, src_offset: u64) -> Result<()> {
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
         if self.probed && offset < PROBE_BYTES {
@@ -113,7 +119,8 @@ impl BlockDevice for RawImage {
             if head == len {
                 return Ok(());
             }
-            self.file.copy_from(src, src_offset + head, len - head, offset + head)?;
+            self.file
+                .copy_from(src, src_offset + head, len - head, offset + head)?;
             return Ok(());
         }
         self.file.copy_from(src, src_offset, len, offset)?;

@@ -82,7 +82,11 @@ fn the_kernel_copies_within_a_file_system_and_stops_short_at_the_source_end() {
     let src = source(dir.path(), &data);
     let dst = ImageFile::create(&dir.path().join("dst")).expect("create dst");
     let path = dst.copy_from(&src, 4096, 128 << 10, 8192).expect("copy");
-    assert_eq!(path, CopyPath::Kernel, "a copy in one file system runs in the kernel");
+    assert_eq!(
+        path,
+        CopyPath::Kernel,
+        "a copy in one file system runs in the kernel"
+    );
     // Past the source's end: what the kernel copied, then zeroes through memory.
     let path = dst
         .copy_from(&src, (300 << 10) - 1000, 5000, 200 << 10)
@@ -94,7 +98,10 @@ fn the_kernel_copies_within_a_file_system_and_stops_short_at_the_source_end() {
     let mut tail = vec![0xffu8; 5000];
     dst.read_at(&mut tail, 200 << 10).expect("read tail");
     assert_eq!(&tail[..1000], &data[(300 << 10) - 1000..]);
-    assert!(tail[1000..].iter().all(|&b| b == 0), "past the source's end reads as zeroes");
+    assert!(
+        tail[1000..].iter().all(|&b| b == 0),
+        "past the source's end reads as zeroes"
+    );
 }
 
 #[test]
@@ -105,9 +112,8 @@ fn a_kernel_that_cannot_copy_falls_back_to_memory() {
 
     // Injected: the kernel answers EOPNOTSUPP.
     let dst = ImageFile::create(&dir.path().join("injected")).expect("create");
-    let guard = fault::inject(
-        FaultPlan::fail_nth(1, Some(Op::Copy), Fault::Unsupported).under(dir.path()),
-    );
+    let guard =
+        fault::inject(FaultPlan::fail_nth(1, Some(Op::Copy), Fault::Unsupported).under(dir.path()));
     let path = dst.copy_from(&src, 0, 256 << 10, 0).expect("copy");
     assert_eq!(guard.fired(), 1);
     drop(guard);
@@ -120,7 +126,9 @@ fn a_kernel_that_cannot_copy_falls_back_to_memory() {
     let direct_path = dir.path().join("direct");
     std::fs::write(&direct_path, b"").expect("create");
     if let Ok(direct) = ImageFile::open(&direct_path, false, true) {
-        let path = direct.copy_from(&src, 4096, 64 << 10, 8192).expect("direct copy");
+        let path = direct
+            .copy_from(&src, 4096, 64 << 10, 8192)
+            .expect("direct copy");
         assert_eq!(path, CopyPath::Memory);
         let mut got = vec![0u8; 64 << 10];
         direct.read_at(&mut got, 8192).expect("read");
@@ -137,7 +145,9 @@ fn a_kernel_that_cannot_copy_falls_back_to_memory() {
         let far = tempfile::tempdir_in(shm).expect("tempdir in /dev/shm");
         let far_src = source(far.path(), &data);
         let dst = ImageFile::create(&dir.path().join("cross")).expect("create");
-        let path = dst.copy_from(&far_src, 0, 256 << 10, 0).expect("cross copy");
+        let path = dst
+            .copy_from(&far_src, 0, 256 << 10, 0)
+            .expect("cross copy");
         assert_ne!(path, CopyPath::Mixed);
         let mut got = vec![0u8; 256 << 10];
         dst.read_at(&mut got, 0).expect("read");
@@ -181,12 +191,21 @@ fn a_qcow2_layer_takes_whole_and_partial_clusters_from_a_file() {
         image.flush().expect("flush");
         drop(image);
         let image = open_qcow2(&path);
-        assert_eq!(read_all(&image), expected, "after reopening (fallback {fallback})");
+        assert_eq!(
+            read_all(&image),
+            expected,
+            "after reopening (fallback {fallback})"
+        );
         let status = image.block_status(10 * CLUSTER, CLUSTER).expect("status");
         assert_eq!(status.allocation, Allocation::Data);
         drop(image);
         if have_qemu() {
-            assert_eq!(qemu_check(&path), Some(0), "qemu-img check of {}", path.display());
+            assert_eq!(
+                qemu_check(&path),
+                Some(0),
+                "qemu-img check of {}",
+                path.display()
+            );
         }
     }
 }
@@ -235,8 +254,12 @@ fn a_failed_copy_publishes_no_mapping_and_leaves_the_image_consistent() {
             let image = open_qcow2(&path);
             let mut cluster = vec![0u8; CLUSTER as usize];
             image.read_at(&mut cluster, 20 * CLUSTER).expect("read");
-            let written = cluster.iter().all(|&b| b == 0x55) || cluster == data[20 * CLUSTER as usize..21 * CLUSTER as usize];
-            assert!(written, "the owned cluster holds neither its old nor its new bytes");
+            let written = cluster.iter().all(|&b| b == 0x55)
+                || cluster == data[20 * CLUSTER as usize..21 * CLUSTER as usize];
+            assert!(
+                written,
+                "the owned cluster holds neither its old nor its new bytes"
+            );
         }
     }
 }

@@ -434,7 +434,13 @@ impl BlockDevice for Qcow2Image {
         Ok(())
     }
 
-    fn write_from_file(&self, offset: u64, len: u64, src: &ImageFile, src_offset: u64) -> Result<()> {
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
         let cs = self.cluster_size;
