@@ -142,7 +142,8 @@ pub trait BlockDevice: Send + Sync {
     /// The local file that this layer's own data lives in, which the host offsets of its
     /// [`block_status`](BlockDevice::block_status) runs (depth 0) point into; `None` for
     /// layers without one (remote disks, wrappers). Lets a job copy this layer's data file
-    /// to file ([`write_from_file`](BlockDevice::write_from_file)).
+    /// to file ([`write_from_file`](BlockDevice::write_from_file)). Only ever read (as a
+    /// copy source): writes go through the layer, which keeps its metadata in step.
     fn data_file(&self) -> Option<&ImageFile> {
         None
     }
