@@ -116,7 +116,7 @@ pub fn commit(disk: &Arc<LiveDisk>, options: CommitOptions) -> Result<Job> {
             move |ctx| {
                 let _claim = claim;
                 let span = (base_depth - top_depth) as u32;
-                let copied = copy_down(ctx, &*top, &base_writer, span);
+                let copied = copy_down(ctx, &top, &base_writer, span);
                 let sealed = chain::seal(&base_writer);
                 copied?;
                 let sealed = sealed?;
@@ -155,19 +155,20 @@ pub fn commit(disk: &Arc<LiveDisk>, options: CommitOptions) -> Result<Job> {
 /// reading ahead on a helper thread.
 fn copy_down(
     ctx: &JobContext,
-    top: &dyn BlockDevice,
+    top: &Arc<dyn BlockDevice>,
     base: &Arc<dyn BlockDevice>,
     span: u32,
 ) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
+    let layers = chain::layers(top);
     ctx.set_total(top.size());
     pipeline::overlapped(
         top.size(),
         CHUNK,
-        |start, end, extents: &mut Extents| extents.read_above(top, span, start, end),
+        |start, end, extents: &mut Extents| extents.read_above(&layers, span, start, end),
         |start, end, extents| {
             ctx.checkpoint()?;
-            let copied = extents.write_to(&**base)?;
+            let copied = extents.write_to(&layers, &**base)?;
             ctx.advance(end - start);
             if copied > 0 {
                 ctx.throttle(copied)?;

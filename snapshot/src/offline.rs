@@ -11,7 +11,7 @@ use storage::{Allocation, BlockDevice, ImageFormat, OpenOptions};
 
 use crate::chain;
 use crate::error::{Error, Result};
-use crate::pipeline::{self, Extents};
+use crate::pipeline::{self, Extents, FileRun};
 
 /// Guest bytes handled per step.
 const CHUNK: u64 = 2 << 20;
@@ -78,9 +78,9 @@ pub fn commit(
     pipeline::overlapped(
         size,
         CHUNK,
-        |start, end, extents: &mut Extents| extents.read_above(&*top, span, start, end),
+        |start, end, extents: &mut Extents| extents.read_above(&layers, span, start, end),
         |_, end, extents| {
-            copied += extents.write_to(&*writer)?;
+            copied += extents.write_to(&layers, &*writer)?;
             progress(end, size);
             Ok(())
         },
@@ -159,14 +159,15 @@ pub fn rebase(
     let cs = image.cluster_size();
     progress(0, size);
     if top.backing().is_some() || new_backing.is_some() {
+        let layers = chain::layers(&top);
         pipeline::overlapped(
             size,
             CHUNK.max(cs),
             |start, end, diff: &mut Differences| {
-                diff.read(&*top, new_backing.as_deref(), cs, start, end)
+                diff.read(&layers, new_backing.as_deref(), cs, start, end)
             },
             |_, end, diff| {
-                diff.write_to(&*top)?;
+                diff.write_to(&layers)?;
                 progress(end, size);
                 Ok(())
             },
@@ -182,32 +183,42 @@ pub fn rebase(
     Ok(())
 }
 
-/// The clusters of one chunk that a safe rebase must copy into the top, with their data.
+/// The clusters of one chunk that a safe rebase must copy into the top, with their data or
+/// where it lies.
 #[derive(Debug, Default)]
 struct Differences {
     /// The chunk's first byte.
     start: u64,
-    /// (guest offset, length) of each run of whole clusters to write.
+    /// (guest offset, length) of each run of whole clusters to write from `old`.
     clusters: Vec<(u64, u64)>,
-    /// The chunk as the old chain reads it, from the chunk's first byte.
+    /// Runs of whole clusters to copy file to file.
+    extents: Vec<FileRun>,
+    /// The chunk as the old chain reads it, from the chunk's first byte (only where read).
     old: Vec<u8>,
     /// The same bytes as the new backing chain reads them.
     new: Vec<u8>,
 }
 
+/// Bytes read from the start of a cluster to tell whether it differs from zeroes before
+/// reading all of it: data that is not zero almost always shows it in its first page.
+const PROBE: u64 = 4096;
+
 impl Differences {
-    /// Finds the clusters of `start..end` (cluster aligned) that `top` does not hold and whose
-    /// old contents differ from what `new_backing` reads, and keeps their old data.
+    /// Finds the clusters of `start..end` (cluster aligned) that the top (`layers[0]`) does
+    /// not hold and whose old contents differ from what `new_backing` reads, and keeps their
+    /// old data or, where it lies plainly in a layer's file, its place.
     fn read(
         &mut self,
-        top: &dyn BlockDevice,
+        layers: &[Arc<dyn BlockDevice>],
         new_backing: Option<&dyn BlockDevice>,
         cs: u64,
         start: u64,
         end: u64,
     ) -> Result<()> {
+        let top = &*layers[0];
         self.start = start;
         self.clusters.clear();
+        self.extents.clear();
         let need = (end - start) as usize;
         for buf in [&mut self.old, &mut self.new] {
             if buf.len() < need {
@@ -222,11 +233,87 @@ impl Differences {
                 at = run_end;
                 continue;
             }
+            // Whole clusters of a plain extent where the new chain reads zeroes: only probes
+            // are read, and the clusters that differ are copied file to file.
+            let whole_end = if run_end == top.size() {
+                run_end
+            } else {
+                run_end / cs * cs
+            };
+            if at % cs == 0 && whole_end > at {
+                if let Some(host) = pipeline::file_extent(layers, &status) {
+                    let new_zero = match new_backing {
+                        Some(b) => at >= b.size() || reads_zero(b, at, whole_end.min(b.size()))?,
+                        None => true,
+                    };
+                    if new_zero {
+                        self.probe(layers, status.depth, host, cs, at, whole_end)?;
+                        at = whole_end;
+                        continue;
+                    }
+                }
+            }
             // Whole clusters, so writes into `top` never copy-on-write.
             let from = at / cs * cs;
             let stop = run_end.next_multiple_of(cs).min(end);
             self.compare(top, new_backing, cs, from - start, stop - start)?;
             at = stop.max(run_end);
+        }
+        Ok(())
+    }
+
+    /// Notes the clusters of `from..to`, stored from `host` on in the file of the layer at
+    /// `depth`, that are not all zeroes: a cluster whose first [`PROBE`] bytes are not all
+    /// zero differs; only the others are read whole.
+    fn probe(
+        &mut self,
+        layers: &[Arc<dyn BlockDevice>],
+        depth: u32,
+        host: u64,
+        cs: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
+        let file = FileRun {
+            offset: from,
+            len: to - from,
+            depth,
+            host,
+        }
+        .file(layers)?;
+        let mut probe = [0u8; PROBE as usize];
+        let mut cluster = from;
+        while cluster < to {
+            let n = cs.min(to - cluster);
+            let at = host + (cluster - from);
+            let head = &mut probe[..PROBE.min(n) as usize];
+            file.read_at(head, at)?;
+            let mut differs = head.iter().any(|&b| b != 0);
+            if !differs && n > PROBE {
+                let i = (cluster + PROBE - self.start) as usize;
+                let rest = &mut self.old[i..i + (n - PROBE) as usize];
+                file.read_at(rest, at + PROBE)?;
+                differs = rest.iter().any(|&b| b != 0);
+            }
+            if differs {
+                // Neighbouring clusters, neighbours in the file too, join into one copy.
+                match self.extents.last_mut() {
+                    Some(run)
+                        if run.offset + run.len == cluster
+                            && run.depth == depth
+                            && run.host + run.len == at =>
+                    {
+                        run.len += n
+                    }
+                    _ => self.extents.push(FileRun {
+                        offset: cluster,
+                        len: n,
+                        depth,
+                        host: at,
+                    }),
+                }
+            }
+            cluster += n;
         }
         Ok(())
     }
@@ -287,8 +374,10 @@ impl Differences {
         Ok(())
     }
 
-    /// Writes the differing runs into `top`, skipping any part it holds itself by now.
-    fn write_to(&self, top: &dyn BlockDevice) -> Result<()> {
+    /// Writes the differing runs into the top (`layers[0]`), skipping any part it holds
+    /// itself by now.
+    fn write_to(&self, layers: &[Arc<dyn BlockDevice>]) -> Result<()> {
+        let top = &*layers[0];
         for &(run, run_len) in &self.clusters {
             let mut at = run;
             while at < run + run_len {
@@ -297,6 +386,19 @@ impl Differences {
                 if status.depth > 0 {
                     let from = (at - self.start) as usize;
                     top.write_at(&self.old[from..from + status.len as usize], at)?;
+                }
+                at += status.len;
+            }
+        }
+        for run in &self.extents {
+            let file = run.file(layers)?;
+            let end = run.offset + run.len;
+            let mut at = run.offset;
+            while at < end {
+                let status = top.block_status(at, end - at)?;
+                // Never overwrite what `top` holds itself.
+                if status.depth > 0 {
+                    top.write_from_file(at, status.len, file, run.host + (at - run.offset))?;
                 }
                 at += status.len;
             }

@@ -11,9 +11,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use storage::{Allocation, BlockDevice};
+use std::sync::Arc;
 
-use crate::error::Result;
+use storage::file::ImageFile;
+use storage::{Allocation, BlockDevice, BlockStatus};
+
+use crate::error::{Error, Result};
 
 /// Items the reader may have ready before the writer takes them.
 const READ_AHEAD: usize = 2;
@@ -122,44 +125,110 @@ where
     )
 }
 
-/// The runs of one chunk that a commit copies down, and their data back to back.
+/// The runs of one chunk that a commit copies down, and the data of those that cannot be
+/// copied file to file, back to back.
 #[derive(Debug, Default)]
 pub(crate) struct Extents {
-    /// (guest offset, length, what the run holds); only `Data` and `Zero` runs are kept.
-    runs: Vec<(u64, u64, Allocation)>,
+    runs: Vec<Run>,
     data: Vec<u8>,
 }
 
+/// One run of [`Extents`].
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Guest offset.
+    offset: u64,
+    /// Length in bytes.
+    len: u64,
+    /// Where its bytes come from.
+    source: Source,
+}
+
+/// Where the bytes of a [`Run`] come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The run reads as zeroes.
+    Zero,
+    /// Read into [`Extents::data`] (compressed clusters, layers without a local file).
+    Memory,
+    /// Stored plainly in the data file of the layer `depth` below the top, from host
+    /// offset `host` on: copied file to file without being read here.
+    File { depth: u32, host: u64 },
+}
+
+/// A run of guest bytes stored plainly in a layer's local file, to be copied file to file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileRun {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The layer (0 is the top) whose [`BlockDevice::data_file`] holds the bytes.
+    pub depth: u32,
+    /// Host offset of the first byte in that file.
+    pub host: u64,
+}
+
+impl FileRun {
+    /// The data file holding the run, in `layers`.
+    pub(crate) fn file<'a>(&self, layers: &'a [Arc<dyn BlockDevice>]) -> Result<&'a ImageFile> {
+        let layer = layers.get(self.depth as usize).ok_or_else(|| {
+            Error::InvalidArgument(format!("layer {} is not in the chain", self.depth))
+        })?;
+        layer.data_file().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: the layer has no local file",
+                layer.path().display()
+            ))
+        })
+    }
+}
+
 impl Extents {
-    /// Fills `self` with the runs of `start..end` that one of the `span` layers from `top`
-    /// down holds, reading their data.
+    /// Fills `self` with the runs of `start..end` that one of the `span` layers from
+    /// `layers[0]` (the top) down holds. Data stored plainly in a layer's file is only
+    /// located; other data (compressed, remote) is read.
     pub(crate) fn read_above(
         &mut self,
-        top: &dyn BlockDevice,
+        layers: &[Arc<dyn BlockDevice>],
         span: u32,
         start: u64,
         end: u64,
     ) -> Result<()> {
         self.runs.clear();
-        let need = (end - start) as usize;
-        if self.data.len() < need {
-            self.data.resize(need, 0);
-        }
+        let top = &layers[0];
         let mut used = 0;
         let mut at = start;
         while at < end {
             let status = top.block_status(at, end - at)?;
             if status.depth < span {
-                match status.allocation {
-                    Allocation::Data => {
-                        let len = status.len as usize;
-                        top.read_at(&mut self.data[used..used + len], at)?;
-                        used += len;
-                        self.runs.push((at, status.len, Allocation::Data));
+                let source = match status.allocation {
+                    Allocation::Data => match file_extent(layers, &status) {
+                        Some(host) => Source::File {
+                            depth: status.depth,
+                            host,
+                        },
+                        None => {
+                            let len = status.len as usize;
+                            if self.data.len() < used + len {
+                                self.data.resize(used + len, 0);
+                            }
+                            top.read_at(&mut self.data[used..used + len], at)?;
+                            used += len;
+                            Source::Memory
+                        }
+                    },
+                    Allocation::Zero => Source::Zero,
+                    Allocation::Unallocated => {
+                        at += status.len;
+                        continue;
                     }
-                    Allocation::Zero => self.runs.push((at, status.len, Allocation::Zero)),
-                    Allocation::Unallocated => {}
-                }
+                };
+                self.runs.push(Run {
+                    offset: at,
+                    len: status.len,
+                    source,
+                });
             }
             at += status.len;
         }
@@ -167,26 +236,52 @@ impl Extents {
     }
 
     /// Writes the runs into `base`; returns the bytes of data written (zero runs not counted).
-    pub(crate) fn write_to(&self, base: &dyn BlockDevice) -> Result<u64> {
+    pub(crate) fn write_to(
+        &self,
+        layers: &[Arc<dyn BlockDevice>],
+        base: &dyn BlockDevice,
+    ) -> Result<u64> {
         let mut used = 0;
         let mut copied = 0;
-        for &(offset, len, allocation) in &self.runs {
-            if allocation == Allocation::Zero {
-                base.write_zeroes(offset, len)?;
-                continue;
+        for run in &self.runs {
+            match run.source {
+                Source::Zero => {
+                    base.write_zeroes(run.offset, run.len)?;
+                    continue;
+                }
+                Source::Memory => {
+                    base.write_at(&self.data[used..used + run.len as usize], run.offset)?;
+                    used += run.len as usize;
+                }
+                Source::File { depth, host } => {
+                    let run = FileRun {
+                        offset: run.offset,
+                        len: run.len,
+                        depth,
+                        host,
+                    };
+                    base.write_from_file(run.offset, run.len, run.file(layers)?, run.host)?;
+                }
             }
-            base.write_at(&self.data[used..used + len as usize], offset)?;
-            used += len as usize;
-            copied += len;
+            copied += run.len;
         }
         Ok(copied)
+    }
+}
+
+/// The host offset of a data run that `status` describes in `layers`, when its bytes lie
+/// plainly in a layer's local file and can be copied file to file.
+pub(crate) fn file_extent(layers: &[Arc<dyn BlockDevice>], status: &BlockStatus) -> Option<u64> {
+    let layer = layers.get(status.depth as usize)?;
+    match (status.allocation, status.offset, status.compressed) {
+        (Allocation::Data, Some(host), false) if layer.data_file().is_some() => Some(host),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[test]

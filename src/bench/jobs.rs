@@ -1,10 +1,11 @@
 //! Stream and commit throughput.
 //!
 //! - offline, process against process on identical chains, alternating which tool goes first
-//!   each round, after a `sync`: `snapvmm img rebase -b ""` against `qemu-img rebase -b ""`
-//!   (stream: an empty top pulls in its data backing file) and `snapvmm img commit -d`
-//!   against `qemu-img commit -d` (a data top into an empty base). The method of
-//!   `benches/compare-jobs.sh`.
+//!   each round, each run on a case copied in just before it, after a `sync`: `snapvmm img
+//!   rebase -b ""` against `qemu-img rebase -b ""` (stream: an empty top pulls in its data
+//!   backing file) and `snapvmm img commit -d` against `qemu-img commit -d` (a data top into
+//!   an empty base); every result is checked (untimed) to read as the template does. The
+//!   method of `benches/compare-jobs.sh`.
 //! - live, in this process: the stream job and the active commit job (to ready, then pivot)
 //!   on a live disk with no guest.
 //! - active-commit convergence under a guest write load: the micro-guest's io-bench writes
@@ -145,16 +146,55 @@ fn one_offline(
     };
     sync();
     let took = timed(&mut command)?;
-    if kind == "stream" {
+    let result = if kind == "stream" {
         let info = storage::open(&top, &OpenOptions::default())
             .map_err(|e| format!("opening {} after the stream: {e}", top.display()))?;
         if info.backing().is_some() {
             return Err(format!("{} still has a backing file", top.display()));
         }
-    }
+        top.clone()
+    } else {
+        case.join("base.qcow2")
+    };
+    // Whichever tool ran, its result reads as the template does (untimed).
+    same_contents(data, &result)?;
     // Disk space is the user's: no more than one case at a time.
     let _ = std::fs::remove_dir_all(case);
     Ok(took)
+}
+
+/// Checks that the images at `a` and `b` read the same, a MiB at a time.
+fn same_contents(a: &Path, b: &Path) -> Result<(), String> {
+    let open = |path: &Path| {
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        storage::open(path, &options).map_err(|e| format!("opening {}: {e}", path.display()))
+    };
+    let (a_dev, b_dev) = (open(a)?, open(b)?);
+    let size = a_dev.size();
+    if b_dev.size() < size {
+        return Err(format!("{} is smaller than {}", b.display(), a.display()));
+    }
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(1 << 20) as usize;
+        a_dev
+            .read_at(&mut x[..n], at)
+            .and_then(|()| b_dev.read_at(&mut y[..n], at))
+            .map_err(|e| format!("comparing at {at:#x}: {e}"))?;
+        if x[..n] != y[..n] {
+            return Err(format!(
+                "{} differs from {} near {at:#x}",
+                b.display(),
+                a.display()
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The live stream and active-commit jobs in this process.

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::file::ImageFile;
 use crate::format::ImageFormat;
 
 /// Where the data of a guest range lives, as reported by [`BlockDevice::block_status`].
@@ -77,6 +78,32 @@ pub trait BlockDevice: Send + Sync {
     /// Writes `buf` at guest offset `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
+    /// Writes `len` guest bytes at `offset` taken from `src` at host offset `src_offset` (an
+    /// extent of another layer's [`data_file`](BlockDevice::data_file), as its
+    /// [`BlockStatus::offset`] names it): the same as reading them and calling
+    /// [`write_at`](BlockDevice::write_at), which is what this default does. Layers kept in
+    /// a local file copy file to file in the kernel instead, without passing the bytes
+    /// through memory (see [`ImageFile::copy_from`]), in the same order as a write: the
+    /// data is in place before any mapping names it.
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
+        const STEP: u64 = 1 << 20;
+        let mut buf = vec![0u8; len.min(STEP) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(STEP) as usize;
+            src.read_at(&mut buf[..n], src_offset + done)?;
+            self.write_at(&buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes, unmapping whole clusters where the format
     /// can record zeroes without storing them.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
@@ -111,6 +138,15 @@ pub trait BlockDevice: Send + Sync {
 
     /// The file this layer lives in.
     fn path(&self) -> &Path;
+
+    /// The local file that this layer's own data lives in, which the host offsets of its
+    /// [`block_status`](BlockDevice::block_status) runs (depth 0) point into; `None` for
+    /// layers without one (remote disks, wrappers). Lets a job copy this layer's data file
+    /// to file ([`write_from_file`](BlockDevice::write_from_file)). Only ever read (as a
+    /// copy source): writes go through the layer, which keeps its metadata in step.
+    fn data_file(&self) -> Option<&ImageFile> {
+        None
+    }
 
     /// This layer as `Any`, for downcasts to a format's own type (see
     /// `as_qcow2` on `dyn BlockDevice`, defined with the qcow2 layer so that this trait does

@@ -2,7 +2,7 @@
 //! ENOSPC, to prove that every multi-step operation survives a failure at every step.
 //!
 //! Every operation that changes an image file on disk goes through this module (and reads,
-//! which only plans naming [`Op::Read`] see): positioned writes, `fdatasync`/`fsync` (of files and of directories), `rename`, `truncate`/`set_len`
+//! which only plans naming [`Op::Read`] see): positioned writes, in-kernel copies, `fdatasync`/`fsync` (of files and of directories), `rename`, `truncate`/`set_len`
 //! and file creation, including the helpers of [`crate::file`] that other crates use for
 //! their own files, and every step of the files other crates write themselves (tree
 //! metadata, checkpoints), which call [`check`]. Disarmed (always, outside tests) a check costs one relaxed atomic load.
@@ -40,6 +40,11 @@ pub enum Op {
     Read,
     /// A positioned write (`pwrite`) into a file.
     Write,
+    /// An in-kernel copy from one file into another (`copy_file_range`, see
+    /// [`crate::file::ImageFile::copy_from`]), counted on the file written. An injected
+    /// [`Fault::Unsupported`] stands for a kernel that cannot copy between the two files:
+    /// the copy then goes through memory (as reads and writes).
+    Copy,
     /// `fdatasync` or `fsync` of a file or of a directory.
     Sync,
     /// `rename` of a file into place.
@@ -57,6 +62,9 @@ pub enum Fault {
     Eio,
     /// `ENOSPC`: the file system is full.
     Enospc,
+    /// `EOPNOTSUPP`: what a kernel answers when it cannot copy between two files in the
+    /// kernel; [`crate::file::ImageFile::copy_from`] then copies through memory.
+    Unsupported,
 }
 
 impl Fault {
@@ -64,6 +72,7 @@ impl Fault {
         match self {
             Fault::Eio => libc::EIO,
             Fault::Enospc => libc::ENOSPC,
+            Fault::Unsupported => libc::EOPNOTSUPP,
         }
     }
 }

@@ -308,6 +308,156 @@ impl ImageFile {
         self.write_plain(bounce, start)
     }
 
+    /// Copies `len` bytes of `src` at `src_offset` into this file at `offset`, growing it as
+    /// needed; bytes past the end of `src` arrive as zeroes, as [`ImageFile::read_at`] reads
+    /// them. Returns how the bytes travelled.
+    ///
+    /// The copy runs in the kernel (`copy_file_range(2)`): a reflink where the file system
+    /// shares extents, otherwise one page-cache-to-page-cache copy, instead of a `pread`
+    /// into a buffer and a `pwrite` out of it. When the kernel cannot copy between these
+    /// two files (EXDEV across file systems, EOPNOTSUPP, EINVAL, ENOSYS), with `O_DIRECT`
+    /// on either side, and for whatever the kernel left short (the end of `src`), the rest
+    /// goes through memory. Either way the data is in this file (not yet durable) when it
+    /// returns, as after [`ImageFile::write_at`]; write-back of the range is started at
+    /// once, so a copy job's final flush finds little left to write.
+    ///
+    /// Fault injection sees the in-kernel copy as one [`Op::Copy`] on this file (and the
+    /// fallback as reads and writes); an injected [`fault::Fault::Unsupported`] stands for
+    /// a kernel that cannot copy, so the fallback can be tested.
+    pub fn copy_from(
+        &self,
+        src: &ImageFile,
+        src_offset: u64,
+        len: u64,
+        offset: u64,
+    ) -> Result<CopyPath> {
+        let what = || {
+            format!(
+                "copy {len} bytes from {} at {offset:#x}",
+                src.path.display()
+            )
+        };
+        let copied = if self.direct || src.direct {
+            0
+        } else {
+            match fault::check(Op::Copy, &self.path) {
+                Ok(()) => self
+                    .copy_in_kernel(src, src_offset, len, offset)
+                    .map_err(|e| Error::io(&self.path, what(), e))?,
+                Err(e) if kernel_cannot_copy(&e) => 0,
+                Err(e) => return Err(Error::io(&self.path, what(), e)),
+            }
+        };
+        if copied < len {
+            self.copy_through_memory(src, src_offset + copied, len - copied, offset + copied)?;
+        }
+        self.start_writeback(offset, len);
+        Ok(match copied {
+            0 => CopyPath::Memory,
+            n if n == len => CopyPath::Kernel,
+            _ => CopyPath::Mixed,
+        })
+    }
+
+    /// `copy_file_range` until `len` bytes are copied, the source ends, or the kernel says
+    /// it cannot copy these files; returns the bytes copied. Errors are real I/O errors.
+    fn copy_in_kernel(
+        &self,
+        src: &ImageFile,
+        src_offset: u64,
+        len: u64,
+        offset: u64,
+    ) -> std::io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        let mut done = 0u64;
+        while done < len {
+            let (Ok(mut from), Ok(mut to)) = (
+                libc::loff_t::try_from(src_offset + done),
+                libc::loff_t::try_from(offset + done),
+            ) else {
+                break;
+            };
+            // At most 1 GiB per call: the kernel caps a call below 2 GiB anyway.
+            let n = (len - done).min(1 << 30) as usize;
+            // SAFETY: both descriptors are open files owned by `src` and `self`; the offsets
+            // are plain integers the kernel reads and updates, and no buffer is passed.
+            let rc = unsafe {
+                libc::copy_file_range(
+                    src.file.as_raw_fd(),
+                    &mut from,
+                    self.file.as_raw_fd(),
+                    &mut to,
+                    n,
+                    0,
+                )
+            };
+            match rc {
+                // The end of the source: the rest reads as zeroes, through memory.
+                0 => break,
+                n if n > 0 => done += n as u64,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if kernel_cannot_copy(&e) {
+                        break;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// The fallback of [`ImageFile::copy_from`]: `pread` into a buffer, `pwrite` out of it.
+    fn copy_through_memory(
+        &self,
+        src: &ImageFile,
+        src_offset: u64,
+        len: u64,
+        offset: u64,
+    ) -> Result<()> {
+        const STEP: u64 = 1 << 20;
+        // Aligned, so that O_DIRECT on either side needs no bounce buffer.
+        let mut buf = AlignedBuf::new(len.min(STEP) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(STEP) as usize;
+            let buf = &mut buf.as_mut_slice()[..n];
+            src.read_at(buf, src_offset + done)?;
+            self.write_at(buf, offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts write-back of the dirty pages of `offset..offset+len` without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works while the caller copies
+    /// on. Only a hint: durability still comes from [`ImageFile::sync`], which also reports
+    /// any write error of this write-back, so errors here are ignored.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        if self.direct || len == 0 {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return;
+        };
+        // SAFETY: a plain system call on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+
     /// `fdatasync`: every completed write is durable when this returns.
     pub fn sync(&self) -> Result<()> {
         fault::check(Op::Sync, &self.path)
@@ -344,6 +494,27 @@ impl ImageFile {
         }
         Ok(())
     }
+}
+
+/// How [`ImageFile::copy_from`] moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPath {
+    /// All of them in the kernel, file to file.
+    Kernel,
+    /// All of them through a buffer in memory (the kernel could not copy, or `O_DIRECT`).
+    Memory,
+    /// The kernel copied a first part and stopped short (the end of the source); the rest
+    /// went through memory.
+    Mixed,
+}
+
+/// Whether `copy_file_range` failed because the kernel cannot copy between these two files
+/// (rather than because I/O failed): then the copy goes through memory instead.
+fn kernel_cannot_copy(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::EBADF)
+    )
 }
 
 /// Makes a new or renamed directory entry for `path` durable (power loss, not just a crash of

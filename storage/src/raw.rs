@@ -101,6 +101,32 @@ impl BlockDevice for RawImage {
         self.file.write_at(buf, offset)
     }
 
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        if self.probed && offset < PROBE_BYTES {
+            // The first sector of a probed image goes through `write_at`'s probe check.
+            let head = (PROBE_BYTES - offset).min(len);
+            let mut buf = vec![0u8; head as usize];
+            src.read_at(&mut buf, src_offset)?;
+            self.write_at(&buf, offset)?;
+            if head == len {
+                return Ok(());
+            }
+            self.file
+                .copy_from(src, src_offset + head, len - head, offset + head)?;
+            return Ok(());
+        }
+        self.file.copy_from(src, src_offset, len, offset)?;
+        Ok(())
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size)?;
@@ -168,6 +194,10 @@ impl BlockDevice for RawImage {
 
     fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
         None
+    }
+
+    fn data_file(&self) -> Option<&ImageFile> {
+        Some(&self.file)
     }
 
     fn path(&self) -> &Path {

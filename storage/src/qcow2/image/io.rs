@@ -8,10 +8,34 @@ use std::sync::Arc;
 use super::{Qcow2Image, MAX_BATCH_CLUSTERS, STRIPES};
 use crate::device::{check_range, Allocation, BlockDevice, BlockStatus, ImageInfo};
 use crate::error::Result;
-use crate::file::AlignedBuf;
+use crate::file::{AlignedBuf, ImageFile};
 use crate::qcow2::cache::Slice;
 use crate::qcow2::compress::decompress;
 use crate::qcow2::entry::{CompressedExtent, Mapping, OFLAG_COPIED, OFLAG_ZERO};
+
+/// The bytes of a run of whole clusters being written: in memory, or an extent of another
+/// file copied in the kernel.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    /// The bytes themselves.
+    Buf(&'a [u8]),
+    /// `len` bytes of `src` from host offset `offset` on.
+    File {
+        src: &'a ImageFile,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Payload<'_> {
+    /// Bytes in the payload.
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Buf(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+}
 
 impl Qcow2Image {
     /// Reads guest bytes that this layer does not hold: from the backing chain, zeroes past
@@ -241,9 +265,11 @@ impl Qcow2Image {
 
     /// Writes `data`, whole clusters starting at cluster-aligned `offset`: the clusters that
     /// need new space get it from one allocation, and every run contiguous in the file is
-    /// written with one call (as QEMU does for multi-cluster writes), which is what makes
-    /// sequential writes, stream and commit fast.
-    fn write_whole_clusters(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// written with one call (as QEMU does for multi-cluster writes), or copied with one
+    /// in-kernel copy when the data is another file's extent, which is what makes
+    /// sequential writes, stream and commit fast. Mappings are published only after all
+    /// the data is in place.
+    fn write_whole_clusters(&self, data: Payload<'_>, offset: u64) -> Result<()> {
         /// Where one cluster of the request goes.
         enum Target {
             /// Owned cluster, written in place.
@@ -253,7 +279,7 @@ impl Qcow2Image {
         }
         let cs = self.cluster_size;
         let first = offset >> self.cluster_bits;
-        let count = data.len() as u64 >> self.cluster_bits;
+        let count = data.len() >> self.cluster_bits;
         // Exclusive stripes in ascending order (see `read_batch` for why that is safe).
         let mut stripes: Vec<usize> = (first..first + count)
             .map(|c| c as usize & (STRIPES - 1))
@@ -299,8 +325,16 @@ impl Qcow2Image {
         let mut run_start = 0usize;
         for i in 1..=hosts.len() {
             if i == hosts.len() || hosts[i] != hosts[i - 1] + cs {
-                let bytes = &data[run_start * cs as usize..i * cs as usize];
-                self.file.write_at(bytes, hosts[run_start])?;
+                let (from, to) = (run_start as u64 * cs, i as u64 * cs);
+                match data {
+                    Payload::Buf(bytes) => self
+                        .file
+                        .write_at(&bytes[from as usize..to as usize], hosts[run_start])?,
+                    Payload::File { src, offset, .. } => {
+                        self.file
+                            .copy_from(src, offset + from, to - from, hosts[run_start])?;
+                    }
+                }
                 run_start = i;
             }
         }
@@ -389,7 +423,7 @@ impl BlockDevice for Qcow2Image {
             if at & (cs - 1) == 0 && remaining >= 2 * cs {
                 // Runs of whole clusters: one allocation and one write per contiguous run.
                 let n = ((remaining / cs).min(MAX_BATCH_CLUSTERS) * cs) as usize;
-                self.write_whole_clusters(&buf[done..done + n], at)?;
+                self.write_whole_clusters(Payload::Buf(&buf[done..done + n]), at)?;
                 done += n;
             } else {
                 let n = (cs - (at & (cs - 1))).min(remaining) as usize;
@@ -398,6 +432,47 @@ impl BlockDevice for Qcow2Image {
             }
         }
         Ok(())
+    }
+
+    fn write_from_file(
+        &self,
+        offset: u64,
+        len: u64,
+        src: &ImageFile,
+        src_offset: u64,
+    ) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size)?;
+        let cs = self.cluster_size;
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            let remaining = len - done;
+            if at & (cs - 1) == 0 && remaining >= cs {
+                // Whole clusters: copied file to file, one allocation and one copy per
+                // contiguous run, published after the copy as any write is.
+                let n = (remaining / cs).min(MAX_BATCH_CLUSTERS) * cs;
+                let payload = Payload::File {
+                    src,
+                    offset: src_offset + done,
+                    len: n,
+                };
+                self.write_whole_clusters(payload, at)?;
+                done += n;
+            } else {
+                // A part of a cluster is a copy-on-write of its own, through memory.
+                let n = (cs - (at & (cs - 1))).min(remaining);
+                let mut buf = vec![0u8; n as usize];
+                src.read_at(&mut buf, src_offset + done)?;
+                self.write_in_cluster(&buf, at)?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn data_file(&self) -> Option<&ImageFile> {
+        Some(&self.file)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
