@@ -130,3 +130,28 @@ fn seccomp_log_and_off_let_the_forbidden_syscall_run() {
     let (off, _) = survives(triggered(&["--seccomp=off"]));
     assert!(off.contains("socket(2) returned"), "{off}");
 }
+
+/// A stop and continue (Ctrl-Z, `kill -STOP`/`-CONT`, a debugger attaching) makes the kernel
+/// resume the threads' interrupted sleeps and polls through `restart_syscall`: the default
+/// filters must let it in, or every stopped VMM dies by SIGSYS when continued.
+#[test]
+fn a_stopped_and_continued_vmm_keeps_running() {
+    if !have_kvm("a_stopped_and_continued_vmm_keeps_running") {
+        return;
+    }
+    let vm = test_support::snapvmm_binary!().start_vm(1 << 20);
+    vm.wait_progress();
+    let pid = vm.pid().expect("running") as libc::pid_t;
+    for _ in 0..5 {
+        // SAFETY: plain kill(2) on the child this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.wait_progress();
+    vm.ctl_ok(&["info"]);
+    // Exits cleanly (a SIGSYS death fails here).
+    vm.shutdown();
+}

@@ -30,9 +30,10 @@ pub fn run(bench: &mut Bench) {
     bench.step(format!("clones of a {mib} MiB guest"));
     let dir = bench.dir.join("clones");
     let rounds = bench.samples(2, 5);
-    let parent = super::images::fresh_dir(&dir).and_then(|()| Parent::start(&bench.exe, &dir, mib));
+    let mut parent =
+        super::images::fresh_dir(&dir).and_then(|()| Parent::start(&bench.exe, &dir, mib));
     for (fig, &count) in figures.into_iter().zip(counts) {
-        let result = match &parent {
+        let result = match &mut parent {
             Ok(parent) => (0..rounds)
                 .map(|round| parent.clone_round(&dir.join(format!("c{count}-{round}")), count))
                 .collect(),
@@ -64,6 +65,8 @@ fn figure(count: u32, mib: u64) -> Figure {
 struct Parent {
     child: Child,
     api: ApiClient,
+    /// The parent's stderr: its last lines explain a failed request.
+    log: PathBuf,
 }
 
 impl Parent {
@@ -72,6 +75,9 @@ impl Parent {
         let disk = dir.join("base.qcow2");
         super::images::qcow2(&disk, 1 << 20, None)?;
         let socket = dir.join("api.sock");
+        let log = dir.join("parent.log");
+        let stderr =
+            std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let child = Command::new(exe)
             .arg("run")
             .args(["--guest", "builtin:counter", "--memory", &mib.to_string()])
@@ -81,11 +87,11 @@ impl Parent {
             .arg(&socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("starting {} run: {e}", exe.display()))?;
         let api = ApiClient::new(&socket).map_err(|e| format!("API client runtime: {e}"))?;
-        let mut parent = Parent { child, api };
+        let mut parent = Parent { child, api, log };
         let start = Instant::now();
         while parent.api.raw("GET", "/vm", &[]).is_err() {
             if let Ok(Some(status)) = parent.child.try_wait() {
@@ -101,11 +107,11 @@ impl Parent {
     }
 
     /// `PUT path` with a JSON body; returns the answer's body, or the error it carried.
-    fn put(&self, path: &str, body: &serde_json::Value) -> Result<String, String> {
+    fn put(&mut self, path: &str, body: &serde_json::Value) -> Result<String, String> {
         let answer = self
             .api
             .raw("PUT", path, body.to_string().as_bytes())
-            .map_err(|e| format!("PUT {path}: {e}"))?;
+            .map_err(|e| format!("PUT {path}: {e}{}", self.last_words()))?;
         if (200..300).contains(&answer.status) {
             Ok(answer.body)
         } else {
@@ -116,8 +122,26 @@ impl Parent {
         }
     }
 
+    /// How the parent ended, if it did, and the end of its stderr, for an error message.
+    fn last_words(&mut self) -> String {
+        // A moment for a dying parent to be reaped.
+        std::thread::sleep(Duration::from_millis(100));
+        let ended = match self.child.try_wait() {
+            Ok(Some(status)) => format!(" (snapvmm run ended: {status})"),
+            _ => String::new(),
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        if tail.is_empty() {
+            ended
+        } else {
+            format!("{ended} (snapvmm run said: {tail})")
+        }
+    }
+
     /// Starts `count` clones of `s1` in `dir`, then destroys them; ms to the answer.
-    fn clone_round(&self, dir: &Path, count: u32) -> Result<f64, String> {
+    fn clone_round(&mut self, dir: &Path, count: u32) -> Result<f64, String> {
         let request = serde_json::json!({ "count": count, "dir": dir });
         let start = Instant::now();
         let answer = self.put("/snapshots/s1/clone", &request)?;

@@ -186,6 +186,11 @@ impl RunningVm {
         self.dir.path().join(name)
     }
 
+    /// The process id of `snapvmm run`, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The child's exit status if it has ended.
     fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;

@@ -57,6 +57,10 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
             libc::SYS_rt_sigreturn,
             libc::SYS_rt_sigtimedwait,
             libc::SYS_tgkill,
+            // The kernel's resumption of a sleep or poll a signal without a handler broke
+            // into (a stop and continue: Ctrl-Z, `kill -STOP`/`-CONT`, a debugger, a
+            // SIGCHLD some thread blocks): it continues a syscall this filter let in already.
+            libc::SYS_restart_syscall,
             // Time.
             libc::SYS_clock_gettime,
             libc::SYS_clock_nanosleep,
