@@ -296,18 +296,12 @@ impl LiveDisk {
             start - start % cluster,
             end.saturating_add(cluster - 1) / cluster * cluster,
         );
-        let former: Vec<Arc<InFlight>> = {
-            let mut former = self.former.lock();
-            former.retain(|flight| !flight.is_idle());
-            if former.is_empty() {
-                self.has_former.store(false, Ordering::Release);
-            }
-            former
-                .iter()
-                .filter(|flight| flight.is_older_than(&view.flight))
-                .cloned()
-                .collect()
-        };
+        let former: Vec<Arc<InFlight>> = self
+            .busy_former()
+            .iter()
+            .filter(|flight| flight.is_older_than(&view.flight))
+            .cloned()
+            .collect();
         let mut waited = false;
         for flight in &former {
             waited |= flight.wait_clear_of(start, end);
@@ -331,11 +325,18 @@ impl LiveDisk {
         for flight in &former {
             flight.wait_idle();
         }
-        let mut left = self.former.lock();
-        left.retain(|flight| !flight.is_idle());
-        if left.is_empty() {
+        drop(self.busy_former()); // Forgets the flights that are idle now.
+    }
+
+    /// The former tops' flights with requests still in them, the idle ones forgotten (and
+    /// the fast check cleared when none is left).
+    fn busy_former(&self) -> parking_lot::MutexGuard<'_, Vec<Arc<InFlight>>> {
+        let mut former = self.former.lock();
+        former.retain(|flight| !flight.is_idle());
+        if former.is_empty() {
             self.has_former.store(false, Ordering::Release);
         }
+        former
     }
 
     /// Waits for every request on the current view and on former tops: the drain of a

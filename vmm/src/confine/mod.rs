@@ -117,10 +117,8 @@ pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
     let Some(confinement) = configured() else {
         return Ok(());
     };
-    let action = match confinement.seccomp {
-        SeccompMode::Off => return Ok(()),
-        SeccompMode::Log => SeccompAction::Log,
-        SeccompMode::Kill => SeccompAction::Trap,
+    let Some(action) = mismatch_action(confinement.seccomp) else {
+        return Ok(());
     };
     let program = program(kind, action)?;
     seccompiler::apply_filter(program).map_err(|source| ConfineError::Seccomp { kind, source })?;
@@ -182,13 +180,21 @@ fn program(kind: ThreadKind, action: SeccompAction) -> Result<&'static BpfProgra
 /// server), so that they only install them. The spawner thread, idle otherwise, runs this
 /// while the VM is being built. A failure is left for the thread of that kind to report.
 fn precompile() {
-    let action = match configured().map(|c| c.seccomp) {
-        Some(SeccompMode::Log) => SeccompAction::Log,
-        Some(SeccompMode::Kill) => SeccompAction::Trap,
-        Some(SeccompMode::Off) | None => return,
+    let Some(action) = configured().and_then(|c| mismatch_action(c.seccomp)) else {
+        return;
     };
     for kind in [ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::BlockWorker] {
         let _ = program(kind, action.clone());
+    }
+}
+
+/// What a filter in `mode` answers a syscall off its allow-list; `None` when no filter is
+/// installed.
+fn mismatch_action(mode: SeccompMode) -> Option<SeccompAction> {
+    match mode {
+        SeccompMode::Off => None,
+        SeccompMode::Log => Some(SeccompAction::Log),
+        SeccompMode::Kill => Some(SeccompAction::Trap),
     }
 }
 
@@ -205,34 +211,27 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, C
 mod tests {
     use super::*;
 
+    /// Every thread kind, in declaration order.
+    const ALL: [ThreadKind; KINDS] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::BlockWorker,
+        ThreadKind::Api,
+        ThreadKind::Pager,
+        ThreadKind::Vsock,
+        ThreadKind::Spawner,
+    ];
+
     #[test]
     fn kinds_index_the_program_cache() {
-        let kinds = [
-            ThreadKind::Main,
-            ThreadKind::Vcpu,
-            ThreadKind::BlockWorker,
-            ThreadKind::Api,
-            ThreadKind::Pager,
-            ThreadKind::Vsock,
-            ThreadKind::Spawner,
-        ];
-        assert_eq!(kinds.len(), KINDS);
-        for (index, kind) in kinds.into_iter().enumerate() {
+        for (index, kind) in ALL.into_iter().enumerate() {
             assert_eq!(kind as usize, index);
         }
     }
 
     #[test]
     fn every_kind_compiles() {
-        for kind in [
-            ThreadKind::Main,
-            ThreadKind::Vcpu,
-            ThreadKind::BlockWorker,
-            ThreadKind::Api,
-            ThreadKind::Pager,
-            ThreadKind::Vsock,
-            ThreadKind::Spawner,
-        ] {
+        for kind in ALL {
             let program = filter(kind, SeccompAction::Trap).unwrap();
             assert!(program.len() > 10, "{kind:?}");
         }
