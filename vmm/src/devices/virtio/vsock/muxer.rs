@@ -123,11 +123,18 @@ impl Muxer {
 
     /// Drops every connection and owes the guest a transport reset (a restored VM: its
     /// peers are gone, as in Firecracker).
+    ///
+    /// New host connections then take local ports from a random point of the range: the
+    /// guest may still hold packets of the connections the reset ended (delivered to its RX
+    /// ring before the checkpoint, read after it) and answers each with an RST for that
+    /// connection's ports. Had a new connection the same ports as an old one (the count
+    /// restarts with the device), such a late RST would end the new connection.
     pub fn reset_transport(&mut self) {
         self.entries.clear();
         self.pending.clear();
         self.control.clear();
         self.reset_pending = true;
+        self.next_local_port = rand::random_range(FIRST_LOCAL_PORT..=u32::MAX);
     }
 
     /// Drops every connection (a driver reset): host programs see their sockets close.

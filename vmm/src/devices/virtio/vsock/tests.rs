@@ -341,3 +341,44 @@ fn a_restore_owes_the_guest_a_transport_reset() {
         .unwrap();
     assert_eq!(used, 1);
 }
+
+#[test]
+fn a_late_rst_for_a_connection_before_the_restore_spares_the_new_one() {
+    let (_dir, uds, mut muxer, mut rings) = setup();
+    rings.give_rx(8);
+    // A host connection before the checkpoint, on the first local port.
+    let mut old = UnixStream::connect(&uds).unwrap();
+    old.write_all(b"CONNECT 52\n").unwrap();
+    let mut got = Vec::new();
+    settle(&mut rings, &mut muxer, |r| {
+        got.extend(r.received());
+        !got.is_empty()
+    });
+    assert_eq!((got[0].0.src_port, got[0].0.dst_port), (HOST_PORT, 52));
+    // The checkpoint is restored by a new VMM: a new device, told to reset the transport.
+    drop(muxer);
+    let mut muxer = Muxer::new(GUEST, uds.clone()).unwrap();
+    muxer.reset_transport();
+    // After the restore a host program connects to the same guest port ...
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let mut got = Vec::new();
+    settle(&mut rings, &mut muxer, |r| {
+        got.extend(r.received());
+        got.iter().any(|(h, _)| h.op == Op::Request)
+    });
+    let (request, _) = got.into_iter().find(|(h, _)| h.op == Op::Request).unwrap();
+    assert_ne!(request.src_port, HOST_PORT, "a new connection reused an old port");
+    // ... while the guest answers a packet of the old connection it read late with an RST.
+    rings.send_packet(Op::Rst, 52, HOST_PORT, &[]);
+    rings.pass(&mut muxer);
+    assert_eq!(muxer.connections(), 1, "the late RST ended the new connection");
+    rings.send_packet(Op::Response, 52, request.src_port, &[]);
+    rings.pass(&mut muxer);
+    let mut line = String::new();
+    BufReader::new(host).read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", request.src_port));
+    drop(old);
+}
