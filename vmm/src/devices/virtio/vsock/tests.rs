@@ -370,11 +370,18 @@ fn a_late_rst_for_a_connection_before_the_restore_spares_the_new_one() {
         got.iter().any(|(h, _)| h.op == Op::Request)
     });
     let (request, _) = got.into_iter().find(|(h, _)| h.op == Op::Request).unwrap();
-    assert_ne!(request.src_port, HOST_PORT, "a new connection reused an old port");
+    assert_ne!(
+        request.src_port, HOST_PORT,
+        "a new connection reused an old port"
+    );
     // ... while the guest answers a packet of the old connection it read late with an RST.
     rings.send_packet(Op::Rst, 52, HOST_PORT, &[]);
     rings.pass(&mut muxer);
-    assert_eq!(muxer.connections(), 1, "the late RST ended the new connection");
+    assert_eq!(
+        muxer.connections(),
+        1,
+        "the late RST ended the new connection"
+    );
     rings.send_packet(Op::Response, 52, request.src_port, &[]);
     rings.pass(&mut muxer);
     let mut line = String::new();
