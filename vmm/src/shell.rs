@@ -99,8 +99,11 @@ impl VmShell {
         let bytes = shape.check()?;
         let memory = memory::create(bytes)?;
         let vm = Vm::new(&memory)?;
+        // Each vCPU gets the CPUID a VM booted on this host gives it, which is what its
+        // checkpoints saved: the restore then finds it set (see `vcpu::persist`).
+        let cpuid = vm.supported_cpuid()?;
         let vcpus = (0..shape.vcpus)
-            .map(|index| Vcpu::create_bare(&vm, index))
+            .map(|index| Vcpu::create_with_cpuid(&vm, &cpuid, index, shape.vcpus))
             .collect::<Result<Vec<_>>>()?;
         Ok(VmShell {
             shape,
