@@ -29,7 +29,7 @@ use vmm::checkpoint::{MemorySource, RestoreOptions};
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
 use vmm::control::types::TreeSnapshotCreate;
 use vmm::memory::uffd::PageSource;
-use vmm::{Sandbox, SandboxOptions, Vmm};
+use vmm::{Sandbox, SandboxOptions, ShellShape, ShellSource, VmShell, Vmm};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const BUCKET: &str = "snaps";
@@ -321,8 +321,9 @@ impl PageSource for StorePages {
     }
 }
 
-fn lazy_restore(lazy: &LazyRestore, console: &Console) -> Vmm {
+fn lazy_restore(lazy: &LazyRestore, console: &Console, shell: ShellSource) -> Vmm {
     let options = RestoreOptions {
+        shell,
         memory: MemorySource::Pager {
             source: Arc::new(StorePages(lazy.memory.clone())),
             prefetch: Vec::new(),
@@ -482,7 +483,14 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "s2", cache.path()).unwrap();
     let restored = new_console();
-    let vmm = lazy_restore(&lazy, &restored);
+    // Into a VM shell built ahead: the pager serves the shell's RAM, which already has
+    // KVM's slot on it.
+    let shell = VmShell::new(ShellShape {
+        memory_mib: MEMORY_MIB,
+        vcpus: 1,
+    })
+    .unwrap();
+    let vmm = lazy_restore(&lazy, &restored, ShellSource::Shell(shell));
     wait_progress(&restored, 2);
     let pager_chunks = vmm
         .pager()
@@ -585,7 +593,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(bad_disk.clone(), "s2", cache.path()).unwrap();
     let console = new_console();
-    let vmm = lazy_restore(&lazy, &console);
+    let vmm = lazy_restore(&lazy, &console, ShellSource::None);
     console.wait(0, "an I/O error in the guest", |t| t.contains("io error"));
     vmm.stop().unwrap();
 
@@ -780,7 +788,7 @@ fn snapshots_travel_through_seaweedfs_and_restore_lazily() {
     let cache = tempfile::tempdir().unwrap();
     let lazy = store::lazy::prepare(store.clone(), "r1", cache.path()).unwrap();
     let console = new_console();
-    let vmm = lazy_restore(&lazy, &console);
+    let vmm = lazy_restore(&lazy, &console, ShellSource::None);
     wait_progress(&console, 1);
     cluster.kill_volume(0);
     wait_progress(&console, 2);

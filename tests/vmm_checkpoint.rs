@@ -14,7 +14,7 @@ use test_support::vm::{counters, last_counter};
 use vmm::config::{BootSource, DiskConfig, VmConfig, Workload};
 use vmm::snapshot::checkpoint::{memory_path, state_path, MemoryFile, PAGE_SIZE};
 use vmm::snapshot::vm_state::VmState;
-use vmm::{CheckpointOptions, Vmm};
+use vmm::{CheckpointOptions, RestoreOptions, ShellPool, ShellShape, ShellSource, VmShell, Vmm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -41,6 +41,37 @@ fn start(config: &VmConfig) -> (Vmm, Console) {
     let console = Console::default();
     let vmm = Vmm::start_with_serial(config, Box::new(console.clone())).expect("start the VM");
     (vmm, console)
+}
+
+/// How a test restores a checkpoint: every restore test runs both ways.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    /// `Vmm::restore`: the VM built from scratch.
+    Cold,
+    /// Into a ready VM shell from a pool kept for the checkpoint's shape.
+    Pool,
+}
+
+const WAYS: [Way; 2] = [Way::Cold, Way::Pool];
+
+/// Restores `checkpoint` (a VM of `shape`) the `way` asked, its console to `console`.
+fn restore(way: Way, checkpoint: &Path, shape: ShellShape, console: &Console, paused: bool) -> Vmm {
+    let serial = Box::new(console.clone());
+    match way {
+        Way::Cold => Vmm::restore(checkpoint, serial, paused).unwrap(),
+        Way::Pool => {
+            let pool = Arc::new(ShellPool::new(&[(shape, 1)]).unwrap());
+            assert!(pool.wait_full(TIMEOUT), "the pool never filled");
+            let options = RestoreOptions {
+                shell: ShellSource::Pool(pool.clone()),
+                ..Default::default()
+            };
+            let vmm = Vmm::restore_with(checkpoint, serial, paused, options).unwrap();
+            // The restore took the pool's shell (it did not fall back to a cold build).
+            assert_eq!(pool.stats().taken, 1, "{:?}", pool.stats());
+            vmm
+        }
+    }
 }
 
 /// Pauses the VM and returns the console text up to the pause.
@@ -106,8 +137,81 @@ fn counter_continues_in_a_new_vm_on_two_vcpus() {
         .unwrap();
     vmm.stop().unwrap();
 
+    let shape = ShellShape {
+        memory_mib: 32,
+        vcpus: 2,
+    };
+    for way in WAYS {
+        let restored_console = Console::default();
+        let restored = restore(way, &checkpoint, shape, &restored_console, false);
+        restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
+        let last = assert_contiguous(&(saved_text.clone() + &restored_console.text()));
+        assert!(last >= saved + 2, "{way:?}");
+        restored.stop().unwrap();
+    }
+}
+
+#[test]
+fn a_shell_of_another_shape_is_refused_and_a_pool_without_one_builds_cold() {
+    if !have_kvm("a_shell_of_another_shape_is_refused_and_a_pool_without_one_builds_cold") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("c1");
+    let (vmm, console) = start(&counter_config(1, 32));
+    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
+    let saved_text = pause(&vmm, &console);
+    let saved = assert_contiguous(&saved_text);
+    vmm.checkpointer()
+        .checkpoint(&checkpoint, CheckpointOptions::default())
+        .unwrap();
+    vmm.stop().unwrap();
+
+    // A given shell must fit: other memory size, other vCPU count.
+    for shape in [
+        ShellShape {
+            memory_mib: 64,
+            vcpus: 1,
+        },
+        ShellShape {
+            memory_mib: 32,
+            vcpus: 2,
+        },
+    ] {
+        let options = RestoreOptions {
+            shell: ShellSource::Shell(VmShell::new(shape).unwrap()),
+            ..Default::default()
+        };
+        let err = Vmm::restore_with(&checkpoint, Box::new(std::io::sink()), false, options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the VM shell holds") && err.contains("32 MiB, 1 vCPU"),
+            "{err}"
+        );
+    }
+
+    // A pool keeping only other shapes hands out nothing: the restore builds its VM cold.
+    let other = ShellShape {
+        memory_mib: 64,
+        vcpus: 1,
+    };
+    let pool = Arc::new(ShellPool::new(&[(other, 1)]).unwrap());
+    assert!(pool.wait_full(TIMEOUT));
     let restored_console = Console::default();
-    let restored = Vmm::restore(&checkpoint, Box::new(restored_console.clone()), false).unwrap();
+    let options = RestoreOptions {
+        shell: ShellSource::Pool(pool.clone()),
+        ..Default::default()
+    };
+    let restored = Vmm::restore_with(
+        &checkpoint,
+        Box::new(restored_console.clone()),
+        false,
+        options,
+    )
+    .unwrap();
+    assert_eq!(pool.stats().taken, 0);
+    assert_eq!(pool.ready(other), 1);
     restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
     let last = assert_contiguous(&(saved_text + &restored_console.text()));
     assert!(last >= saved + 2);
@@ -231,33 +335,43 @@ fn diff_chains_restore_to_the_same_memory_as_a_full_checkpoint() {
     assert_contiguous(&(saved_text.clone() + &console.since(mark)));
     vmm.stop().unwrap();
 
-    // So does a new VM restored from the chain, paused before its first instruction.
-    let restored_console = Console::default();
-    let restored = Vmm::restore(&c, Box::new(restored_console.clone()), true).unwrap();
-    assert_eq!(first_difference(&expected, &memory_bytes(&restored)), None);
-    restored.pause_gate().resume();
-    restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 2);
-    assert_contiguous(&(saved_text + &restored_console.text()));
+    let shape = ShellShape {
+        memory_mib: 32,
+        vcpus: 1,
+    };
+    for way in WAYS {
+        // So does a new VM restored from the chain, paused before its first instruction.
+        let restored_console = Console::default();
+        let restored = restore(way, &c, shape, &restored_console, true);
+        assert_eq!(
+            first_difference(&expected, &memory_bytes(&restored)),
+            None,
+            "{way:?}"
+        );
+        restored.pause_gate().resume();
+        restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 2);
+        assert_contiguous(&(saved_text.clone() + &restored_console.text()));
 
-    // An incremental checkpoint of the restored VM (its base: the chain it came from)
-    // holds what a full one holds.
-    let (d, full2, merged2) = (
-        dir.path().join("d"),
-        dir.path().join("full2"),
-        dir.path().join("merged2"),
-    );
-    restored.pause_gate().pause(Duration::from_secs(5)).unwrap();
-    let report_d = restored.checkpointer().checkpoint(&d, incremental).unwrap();
-    assert!(report_d.base.is_some(), "{report_d:?}");
-    restored
-        .checkpointer()
-        .checkpoint(&full2, CheckpointOptions::default())
-        .unwrap();
-    let expected = memory_bytes(&restored);
-    assert_eq!(first_difference(&expected, &file_bytes(&full2)), None);
-    vmm::snapshot::checkpoint::merge::merge_chain(&d, &merged2).unwrap();
-    assert_eq!(first_difference(&expected, &file_bytes(&merged2)), None);
-    restored.stop().unwrap();
+        // An incremental checkpoint of the restored VM (its base: the chain it came from)
+        // holds what a full one holds.
+        let (d, full2, merged2) = (
+            dir.path().join(format!("d-{way:?}")),
+            dir.path().join(format!("full2-{way:?}")),
+            dir.path().join(format!("merged2-{way:?}")),
+        );
+        restored.pause_gate().pause(Duration::from_secs(5)).unwrap();
+        let report_d = restored.checkpointer().checkpoint(&d, incremental).unwrap();
+        assert!(report_d.base.is_some(), "{report_d:?}");
+        restored
+            .checkpointer()
+            .checkpoint(&full2, CheckpointOptions::default())
+            .unwrap();
+        let written = memory_bytes(&restored);
+        assert_eq!(first_difference(&written, &file_bytes(&full2)), None);
+        vmm::snapshot::checkpoint::merge::merge_chain(&d, &merged2).unwrap();
+        assert_eq!(first_difference(&written, &file_bytes(&merged2)), None);
+        restored.stop().unwrap();
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //!   save competes with;
 //! - the vCPU pause of a live checkpoint of the counter guest (small working set);
 //! - restore in process: `Vmm::restore` until its vCPU threads are started (the next thing
-//!   they do is enter the guest);
+//!   they do is enter the guest); cold, and into a ready VM shell from a `ShellPool` (the
+//!   pool's refill finished before each timed restore, the shell's build cost in the note);
 //! - restore as a whole process: exec of `snapvmm restore DIR --api-socket S` until the API
 //!   answers `GET /vm`;
 //! - revert in place of a running guest, pause to resume.
@@ -17,7 +18,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm::{CheckpointOptions, Vmm};
+use vmm::{CheckpointOptions, RestoreOptions, ShellPool, ShellShape, ShellSource, Vmm};
 
 use super::counter_guest::{counter_vm, dirty_all, live_checkpoint};
 use super::model::{Figure, Status};
@@ -45,7 +46,7 @@ pub fn run(bench: &mut Bench) {
             }
             continue;
         }
-        let [idle, dirty, plain, pause, restore, process, revert] = figures;
+        let [idle, dirty, plain, pause, restore, shell, process, revert] = figures;
         bench.step(format!("checkpoint save, {mib} MiB guest"));
         let saves = bench.samples(3, 10);
         let r = save(&dir, mib, false, saves).map(|(saves, _)| saves);
@@ -72,11 +73,16 @@ pub fn run(bench: &mut Bench) {
             Ok(()) => {
                 let r = restore_in_process(&target, restores);
                 bench.record(restore, r);
+                match restore_from_shell(&target, mib, restores) {
+                    Ok((samples, note)) => bench.record(shell.note(note), Ok(samples)),
+                    Err(e) => bench.record(shell, Err(e)),
+                }
                 let r = restore_process(&bench.exe, &dir, &target, restores);
                 bench.record(process, r);
             }
             Err(e) => {
                 bench.record(restore, Err(e.clone()));
+                bench.record(shell, Err(e.clone()));
                 bench.record(process, Err(e));
             }
         }
@@ -87,7 +93,7 @@ pub fn run(bench: &mut Bench) {
 }
 
 /// Figures of one memory size, in the order `run` records them.
-fn figures(mib: u64) -> [Figure; 7] {
+fn figures(mib: u64) -> [Figure; 8] {
     let m = mib as f64;
     let new = |id: &str, label: &str, tool: &str, unit: &str, what: String| {
         Figure::new(
@@ -149,6 +155,18 @@ fn figures(mib: u64) -> [Figure; 7] {
             format!(
                 "Vmm::restore of a full {mib} MiB checkpoint (memory mapped lazily) until its \
                  vCPU threads are started, about to enter the guest"
+            ),
+        ),
+        new(
+            "restore_shell",
+            "restore in process, from a ready VM shell",
+            "snapvmm",
+            "ms",
+            format!(
+                "Vmm::restore_with of a full {mib} MiB checkpoint into a VM shell taken from a \
+                 ShellPool (KVM VM, memory slot over reserved RAM, irqchip, PIT and vCPU fds \
+                 built ahead), until its vCPU threads are started; the pool's refill is done \
+                 before each timed restore"
             ),
         ),
         new(
@@ -279,6 +297,56 @@ fn restore_in_process(target: &Path, count: usize) -> Result<Vec<f64>, String> {
             Ok(took)
         })
         .collect()
+}
+
+/// `count` in-process restores of `target` (a counter guest of `mib` MiB, one vCPU), each
+/// into a shell from a pool of one; ms each, to vCPU threads started. The shell is taken
+/// and the pool's refill finished before the clock starts: what an embedder with a warm pool
+/// waits for. Also returns a note with what a shell costs to build.
+fn restore_from_shell(target: &Path, mib: u64, count: usize) -> Result<(Vec<f64>, String), String> {
+    let shape = ShellShape {
+        memory_mib: mib,
+        vcpus: 1,
+    };
+    let pool = ShellPool::new(&[(shape, 1)]).map_err(|e| format!("VM shell pool: {e}"))?;
+    let ready = |pool: &ShellPool| {
+        if pool.wait_full(Duration::from_secs(30)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the VM shell pool did not fill: {}",
+                pool.stats().last_error.unwrap_or_default()
+            ))
+        }
+    };
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        ready(&pool)?;
+        let shell = pool
+            .take(shape)
+            .ok_or_else(|| "the full VM shell pool had no shell".to_string())?;
+        // The refill this take started ends before the clock does.
+        ready(&pool)?;
+        let options = RestoreOptions {
+            shell: ShellSource::Shell(shell),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let vm = Vmm::restore_with(target, Box::new(std::io::sink()), false, options)
+            .map_err(|e| format!("restoring {} into a shell: {e}", target.display()))?;
+        let took = ms(start.elapsed());
+        vm.stop()
+            .map_err(|e| format!("stopping the restored VM: {e}"))?;
+        samples.push(took);
+    }
+    let stats = pool.stats();
+    let build = stats.build_time.as_secs_f64() * 1e3 / stats.built.max(1) as f64;
+    let note = format!(
+        "a shell took {build:.2} ms to build on the pool's thread (mean of {}), outside the \
+         timed region",
+        stats.built
+    );
+    Ok((samples, note))
 }
 
 /// `count` whole-process restores: exec to the API's first answer; ms each.

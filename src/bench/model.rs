@@ -162,6 +162,12 @@ impl Figure {
         self
     }
 
+    /// Sets the remark on the method (kept when samples are recorded).
+    pub fn note(mut self, note: impl Into<String>) -> Figure {
+        self.note = note.into();
+        self
+    }
+
     /// Sets the plot parameter (guest memory in MiB).
     pub fn param(mut self, value: f64) -> Figure {
         self.param = Some(value);

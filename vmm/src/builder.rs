@@ -32,6 +32,7 @@ use crate::machine::Machine;
 pub use crate::machine::{AttachedDisk, AttachedVsock};
 use crate::memory::uffd::{PageSource, Pager};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::shell::ShellShape;
 use crate::vcpu::{IoBuses, PauseGate, SharedVcpuFd, Vcpu, VcpuStart, VcpuThread};
 use crate::vm::Vm;
 
@@ -115,14 +116,15 @@ fn check_config(config: &VmConfig) -> Result<u64> {
         .ok_or_else(|| Error::Config(format!("{} MiB of memory", config.memory_mib)))
 }
 
-/// Creates the KVM VM over `memory` with its serial console, i8042 and one virtio-blk
-/// device per disk of `config`.
+/// Creates the KVM VM over `memory` (or takes `vm`, a shell's, already over it) with its
+/// serial console, i8042 and one virtio-blk device per disk of `config`.
 fn assemble(
     config: &VmConfig,
     memory: &GuestMemoryMmap,
     serial: Box<dyn Write + Send>,
     exit: &ExitHandle,
     tops: Option<Vec<Arc<dyn storage::BlockDevice>>>,
+    vm: Option<Vm>,
 ) -> Result<Assembled> {
     let disks = match tops {
         None => open_disks(config)?,
@@ -143,7 +145,10 @@ fn assemble(
                 .collect()
         }
     };
-    let vm = Vm::new(memory)?;
+    let vm = match vm {
+        Some(vm) => vm,
+        None => Vm::new(memory)?,
+    };
 
     let mut buses = IoBuses::default();
     let trigger = IrqTrigger::new()?;
@@ -361,7 +366,7 @@ impl Vmm {
         }
         let memory = memory::create(memory_bytes)?;
         let exit = ExitHandle::new()?;
-        let assembled = assemble(config, &memory, serial, &exit, None)?;
+        let assembled = assemble(config, &memory, serial, &exit, None, None)?;
         let mmio = mmio_devices(&assembled);
 
         regs::write_boot_tables(&memory)?;
@@ -450,7 +455,8 @@ impl Vmm {
     /// As [`Vmm::restore`], with guest memory and disks from where `options` says: a
     /// [`MemorySource::Pager`] registers guest RAM with a userfaultfd pager (started before
     /// anything touches RAM) instead of mapping memory files; `disk_tops` opens disks on
-    /// other images than the saved ones (a clone's overlays).
+    /// other images than the saved ones (a clone's overlays); a shell
+    /// ([`RestoreOptions::shell`]) supplies the KVM VM, its RAM and vCPUs ready-made.
     /// A restored vsock device has dropped every connection of the VM checkpointed and
     /// tells the guest so (a transport reset event).
     pub fn restore_with(
@@ -472,11 +478,20 @@ impl Vmm {
             vsock.uds = uds.clone();
         }
         let memory_bytes = check_config(&config)?;
-        let memory = memory::create(memory_bytes)?;
+        // A shell's RAM already has KVM's slot on it: mapping the memory file over it in
+        // place finds no shadow pages to drop (see `crate::shell`).
+        let (memory, vm, shell_vcpus) = match options.shell.take(ShellShape::of(&config)) {
+            Some(shell) => {
+                let (memory, vm, vcpus) = shell.into_parts(ShellShape::of(&config))?;
+                (memory, Some(vm), vcpus)
+            }
+            None => (memory::create(memory_bytes)?, None, Vec::new()),
+        };
         memory::persist::check_layout(&memory, &loaded.layout())
             .map_err(|e| Error::Config(format!("checkpoint {}: {e}", dir.display())))?;
-        // The memory file is mapped over RAM before KVM has a slot on it (see
-        // `LoadedCheckpoint::load_memory`); this RAM is the restore's own until it succeeds.
+        // Without a shell, the memory file is mapped over RAM before KVM has a slot on it
+        // (see `LoadedCheckpoint::load_memory`); this RAM is the restore's own until it
+        // succeeds.
         loaded.load_memory(&memory)?;
         steps.done("RAM mapped, memory loaded");
         let exit = ExitHandle::new()?;
@@ -488,12 +503,15 @@ impl Vmm {
         };
         // No dirty log yet: the first incremental checkpoint finds what the guest wrote since
         // the restore in the pagemap (see `memory::persist::written_since_mapped`).
-        let mut assembled = assemble(&config, &memory, serial, &exit, options.disks)?;
+        let from_shell = vm.is_some();
+        let mut assembled = assemble(&config, &memory, serial, &exit, options.disks, vm)?;
         steps.done("KVM VM and devices built");
         assembled.pager = pager;
-        let mut vcpus = Vec::new();
-        for index in 0..config.vcpus {
-            vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
+        let mut vcpus = shell_vcpus;
+        if !from_shell {
+            for index in 0..config.vcpus {
+                vcpus.push(Vcpu::create_bare(&assembled.vm, index)?);
+            }
         }
         steps.done("vCPUs created");
         let shared: Vec<SharedVcpuFd> = vcpus.iter().map(Vcpu::shared_fd).collect();

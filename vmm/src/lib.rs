@@ -39,6 +39,7 @@ mod machine;
 pub mod memory;
 pub mod persist;
 pub mod sandbox;
+pub mod shell;
 pub mod vcpu;
 pub mod vm;
 
@@ -49,6 +50,7 @@ pub use control::{Control, ControlError, Machine};
 pub use error::{Error, Result};
 pub use exit::{ExitHandle, ExitReason};
 pub use sandbox::{Sandbox, SandboxOptions};
+pub use shell::{ShellPool, ShellShape, ShellSource, VmShell};
 pub use snapshot;
 pub use storage;
 pub use vm::check_kvm;

@@ -119,6 +119,20 @@ impl Vcpu {
         })
     }
 
+    /// Creates vCPU `index` of `count` with only its CPUID set (normalised from `cpuid`, as
+    /// [`Vcpu::new`] sets it): a VM shell's vCPU, whose restore then finds the CPUID it
+    /// would set already there when the checkpoint came from this host.
+    pub fn create_with_cpuid(vm: &Vm, cpuid: &CpuId, index: u8, count: u8) -> Result<Self> {
+        let vcpu = Self::create_bare(vm, index)?;
+        let mut cpuid = cpuid.clone();
+        cpuid::normalize(&mut cpuid, index, count);
+        vcpu.fd
+            .lock()
+            .set_cpuid2(&cpuid)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        Ok(vcpu)
+    }
+
     /// The vCPU's file descriptor, for saving and loading its state while it is parked.
     pub fn shared_fd(&self) -> SharedVcpuFd {
         self.fd.clone()

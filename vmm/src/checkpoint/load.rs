@@ -27,6 +27,7 @@ use crate::memory::persist::{self as memory_persist, MemoryLayer};
 use crate::memory::uffd::PageSource;
 use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
+use crate::shell::ShellSource;
 
 /// Largest page list a stream may announce (bytes of JSON).
 const MAX_STREAM_PAGE_LIST: u64 = 64 << 20;
@@ -75,6 +76,10 @@ pub struct RestoreOptions {
     /// The vsock device's host socket, instead of the one saved (the VM checkpointed may
     /// still be running, bound to it).
     pub vsock_uds: Option<PathBuf>,
+    /// A VM built ahead of time to restore into ([`crate::shell`]): a given shell must fit
+    /// the checkpoint's memory size and vCPU count or the restore fails; a pool without a
+    /// fitting shell ready leaves the restore to build its VM cold.
+    pub shell: ShellSource,
 }
 
 impl RestoreOptions {
@@ -100,6 +105,7 @@ impl std::fmt::Debug for RestoreOptions {
             .field("disks", &self.disks.as_ref().map(Vec::len))
             .field("disk_tops", &self.disk_tops)
             .field("vsock_uds", &self.vsock_uds)
+            .field("shell", &self.shell)
             .finish()
     }
 }

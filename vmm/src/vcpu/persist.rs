@@ -194,7 +194,14 @@ fn save(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState> {
 fn restore(fd: &VcpuFd, state: &VcpuState, first_time: bool) -> Result<()> {
     let index = state.index;
     let what = |ioctl: &str| format!("{ioctl} (vCPU {index})");
-    if first_time {
+    // A VM shell's vCPU may already have exactly the saved CPUID (`Vcpu::create_with_cpuid`):
+    // setting it again would cost as much as the first time (KVM recomputes the vCPU's
+    // derived state), so it is compared first; a fresh vCPU has none and gets it.
+    let already_set = || {
+        fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .is_ok_and(|current| current.as_slice() == state.cpuid.as_slice())
+    };
+    if first_time && !already_set() {
         let cpuid = CpuId::from_entries(&state.cpuid)
             .map_err(|e| Error::Config(format!("vCPU {index}: saved CPUID: {e:?}")))?;
         fd.set_cpuid2(&cpuid)
