@@ -110,3 +110,17 @@ fn main() -> ExitCode {
     };
     ExitCode::from(code)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// The subcommands' arguments are deferred (built only when invoked), so clap's own
+    /// consistency checks no longer run over the whole tree at every start: run them here.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

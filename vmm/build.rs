@@ -120,7 +120,10 @@ fn seccomp_programs(manifest: &Path, out: &Path) {
         return;
     };
     code.push_str("pub(super) static EMBEDDED: Option<[[&[sock_filter]; KINDS]; 2]> = Some([\n");
-    for action in [seccompiler::SeccompAction::Trap, seccompiler::SeccompAction::Log] {
+    for action in [
+        seccompiler::SeccompAction::Trap,
+        seccompiler::SeccompAction::Log,
+    ] {
         code.push_str("    [\n");
         let programs: [_; KINDS] = ThreadKind::ALL.map(|kind| {
             let rules = kinds::rules(kind).expect("seccomp rules");

@@ -202,7 +202,11 @@ mod tests {
         ] {
             for kind in ALL {
                 let built = embedded::program(kind, mode).unwrap();
-                assert_eq!(built, filter(kind, action.clone()).unwrap(), "{kind:?} {mode:?}");
+                assert_eq!(
+                    built,
+                    filter(kind, action.clone()).unwrap(),
+                    "{kind:?} {mode:?}"
+                );
             }
         }
         assert!(embedded::program(ThreadKind::Main, SeccompMode::Off).is_none());
