@@ -3,7 +3,9 @@
 //! A guest that escapes into the VMM should find a process that can do almost nothing. Every
 //! thread the VMM creates calls [`enter`] with its [`ThreadKind`] before it touches guest state;
 //! the filter for that kind (built with rust-vmm's `seccompiler`, no hand-written BPF) is installed
-//! on that thread only. Filters stack: a thread spawned by a confined thread keeps its parent's
+//! on that thread only. The programs are compiled when the crate is built (`build.rs` compiles
+//! the rules of `base.rs` and `kinds.rs`, see [`embedded`]): a thread's confinement costs only
+//! the kernel's install, which matters on the path of a whole-process restore. Filters stack: a thread spawned by a confined thread keeps its parent's
 //! filter as well as its own, so every kind's allow-list is the shared base list plus the
 //! kind's extras, and what a kind may do is never wider than what its spawner may do.
 //!
@@ -12,15 +14,19 @@
 //! users and unit tests are unaffected.
 
 mod base;
+mod embedded;
+mod kind;
 mod kinds;
 mod sigsys;
 mod spawner;
 
+pub use kind::ThreadKind;
 pub use spawner::spawn;
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 /// What a filter does with a syscall outside its allow-list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,25 +40,6 @@ pub enum SeccompMode {
     /// stderr and the process dies by SIGSYS.
     #[default]
     Kill,
-}
-
-/// The kinds of thread the VMM runs, each with its own allow-list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// The main (control) thread once the VM is built: device and checkpoint management.
-    Main,
-    /// A vCPU thread: `KVM_RUN` and KVM ioctls, MMIO/PIO emulation.
-    Vcpu,
-    /// A virtio-blk / vhost-user-blk queue worker: file I/O on disk images.
-    BlockWorker,
-    /// The REST API thread (tokio runtime): a listening Unix socket.
-    Api,
-    /// The userfaultfd pager of a lazy restore.
-    Pager,
-    /// A virtio-vsock / guest-agent thread.
-    Vsock,
-    /// The spawner thread, the only one that may `execve` (clone children).
-    Spawner,
 }
 
 /// The confinement an embedder asks for.
@@ -120,8 +107,8 @@ pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
     let Some(action) = mismatch_action(confinement.seccomp) else {
         return Ok(());
     };
-    let program = program(kind, action)?;
-    seccompiler::apply_filter(program).map_err(|source| ConfineError::Seccomp { kind, source })?;
+    let program = program(kind, confinement.seccomp, action)?;
+    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Seccomp { kind, source })?;
     tracing::debug!(
         "seccomp filter for {kind:?} installed ({:?})",
         confinement.seccomp
@@ -157,34 +144,18 @@ pub fn enter_or_abort(kind: ThreadKind) {
     }
 }
 
-/// How many [`ThreadKind`]s there are.
-const KINDS: usize = 7;
-
-/// Each kind's program for the configured mode, compiled once per process (the mode is set
-/// once): by the first thread of its kind, or ahead of it by [`precompile`]. Every vCPU and
-/// queue worker then only installs it.
-static PROGRAMS: [OnceLock<BpfProgram>; KINDS] = [const { OnceLock::new() }; KINDS];
-
-/// The compiled program of `kind` answering `action` off its allow-list, from [`PROGRAMS`].
-fn program(kind: ThreadKind, action: SeccompAction) -> Result<&'static BpfProgram, ConfineError> {
-    let cell = &PROGRAMS[kind as usize];
-    if let Some(program) = cell.get() {
-        return Ok(program);
-    }
-    // Two threads of a kind starting at once may both compile; the programs are equal.
-    let compiled = filter(kind, action)?;
-    Ok(cell.get_or_init(|| compiled))
-}
-
-/// Compiles the programs of the threads a VM starts next (vCPUs, queue workers, the API
-/// server), so that they only install them. The spawner thread, idle otherwise, runs this
-/// while the VM is being built. A failure is left for the thread of that kind to report.
-fn precompile() {
-    let Some(action) = configured().and_then(|c| mismatch_action(c.seccomp)) else {
-        return;
-    };
-    for kind in [ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::BlockWorker] {
-        let _ = program(kind, action.clone());
+/// The program of `kind` for `mode`: the one the build script compiled (see
+/// [`embedded`]), so that installing a filter costs only the kernel's share; compiled here
+/// from the same rules only in a cross build, where the build machine's syscall numbers are
+/// not the target's.
+fn program(
+    kind: ThreadKind,
+    mode: SeccompMode,
+    action: SeccompAction,
+) -> Result<Cow<'static, [sock_filter]>, ConfineError> {
+    match embedded::program(kind, mode) {
+        Some(program) => Ok(Cow::Borrowed(program)),
+        None => Ok(Cow::Owned(filter(kind, action)?)),
     }
 }
 
@@ -211,22 +182,34 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, C
 mod tests {
     use super::*;
 
-    /// Every thread kind, in declaration order.
-    const ALL: [ThreadKind; KINDS] = [
-        ThreadKind::Main,
-        ThreadKind::Vcpu,
-        ThreadKind::BlockWorker,
-        ThreadKind::Api,
-        ThreadKind::Pager,
-        ThreadKind::Vsock,
-        ThreadKind::Spawner,
-    ];
+    const ALL: [ThreadKind; kind::KINDS] = ThreadKind::ALL;
 
     #[test]
     fn kinds_index_the_program_cache() {
         for (index, kind) in ALL.into_iter().enumerate() {
             assert_eq!(kind as usize, index);
         }
+    }
+
+    #[test]
+    fn the_build_time_programs_are_the_rules_programs() {
+        // On the architectures the filters are written for, the build is never a cross build
+        // in CI: the embedded programs must exist, and equal what the rules compile to now.
+        assert!(embedded::EMBEDDED.is_some());
+        for (mode, action) in [
+            (SeccompMode::Kill, SeccompAction::Trap),
+            (SeccompMode::Log, SeccompAction::Log),
+        ] {
+            for kind in ALL {
+                let built = embedded::program(kind, mode).unwrap();
+                assert_eq!(
+                    built,
+                    filter(kind, action.clone()).unwrap(),
+                    "{kind:?} {mode:?}"
+                );
+            }
+        }
+        assert!(embedded::program(ThreadKind::Main, SeccompMode::Off).is_none());
     }
 
     #[test]

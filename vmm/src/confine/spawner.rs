@@ -25,7 +25,6 @@ pub(super) fn start() -> io::Result<()> {
         .name("spawner".into())
         .spawn(move || {
             super::enter_or_abort(super::ThreadKind::Spawner);
-            super::precompile();
             for (mut command, reply) in incoming {
                 let _ = reply.send(command.spawn());
             }
