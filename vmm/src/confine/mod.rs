@@ -4,9 +4,10 @@
 //! thread the VMM creates calls [`enter`] with its [`ThreadKind`] before it touches guest state;
 //! the filter for that kind (built with rust-vmm's `seccompiler`, no hand-written BPF) is installed
 //! on that thread only. The programs are compiled when the crate is built (`build.rs` compiles
-//! the rules of `base.rs` and `kinds.rs`, see [`embedded`]): a thread's confinement costs only
-//! the kernel's install, which matters on the path of a whole-process restore. Filters stack: a thread spawned by a confined thread keeps its parent's
-//! filter as well as its own, so every kind's allow-list is the shared base list plus the
+//! the rules of `base.rs` and `kinds.rs` and the `embedded` module includes them): a thread's
+//! confinement costs only the kernel's install, which matters on the path of a whole-process
+//! restore. Filters stack: a thread spawned by a confined thread keeps its parent's filter as
+//! well as its own, so every kind's allow-list is the shared base list plus the
 //! kind's extras, and what a kind may do is never wider than what its spawner may do.
 //!
 //! Embedders opt in with [`configure`] (the `snapvmm` binary does so for `run`, `restore`, `clone`
