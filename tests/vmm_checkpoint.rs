@@ -74,6 +74,28 @@ fn restore(way: Way, checkpoint: &Path, shape: ShellShape, console: &Console, pa
     }
 }
 
+/// Runs a 32 MiB counter guest on `vcpus` until its third counter, pauses it, checkpoints it
+/// into `checkpoint` and stops it: the console text up to the pause and its last counter.
+fn checkpointed_counter(vcpus: u8, checkpoint: &Path) -> (String, u64) {
+    let (vmm, console) = start(&counter_config(vcpus, 32));
+    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
+    let saved_text = pause(&vmm, &console);
+    let saved = assert_contiguous(&saved_text);
+    vmm.checkpointer()
+        .checkpoint(checkpoint, CheckpointOptions::default())
+        .unwrap();
+    vmm.stop().unwrap();
+    (saved_text, saved)
+}
+
+/// Waits for three counters on a restored VM's `console` and checks they carry on from the
+/// checkpointed `saved_text` (whose last counter is `saved`).
+fn assert_counts_on(saved_text: &str, saved: u64, console: &Console, what: &str) {
+    console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
+    let last = assert_contiguous(&(saved_text.to_string() + &console.text()));
+    assert!(last >= saved + 2, "{what}");
+}
+
 /// Pauses the VM and returns the console text up to the pause.
 fn pause(vmm: &Vmm, console: &Console) -> String {
     vmm.pause_gate().pause(Duration::from_secs(5)).unwrap();
@@ -124,18 +146,11 @@ fn counter_continues_in_a_new_vm_on_two_vcpus() {
     }
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("c1");
-    let (vmm, console) = start(&counter_config(2, 32));
-    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
-    let saved_text = pause(&vmm, &console);
+    let (saved_text, saved) = checkpointed_counter(2, &checkpoint);
     assert!(
         saved_text.starts_with("micro-guest: cpus 2"),
         "{saved_text}"
     );
-    let saved = assert_contiguous(&saved_text);
-    vmm.checkpointer()
-        .checkpoint(&checkpoint, CheckpointOptions::default())
-        .unwrap();
-    vmm.stop().unwrap();
 
     let shape = ShellShape {
         memory_mib: 32,
@@ -144,9 +159,7 @@ fn counter_continues_in_a_new_vm_on_two_vcpus() {
     for way in WAYS {
         let restored_console = Console::default();
         let restored = restore(way, &checkpoint, shape, &restored_console, false);
-        restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
-        let last = assert_contiguous(&(saved_text.clone() + &restored_console.text()));
-        assert!(last >= saved + 2, "{way:?}");
+        assert_counts_on(&saved_text, saved, &restored_console, &format!("{way:?}"));
         restored.stop().unwrap();
     }
 }
@@ -158,14 +171,7 @@ fn a_shell_of_another_shape_is_refused_and_a_pool_without_one_builds_cold() {
     }
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("c1");
-    let (vmm, console) = start(&counter_config(1, 32));
-    console.wait(0, "3 counters", |t| last_counter(t) >= 3);
-    let saved_text = pause(&vmm, &console);
-    let saved = assert_contiguous(&saved_text);
-    vmm.checkpointer()
-        .checkpoint(&checkpoint, CheckpointOptions::default())
-        .unwrap();
-    vmm.stop().unwrap();
+    let (saved_text, saved) = checkpointed_counter(1, &checkpoint);
 
     // A given shell must fit: other memory size, other vCPU count.
     for shape in [
@@ -212,9 +218,7 @@ fn a_shell_of_another_shape_is_refused_and_a_pool_without_one_builds_cold() {
     .unwrap();
     assert_eq!(pool.stats().taken, 0);
     assert_eq!(pool.ready(other), 1);
-    restored_console.wait(0, "counters after restore", |t| counters(t).len() >= 3);
-    let last = assert_contiguous(&(saved_text + &restored_console.text()));
-    assert!(last >= saved + 2);
+    assert_counts_on(&saved_text, saved, &restored_console, "cold, beside a pool");
     restored.stop().unwrap();
 }
 
