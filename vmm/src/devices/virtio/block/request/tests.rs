@@ -538,9 +538,15 @@ fn requests_split_over_threads_keep_every_byte_in_place() {
 }
 
 /// How `in_parts` cuts a chunk: small ones whole, large ones into whole-sector parts of at
-/// least PARALLEL_PART, at most MAX_PARTS of them, covering the chunk exactly once.
+/// least PARALLEL_PART, at most MAX_PARTS of them, covering the chunk exactly once; with
+/// the pool's threads or, when they could not start, all on the calling thread.
 #[test]
 fn parts_cover_the_chunk_in_whole_sectors() {
+    cover_the_chunk(&mut PartPool::Unstarted, true);
+    cover_the_chunk(&mut PartPool::Unavailable, false);
+}
+
+fn cover_the_chunk(pool: &mut PartPool, split: bool) {
     for (len, parts) in [
         (PARALLEL_PART * 2 - 512, 1),
         (PARALLEL_PART * 2, 2),
@@ -550,7 +556,7 @@ fn parts_cover_the_chunk_in_whole_sectors() {
     ] {
         let mut chunk = vec![0u8; len];
         let seen = std::sync::Mutex::new(Vec::new());
-        in_parts(&mut chunk, |at, part| {
+        in_parts(pool, &mut chunk, |at, part| {
             seen.lock().unwrap().push((at, part.len()));
             part.fill(1);
             Ok(())
@@ -558,7 +564,7 @@ fn parts_cover_the_chunk_in_whole_sectors() {
         .unwrap();
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
-        assert_eq!(seen.len(), parts, "{len}");
+        assert_eq!(seen.len(), if split { parts } else { 1 }, "{len}");
         let mut next = 0u64;
         for (at, n) in seen {
             assert_eq!(at, next);
@@ -569,14 +575,41 @@ fn parts_cover_the_chunk_in_whole_sectors() {
         assert!(chunk.iter().all(|&b| b == 1));
     }
     let mut chunk = vec![0u8; 1 << 20];
-    let failed = in_parts(&mut chunk, |at, _| {
-        if at > 0 {
+    // The part holding byte 900 KiB fails: with a split, that is the last one.
+    let failed = in_parts(pool, &mut chunk, |at, part| {
+        if at + part.len() as u64 > 900 << 10 {
             Err(Failure::Error)
         } else {
             Ok(())
         }
     });
     assert_eq!(failed, Err(Failure::Error));
+}
+
+/// The part threads start once, on the first large chunk, and serve every later one; a
+/// part that panics fails the chunk without taking the worker or the pool down.
+#[test]
+fn part_threads_are_kept_and_survive_a_panicking_part() {
+    let mut pool = PartPool::Unstarted;
+    let mut chunk = vec![0u8; 1 << 20];
+    let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+    for _ in 0..50 {
+        in_parts(&mut pool, &mut chunk, |_, _| {
+            threads.lock().unwrap().insert(std::thread::current().id());
+            Ok(())
+        })
+        .unwrap();
+    }
+    assert!(matches!(pool, PartPool::Running(_)));
+    let threads = threads.into_inner().unwrap();
+    // The caller and at most MAX_PARTS - 1 pool threads, whatever the number of chunks.
+    assert!(threads.len() <= MAX_PARTS, "{} threads", threads.len());
+    let panicked = in_parts(&mut pool, &mut chunk, |at, _| {
+        assert!(at == 0, "injected panic in a pool part");
+        Ok(())
+    });
+    assert_eq!(panicked, Err(Failure::Error));
+    assert_eq!(in_parts(&mut pool, &mut chunk, |_, _| Ok(())), Ok(()));
 }
 
 fn descriptor() -> impl Strategy<Value = DescriptorInfo> {
